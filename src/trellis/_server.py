@@ -1,0 +1,645 @@
+"""Server: OTP's gen_server on a Trellis process.
+
+Example::
+
+    class Counter(trellis.Server):
+        async def init(self, start=0):
+            self.n = start
+
+        async def handle_call(self, request, caller):
+            if request == "get":
+                return self.n
+
+        async def handle_cast(self, msg):
+            self.n += msg
+
+    pid = await Counter.start_link(5, name="counter")
+    trellis.cast("counter", 1)
+    assert await trellis.call("counter", "get") == 6
+    await trellis.stop(pid)
+
+Callback contract (every callback is ``async``):
+
+==================  ==============================================================
+``init(*args)``     ``None`` (started), ``Continue(x)``, ``IGNORE`` or ``Stop(reason)``
+``handle_call``     the reply value, ``Reply(v)``, ``NoReply()`` (reply later with
+                    ``caller.reply(v)``), ``Continue(x, reply=v)``, ``Stop(reason, reply=v)``
+``handle_cast``     ``None``, ``Continue(x)`` or ``Stop(reason)``
+``handle_info``     same as ``handle_cast``; gets plain messages, ``Down`` and ``Exit``
+``handle_continue`` same as ``handle_cast``; runs before any queued message
+``terminate``       cleanup; runs on ``Stop``, a callback exception, ``stop()``, and an
+                    exit signal from the parent only when ``trap_exits`` is set
+==================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any, ClassVar
+
+from ._core._clock import current_clock
+from ._core._exceptions import (
+    AlreadyRegistered,
+    AlreadyStarted,
+    BadReturnValue,
+    CallingSelf,
+    CallTimeout,
+    Exited,
+    NoProc,
+    StartError,
+)
+from ._core._process import (
+    Pid,
+    ProcessExit,
+    Via,
+    _current,
+    _kill,
+    _link_pair,
+    _names,
+    _new_pid,
+    _start_task,
+    resolve,
+)
+from ._core._reasons import IGNORE, NORMAL, Exit, Ignore, coerce_reason, is_clean
+
+__all__ = [
+    "Caller",
+    "Continue",
+    "NoReply",
+    "Reply",
+    "Server",
+    "Stop",
+    "call",
+    "cast",
+    "send",
+    "stop",
+]
+
+_log = logging.getLogger("trellis")
+
+
+# ---------------------------------------------------------------------------
+# Callback return values
+# ---------------------------------------------------------------------------
+
+
+class _Directive:
+    __slots__ = ()
+
+
+class _Unset:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Any = _Unset()
+
+
+class NoReply(_Directive):
+    """From ``handle_call``: no reply now; the server replies later with ``caller.reply(v)``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NoReply()"
+
+
+class Reply(_Directive):
+    """From ``handle_call``: reply ``value`` (needed only when the value is itself a directive)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"Reply({self.value!r})"
+
+
+class Continue(_Directive):
+    """Run ``handle_continue(arg)`` before any other message (after replying ``reply``, if given)."""
+
+    __slots__ = ("arg", "reply")
+
+    def __init__(self, arg: Any = None, *, reply: Any = _UNSET) -> None:
+        self.arg = arg
+        self.reply = reply
+
+    def __repr__(self) -> str:
+        return f"Continue({self.arg!r})"
+
+
+class Stop(_Directive):
+    """Stop the server with ``reason`` (after ``terminate``); from ``handle_call`` also reply."""
+
+    __slots__ = ("reason", "reply")
+
+    def __init__(self, reason: Any = NORMAL, reply: Any = _UNSET) -> None:
+        self.reason = coerce_reason(reason)
+        self.reply = reply
+
+    def __repr__(self) -> str:
+        return f"Stop({self.reason!r})"
+
+
+# ---------------------------------------------------------------------------
+# Mailbox envelopes
+# ---------------------------------------------------------------------------
+
+
+class Caller:
+    """The caller of a ``handle_call``: ``caller.reply(value)`` answers it (once)."""
+
+    __slots__ = ("_fut", "_owner", "pid", "request")
+
+    def __init__(self, request: Any, fut: asyncio.Future[Any], pid: Pid | None) -> None:
+        self.request = request
+        self._fut = fut
+        self.pid = pid
+        self._owner: Pid | None = None
+
+    def reply(self, value: Any) -> None:
+        """Send the reply; a reply to a caller that timed out is dropped."""
+        f = self._fut
+        if not f.done():
+            f.set_result(value)
+        owner = self._owner
+        if owner is not None:
+            self._owner = None
+            if owner._deferred is not None:
+                owner._deferred.discard(self)
+
+    def __repr__(self) -> str:
+        return f"<Caller {self.pid!r}>"
+
+
+class _Cast:
+    __slots__ = ("msg",)
+
+    def __init__(self, msg: Any) -> None:
+        self.msg = msg
+
+
+class _StopRequest:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: Any) -> None:
+        self.reason = reason
+
+
+class _Stopping(Exception):
+    """Internal: unwinds the server loop into the terminate path."""
+
+    def __init__(self, reason: Any) -> None:
+        self.reason = reason
+
+
+_OK = object()
+
+
+# ---------------------------------------------------------------------------
+# Server
+# ---------------------------------------------------------------------------
+
+
+class Server:
+    """Base class of a gen_server. Subclass it and override the callbacks you need.
+
+    Class attributes: ``trap_exits`` (bool), ``mailbox_size`` (int bound or None)
+    and ``mailbox_policy`` (``"reject"``, ``"drop_oldest"`` or ``"drop_newest"``).
+    Inside callbacks, ``self.pid`` is the server's own pid.
+    """
+
+    trap_exits: ClassVar[bool] = False
+    mailbox_size: ClassVar[int | None] = None
+    mailbox_policy: ClassVar[str] = "reject"
+    _pid_class: ClassVar[type[Pid]] = Pid
+    _raise_stop_reason: ClassVar[bool] = False
+
+    pid: Pid
+
+    # -- callbacks ----------------------------------------------------------------
+    async def init(self) -> Any:
+        """Set up state. Return None, ``Continue(x)``, ``IGNORE`` or ``Stop(reason)``."""
+        return None
+
+    async def handle_call(self, request: Any, caller: Caller) -> Any:
+        """Answer a ``call``: return the reply (see the module docs for other returns)."""
+        raise NotImplementedError(f"{type(self).__name__} got an unexpected call: {request!r}")
+
+    async def handle_cast(self, msg: Any) -> Any:
+        """Handle a ``cast``."""
+        raise NotImplementedError(f"{type(self).__name__} got an unexpected cast: {msg!r}")
+
+    async def handle_info(self, msg: Any) -> Any:
+        """Handle any other message (``Down``, ``Exit``, plain ``send``)."""
+        _log.warning("%s %r received an unexpected message: %r", type(self).__name__, self.pid, msg)
+        return None
+
+    async def handle_continue(self, arg: Any) -> Any:
+        """Run after a callback returned ``Continue(arg)``, before any queued message."""
+        raise NotImplementedError(f"{type(self).__name__} returned Continue without handle_continue")
+
+    async def terminate(self, reason: Any) -> None:
+        """Clean up before the server ends with ``reason``."""
+        return None
+
+    # -- starting -------------------------------------------------------------------
+    @classmethod
+    async def start_link(cls, *args: Any, name: object = None, **kwargs: Any) -> Any:
+        """Start the server linked to the calling process; returns its pid after ``init``.
+
+        Returns ``IGNORE`` if ``init`` returned it. Raises ``StartError`` (``.reason``),
+        ``AlreadyStarted`` (name taken) or ``BadReturnValue``.
+        """
+        return await _start(cls, args, kwargs, name, link=True)
+
+    @classmethod
+    async def start(cls, *args: Any, name: object = None, **kwargs: Any) -> Any:
+        """Like :meth:`start_link` without the link."""
+        return await _start(cls, args, kwargs, name, link=False)
+
+    @classmethod
+    def child_spec(
+        cls,
+        *args: Any,
+        id: Any = None,
+        restart: str = "permanent",
+        shutdown: Any = None,
+        significant: bool = False,
+        backoff: Any = None,
+        name: object = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A ``ChildSpec`` that starts this server with ``start_link(*args, **kwargs)``.
+
+        Example::
+
+            spec = Counter.child_spec(0, id="counter", restart="transient", shutdown=10.0)
+        """
+        from ._childspec import ChildSpec
+
+        if name is not None:
+            kwargs = {**kwargs, "name": name}
+        return ChildSpec(
+            id=cls.__name__ if id is None else id,
+            start=cls.start_link,
+            args=args,
+            kwargs=kwargs,
+            restart=restart,
+            shutdown=shutdown,
+            type=cls._child_type(),
+            significant=significant,
+            modules=(cls.__module__,),
+            backoff=backoff,
+        )
+
+    @classmethod
+    def _child_type(cls) -> str:
+        return "worker"
+
+
+async def _start(
+    cls: type[Server], args: tuple[Any, ...], kwargs: dict[str, Any], name: object, link: bool
+) -> Any:
+    parent = _current.get()
+    if parent is None:
+        link = False
+    if name is not None:
+        held = resolve(name)
+        if held is not None and not held._dead:
+            raise AlreadyStarted(held)
+    pid = _new_pid(cls.trap_exits, cls._pid_class)
+    if cls.mailbox_size is not None:
+        if cls.mailbox_policy not in ("reject", "drop_oldest", "drop_newest"):
+            raise ValueError(f"invalid mailbox_policy: {cls.mailbox_policy!r}")
+        pid._bound = cls.mailbox_size
+        pid._policy = cls.mailbox_policy
+    ack: asyncio.Future[Any] = pid._loop.create_future()  # type: ignore[union-attr]
+    pid._ack = ack
+    if link:
+        _link_pair(parent, pid)  # type: ignore[arg-type]
+    _start_task(pid, _serve(pid, cls, args, kwargs, name))
+    res = await ack
+    if res is _OK:
+        return pid
+    kind, val = res
+    if kind == "ignore":
+        return IGNORE
+    if kind == "already":
+        raise AlreadyStarted(val)
+    if isinstance(val, StartError):
+        raise val
+    if cls._raise_stop_reason and isinstance(val, Exception):
+        raise val
+    if isinstance(val, BaseException):
+        raise StartError(val) from val
+    raise StartError(val)
+
+
+def _register_name(name: object, pid: Pid) -> None:
+    if type(name) is str:
+        held = _names.get(name)
+        if held is not None and not held._dead:
+            raise AlreadyRegistered(held, name)
+        _names[name] = pid
+        pid.name = name
+    elif type(name) is Via:
+        reg = resolve(name.registry)
+        if reg is None:
+            raise NoProc(name.registry)
+        reg._via_register(name.key, pid)  # type: ignore[attr-defined]
+        pid.name = name
+    else:
+        raise TypeError(f"a server name must be a str or Via, not {name!r}")
+
+
+def _unlink_parent(pid: Pid) -> None:
+    parent = pid._parent
+    if parent is not None and pid._links is not None and parent in pid._links:
+        pid._links.discard(parent)
+        if parent._links is not None:
+            parent._links.discard(pid)
+
+
+def _fail_start(pid: Pid, kind: str, val: Any) -> None:
+    _unlink_parent(pid)
+    ack = pid._ack
+    pid._ack = None
+    if ack is not None and not ack.done():
+        ack.set_result((kind, val))
+
+
+async def _serve(
+    pid: Pid, cls: type[Server], args: tuple[Any, ...], kwargs: dict[str, Any], name: object
+) -> None:
+    server = cls()
+    server.pid = pid
+    pid._server = server
+    if name is not None:
+        try:
+            _register_name(name, pid)
+        except AlreadyRegistered as e:
+            _fail_start(pid, "already", e.pid)
+            return
+    try:
+        r = await server.init(*args, **kwargs)
+    except Exception as e:
+        _fail_start(pid, "error", e)
+        raise ProcessExit(e) from None
+    if r is None or type(r) is Continue:
+        pass
+    elif r is IGNORE:
+        _fail_start(pid, "ignore", None)
+        raise ProcessExit(NORMAL)
+    elif type(r) is Stop:
+        _fail_start(pid, "stop", r.reason)
+        raise ProcessExit(r.reason)
+    else:
+        err = BadReturnValue(r, " from init")
+        _fail_start(pid, "error", err)
+        raise ProcessExit(err)
+    ack = pid._ack
+    pid._ack = None
+    ack.set_result(_OK)  # type: ignore[union-attr]
+    try:
+        if type(r) is Continue:
+            await _continue_loop(server, r.arg)
+        await _loop(pid, server)
+    except _Stopping as s:
+        reason = s.reason
+        stopping: _Stopping | None = s
+    except (asyncio.CancelledError, ProcessExit):
+        raise
+    except Exception as e:
+        reason = e
+        stopping = None
+    try:
+        await server.terminate(reason)
+    except Exception as e:
+        reason = e
+    if isinstance(stopping, _StoppingWithReply):
+        stopping.caller.reply(stopping.reply)
+    if not is_clean(reason):
+        _crash_report(pid, cls, reason)
+    raise ProcessExit(reason)
+
+
+def _crash_report(pid: Pid, cls: type[Server], reason: Any) -> None:
+    exc = reason if isinstance(reason, BaseException) else None
+    _log.error("crash_report: %s %r exited with reason %r", cls.__name__, pid, reason, exc_info=exc)
+
+
+async def _continue_loop(server: Server, arg: Any) -> None:
+    while True:
+        r = await server.handle_continue(arg)
+        if r is None:
+            return
+        t = type(r)
+        if t is Continue:
+            arg = r.arg
+        elif t is Stop:
+            raise _Stopping(r.reason)
+        else:
+            raise BadReturnValue(r, " from handle_continue")
+
+
+async def _after(server: Server, r: Any, where: str) -> None:
+    t = type(r)
+    if t is Continue:
+        await _continue_loop(server, r.arg)
+    elif t is Stop:
+        raise _Stopping(r.reason)
+    else:
+        raise BadReturnValue(r, f" from {where}")
+
+
+async def _loop(pid: Pid, server: Server) -> None:
+    mb = pid._mbox
+    parent = pid._parent
+    handle_call = server.handle_call
+    handle_cast = server.handle_cast
+    handle_info = server.handle_info
+    while True:
+        if mb and not pid._space:
+            msg = mb.popleft()
+        else:
+            msg = await pid._next()
+        t = type(msg)
+        if t is Caller:
+            pid._calls = msg
+            r = await handle_call(msg.request, msg)
+            pid._calls = None
+            if isinstance(r, _Directive):
+                await _call_directive(pid, server, msg, r)
+            else:
+                f = msg._fut
+                if not f.done():
+                    f.set_result(r)
+        elif t is _Cast:
+            r = await handle_cast(msg.msg)
+            if r is not None:
+                await _after(server, r, "handle_cast")
+        elif t is _StopRequest:
+            raise _Stopping(msg.reason)
+        elif t is Exit and msg.pid is parent and parent is not None and pid.trap_exits:
+            raise _Stopping(msg.reason)
+        else:
+            r = await handle_info(msg)
+            if r is not None:
+                await _after(server, r, "handle_info")
+
+
+async def _call_directive(pid: Pid, server: Server, caller: Caller, r: _Directive) -> None:
+    t = type(r)
+    if t is Reply:
+        caller.reply(r.value)  # type: ignore[attr-defined]
+    elif t is NoReply:
+        _defer(pid, caller)
+    elif t is Continue:
+        assert isinstance(r, Continue)
+        if r.reply is not _UNSET:
+            caller.reply(r.reply)
+        else:
+            _defer(pid, caller)
+        await _continue_loop(server, r.arg)
+    elif t is Stop:
+        assert isinstance(r, Stop)
+        if r.reply is not _UNSET:
+            # OTP runs terminate before replying; the reply is sent once terminate returns.
+            raise _StoppingWithReply(r.reason, caller, r.reply)
+        raise _Stopping(r.reason)
+
+
+def _defer(pid: Pid, caller: Caller) -> None:
+    """Remember a caller the server will answer later, so its death fails the call."""
+    if not caller._fut.done():
+        caller._owner = pid
+        if pid._deferred is None:
+            pid._deferred = set()
+        pid._deferred.add(caller)
+
+
+class _StoppingWithReply(_Stopping):
+    def __init__(self, reason: Any, caller: Caller, reply: Any) -> None:
+        super().__init__(reason)
+        self.caller = caller
+        self.reply = reply
+
+
+# ---------------------------------------------------------------------------
+# call / cast / stop / send
+# ---------------------------------------------------------------------------
+
+
+def _call_timeout(fut: asyncio.Future[Any], target: Any, request: Any, timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(CallTimeout(target, request, timeout))
+
+
+async def call(target: object, request: Any, timeout: float | None = 5.0) -> Any:
+    """Send ``request`` to a server and wait for its reply.
+
+    ``target`` is a pid, a registered name or a ``Via``. Raises ``CallTimeout``
+    (the server keeps running; a late reply is dropped), ``NoProc``,
+    ``CallingSelf`` or ``Exited`` (the server died before replying).
+
+    Example::
+
+        n = await trellis.call("counter", "get", timeout=1.0)
+    """
+    pid = target if type(target) is Pid else resolve(target)
+    if pid is None or pid._dead:
+        raise NoProc(target)
+    me = _current.get()
+    if pid is me:
+        raise CallingSelf(f"{target!r} called itself")
+    fut: asyncio.Future[Any] = pid._loop.create_future()  # type: ignore[union-attr]
+    msg = Caller(request, fut, me)
+    handle = None
+    if timeout is not None:
+        handle = current_clock().call_later(timeout, _call_timeout, fut, target, request, timeout)
+    try:
+        if pid._bound is not None:
+            await _put_with_backpressure(pid, msg, fut)
+        else:
+            pid._mbox.append(msg)
+            w = pid._waiter
+            if w is not None:
+                pid._waiter = None
+                if not w.done():
+                    w.set_result(None)
+        return await fut
+    finally:
+        if handle is not None:
+            handle.cancel()
+
+
+async def _put_with_backpressure(pid: Pid, msg: Caller, reply: asyncio.Future[Any]) -> None:
+    """Wait until the bounded mailbox has room (or the call timed out), then enqueue."""
+    bound = pid._bound
+    assert bound is not None
+    while len(pid._mbox) >= bound and not pid._dead and not reply.done():
+        space: asyncio.Future[None] = pid._loop.create_future()  # type: ignore[union-attr]
+        if pid._space is None:
+            pid._space = deque()
+        pid._space.append(space)
+
+        def _wake(_: object, space: asyncio.Future[None] = space) -> None:
+            if not space.done():
+                space.set_result(None)
+
+        reply.add_done_callback(_wake)
+        try:
+            await space
+        finally:
+            reply.remove_done_callback(_wake)
+    if reply.done():
+        return
+    if pid._dead:
+        raise NoProc(pid)
+    pid._deliver(msg)
+
+
+def cast(target: object, msg: Any) -> None:
+    """Send ``msg`` to a server's ``handle_cast`` without waiting (silent if it is gone)."""
+    pid = target if type(target) is Pid else resolve(target)
+    if pid is None:
+        return
+    pid.send(_Cast(msg))
+
+
+def send(target: object, msg: Any) -> None:
+    """Send a plain message (``handle_info`` for a server); raises ``NoProc`` for an unknown name."""
+    pid = target if type(target) is Pid else resolve(target)
+    if pid is None:
+        raise NoProc(target)
+    pid.send(msg)
+
+
+async def stop(target: object, reason: Any = NORMAL, timeout: float | None = None) -> None:
+    """Stop a server: it runs ``terminate(reason)`` and exits; returns when it is gone.
+
+    Raises ``NoProc`` for a dead server, ``CallingSelf`` for the caller itself,
+    ``Exited`` if it ended with a different reason (e.g. ``terminate`` raised),
+    and ``TimeoutError`` after ``timeout``.
+    """
+    pid = resolve(target)
+    if pid is None or pid._dead:
+        raise NoProc(target)
+    if pid is _current.get():
+        raise CallingSelf(f"{target!r} tried to stop itself")
+    reason = coerce_reason(reason)
+    if pid._server is not None:
+        pid._deliver(_StopRequest(reason))
+    else:
+        _kill(pid, reason)
+    got = await pid.join(timeout)
+    if got is not reason and got != reason:
+        raise Exited(got, target)
+
+

@@ -1,0 +1,1033 @@
+"""Supervisor and DynamicSupervisor: OTP's supervisor on a Trellis server.
+
+Example::
+
+    sup = await trellis.Supervisor.start_link(
+        [Counter.child_spec(0, id="counter")], strategy="one_for_one", intensity=3, period=5.0
+    )
+    pid = (await sup.which_children())[0].pid
+    trellis.exit(pid, "boom")                 # crash it...
+    ...                                       # ...and the supervisor starts a new one
+    await sup.stop()
+
+Strategies: ``one_for_one`` restarts the failed child; ``one_for_all`` stops the
+others (reverse start order) and starts all again; ``rest_for_one`` does that for
+the children started after the failed one; ``simple_one_for_one`` supervises
+dynamic children made from one template spec. More than ``intensity`` restarts
+within ``period`` seconds make the supervisor give up: it stops its children
+and exits with ``SHUTDOWN``, so its own supervisor sees it fail.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import itertools
+import logging
+import random
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ._childspec import (
+    AutoShutdown,
+    Backoff,
+    ChildSpec,
+    ChildType,
+    RestartType,
+    ShutdownMode,
+    Strategy,
+    SupervisorSpec,
+    check_intensity,
+    check_period,
+)
+from ._core import _telemetry
+from ._core._clock import TimerHandle, current_clock
+from ._core._exceptions import (
+    AlreadyPresent,
+    AlreadyStarted,
+    BadCombination,
+    BadFlagCombination,
+    ChildSpecError,
+    DuplicateChildName,
+    FailedToStartChild,
+    InvalidAutoShutdown,
+    InvalidExtraArguments,
+    InvalidMaxChildren,
+    InvalidSignificant,
+    InvalidStrategy,
+    MaxChildren,
+    NotFound,
+    Restarting,
+    Running,
+    SimpleOneForOne,
+    StartError,
+    SupervisorFlagsError,
+)
+from ._core._process import KILL_GRACE, Pid, _link_pair, _signal, kill_and_wait
+from ._core._reasons import (
+    IGNORE,
+    KILL,
+    KILLED,
+    NORMAL,
+    RESTARTING,
+    SHUTDOWN,
+    Exit,
+    is_clean,
+)
+from ._server import Server, _start, call, stop
+
+__all__ = [
+    "ChildInfo",
+    "Counts",
+    "DynamicSupervisor",
+    "DynamicSupervisorPid",
+    "Supervisor",
+    "SupervisorPid",
+]
+
+_log = logging.getLogger("trellis")
+_child_path: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "trellis_child_path", default=None
+)
+_keys = itertools.count(1)
+
+
+class ChildInfo(NamedTuple):
+    """One row of ``which_children``: ``pid`` is a ``Pid``, ``None`` or ``RESTARTING``."""
+
+    id: Any
+    pid: Any
+    type: ChildType
+    modules: Any
+
+
+class Counts(NamedTuple):
+    """``count_children``: specs, children with a live pid, and specs by type."""
+
+    specs: int
+    active: int
+    supervisors: int
+    workers: int
+
+
+class _Err:
+    """A supervisor reply that the caller re-raises."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class _TryAgain:
+    __slots__ = ("child",)
+
+    def __init__(self, child: _Child) -> None:
+        self.child = child
+
+
+class _DelayedStart:
+    __slots__ = ("child",)
+
+    def __init__(self, child: _Child) -> None:
+        self.child = child
+
+
+class _Child:
+    __slots__ = (
+        "args",
+        "bo_n",
+        "bo_rng",
+        "key",
+        "last_pid",
+        "pid",
+        "spec",
+        "started_at",
+        "timer",
+    )
+
+    def __init__(self, spec: ChildSpec, args: tuple[Any, ...] | None = None) -> None:
+        self.spec = spec
+        self.args = spec.args if args is None else args
+        self.pid: Any = None
+        self.last_pid: Pid | None = None
+        self.key = next(_keys)
+        self.bo_n = 0
+        self.bo_rng: random.Random | None = None
+        self.started_at: float | None = None
+        self.timer: TimerHandle | None = None
+
+    @property
+    def id(self) -> Any:
+        return self.spec.id
+
+    def running(self) -> bool:
+        p = self.pid
+        return isinstance(p, Pid) and not p._dead
+
+
+_NOINFO = object()
+_STATIC, _SIMPLE, _DYNAMIC = "static", "simple", "dynamic"
+
+
+# ---------------------------------------------------------------------------
+# The supervisor process
+# ---------------------------------------------------------------------------
+
+
+class _SupervisorServer(Server):
+    trap_exits = True
+    _raise_stop_reason = True
+
+    async def init(self, user: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        spec = await user.init(*args, **kwargs)
+        if spec is IGNORE:
+            return IGNORE
+        self.clock = current_clock()
+        self.restarts: deque[float] = deque()
+        self.children: list[_Child] = []
+        self.dyn: dict[int, _Child] = {}
+        self.by_pid: dict[Pid, _Child] = {}
+        self.partitions: int | None = getattr(user, "_partitions", None)
+        path = _child_path.get()
+        self.path = path if path is not None else _default_path(self.pid)
+        _child_path.set(None)
+        if isinstance(spec, _DynamicFlags):
+            self.mode = _DYNAMIC
+            self.strategy = Strategy.ONE_FOR_ONE
+            self.intensity, self.period = spec.intensity, spec.period
+            self.auto_shutdown = AutoShutdown.NEVER
+            self.max_children, self.extra_args = spec.max_children, spec.extra_args
+            self._started()
+            return None
+        spec = SupervisorSpec.coerce(spec)
+        self.strategy = spec.strategy
+        self.intensity, self.period = spec.intensity, spec.period
+        self.auto_shutdown = spec.auto_shutdown
+        self.max_children, self.extra_args = None, ()
+        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+            self.mode = _SIMPLE
+            self.template = ChildSpec.coerce(spec.children[0])
+            self._started()
+            return None
+        self.mode = _STATIC
+        specs = check_childspecs(spec.children)
+        for s in specs:
+            self._check_significant(s)
+        for s in specs:
+            child = _Child(s)
+            kind, val, _info = await self._invoke(child)
+            if kind == "ok":
+                self.children.append(child)
+            elif kind == "ignore":
+                if s.restart is not RestartType.TEMPORARY:
+                    self.children.append(child)
+            else:
+                _log.error(
+                    "start_error: supervisor=%s child=%r reason=%r", self.path, s.id, val
+                )
+                await self._terminate_all()
+                err = FailedToStartChild(s.id, val)
+                if isinstance(val, BaseException):
+                    err.__cause__ = val
+                raise err
+        self._started()
+        return None
+
+    def _started(self) -> None:
+        _telemetry.emit(
+            "supervisor.started", supervisor=self.path, sup_pid=self.pid, strategy=self.strategy
+        )
+
+    def _check_significant(self, spec: ChildSpec) -> None:
+        if spec.significant and self.auto_shutdown is AutoShutdown.NEVER:
+            raise BadCombination(
+                {"auto_shutdown": "never", "significant": True},
+                f"child {spec.id!r} is significant but auto_shutdown is 'never'",
+            )
+
+    # -- starting one child ------------------------------------------------------
+    async def _invoke(self, child: _Child) -> tuple[str, Any, Any]:
+        spec = child.spec
+        token = _child_path.set(f"{self.path}/{child.id}" if self.mode == _STATIC else None)
+        try:
+            r = spec.start(*child.args, **spec.kwargs)
+            if inspect.isawaitable(r):
+                r = await r
+        except AlreadyStarted as e:
+            return "error", e, None
+        except StartError as e:
+            return "error", e.reason, None
+        except Exception as e:
+            return "error", e, None
+        finally:
+            _child_path.reset(token)
+        info = _NOINFO
+        if type(r) is tuple and len(r) == 2 and isinstance(r[0], Pid):
+            r, info = r
+        if isinstance(r, Pid):
+            me = self.pid
+            if me._links is None or r not in me._links:
+                if r._dead:
+                    me._deliver(Exit(r, r.reason))
+                else:
+                    _link_pair(me, r)
+            child.pid = r
+            child.last_pid = r
+            child.started_at = self.clock.now()
+            self.by_pid[r] = child
+            _telemetry.emit(
+                "child.started", supervisor=self.path, sup_pid=self.pid, child_id=child.id, pid=r
+            )
+            return "ok", r, info
+        if r is IGNORE:
+            child.pid = None
+            return "ignore", None, None
+        return "error", r, None
+
+    # -- exits ---------------------------------------------------------------------
+    async def handle_info(self, msg: Any) -> Any:
+        t = type(msg)
+        if t is Exit:
+            child = self.by_pid.pop(msg.pid, None)
+            if child is None or child.pid is not msg.pid:
+                return None  # a stale or unknown pid (SPEC 30)
+            return await self._child_exited(child, msg.reason)
+        if t is _TryAgain:
+            child = msg.child
+            if child.pid is RESTARTING and self._has(child):
+                return await self._restart(child)
+            return None
+        if t is _DelayedStart:
+            child = msg.child
+            child.timer = None
+            if child.pid is RESTARTING and self._has(child):
+                return await self._start_group(child)
+            return None
+        _log.warning("supervisor %s got an unexpected message: %r", self.path, msg)
+        return None
+
+    def _has(self, child: _Child) -> bool:
+        if self.mode == _STATIC:
+            return any(c is child for c in self.children)
+        return self.dyn.get(child.key) is child
+
+    def _remove(self, child: _Child) -> None:
+        if child.timer is not None:
+            child.timer.cancel()
+            child.timer = None
+        if self.mode == _STATIC:
+            self.children = [c for c in self.children if c is not child]
+        else:
+            self.dyn.pop(child.key, None)
+        if isinstance(child.pid, Pid):
+            self.by_pid.pop(child.pid, None)
+
+    async def _child_exited(self, child: _Child, reason: Any) -> Any:
+        restart_type = child.spec.restart
+        restart = restart_type is RestartType.PERMANENT or (
+            restart_type is RestartType.TRANSIENT and not is_clean(reason)
+        )
+        child.pid = None
+        _telemetry.emit(
+            "child.exited",
+            supervisor=self.path,
+            sup_pid=self.pid,
+            child_id=child.id,
+            pid=child.last_pid,
+            reason=reason,
+            restart=restart,
+        )
+        if restart or not is_clean(reason):
+            _log.error(
+                "child_terminated: supervisor=%s child=%r pid=%r reason=%r restart=%s",
+                self.path,
+                child.id,
+                child.last_pid,
+                reason,
+                restart_type.value,
+            )
+        if not restart:
+            if restart_type is RestartType.TEMPORARY or self.mode != _STATIC:
+                self._remove(child)
+            if child.spec.significant:
+                return self._auto_shutdown(child)
+            return None
+        return await self._restart(child)
+
+    def _auto_shutdown(self, child: _Child) -> Any:
+        if self.auto_shutdown is AutoShutdown.NEVER:
+            return None
+        if self.auto_shutdown is AutoShutdown.ALL_SIGNIFICANT and any(
+            c.spec.significant and c is not child and (c.running() or c.pid is RESTARTING)
+            for c in self.children
+        ):
+            return None
+        _telemetry.emit(
+            "supervisor.auto_shutdown", supervisor=self.path, sup_pid=self.pid, child_id=child.id
+        )
+        return _stop_shutdown()
+
+    def _add_restart(self) -> bool:
+        now = self.clock.now()
+        rs = self.restarts
+        rs.append(now)
+        floor = now - self.period
+        while rs and rs[0] < floor:
+            rs.popleft()
+        return len(rs) <= self.intensity
+
+    async def _restart(self, child: _Child) -> Any:
+        if not self._add_restart():
+            _log.error(
+                "reached_max_restart_intensity: supervisor=%s intensity=%d period=%s child=%r",
+                self.path,
+                self.intensity,
+                self.period,
+                child.id,
+            )
+            self.pid.gave_up = True  # type: ignore[attr-defined]
+            _telemetry.emit(
+                "supervisor.gave_up",
+                supervisor=self.path,
+                sup_pid=self.pid,
+                child_id=child.id,
+                intensity=self.intensity,
+                period=self.period,
+            )
+            if isinstance(child.pid, Pid) or child.pid is RESTARTING:
+                child.pid = None
+            return _stop_shutdown()
+        group = self._group(child)
+        await self._terminate_bystanders(group, child)
+        delay = self._backoff_delay(child)
+        if delay > 0:
+            child.pid = RESTARTING
+            child.timer = self.clock.call_later(delay, self.pid._deliver, _DelayedStart(child))
+            _telemetry.emit(
+                "child.backoff",
+                supervisor=self.path,
+                sup_pid=self.pid,
+                child_id=child.id,
+                delay=delay,
+                attempt=child.bo_n,
+            )
+            return None
+        return await self._start_group(child)
+
+    def _group(self, child: _Child) -> list[_Child]:
+        if self.mode != _STATIC or self.strategy is Strategy.ONE_FOR_ONE:
+            return [child]
+        if self.strategy is Strategy.ONE_FOR_ALL:
+            return list(self.children)
+        for i, c in enumerate(self.children):
+            if c is child:
+                return self.children[i:]
+        return [child]
+
+    async def _terminate_bystanders(self, group: list[_Child], failed: _Child) -> None:
+        for c in reversed(group):
+            if c is failed:
+                continue
+            if c.running():
+                await self._shutdown(c)
+            else:
+                c.pid = None
+            if c.spec.restart is RestartType.TEMPORARY:
+                self._remove(c)
+
+    def _backoff_delay(self, child: _Child) -> float:
+        bo: Backoff | None = child.spec.backoff
+        if bo is None:
+            return 0.0
+        reset = bo.reset_after
+        if reset is not None and child.started_at is not None:
+            if self.clock.now() - child.started_at >= reset:
+                child.bo_n = 0
+        child.bo_n += 1
+        if child.bo_rng is None:
+            child.bo_rng = random.Random(bo.seed)
+        return bo.delay(child.bo_n, child.bo_rng)
+
+    async def _start_group(self, child: _Child) -> Any:
+        group = self._group(child)
+        for c in group:
+            if c.running() or c.spec.restart is RestartType.TEMPORARY and c is not child:
+                continue
+            kind, val, _info = await self._invoke(c)
+            if kind == "ok":
+                _telemetry.emit(
+                    "child.restarted",
+                    supervisor=self.path,
+                    sup_pid=self.pid,
+                    child_id=c.id,
+                    pid=val,
+                )
+            elif kind == "ignore":
+                if self.mode != _STATIC or c.spec.restart is RestartType.TEMPORARY:
+                    self._remove(c)
+            else:
+                _log.error(
+                    "start_error: supervisor=%s child=%r reason=%r (retrying)", self.path, c.id, val
+                )
+                _telemetry.emit(
+                    "child.start_failed",
+                    supervisor=self.path,
+                    sup_pid=self.pid,
+                    child_id=c.id,
+                    reason=val,
+                )
+                c.pid = RESTARTING
+                self.pid._deliver(_TryAgain(c))
+                return None
+        return None
+
+    # -- stopping children ------------------------------------------------------------
+    async def _shutdown(self, child: _Child) -> None:
+        pid = child.pid
+        child.pid = None
+        if child.timer is not None:
+            child.timer.cancel()
+            child.timer = None
+        if not isinstance(pid, Pid):
+            return
+        self.by_pid.pop(pid, None)
+        mode = child.spec.shutdown
+        killed = False
+        if pid._dead:
+            reason = pid.reason
+        elif mode is ShutdownMode.BRUTAL_KILL:
+            reason = await kill_and_wait(pid)
+            killed = True
+        else:
+            _signal(pid, self.pid, SHUTDOWN, False)
+            if mode is ShutdownMode.INFINITY:
+                reason = await pid.join()
+            else:
+                try:
+                    reason = await pid.join(mode)
+                except TimeoutError:
+                    reason = await kill_and_wait(pid)
+                    killed = True
+        self._after_shutdown(child, pid, reason, killed)
+
+    def _after_shutdown(self, child: _Child, pid: Pid, reason: Any, killed: bool) -> None:
+        expected = (
+            reason is SHUTDOWN
+            or (killed and reason is KILLED)
+            or (child.spec.restart is not RestartType.PERMANENT and is_clean(reason))
+        )
+        if not expected:
+            _log.error(
+                "shutdown_error: supervisor=%s child=%r pid=%r reason=%r",
+                self.path,
+                child.id,
+                pid,
+                reason,
+            )
+        _telemetry.emit(
+            "child.terminated",
+            supervisor=self.path,
+            sup_pid=self.pid,
+            child_id=child.id,
+            pid=pid,
+            reason=reason,
+        )
+
+    async def _shutdown_parallel(self, children: list[_Child]) -> None:
+        """Signal every child first, then wait for each within its own budget."""
+        t0 = self.clock.now()
+        waiting: list[tuple[_Child, Pid]] = []
+        for c in children:
+            pid = c.pid
+            c.pid = None
+            if c.timer is not None:
+                c.timer.cancel()
+                c.timer = None
+            if not isinstance(pid, Pid):
+                continue
+            self.by_pid.pop(pid, None)
+            if not pid._dead:
+                if c.spec.shutdown is ShutdownMode.BRUTAL_KILL:
+                    _signal(pid, None, KILL, False)
+                else:
+                    _signal(pid, self.pid, SHUTDOWN, False)
+            waiting.append((c, pid))
+        for c, pid in waiting:
+            mode = c.spec.shutdown
+            killed = mode is ShutdownMode.BRUTAL_KILL
+            if pid._dead:
+                reason = pid.reason
+            elif mode is ShutdownMode.INFINITY:
+                reason = await pid.join()
+            else:
+                budget = KILL_GRACE if killed else float(mode)
+                try:
+                    reason = await pid.join(max(0.0, budget - (self.clock.now() - t0)))
+                except TimeoutError:
+                    reason = await kill_and_wait(pid)
+                    killed = True
+            self._after_shutdown(c, pid, reason, killed)
+
+    async def _terminate_all(self) -> None:
+        if self.mode == _STATIC:
+            for c in reversed(list(self.children)):
+                await self._shutdown(c)
+                if c.spec.restart is RestartType.TEMPORARY:
+                    self._remove(c)
+        else:
+            kids = list(self.dyn.values())
+            self.dyn.clear()
+            await self._shutdown_parallel(kids)
+
+    async def terminate(self, reason: Any) -> None:
+        if not hasattr(self, "mode"):
+            return
+        await self._terminate_all()
+        _telemetry.emit("supervisor.stopped", supervisor=self.path, sup_pid=self.pid, reason=reason)
+
+    # -- administration -----------------------------------------------------------
+    async def handle_call(self, request: Any, caller: Any) -> Any:
+        op, arg = request
+        try:
+            return await getattr(self, "_op_" + op)(arg)
+        except (ChildSpecError, SupervisorFlagsError, StartError) as e:
+            return _Err(e)
+        except (NotFound, Running, Restarting, AlreadyPresent, SimpleOneForOne, MaxChildren) as e:
+            return _Err(e)
+
+    async def _op_start_child(self, arg: Any) -> Any:
+        if self.mode == _SIMPLE:
+            extra = tuple(arg) if isinstance(arg, list | tuple) else (arg,)
+            child = _Child(self.template, self.template.args + extra)
+        else:
+            spec = ChildSpec.coerce(arg)
+            if self.mode == _DYNAMIC:
+                if spec.significant:
+                    raise InvalidSignificant(True, "DynamicSupervisor children cannot be significant")
+                if self.max_children is not None and len(self.dyn) >= self.max_children:
+                    raise MaxChildren(f"already {self.max_children} children")
+                child = _Child(spec, tuple(self.extra_args) + spec.args)
+            else:
+                self._check_significant(spec)
+                existing = self._find(spec.id)
+                if existing is not None:
+                    if existing.running():
+                        raise AlreadyStarted(existing.pid)
+                    raise AlreadyPresent(f"child {spec.id!r} exists but is not running")
+                child = _Child(spec)
+        kind, val, info = await self._invoke(child)
+        if kind == "error":
+            if isinstance(val, AlreadyStarted):
+                raise val
+            err = StartError(val, f"failed to start child {child.id!r}: {val!r}")
+            if isinstance(val, BaseException):
+                err.__cause__ = val
+            raise err
+        if self.mode == _STATIC:
+            if kind == "ok" or child.spec.restart is not RestartType.TEMPORARY:
+                self.children.append(child)
+        elif kind == "ok":
+            self.dyn[child.key] = child
+        if kind == "ignore":
+            return IGNORE
+        return val if info is _NOINFO else (val, info)
+
+    def _find(self, id: Any) -> _Child | None:
+        for c in self.children:
+            if c.spec.id == id:
+                return c
+        return None
+
+    def _find_static(self, id: Any) -> _Child:
+        if self.mode != _STATIC:
+            raise SimpleOneForOne("not available on a dynamic supervisor")
+        child = self._find(id) if not isinstance(id, Pid) else None
+        if child is None:
+            raise NotFound(f"no child {id!r}")
+        return child
+
+    async def _op_terminate_child(self, arg: Any) -> None:
+        if self.mode == _STATIC:
+            child = self._find_static(arg)
+            await self._shutdown(child)
+            if child.spec.restart is RestartType.TEMPORARY:
+                self._remove(child)
+            return None
+        if not isinstance(arg, Pid):
+            if self.mode == _SIMPLE:
+                raise SimpleOneForOne(f"terminate_child takes a pid here, not {arg!r}")
+            raise NotFound(f"no child {arg!r}")
+        found = self.by_pid.get(arg)
+        if found is None:
+            found = next(
+                (c for c in self.dyn.values() if c.pid is RESTARTING and c.last_pid is arg), None
+            )
+        if found is None:
+            if self.mode == _SIMPLE and arg._dead:
+                return None
+            raise NotFound(f"{arg!r} is not a child")
+        self.dyn.pop(found.key, None)
+        await self._shutdown(found)
+        return None
+
+    async def _op_restart_child(self, id: Any) -> Any:
+        child = self._find_static(id)
+        if child.pid is RESTARTING:
+            raise Restarting(f"child {id!r} is restarting")
+        if child.running():
+            raise Running(f"child {id!r} is running")
+        kind, val, info = await self._invoke(child)
+        if kind == "error":
+            err = StartError(val, f"failed to restart child {id!r}: {val!r}")
+            if isinstance(val, BaseException):
+                err.__cause__ = val
+            raise err
+        if kind == "ignore":
+            return IGNORE
+        return val if info is _NOINFO else (val, info)
+
+    async def _op_delete_child(self, id: Any) -> None:
+        child = self._find_static(id)
+        if child.pid is RESTARTING:
+            raise Restarting(f"child {id!r} is restarting")
+        if child.running():
+            raise Running(f"child {id!r} is running")
+        self._remove(child)
+
+    async def _op_which_children(self, _: Any) -> list[ChildInfo]:
+        if self.mode == _STATIC:
+            return [_info(c, c.spec.id) for c in reversed(self.children)]
+        return [_info(c, None) for c in self.dyn.values()]
+
+    async def _op_which_child(self, id: Any) -> ChildInfo:
+        if self.mode != _STATIC:
+            if not isinstance(id, Pid):
+                raise SimpleOneForOne("which_child takes a pid here")
+            child = self.by_pid.get(id)
+            if child is None:
+                raise NotFound(f"{id!r} is not a child")
+            return _info(child, None)
+        return _info(self._find_static(id), id)
+
+    async def _op_count_children(self, _: Any) -> Counts:
+        if self.mode == _STATIC:
+            kids: Sequence[_Child] = self.children
+            specs = len(kids)
+        else:
+            kids = list(self.dyn.values())
+            specs = 1 if self.mode == _SIMPLE else len(kids)
+        active = sum(1 for c in kids if c.running())
+        sups = sum(1 for c in kids if c.spec.type is ChildType.SUPERVISOR)
+        return Counts(specs, active, sups, len(kids) - sups)
+
+    async def _op_get_childspec(self, id: Any) -> ChildSpec:
+        if self.mode == _SIMPLE:
+            return self.template
+        if self.mode == _DYNAMIC:
+            child = self.by_pid.get(id) if isinstance(id, Pid) else None
+            if child is None:
+                raise NotFound(f"{id!r} is not a child")
+            return child.spec
+        return self._find_static(id).spec
+
+
+def _info(c: _Child, id: Any) -> ChildInfo:
+    return ChildInfo(id, c.pid, c.spec.type, c.spec.modules)
+
+
+def _stop_shutdown() -> Any:
+    from ._server import Stop
+
+    return Stop(SHUTDOWN)
+
+
+def _default_path(pid: Pid) -> str:
+    return str(pid.name) if pid.name is not None else f"<{pid.id}>"
+
+
+def check_childspecs(specs: object) -> list[ChildSpec]:
+    """Validate a list of child specs: the first error is raised, then duplicate ids."""
+    if isinstance(specs, str | bytes) or not isinstance(specs, Sequence):
+        from ._core._exceptions import BadStartSpec
+
+        raise BadStartSpec(specs, "children must be a list")
+    out = [ChildSpec.coerce(s) for s in specs]
+    seen: set[Any] = set()
+    for s in out:
+        key = _hashable(s.id)
+        if key in seen:
+            raise DuplicateChildName(s.id)
+        seen.add(key)
+    return out
+
+
+def _hashable(x: Any) -> Any:
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return repr(x)
+
+
+# ---------------------------------------------------------------------------
+# Handles (what start_link returns)
+# ---------------------------------------------------------------------------
+
+
+class _AdminPid(Pid):
+    __slots__ = ("gave_up",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gave_up = False
+
+    async def _admin(self, op: str, arg: Any = None) -> Any:
+        r = await call(self, (op, arg), timeout=None)
+        if type(r) is _Err:
+            raise r.exc
+        return r
+
+    async def which_children(self) -> list[ChildInfo]:
+        """``[ChildInfo(id, pid, type, modules)]``, newest-started first."""
+        return await self._admin("which_children")  # type: ignore[no-any-return]
+
+    async def count_children(self) -> Counts:
+        """``Counts(specs, active, supervisors, workers)``."""
+        return await self._admin("count_children")  # type: ignore[no-any-return]
+
+    async def stop(self, reason: Any = NORMAL, timeout: float | None = None) -> None:
+        """Stop the supervisor: its children are stopped first (reverse start order)."""
+        await stop(self, reason, timeout)
+
+    def _via_whereis(self, key: Any) -> Pid | None:
+        server = self._server
+        n = getattr(server, "partitions", None)
+        if n is None:
+            raise TypeError(f"{self!r} is not a registry or partition supervisor")
+        index = partition_index(key, n)
+        for c in server.children:
+            if c.spec.id == index and c.running():
+                return c.pid  # type: ignore[no-any-return]
+        return None
+
+
+class SupervisorPid(_AdminPid):
+    """The pid of a supervisor, with its administration API."""
+
+    __slots__ = ()
+
+    async def start_child(self, spec: Any) -> Any:
+        """Add and start a child (``simple_one_for_one``: the extra args list).
+
+        Returns the pid, ``(pid, info)``, or ``IGNORE``. Raises ``AlreadyStarted``,
+        ``AlreadyPresent``, ``StartError`` or a ``ChildSpecError``.
+        """
+        return await self._admin("start_child", spec)
+
+    async def terminate_child(self, id: Any) -> None:
+        """Stop a child by its shutdown spec, keeping its spec (``NotFound`` if unknown)."""
+        await self._admin("terminate_child", id)
+
+    async def restart_child(self, id: Any) -> Any:
+        """Start a stopped child again (``Running``, ``Restarting``, ``NotFound``, ``StartError``)."""
+        return await self._admin("restart_child", id)
+
+    async def delete_child(self, id: Any) -> None:
+        """Forget a stopped child's spec (``Running``, ``Restarting``, ``NotFound``)."""
+        await self._admin("delete_child", id)
+
+    async def which_child(self, id: Any) -> ChildInfo:
+        """One child's ``ChildInfo`` (``NotFound`` if unknown)."""
+        return await self._admin("which_child", id)  # type: ignore[no-any-return]
+
+    async def get_childspec(self, id: Any) -> ChildSpec:
+        """The child's fully defaulted spec (``NotFound`` if unknown)."""
+        return await self._admin("get_childspec", id)  # type: ignore[no-any-return]
+
+
+class DynamicSupervisorPid(_AdminPid):
+    """The pid of a dynamic supervisor, with its administration API."""
+
+    __slots__ = ()
+
+    async def start_child(self, spec: Any) -> Any:
+        """Start a child from ``spec`` (``MaxChildren``, ``StartError``); ``IGNORE`` stores nothing."""
+        return await self._admin("start_child", spec)
+
+    async def terminate_child(self, pid: Pid) -> None:
+        """Stop and forget the child ``pid`` (``NotFound`` if it is not a child)."""
+        await self._admin("terminate_child", pid)
+
+
+class _SupervisorProc(_SupervisorServer):
+    _pid_class = SupervisorPid
+
+
+class _DynamicProc(_SupervisorServer):
+    _pid_class = DynamicSupervisorPid
+
+
+def partition_index(key: Any, n: int) -> int:
+    """The partition for ``key``: ``abs(key) % n`` for an int, a stable hash otherwise."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return abs(key) % n
+    import zlib
+
+    return zlib.crc32(repr(key).encode()) % n
+
+
+# ---------------------------------------------------------------------------
+# The user-facing classes
+# ---------------------------------------------------------------------------
+
+
+class Supervisor:
+    """A static supervisor. Start one directly, or subclass it and override ``init``.
+
+    Example (subclass form)::
+
+        class Infra(trellis.Supervisor):
+            async def init(self, url):
+                return trellis.SupervisorSpec(
+                    [Exchange.child_spec(url), Store.child_spec()], strategy="rest_for_one"
+                )
+
+        sup = await Infra.start_link("tcp://127.0.0.1:9000", name="infra")
+    """
+
+    async def init(
+        self,
+        children: Sequence[Any] = (),
+        *,
+        strategy: Any = Strategy.ONE_FOR_ONE,
+        intensity: int = 3,
+        period: float = 5.0,
+        auto_shutdown: Any = AutoShutdown.NEVER,
+    ) -> Any:
+        """Return a ``SupervisorSpec`` (or ``IGNORE``). The default builds it from arguments."""
+        return SupervisorSpec(
+            children,
+            strategy=strategy,
+            intensity=intensity,
+            period=period,
+            auto_shutdown=auto_shutdown,
+        )
+
+    @classmethod
+    async def start_link(cls, *args: Any, name: object = None, **kwargs: Any) -> Any:
+        """Start the supervisor linked to the caller; returns a ``SupervisorPid`` once every
+        child has started (or ``IGNORE``). Raises ``FailedToStartChild`` or a spec/flag error."""
+        return await _start(_SupervisorProc, (cls(), args, kwargs), {}, name, link=True)
+
+    @classmethod
+    async def start(cls, *args: Any, name: object = None, **kwargs: Any) -> Any:
+        """Like :meth:`start_link` without the link."""
+        return await _start(_SupervisorProc, (cls(), args, kwargs), {}, name, link=False)
+
+    @classmethod
+    def child_spec(
+        cls,
+        *args: Any,
+        id: Any = None,
+        restart: Any = "permanent",
+        shutdown: Any = "infinity",
+        significant: bool = False,
+        name: object = None,
+        **kwargs: Any,
+    ) -> ChildSpec:
+        """A ``ChildSpec`` (type ``supervisor``) that starts this supervisor."""
+        if name is not None:
+            kwargs = {**kwargs, "name": name}
+        return ChildSpec(
+            id=cls.__name__ if id is None else id,
+            start=cls.start_link,
+            args=args,
+            kwargs=kwargs,
+            restart=restart,
+            shutdown=shutdown,
+            type=ChildType.SUPERVISOR,
+            significant=significant,
+            modules=(cls.__module__,),
+        )
+
+    check_childspecs = staticmethod(check_childspecs)
+
+
+@dataclass(frozen=True, slots=True)
+class _DynamicFlags:
+    intensity: int
+    period: float
+    max_children: int | None
+    extra_args: tuple[Any, ...]
+
+
+class DynamicSupervisor:
+    """A supervisor of children started on demand (Elixir's DynamicSupervisor).
+
+    Example::
+
+        dsup = await trellis.DynamicSupervisor.start_link(max_children=100, name="jobs")
+        pid = await dsup.start_child(Job.child_spec(42, restart="transient"))
+        await dsup.terminate_child(pid)
+    """
+
+    async def init(
+        self,
+        *,
+        strategy: Any = "one_for_one",
+        intensity: int = 3,
+        period: float = 5.0,
+        max_children: int | None = None,
+        extra_args: Sequence[Any] = (),
+        auto_shutdown: Any = "never",
+    ) -> Any:
+        """Validate the flags; override to compute them."""
+        if strategy not in (Strategy.ONE_FOR_ONE, "one_for_one"):
+            raise InvalidStrategy(strategy, "DynamicSupervisor only supports one_for_one")
+        check_intensity(intensity)
+        period = check_period(period)
+        if max_children is not None and (
+            not isinstance(max_children, int) or isinstance(max_children, bool) or max_children < 0
+        ):
+            raise InvalidMaxChildren(max_children, "must be an int >= 0 or None")
+        if isinstance(extra_args, str | bytes) or not isinstance(extra_args, Sequence):
+            raise InvalidExtraArguments(extra_args, "must be a list or tuple")
+        if auto_shutdown not in (AutoShutdown.NEVER, "never"):
+            if auto_shutdown in {a.value for a in AutoShutdown} or isinstance(
+                auto_shutdown, AutoShutdown
+            ):
+                raise BadFlagCombination(
+                    auto_shutdown, "DynamicSupervisor requires auto_shutdown='never'"
+                )
+            raise InvalidAutoShutdown(auto_shutdown)
+        return _DynamicFlags(intensity, period, max_children, tuple(extra_args))
+
+    @classmethod
+    async def start_link(cls, *args: Any, name: object = None, **kwargs: Any) -> Any:
+        """Start linked to the caller; returns a ``DynamicSupervisorPid``."""
+        return await _start(_DynamicProc, (cls(), args, kwargs), {}, name, link=True)
+
+    @classmethod
+    async def start(cls, *args: Any, name: object = None, **kwargs: Any) -> Any:
+        """Like :meth:`start_link` without the link."""
+        return await _start(_DynamicProc, (cls(), args, kwargs), {}, name, link=False)
+
+    @classmethod
+    def child_spec(
+        cls, *, id: Any = None, restart: Any = "permanent", name: object = None, **kwargs: Any
+    ) -> ChildSpec:
+        """A ``ChildSpec`` (type ``supervisor``) that starts this dynamic supervisor."""
+        if name is not None:
+            kwargs = {**kwargs, "name": name}
+        return ChildSpec(
+            id=cls.__name__ if id is None else id,
+            start=cls.start_link,
+            kwargs=kwargs,
+            restart=restart,
+            shutdown="infinity",
+            type=ChildType.SUPERVISOR,
+        )
+

@@ -1,0 +1,36 @@
+"""Shared fixtures: a virtual clock, and a check that no test leaks processes or tasks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import trellis
+from trellis.testing import VirtualClock, live_processes, use_clock
+
+
+@pytest.fixture
+def clock() -> Iterator[VirtualClock]:
+    """A virtual clock installed for every process the test spawns."""
+    vc = VirtualClock()
+    with use_clock(vc):
+        yield vc
+
+
+@pytest.fixture(autouse=True)
+async def _no_leaks() -> AsyncIterator[None]:
+    """Fail a test that leaves a Trellis process or an asyncio task running."""
+    yield
+    for _ in range(20):
+        await asyncio.sleep(0)
+    alive = live_processes()
+    for pid in alive:
+        trellis.exit(pid, trellis.KILL)
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not alive, f"test leaked processes: {alive}"
+    assert not tasks, f"test leaked asyncio tasks: {tasks}"
