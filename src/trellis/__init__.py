@@ -19,6 +19,7 @@ Example::
 """
 
 from . import telemetry as telemetry
+from . import testing as testing
 from ._childspec import AutoShutdown as AutoShutdown
 from ._childspec import Backoff as Backoff
 from ._childspec import ChildSpec as ChildSpec
@@ -74,7 +75,7 @@ from ._core._process import Pid as Pid
 from ._core._process import Ref as Ref
 from ._core._process import Via as Via
 from ._core._process import demonitor as demonitor
-from ._core._process import exit as exit  # noqa: A004
+from ._core._process import exit as exit
 from ._core._process import link as link
 from ._core._process import monitor as monitor
 from ._core._process import receive as receive
@@ -122,13 +123,9 @@ from ._tasks import TaskSupervisor as TaskSupervisor
 from ._tasks import TaskSupervisorPid as TaskSupervisorPid
 from ._worker import worker as worker
 
-from . import testing as testing  # noqa: E402,I001  (testing imports the core above)
-
 __version__ = "0.1.0.dev0"
 
-__all__ = sorted(
-    name for name in dir() if not name.startswith("_") and name not in {"annotations"}
-)
+__all__ = sorted(name for name in dir() if not name.startswith("_") and name not in {"annotations"})
 
 for _name in __all__:
     _obj = globals()[_name]

@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 
-class Strategy(str, enum.Enum):
+class Strategy(enum.StrEnum):
     """Which children a supervisor restarts when one fails."""
 
     ONE_FOR_ONE = "one_for_one"
@@ -55,7 +55,7 @@ class Strategy(str, enum.Enum):
     SIMPLE_ONE_FOR_ONE = "simple_one_for_one"
 
 
-class RestartType(str, enum.Enum):
+class RestartType(enum.StrEnum):
     """``permanent``: always restarted; ``transient``: only after an abnormal exit;
     ``temporary``: never (and forgotten when it exits)."""
 
@@ -64,12 +64,12 @@ class RestartType(str, enum.Enum):
     TEMPORARY = "temporary"
 
 
-class ChildType(str, enum.Enum):
+class ChildType(enum.StrEnum):
     WORKER = "worker"
     SUPERVISOR = "supervisor"
 
 
-class AutoShutdown(str, enum.Enum):
+class AutoShutdown(enum.StrEnum):
     """Whether a supervisor stops itself when significant children exit."""
 
     NEVER = "never"
@@ -77,7 +77,7 @@ class AutoShutdown(str, enum.Enum):
     ALL_SIGNIFICANT = "all_significant"
 
 
-class ShutdownMode(str, enum.Enum):
+class ShutdownMode(enum.StrEnum):
     BRUTAL_KILL = "brutal_kill"
     INFINITY = "infinity"
 
@@ -131,9 +131,7 @@ class Backoff:
         if self.reset_after is not None and (
             not _is_number(self.reset_after) or self.reset_after <= 0
         ):
-            raise InvalidChildSpec(
-                self.reset_after, "must be > 0", field="backoff.reset_after"
-            )
+            raise InvalidChildSpec(self.reset_after, "must be > 0", field="backoff.reset_after")
 
     def delay(self, n: int, rng: random.Random | None = None) -> float:
         """The wait before restart number ``n`` (1-based)."""
@@ -172,9 +170,9 @@ class ChildSpec:
     start: Callable[..., Any]
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
-    restart: RestartType = RestartType.PERMANENT
+    restart: RestartType | str = RestartType.PERMANENT
     shutdown: Any = None
-    type: ChildType = ChildType.WORKER
+    type: ChildType | str = ChildType.WORKER
     significant: bool = False
     modules: Any = None
     backoff: Backoff | None = None
@@ -292,10 +290,10 @@ class SupervisorSpec:
     """
 
     children: Sequence[Any] = ()
-    strategy: Strategy = Strategy.ONE_FOR_ONE
+    strategy: Strategy | str = Strategy.ONE_FOR_ONE
     intensity: int = 3
     period: float = 5.0
-    auto_shutdown: AutoShutdown = AutoShutdown.NEVER
+    auto_shutdown: AutoShutdown | str = AutoShutdown.NEVER
 
     def __post_init__(self) -> None:
         strategy = _enum(Strategy, self.strategy, InvalidStrategy)
@@ -306,9 +304,7 @@ class SupervisorSpec:
             raise BadStartSpec(self.children, "children must be a list of child specs")
         if strategy is Strategy.SIMPLE_ONE_FOR_ONE:
             if len(self.children) != 1:
-                raise BadStartSpec(
-                    self.children, "simple_one_for_one needs exactly one child spec"
-                )
+                raise BadStartSpec(self.children, "simple_one_for_one needs exactly one child spec")
             if auto is not AutoShutdown.NEVER:
                 raise BadFlagCombination(
                     auto.value, "simple_one_for_one requires auto_shutdown='never'"
@@ -327,7 +323,9 @@ class SupervisorSpec:
             if not isinstance(flags, Mapping):
                 raise InvalidFlags(flags, "flags must be a mapping")
             known = {
-                k: flags[k] for k in ("strategy", "intensity", "period", "auto_shutdown") if k in flags
+                k: flags[k]
+                for k in ("strategy", "intensity", "period", "auto_shutdown")
+                if k in flags
             }
             return cls(children, **known)
         raise InvalidFlags(value, "init must return a SupervisorSpec or IGNORE")

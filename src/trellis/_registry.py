@@ -26,7 +26,7 @@ from ._server import Server, _start
 __all__ = ["Registry", "RegistryPid"]
 
 
-class Keys(str, enum.Enum):
+class Keys(enum.StrEnum):
     UNIQUE = "unique"
     DUPLICATE = "duplicate"
 
@@ -187,9 +187,7 @@ class Registry:
         return _reg(registry).lookup(key)
 
     @staticmethod
-    def dispatch(
-        registry: object, key: Any, fn: Callable[[list[tuple[Pid, Any]]], object]
-    ) -> None:
+    def dispatch(registry: object, key: Any, fn: Callable[[list[tuple[Pid, Any]]], object]) -> None:
         _reg(registry).dispatch(key, fn)
 
     @staticmethod

@@ -65,8 +65,8 @@ async def run_async(root: Any, *, shutdown_timeout: float | None = None) -> int:
     installed: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, _on_signal, sig)
-            installed.append(sig)
+            loop.add_signal_handler(sig, _on_signal, int(sig))
+            installed.append(int(sig))
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     try:
@@ -91,8 +91,8 @@ async def run_async(root: Any, *, shutdown_timeout: float | None = None) -> int:
                 _log.error("root %r ended with %r (gave_up=%s)", pid, reason, gave_up)
         return code
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+        for signum in installed:
+            loop.remove_signal_handler(signum)
         for leftover in live_processes():
             await kill_and_wait(leftover)
 

@@ -39,7 +39,7 @@ import logging
 from collections import deque
 from typing import Any, ClassVar
 
-from ._core._clock import current_clock
+from ._core import _clock
 from ._core._exceptions import (
     AlreadyRegistered,
     AlreadyStarted,
@@ -62,7 +62,7 @@ from ._core._process import (
     _start_task,
     resolve,
 )
-from ._core._reasons import IGNORE, NORMAL, Exit, Ignore, coerce_reason, is_clean
+from ._core._reasons import IGNORE, NORMAL, Exit, coerce_reason, is_clean
 
 __all__ = [
     "Caller",
@@ -121,7 +121,7 @@ class Reply(_Directive):
 
 
 class Continue(_Directive):
-    """Run ``handle_continue(arg)`` before any other message (after replying ``reply``, if given)."""
+    """Run ``handle_continue(arg)`` before any other message (after replying ``reply``)."""
 
     __slots__ = ("arg", "reply")
 
@@ -156,18 +156,19 @@ class Caller:
 
     __slots__ = ("_fut", "_owner", "pid", "request")
 
+    _owner: Pid | None
+
     def __init__(self, request: Any, fut: asyncio.Future[Any], pid: Pid | None) -> None:
         self.request = request
         self._fut = fut
         self.pid = pid
-        self._owner: Pid | None = None
 
     def reply(self, value: Any) -> None:
         """Send the reply; a reply to a caller that timed out is dropped."""
         f = self._fut
         if not f.done():
             f.set_result(value)
-        owner = self._owner
+        owner: Pid | None = getattr(self, "_owner", None)
         if owner is not None:
             self._owner = None
             if owner._deferred is not None:
@@ -177,11 +178,16 @@ class Caller:
         return f"<Caller {self.pid!r}>"
 
 
-class _Cast:
-    __slots__ = ("msg",)
+class _CastTag:
+    """Casts travel as ``(_CAST, msg)``: a tuple is the cheapest envelope."""
 
-    def __init__(self, msg: Any) -> None:
-        self.msg = msg
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<cast>"
+
+
+_CAST = _CastTag()
 
 
 class _StopRequest:
@@ -223,8 +229,10 @@ class Server:
     pid: Pid
 
     # -- callbacks ----------------------------------------------------------------
-    async def init(self) -> Any:
+    async def init(self, *args: Any, **kwargs: Any) -> Any:
         """Set up state. Return None, ``Continue(x)``, ``IGNORE`` or ``Stop(reason)``."""
+        if args or kwargs:
+            raise TypeError(f"{type(self).__name__}.init takes no arguments; override init")
         return None
 
     async def handle_call(self, request: Any, caller: Caller) -> Any:
@@ -242,7 +250,9 @@ class Server:
 
     async def handle_continue(self, arg: Any) -> Any:
         """Run after a callback returned ``Continue(arg)``, before any queued message."""
-        raise NotImplementedError(f"{type(self).__name__} returned Continue without handle_continue")
+        raise NotImplementedError(
+            f"{type(self).__name__} returned Continue without handle_continue"
+        )
 
     async def terminate(self, reason: Any) -> None:
         """Clean up before the server ends with ``reason``."""
@@ -480,13 +490,13 @@ async def _loop(pid: Pid, server: Server) -> None:
                 f = msg._fut
                 if not f.done():
                     f.set_result(r)
-        elif t is _Cast:
-            r = await handle_cast(msg.msg)
+        elif t is tuple and len(msg) == 2 and msg[0] is _CAST:
+            r = await handle_cast(msg[1])
             if r is not None:
                 await _after(server, r, "handle_cast")
-        elif t is _StopRequest:
-            raise _Stopping(msg.reason)
-        elif t is Exit and msg.pid is parent and parent is not None and pid.trap_exits:
+        elif t is _StopRequest or (
+            t is Exit and msg.pid is parent and parent is not None and pid.trap_exits
+        ):
             raise _Stopping(msg.reason)
         else:
             r = await handle_info(msg)
@@ -536,6 +546,67 @@ class _StoppingWithReply(_Stopping):
 # ---------------------------------------------------------------------------
 
 
+class _Deadlines:
+    """Call timeouts without a timer per call.
+
+    Calls with the same timeout expire in the order they were made, so each
+    distinct timeout keeps a FIFO of ``(deadline, reply future)`` and one timer
+    armed for the oldest entry. Finished calls are dropped from the head as new
+    ones arrive, so the queue holds roughly the calls still in flight.
+    """
+
+    __slots__ = ("armed", "call_later", "entries", "now", "owner", "timeout")
+
+    def __init__(self, owner: Any, clock: Any, timeout: float) -> None:
+        self.owner = owner
+        self.timeout = timeout
+        src = clock if clock is not None else owner  # a Clock, or the event loop itself
+        self.now = src.now if clock is not None else src.time
+        self.call_later = src.call_later
+        self.entries: deque[tuple[float, asyncio.Future[Any], Any, Any]] = deque()
+        self.armed = False
+
+    def add(self, fut: asyncio.Future[Any], target: Any, request: Any) -> None:
+        entries = self.entries
+        while entries and entries[0][1].done():
+            entries.popleft()
+        entries.append((self.now() + self.timeout, fut, target, request))
+        if not self.armed:
+            self.armed = True
+            self.call_later(self.timeout, self._fire)
+
+    def _fire(self) -> None:
+        entries = self.entries
+        now = self.now()
+        while entries:
+            deadline, fut, target, request = entries[0]
+            if fut.done():
+                entries.popleft()
+            elif deadline <= now:
+                entries.popleft()
+                fut.set_exception(CallTimeout(target, request, self.timeout))
+            else:
+                self.call_later(deadline - now, self._fire)
+                return
+        self.armed = False
+
+
+_deadlines: dict[tuple[int, float], _Deadlines] = {}
+_last_deadlines: list[_Deadlines | None] = [None]
+_MAX_TIMEOUT_CLASSES = 256
+
+
+def _deadlines_for(owner: Any, clock: Any, timeout: float) -> _Deadlines | None:
+    key = (id(owner), timeout)
+    dl = _deadlines.get(key)
+    if dl is None or dl.owner is not owner:
+        if len(_deadlines) >= _MAX_TIMEOUT_CLASSES:
+            _deadlines.clear()  # owners (loops, clocks) come and go in tests; start afresh
+        dl = _deadlines[key] = _Deadlines(owner, clock, timeout)
+    _last_deadlines[0] = dl
+    return dl
+
+
 def _call_timeout(fut: asyncio.Future[Any], target: Any, request: Any, timeout: float) -> None:
     if not fut.done():
         fut.set_exception(CallTimeout(target, request, timeout))
@@ -560,23 +631,23 @@ async def call(target: object, request: Any, timeout: float | None = 5.0) -> Any
         raise CallingSelf(f"{target!r} called itself")
     fut: asyncio.Future[Any] = pid._loop.create_future()  # type: ignore[union-attr]
     msg = Caller(request, fut, me)
-    handle = None
     if timeout is not None:
-        handle = current_clock().call_later(timeout, _call_timeout, fut, target, request, timeout)
-    try:
-        if pid._bound is not None:
-            await _put_with_backpressure(pid, msg, fut)
-        else:
-            pid._mbox.append(msg)
-            w = pid._waiter
-            if w is not None:
-                pid._waiter = None
-                if not w.done():
-                    w.set_result(None)
-        return await fut
-    finally:
-        if handle is not None:
-            handle.cancel()
+        clock = _clock._override
+        owner = clock if clock is not None else pid._loop
+        dl = _last_deadlines[0]
+        if dl is None or dl.owner is not owner or dl.timeout != timeout:
+            dl = _deadlines_for(owner, clock, timeout)
+        dl.add(fut, target, request)  # type: ignore[union-attr]
+    if pid._bound is not None:
+        await _put_with_backpressure(pid, msg, fut)
+    else:
+        pid._mbox.append(msg)
+        w = pid._waiter
+        if w is not None:
+            pid._waiter = None
+            if not w.done():
+                w.set_result(None)
+    return await fut
 
 
 async def _put_with_backpressure(pid: Pid, msg: Caller, reply: asyncio.Future[Any]) -> None:
@@ -608,13 +679,21 @@ async def _put_with_backpressure(pid: Pid, msg: Caller, reply: asyncio.Future[An
 def cast(target: object, msg: Any) -> None:
     """Send ``msg`` to a server's ``handle_cast`` without waiting (silent if it is gone)."""
     pid = target if type(target) is Pid else resolve(target)
-    if pid is None:
+    if pid is None or pid._dead:
         return
-    pid.send(_Cast(msg))
+    if pid._bound is not None:
+        pid.send((_CAST, msg))
+        return
+    pid._mbox.append((_CAST, msg))
+    w = pid._waiter
+    if w is not None:
+        pid._waiter = None
+        if not w.done():
+            w.set_result(None)
 
 
 def send(target: object, msg: Any) -> None:
-    """Send a plain message (``handle_info`` for a server); raises ``NoProc`` for an unknown name."""
+    """Send a plain message (to ``handle_info``); raises ``NoProc`` for an unknown name."""
     pid = target if type(target) is Pid else resolve(target)
     if pid is None:
         raise NoProc(target)
@@ -641,5 +720,3 @@ async def stop(target: object, reason: Any = NORMAL, timeout: float | None = Non
     got = await pid.join(timeout)
     if got is not reason and got != reason:
         raise Exited(got, target)
-
-

@@ -203,9 +203,9 @@ class _SupervisorServer(Server):
             self._started()
             return None
         spec = SupervisorSpec.coerce(spec)
-        self.strategy = spec.strategy
+        self.strategy = Strategy(spec.strategy)
         self.intensity, self.period = spec.intensity, spec.period
-        self.auto_shutdown = spec.auto_shutdown
+        self.auto_shutdown = AutoShutdown(spec.auto_shutdown)
         self.max_children, self.extra_args = None, ()
         if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
             self.mode = _SIMPLE
@@ -225,9 +225,7 @@ class _SupervisorServer(Server):
                 if s.restart is not RestartType.TEMPORARY:
                     self.children.append(child)
             else:
-                _log.error(
-                    "start_error: supervisor=%s child=%r reason=%r", self.path, s.id, val
-                )
+                _log.error("start_error: supervisor=%s child=%r reason=%r", self.path, s.id, val)
                 await self._terminate_all()
                 err = FailedToStartChild(s.id, val)
                 if isinstance(val, BaseException):
@@ -347,7 +345,7 @@ class _SupervisorServer(Server):
                 child.id,
                 child.last_pid,
                 reason,
-                restart_type.value,
+                str(restart_type),
             )
         if not restart:
             if restart_type is RestartType.TEMPORARY or self.mode != _STATIC:
@@ -443,9 +441,9 @@ class _SupervisorServer(Server):
         if bo is None:
             return 0.0
         reset = bo.reset_after
-        if reset is not None and child.started_at is not None:
-            if self.clock.now() - child.started_at >= reset:
-                child.bo_n = 0
+        up = self.clock.now() - child.started_at if child.started_at is not None else 0.0
+        if reset is not None and up >= reset:
+            child.bo_n = 0
         child.bo_n += 1
         if child.bo_rng is None:
             child.bo_rng = random.Random(bo.seed)
@@ -454,7 +452,7 @@ class _SupervisorServer(Server):
     async def _start_group(self, child: _Child) -> Any:
         group = self._group(child)
         for c in group:
-            if c.running() or c.spec.restart is RestartType.TEMPORARY and c is not child:
+            if c.running() or (c.spec.restart is RestartType.TEMPORARY and c is not child):
                 continue
             kind, val, _info = await self._invoke(c)
             if kind == "ok":
@@ -606,7 +604,9 @@ class _SupervisorServer(Server):
             spec = ChildSpec.coerce(arg)
             if self.mode == _DYNAMIC:
                 if spec.significant:
-                    raise InvalidSignificant(True, "DynamicSupervisor children cannot be significant")
+                    raise InvalidSignificant(
+                        True, "DynamicSupervisor children cannot be significant"
+                    )
                 if self.max_children is not None and len(self.dyn) >= self.max_children:
                     raise MaxChildren(f"already {self.max_children} children")
                 child = _Child(spec, tuple(self.extra_args) + spec.args)
@@ -735,7 +735,7 @@ class _SupervisorServer(Server):
 
 
 def _info(c: _Child, id: Any) -> ChildInfo:
-    return ChildInfo(id, c.pid, c.spec.type, c.spec.modules)
+    return ChildInfo(id, c.pid, ChildType(c.spec.type), c.spec.modules)
 
 
 def _stop_shutdown() -> Any:
@@ -832,7 +832,10 @@ class SupervisorPid(_AdminPid):
         await self._admin("terminate_child", id)
 
     async def restart_child(self, id: Any) -> Any:
-        """Start a stopped child again (``Running``, ``Restarting``, ``NotFound``, ``StartError``)."""
+        """Start a stopped child again.
+
+        Raises ``Running``, ``Restarting``, ``NotFound`` or ``StartError``.
+        """
         return await self._admin("restart_child", id)
 
     async def delete_child(self, id: Any) -> None:
@@ -854,7 +857,10 @@ class DynamicSupervisorPid(_AdminPid):
     __slots__ = ()
 
     async def start_child(self, spec: Any) -> Any:
-        """Start a child from ``spec`` (``MaxChildren``, ``StartError``); ``IGNORE`` stores nothing."""
+        """Start a child from ``spec``; ``IGNORE`` stores nothing.
+
+        Raises ``MaxChildren``, ``StartError`` or a ``ChildSpecError``.
+        """
         return await self._admin("start_child", spec)
 
     async def terminate_child(self, pid: Pid) -> None:
@@ -1030,4 +1036,3 @@ class DynamicSupervisor:
             shutdown="infinity",
             type=ChildType.SUPERVISOR,
         )
-

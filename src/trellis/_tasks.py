@@ -25,8 +25,8 @@ from ._core._process import (
     monitor,
 )
 from ._core._reasons import NORMAL
-from ._supervisor import DynamicSupervisor, DynamicSupervisorPid, _DynamicProc
 from ._server import _start
+from ._supervisor import DynamicSupervisor, DynamicSupervisorPid, _DynamicProc
 
 __all__ = ["TaskHandle", "TaskSupervisor", "TaskSupervisorPid"]
 
@@ -97,7 +97,7 @@ class TaskSupervisorPid(DynamicSupervisorPid):
 
     __slots__ = ()
 
-    async def start_child(  # type: ignore[override]
+    async def start_child(
         self,
         fn: Callable[..., Coroutine[Any, Any, Any]],
         *args: Any,
@@ -132,7 +132,9 @@ class TaskSupervisorPid(DynamicSupervisorPid):
         handle._result = box
         return handle
 
-    async def async_task(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> TaskHandle:
+    async def async_task(
+        self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any
+    ) -> TaskHandle:
         """Run ``fn(*args)`` linked to and monitored by the caller; ``await handle.wait()``."""
         return await self._async(fn, args, True)
 

@@ -85,7 +85,12 @@ async def wait_restarted(sup: Pid, child_id: Any, old_pid: Any, timeout: float =
     async with asyncio.timeout(timeout):
         while True:
             for info in await sup.which_children():  # type: ignore[attr-defined]
-                if info.id == child_id and isinstance(info.pid, Pid):
-                    if info.pid is not old_pid and info.pid.alive:
-                        return info.pid
+                pid = info.pid
+                if (
+                    info.id == child_id
+                    and isinstance(pid, Pid)
+                    and pid is not old_pid
+                    and pid.alive
+                ):
+                    return pid
             await asyncio.sleep(0)

@@ -31,7 +31,7 @@ from ._exceptions import (
     NotAProcess,
     ReceiveTimeout,
 )
-from ._reasons import KILL, KILLED, NOPROC, NORMAL, Down, Exit, ExitReason, coerce_reason
+from ._reasons import KILL, KILLED, NOPROC, NORMAL, Down, Exit, coerce_reason
 
 __all__ = [
     "Pid",
@@ -105,9 +105,7 @@ class Via:
         return f"Via({self.registry!r}, {self.key!r})"
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, Via) and other.registry == self.registry and other.key == self.key
-        )
+        return isinstance(other, Via) and other.registry == self.registry and other.key == self.key
 
     def __hash__(self) -> int:
         return hash((Via, repr(self.registry), repr(self.key)))
@@ -580,9 +578,7 @@ def demonitor(ref: Ref) -> bool:
     return active
 
 
-async def receive(
-    timeout: float | None = None, match: Callable[[Any], bool] | None = None
-) -> Any:
+async def receive(timeout: float | None = None, match: Callable[[Any], bool] | None = None) -> Any:
     """Take the next message from the current process's mailbox.
 
     With ``match``, take the first message for which ``match(msg)`` is true, leaving
@@ -683,11 +679,10 @@ def resolve(target: object) -> Pid | None:
         result: Pid | None = lookup(target.key)
         return result
     if hasattr(target, "pid") and isinstance(target.pid, Pid):  # handles (e.g. TaskHandle)
-        return target.pid  # type: ignore[no-any-return]
+        return target.pid
     return None
 
 
 def live_processes() -> list[Pid]:
     """Every process that has not ended (for leak checks)."""
     return [p for p in _live.values() if not p._dead]
-
