@@ -107,8 +107,9 @@ class Echo(trellis.Server):
 
 
 async def test_unique_register_and_already_registered() -> None:
-    """SPEC 86: register returns the owner (the calling process); a key held by a live
-    process raises AlreadyRegistered with the holder's pid and keeps the first entry."""
+    """SPEC 86: register registers only the caller and returns the entry's owner (the calling
+    process, per docs/api.md); a key held by a live process raises AlreadyRegistered with the
+    holder's pid and keeps the first entry."""
     reg = await trellis.Registry.start_link(keys="unique")
     a, b = Actor(), Actor()
     try:

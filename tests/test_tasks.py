@@ -163,10 +163,15 @@ async def test_start_child_with_restart_permanent() -> None:
     try:
         with capture_telemetry() as cap:
             await tsup.start_child(fn, restart="permanent")
-            await cap.wait_for("child.restarted")
-            assert fn.calls >= 2
+            await wait_count(cap, "child.restarted", 2)
             await asyncio.wait_for(_until(lambda: fn.calls >= 3), 5.0)
+            for _ in range(20):
+                await asyncio.sleep(0)
             assert fn.calls == 3
+            assert [e["restart"] for e in cap.events if e["event"] == "child.exited"] == [
+                True,
+                True,
+            ]
     finally:
         fn.release.set()
         await stop_quietly(tsup)

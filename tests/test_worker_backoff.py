@@ -82,6 +82,15 @@ async def wait_count(cap: Any, name: str, n: int, timeout: float = 5.0) -> dict[
     return events(cap, name)[n - 1]
 
 
+async def until(cond: Any, what: str, timeout: float = 5.0) -> None:
+    """Yield to the loop until ``cond()`` holds (bounded in real time)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0)
+
+
 # ---------------------------------------------------------------------------
 # worker
 # ---------------------------------------------------------------------------
@@ -122,6 +131,7 @@ async def test_worker_raise_crashes_and_restarts() -> None:
             pid = await pid_of(sup, "w")
             assert pid != ev["pid"]
             assert pid.alive
+            await until(lambda: len(job.runs) >= 2, "the second run")
             assert len(job.runs) == 2
         finally:
             await stop_quietly(sup)
@@ -162,6 +172,7 @@ async def test_permanent_worker_restarted_after_return() -> None:
             assert ev["restart"] is True
             ev = await wait_count(cap, "child.restarted", 1)
             assert ev["child_id"] == "w"
+            await until(lambda: len(job.runs) >= 2, "the second run")
             assert len(job.runs) == 2
             assert (await pid_of(sup, "w")).alive
         finally:

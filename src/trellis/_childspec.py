@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 
 from ._core._exceptions import (
     BadCombination,
+    BadReturnValue,
     BadFlagCombination,
     BadStartSpec,
     InvalidAutoShutdown,
@@ -328,7 +329,7 @@ class SupervisorSpec:
                 if k in flags
             }
             return cls(children, **known)
-        raise InvalidFlags(value, "init must return a SupervisorSpec or IGNORE")
+        raise BadReturnValue(value, " from Supervisor.init (expected a SupervisorSpec or IGNORE)")
 
 
 def check_intensity(value: object) -> int:

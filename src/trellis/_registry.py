@@ -43,8 +43,11 @@ class RegistryPid(Pid):
         self._owned: dict[Pid, list[Any]] = {}
 
     def register(self, key: Any, value: Any = None) -> Pid:
-        """Register the calling process under ``key``; returns the registry's pid (the owner
-        of the table). Unique keys raise ``AlreadyRegistered(pid)`` if a live process holds it."""
+        """Register the calling process under ``key``; returns the registry's pid, the
+        owner of the table (Elixir's ``{:ok, owner}``).
+
+        Unique keys raise ``AlreadyRegistered(pid)`` if a live process holds the key.
+        """
         me = _current.get()
         if me is None:
             from ._core._exceptions import NotAProcess

@@ -46,9 +46,11 @@ from ._core._exceptions import (
     BadReturnValue,
     CallingSelf,
     CallTimeout,
+    ChildSpecError,
     Exited,
     NoProc,
     StartError,
+    SupervisorFlagsError,
 )
 from ._core._process import (
     Pid,
@@ -344,7 +346,7 @@ async def _start(
         raise AlreadyStarted(val)
     if isinstance(val, StartError):
         raise val
-    if cls._raise_stop_reason and isinstance(val, Exception):
+    if cls._raise_stop_reason and isinstance(val, ChildSpecError | SupervisorFlagsError):
         raise val
     if isinstance(val, BaseException):
         raise StartError(val) from val
@@ -468,28 +470,39 @@ async def _after(server: Server, r: Any, where: str) -> None:
         raise BadReturnValue(r, f" from {where}")
 
 
+# Messages a server may take in a row without giving other tasks a turn.
+_FAIR_BURST = 64
+
+
 async def _loop(pid: Pid, server: Server) -> None:
     mb = pid._mbox
     parent = pid._parent
     handle_call = server.handle_call
     handle_cast = server.handle_cast
     handle_info = server.handle_info
+    burst = 0
     while True:
         if mb and not pid._space:
+            burst += 1
+            if burst > _FAIR_BURST:  # a busy mailbox still lets other tasks run
+                burst = 0
+                await asyncio.sleep(0)
+                continue
             msg = mb.popleft()
         else:
+            burst = 0
             msg = await pid._next()
         t = type(msg)
         if t is Caller:
             pid._calls = msg
             r = await handle_call(msg.request, msg)
-            pid._calls = None
             if isinstance(r, _Directive):
                 await _call_directive(pid, server, msg, r)
             else:
                 f = msg._fut
                 if not f.done():
                     f.set_result(r)
+            pid._calls = None
         elif t is tuple and len(msg) == 2 and msg[0] is _CAST:
             r = await handle_cast(msg[1])
             if r is not None:

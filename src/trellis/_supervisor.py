@@ -478,7 +478,9 @@ class _SupervisorServer(Server):
                     reason=val,
                 )
                 c.pid = RESTARTING
-                self.pid._deliver(_TryAgain(c))
+                # Retried by a message to self, queued on the next loop turn so that
+                # calls and shutdown interleave with a start that keeps failing.
+                self.pid._loop.call_soon(self.pid._deliver, _TryAgain(c))  # type: ignore[union-attr]
                 return None
         return None
 
