@@ -508,8 +508,8 @@ class IgnoringSup(trellis.Supervisor):
 
 
 class BadReturnSup(trellis.Supervisor):
-    async def init(self) -> Any:
-        return 42
+    async def init(self, value: Any = 42) -> Any:
+        return value
 
 
 class RaisingSup(trellis.Supervisor):
@@ -517,6 +517,25 @@ class RaisingSup(trellis.Supervisor):
 
     async def init(self) -> Any:
         raise RaisingSup.error
+
+
+class FlagsSup(trellis.Supervisor):
+    async def init(self, specs: list[Any], **flags: Any) -> Any:
+        return trellis.SupervisorSpec(specs, **flags)
+
+
+async def test_subclass_init_spec_and_flag_errors_surface_as_such() -> None:
+    """SPEC 2/14: the subclass form reports bad child specs and bad flags with the same
+    ChildSpecError / SupervisorFlagsError as the function form."""
+    with pytest.raises(trellis.InvalidShutdown):
+        await FlagsSup.start_link([good("a", shutdown="soon")])
+    with pytest.raises(trellis.DuplicateChildName):
+        await FlagsSup.start_link([good("a"), good("a")])
+    with pytest.raises(trellis.InvalidStrategy):
+        await FlagsSup.start_link([good("a")], strategy="one_for_some")
+    with pytest.raises(trellis.InvalidIntensity):
+        await FlagsSup.start_link([good("a")], intensity=-1)
+    await assert_no_processes()
 
 
 class GoodSup(trellis.Supervisor):
@@ -545,11 +564,12 @@ async def test_init_ignore_returns_ignore_and_process_exits_normal() -> None:
     await assert_no_processes()
 
 
-async def test_init_bad_return_raises_bad_return_value() -> None:
+@pytest.mark.parametrize("value", [42, None, ([], "one_for_one")], ids=["int", "none", "tuple"])
+async def test_init_bad_return_raises_bad_return_value(value: Any) -> None:
     """SPEC 16: init returning neither a SupervisorSpec nor IGNORE raises BadReturnValue."""
     with pytest.raises(trellis.BadReturnValue) as ei:
-        await BadReturnSup.start_link()
-    assert ei.value.value == 42
+        await BadReturnSup.start_link(value)
+    assert ei.value.value == value
     assert isinstance(ei.value, trellis.StartError)
     await assert_no_processes()
 

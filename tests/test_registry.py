@@ -107,13 +107,13 @@ class Echo(trellis.Server):
 
 
 async def test_unique_register_and_already_registered() -> None:
-    """SPEC 86: register registers only the caller and returns the entry's owner (the calling
-    process, per docs/api.md); a key held by a live process raises AlreadyRegistered with the
-    holder's pid and keeps the first entry."""
+    """SPEC 86: register registers only the caller (lookup shows it) and returns the owner,
+    the registry's pid (Elixir's {:ok, owner}); a key held by a live process raises
+    AlreadyRegistered with the holder's pid and keeps the first entry."""
     reg = await trellis.Registry.start_link(keys="unique")
     a, b = Actor(), Actor()
     try:
-        assert await a.run(lambda: reg.register("k", 1)) == a.pid
+        assert await a.run(lambda: reg.register("k", 1)) == reg
         assert reg.lookup("k") == [(a.pid, 1)]
         with pytest.raises(trellis.AlreadyRegistered) as ei:
             await b.run(lambda: reg.register("k", 2))
@@ -122,7 +122,7 @@ async def test_unique_register_and_already_registered() -> None:
             await a.run(lambda: reg.register("k", 3))
         assert ei.value.pid == a.pid
         assert reg.lookup("k") == [(a.pid, 1)]
-        assert await b.run(lambda: reg.register("k2")) == b.pid
+        assert await b.run(lambda: reg.register("k2")) == reg
         assert reg.lookup("k2") == [(b.pid, None)]
         assert reg.lookup("missing") == []
         assert reg.keys(a.pid) == ["k"]
@@ -157,7 +157,7 @@ async def test_dead_holders_key_can_be_taken_before_cleanup() -> None:
             await a.pid.join()
             return reg.register("k", 2)  # no yield between the death and the register
 
-        assert await b.run(take) == b.pid
+        assert await b.run(take) == reg
         assert reg.lookup("k") == [(b.pid, 2)]
         for _ in range(50):
             await asyncio.sleep(0)
@@ -204,7 +204,7 @@ async def test_unregister_removes_key() -> None:
         assert reg.lookup("k") == []
         assert reg.keys(a.pid) == ["k2"]
         assert await a.run(lambda: reg.unregister("never")) is None
-        assert await b.run(lambda: reg.register("k", 3)) == b.pid
+        assert await b.run(lambda: reg.register("k", 3)) == reg
         assert reg.lookup("k") == [(b.pid, 3)]
         await b.run(lambda: reg.unregister("k2"))  # another owner's key is untouched
         assert reg.lookup("k2") == [(a.pid, 2)]
@@ -255,9 +255,9 @@ async def test_duplicate_registrations() -> None:
     reg = await trellis.Registry.start_link(keys="duplicate")
     a, b = Actor(), Actor()
     try:
-        assert await a.run(lambda: reg.register("k", 1)) == a.pid
-        assert await a.run(lambda: reg.register("k", 2)) == a.pid
-        assert await b.run(lambda: reg.register("k", 3)) == b.pid
+        assert await a.run(lambda: reg.register("k", 1)) == reg
+        assert await a.run(lambda: reg.register("k", 2)) == reg
+        assert await b.run(lambda: reg.register("k", 3)) == reg
         entries = reg.lookup("k")
         assert len(entries) == 3
         assert sorted(entries, key=lambda e: e[1]) == [(a.pid, 1), (a.pid, 2), (b.pid, 3)]

@@ -293,6 +293,51 @@ async def test_init_failure_uses_each_childs_shutdown_spec() -> None:
     await assert_no_processes()
 
 
+async def test_init_failure_rollback_waits_shutdown_timeout_then_kills(
+    clock: trellis.testing.VirtualClock,
+) -> None:
+    """SPEC 20: rollback honours a numeric shutdown: a child ignoring the shutdown signal is
+    killed only after its shutdown seconds, then earlier children are stopped."""
+    log: list[Any] = []
+    pids: dict[str, Any] = {}
+
+    async def stubborn() -> None:
+        while True:
+            msg = await trellis.receive()
+            log.append(("b got", msg.reason if isinstance(msg, trellis.Exit) else msg))
+
+    async def start_b() -> trellis.Pid:
+        pids["b"] = trellis.spawn(stubborn, link=True, trap_exits=True)
+        return pids["b"]
+
+    async def start_c() -> trellis.Pid:
+        raise RuntimeError("c fails")
+
+    task = asyncio.ensure_future(
+        trellis.Supervisor.start_link(
+            [
+                logged(log, "a", pids),
+                {"id": "b", "start": start_b, "shutdown": 2.0},
+                {"id": "c", "start": start_c},
+            ]
+        )
+    )
+    await settle()
+    await clock.advance(1.9)
+    assert not task.done()
+    assert pids["b"].alive
+    assert log == [("start", "a"), ("b got", trellis.SHUTDOWN)]
+    await clock.advance(0.1)
+    await settle()
+    with pytest.raises(trellis.FailedToStartChild) as ei:
+        async with asyncio.timeout(5):
+            await task
+    assert ei.value.id == "c"
+    assert pids["b"].reason == trellis.KILLED
+    assert log == [("start", "a"), ("b got", trellis.SHUTDOWN), ("stop", "a", trellis.SHUTDOWN)]
+    await assert_no_processes()
+
+
 async def test_init_failure_of_first_child_starts_nothing_else() -> None:
     """SPEC 20: if the first child fails, nothing else is started or stopped."""
     log: list[Any] = []

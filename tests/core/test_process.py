@@ -801,3 +801,40 @@ def test_exit_reason_constants_and_shutdown_value_semantics() -> None:
     assert trellis.Shutdown("x") != trellis.Shutdown("y")
     assert hash(trellis.Shutdown("x")) == hash(trellis.Shutdown("x"))
     assert trellis.Shutdown("x").detail == "x"
+
+
+async def test_exit_self_while_trapping_is_a_message_and_kill_self_is_killed() -> None:
+    """A trapping process's exit(self(), R) becomes Exit(self, R); exit(self(), KILL) kills."""
+    seen: list[Any] = []
+
+    async def body() -> None:
+        me = trellis.self()
+        trellis.exit(me, trellis.SHUTDOWN)
+        seen.append(await trellis.receive())
+        trellis.exit(me, trellis.KILL)
+        await settle()
+        seen.append("survived kill")
+
+    pid = trellis.spawn(body, trap_exits=True)
+    async with asyncio.timeout(5):
+        assert await pid.join() == trellis.KILLED
+    assert seen == [trellis.Exit(pid, trellis.SHUTDOWN)]
+
+
+async def test_links_are_a_set_one_unlink_removes_a_double_link() -> None:
+    """Linking twice creates one link; a single unlink removes it."""
+    a = trellis.spawn(idle)
+
+    async def body() -> None:
+        trellis.link(a)
+        trellis.link(a)
+        trellis.unlink(a)
+        await idle()
+
+    b = trellis.spawn(body)
+    await settle()
+    trellis.exit(a, RuntimeError("a dies"))
+    await a.join()
+    await settle()
+    assert b.alive
+    await kill_and_join(b)

@@ -1,0 +1,130 @@
+"""trellis.run: a tree as a program (signals, exit codes), the demo, and the README example."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROGRAM = textwrap.dedent(
+    """
+    import sys, trellis
+
+    class Part(trellis.Server):
+        trap_exits = True
+
+        async def init(self, name, crash_at_start=False):
+            self.name = name
+            print("start", name, flush=True)
+            if crash_at_start:
+                trellis.cast(self.pid, "crash")
+
+        async def handle_cast(self, msg):
+            raise RuntimeError("crash " + self.name)
+
+        async def terminate(self, reason):
+            print("stop", self.name, reason, flush=True)
+
+    mode = sys.argv[1]
+    children = [Part.child_spec("a", id="a"), Part.child_spec("b", id="b"),
+                Part.child_spec("c", id="c", crash_at_start=(mode == "giveup"))]
+    sys.exit(trellis.run(lambda: trellis.Supervisor.start_link(children, intensity=2, period=5)))
+    """
+)
+
+
+def _spawn(tmp_path: Path, mode: str) -> subprocess.Popen[str]:
+    script = tmp_path / "prog.py"
+    script.write_text(PROGRAM)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen(
+        [sys.executable, str(script), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _read_until(proc: subprocess.Popen[str], line: str) -> list[str]:
+    seen = []
+    assert proc.stdout is not None
+    for got in proc.stdout:
+        seen.append(got.strip())
+        if got.strip() == line:
+            return seen
+    raise AssertionError(f"{line!r} never printed; got {seen}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_tree_in_reverse_order_with_exit_code_0(tmp_path: Path, sig: int) -> None:
+    """SIGTERM/SIGINT: children stop in reverse start order (terminate runs, trapping), code 0."""
+    proc = _spawn(tmp_path, "ok")
+    try:
+        assert _read_until(proc, "start c") == ["start a", "start b", "start c"]
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert out.split("\n")[:3] == ["stop c SHUTDOWN", "stop b SHUTDOWN", "stop a SHUTDOWN"], err
+    assert proc.returncode == 0, err
+
+
+def test_root_that_gives_up_exits_1(tmp_path: Path) -> None:
+    """A root supervisor that reaches its restart intensity ends the program with code 1."""
+    proc = _spawn(tmp_path, "giveup")
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert "reached_max_restart_intensity" in err
+    # c crashed 3 times (intensity 2), then b and a were stopped in reverse order.
+    assert out.count("start c") == 3
+    assert out.strip().split("\n")[-2:] == ["stop b SHUTDOWN", "stop a SHUTDOWN"]
+
+
+def test_demo_shows_crash_restart_and_escalation() -> None:
+    """The bundled demo (the README's main job) runs, restarts and escalates, exit code 0."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-m", "trellis", "demo"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "CRASH" in out
+    assert "+ root/pipeline/sink: restarted" in out
+    assert "gives up and escalates" in out
+    assert "+ root/pipeline: restarted" in out
+    assert out.rstrip().endswith("and an escalation to the root.")
+
+
+def test_readme_example_runs() -> None:
+    """The README's counter example runs as printed."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "README has no python example"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-c", blocks[0]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:3] == ["15", "crashed: boom", "10"]
