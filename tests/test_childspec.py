@@ -564,7 +564,7 @@ async def test_init_ignore_returns_ignore_and_process_exits_normal() -> None:
     await assert_no_processes()
 
 
-@pytest.mark.parametrize("value", [42, None, ([], "one_for_one")], ids=["int", "none", "tuple"])
+@pytest.mark.parametrize("value", [42, None, "spec"], ids=["int", "none", "str"])
 async def test_init_bad_return_raises_bad_return_value(value: Any) -> None:
     """SPEC 16: init returning neither a SupervisorSpec nor IGNORE raises BadReturnValue."""
     with pytest.raises(trellis.BadReturnValue) as ei:

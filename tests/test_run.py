@@ -128,3 +128,66 @@ def test_readme_example_runs() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:3] == ["15", "crashed: boom", "10"]
+
+
+BLOCKING = textwrap.dedent(
+    """
+    import sys, time, trellis
+
+    async def blocker():
+        print("ready", flush=True)
+        time.sleep(float(sys.argv[1]))  # blocks the event loop on purpose
+
+    async def stuck_on_stop():
+        try:
+            print("ready", flush=True)
+            await trellis.sleep(3600)
+        finally:
+            time.sleep(3600)  # blocks the loop during shutdown: cannot be cancelled
+
+    mode = sys.argv[2]
+    fn = blocker if mode == "block" else stuck_on_stop
+    root = trellis.worker("w", fn, restart="temporary")
+    sys.exit(trellis.run(root, hard_exit_after=1.0, blocked_warning=0.3))
+    """
+)
+
+
+def _spawn_blocking(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    script = tmp_path / "blocking.py"
+    script.write_text(BLOCKING)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_blocked_event_loop_is_reported_with_its_stack(tmp_path: Path) -> None:
+    """A task that blocks the loop is reported (with the blocking line) by the watchdog."""
+    proc = _spawn_blocking(tmp_path, "1.5", "block")
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "event loop blocked for over 0.3s" in err
+    assert "time.sleep(float(sys.argv[1]))" in err
+
+
+def test_shutdown_blocked_forever_exits_instead_of_hanging(tmp_path: Path) -> None:
+    """SIGTERM while a task blocks the loop in its cleanup: after hard_exit_after the
+    process exits with code 1 and says why, instead of hanging."""
+    proc = _spawn_blocking(tmp_path, "0", "stuck")
+    try:
+        assert _read_until(proc, "ready") == ["ready"]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert "shutdown did not finish within 1.0s" in err
+    assert "time.sleep(3600)" in err

@@ -479,6 +479,29 @@ async def test_name_clash_raises_already_started_without_running_init() -> None:
     await assert_no_processes()
 
 
+async def test_concurrent_starts_with_one_name_run_init_once() -> None:
+    """SPEC 94: of two concurrent starts with the same name, one wins and the other raises
+    AlreadyStarted(winner); the loser's init never runs."""
+    InitReturns.pids.clear()
+    results = await asyncio.gather(
+        InitReturns.start("ok", name="k94-race"),
+        InitReturns.start("ok", name="k94-race"),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if isinstance(r, trellis.Pid)]
+    losers = [r for r in results if isinstance(r, trellis.AlreadyStarted)]
+    try:
+        assert len(winners) == 1, results
+        assert len(losers) == 1, results
+        assert losers[0].pid == winners[0]
+        assert InitReturns.pids == winners
+        assert trellis.whereis("k94-race") == winners[0]
+    finally:
+        for w in winners:
+            await trellis.stop(w)
+    await assert_no_processes()
+
+
 async def test_failed_start_sends_no_exit_to_trapping_caller() -> None:
     """SPEC 94/17: an ignored or failed start_link sends no Exit to a trapping caller,
     while a successful one links the caller to the server."""
@@ -528,10 +551,18 @@ class Term(trellis.Server):
             return trellis.Stop(msg[1])
         if isinstance(msg, tuple) and msg[0] == "raise":
             raise msg[1]
+        if isinstance(msg, tuple) and msg[0] == "continue-stop":
+            return trellis.Continue(msg[1])
         return None
+
+    async def handle_continue(self, arg: Any) -> Any:
+        self.log.append(("continue", arg))
+        return trellis.Stop(arg)
 
     async def handle_info(self, msg: Any) -> Any:
         self.log.append(("info", msg))
+        if isinstance(msg, tuple) and msg[0] == "stop":
+            return trellis.Stop(msg[1])
         return None
 
     async def terminate(self, reason: Any) -> None:
@@ -550,6 +581,23 @@ async def test_terminate_runs_on_stop_from_cast(cls: type[Term]) -> None:
     trellis.cast(srv, ("stop", trellis.Shutdown("done")))
     assert await join(srv) == trellis.Shutdown("done")
     assert log == [("terminate", trellis.Shutdown("done"))]
+
+
+async def test_terminate_runs_on_stop_from_info_and_continue() -> None:
+    """SPEC 95: Stop(r) returned by handle_info or handle_continue also runs terminate(r)."""
+    log: list[Any] = []
+    srv = await Term.start(log)
+    srv.send(("stop", trellis.Shutdown("info")))
+    assert await join(srv) == trellis.Shutdown("info")
+    assert log == [
+        ("info", ("stop", trellis.Shutdown("info"))),
+        ("terminate", trellis.Shutdown("info")),
+    ]
+    log2: list[Any] = []
+    srv2 = await Term.start(log2)
+    trellis.cast(srv2, ("continue-stop", trellis.SHUTDOWN))
+    assert await join(srv2) == trellis.SHUTDOWN
+    assert log2 == [("continue", trellis.SHUTDOWN), ("terminate", trellis.SHUTDOWN)]
 
 
 async def test_terminate_runs_on_stop_with_reply_from_call() -> None:
@@ -634,6 +682,39 @@ async def test_parent_exit_runs_terminate_only_when_trapping(
     assert await join(parent) == trellis.SHUTDOWN
     assert await join(srv) == trellis.SHUTDOWN
     assert log == ([("terminate", trellis.SHUTDOWN)] if expect_terminate else [])
+
+
+async def _parent_then_return(
+    cls: type[Term], log: list[Any], out: list[Any], ready: asyncio.Event
+) -> None:
+    out.append(await cls.start_link(log))
+    ready.set()
+    await trellis.receive()
+
+
+@pytest.mark.parametrize(
+    ("cls", "stops"), [(TrapTerm, True), (Term, False)], ids=["trapping", "plain"]
+)
+async def test_parent_normal_exit(cls: type[Term], stops: bool) -> None:
+    """SPEC 95: a parent ending NORMAL stops a trapping server (terminate(NORMAL)); a
+    non-trapping server ignores it, as NORMAL is ignored over links."""
+    log: list[Any] = []
+    out: list[Any] = []
+    ready = asyncio.Event()
+    parent = trellis.spawn(_parent_then_return, cls, log, out, ready)
+    async with asyncio.timeout(5):
+        await ready.wait()
+    (srv,) = out
+    parent.send("return now")
+    assert await join(parent) == trellis.NORMAL
+    await settle()
+    if stops:
+        assert await join(srv) == trellis.NORMAL
+        assert log == [("terminate", trellis.NORMAL)]
+    else:
+        assert srv.alive
+        assert log == []
+        await trellis.stop(srv)
 
 
 async def test_parent_crash_runs_trapping_terminate_with_the_crash_reason() -> None:
@@ -952,6 +1033,26 @@ async def test_mailbox_drop_policies(cls: type[Bounded], expected: list[int]) ->
         trellis.cast(srv, 3)
         gate.set()
         assert await trellis.call(srv, "log") == expected
+    finally:
+        gate.set()
+        await trellis.stop(srv)
+
+
+async def test_queued_call_is_not_dropped_by_drop_oldest() -> None:
+    """A call never fails because of the mailbox bound (it backpressures): a queued call is
+    not discarded by drop_oldest when later casts overflow the mailbox."""
+    srv, gate = await _blocked(DropOldest)
+    try:
+        task = asyncio.ensure_future(trellis.call(srv, "log", timeout=None))
+        await settle()
+        for i in range(5):
+            trellis.cast(srv, i)
+        await settle()
+        assert not task.done()
+        gate.set()
+        async with asyncio.timeout(5):
+            result = await task
+        assert isinstance(result, list)
     finally:
         gate.set()
         await trellis.stop(srv)

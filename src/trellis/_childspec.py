@@ -15,8 +15,8 @@ from typing import Any, TypeAlias
 
 from ._core._exceptions import (
     BadCombination,
-    BadReturnValue,
     BadFlagCombination,
+    BadReturnValue,
     BadStartSpec,
     InvalidAutoShutdown,
     InvalidChildSpec,

@@ -30,7 +30,11 @@ class PartitionSupervisor(Supervisor):
 
     _partitions: int | None = None
 
-    async def init(  # type: ignore[override]
+    async def init(self, *args: Any, **kwargs: Any) -> SupervisorSpec:
+        """Build ``partitions`` copies of ``child_spec`` (see the class docs for arguments)."""
+        return self._partitioned(*args, **kwargs)
+
+    def _partitioned(
         self,
         child_spec: Any,
         *,
@@ -40,7 +44,7 @@ class PartitionSupervisor(Supervisor):
         intensity: int = 3,
         period: float = 5.0,
     ) -> SupervisorSpec:
-        n = os.cpu_count() or 1 if partitions is None else partitions
+        n = (os.cpu_count() or 1) if partitions is None else partitions
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise InvalidFlags(n, "partitions must be an int >= 1", field="partitions")
         self._partitions = n

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import signal
+import sys
+import threading
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,19 +23,101 @@ __all__ = ["run", "run_async"]
 _log = logging.getLogger("trellis")
 
 
-def run(root: Any, *, shutdown_timeout: float | None = None) -> int:
+def run(
+    root: Any,
+    *,
+    shutdown_timeout: float | None = None,
+    hard_exit_after: float = 30.0,
+    blocked_warning: float = 5.0,
+) -> int:
     """Run ``root`` until it ends or SIGTERM/SIGINT arrives; returns the exit code.
 
     ``root`` is a ``ChildSpec``, a ``Supervisor`` subclass, or a zero-argument
     async callable returning a pid. A signal stops the tree in reverse start
     order and gives 0; a root that gave up (or crashed) gives 1.
 
+    A watchdog thread guards what asyncio cannot: it logs the stack of any task
+    that blocks the event loop for ``blocked_warning`` seconds, and if a
+    shutdown has not finished ``hard_exit_after`` seconds after the signal (or a
+    second signal arrives) it exits the process with code 1 instead of hanging.
+
     Example::
 
         import sys, trellis
         sys.exit(trellis.run(lambda: trellis.Supervisor.start_link(children)))
     """
-    return asyncio.run(run_async(root, shutdown_timeout=shutdown_timeout))
+    watchdog = _Watchdog(hard_exit_after, blocked_warning)
+    try:
+        return asyncio.run(run_async(root, shutdown_timeout=shutdown_timeout, _watchdog=watchdog))
+    finally:
+        watchdog.close()
+
+
+class _Watchdog:
+    """A thread that notices a blocked event loop and a shutdown that cannot finish."""
+
+    def __init__(self, hard_exit_after: float, blocked_warning: float) -> None:
+        self.hard_exit_after = hard_exit_after
+        self.blocked_warning = blocked_warning
+        self.stop_requested = threading.Event()
+        self.closed = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.main_ident = threading.get_ident()
+        self.signals = 0
+        self.thread = threading.Thread(target=self._watch, name="trellis-watchdog", daemon=True)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.thread.start()
+
+    def close(self) -> None:
+        self.closed.set()
+
+    def on_signal(self) -> None:
+        """Called from the signal handler in the main thread."""
+        self.signals += 1
+        if self.signals > 1:
+            self._hard_exit("a second signal arrived during shutdown")
+        self.stop_requested.set()
+
+    def _stack(self) -> str:
+        frame = sys._current_frames().get(self.main_ident)
+        return "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
+
+    def _ping(self, timeout: float) -> bool:
+        """Whether the loop runs a callback within ``timeout`` seconds."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return True
+        done = threading.Event()
+        try:
+            loop.call_soon_threadsafe(done.set)
+        except RuntimeError:  # loop closed meanwhile
+            return True
+        return done.wait(timeout)
+
+    def _watch(self) -> None:
+        deadline: float | None = None
+        clock = __import__("time").monotonic
+        while not self.closed.is_set():
+            if self.stop_requested.is_set() and deadline is None:
+                deadline = clock() + self.hard_exit_after
+            wait = self.blocked_warning
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - clock()))
+            if self.closed.wait(1.0 if deadline is None else min(1.0, wait)):
+                return
+            if not self._ping(self.blocked_warning) and not self.closed.is_set():
+                _log.error(
+                    "event loop blocked for over %ss by:\n%s", self.blocked_warning, self._stack()
+                )
+            if deadline is not None and clock() >= deadline and not self.closed.is_set():
+                self._hard_exit(f"shutdown did not finish within {self.hard_exit_after}s")
+
+    def _hard_exit(self, why: str) -> None:
+        _log.critical("%s; exiting now. Main thread stack:\n%s", why, self._stack())
+        logging.shutdown()
+        os._exit(1)
 
 
 async def _start_root(root: Any) -> Pid:
@@ -52,8 +138,11 @@ async def _start_root(root: Any) -> Pid:
     return r
 
 
-async def run_async(root: Any, *, shutdown_timeout: float | None = None) -> int:
-    """The coroutine behind :func:`run`, for programs that own their event loop."""
+async def run_async(
+    root: Any, *, shutdown_timeout: float | None = None, _watchdog: _Watchdog | None = None
+) -> int:
+    """The coroutine behind :func:`run`, for programs that own their event loop
+    (signal handling, no watchdog thread)."""
     loop = asyncio.get_running_loop()
     stop_requested: asyncio.Future[int] = loop.create_future()
 
@@ -62,13 +151,18 @@ async def run_async(root: Any, *, shutdown_timeout: float | None = None) -> int:
         if not stop_requested.done():
             stop_requested.set_result(signum)
 
-    installed: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, _on_signal, int(sig))
-            installed.append(int(sig))
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
+    def _raw_handler(signum: int, _frame: object) -> None:
+        # A plain handler runs between bytecodes even while a task blocks the loop.
+        if _watchdog is not None:
+            _watchdog.on_signal()
+        loop.call_soon_threadsafe(_on_signal, signum)
+
+    installed: list[tuple[int, Any]] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            installed.append((sig, signal.signal(sig, _raw_handler)))
+    if _watchdog is not None:
+        _watchdog.start(loop)
     try:
         pid = await _start_root(root)
         ended = asyncio.ensure_future(pid.join())
@@ -91,8 +185,8 @@ async def run_async(root: Any, *, shutdown_timeout: float | None = None) -> int:
                 _log.error("root %r ended with %r (gave_up=%s)", pid, reason, gave_up)
         return code
     finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
+        for signum, previous in installed:
+            signal.signal(signum, previous)
         for leftover in live_processes():
             await kill_and_wait(leftover)
 

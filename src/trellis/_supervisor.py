@@ -892,6 +892,19 @@ def partition_index(key: Any, n: int) -> int:
 # ---------------------------------------------------------------------------
 
 
+def _spec_from_args(
+    children: Sequence[Any] = (),
+    *,
+    strategy: Any = Strategy.ONE_FOR_ONE,
+    intensity: int = 3,
+    period: float = 5.0,
+    auto_shutdown: Any = AutoShutdown.NEVER,
+) -> SupervisorSpec:
+    return SupervisorSpec(
+        children, strategy=strategy, intensity=intensity, period=period, auto_shutdown=auto_shutdown
+    )
+
+
 class Supervisor:
     """A static supervisor. Start one directly, or subclass it and override ``init``.
 
@@ -906,23 +919,13 @@ class Supervisor:
         sup = await Infra.start_link("tcp://127.0.0.1:9000", name="infra")
     """
 
-    async def init(
-        self,
-        children: Sequence[Any] = (),
-        *,
-        strategy: Any = Strategy.ONE_FOR_ONE,
-        intensity: int = 3,
-        period: float = 5.0,
-        auto_shutdown: Any = AutoShutdown.NEVER,
-    ) -> Any:
-        """Return a ``SupervisorSpec`` (or ``IGNORE``). The default builds it from arguments."""
-        return SupervisorSpec(
-            children,
-            strategy=strategy,
-            intensity=intensity,
-            period=period,
-            auto_shutdown=auto_shutdown,
-        )
+    async def init(self, *args: Any, **kwargs: Any) -> Any:
+        """Return a ``SupervisorSpec`` (or ``IGNORE``). Override it in a subclass.
+
+        The default takes ``(children, *, strategy="one_for_one", intensity=3,
+        period=5.0, auto_shutdown="never")``, as ``Supervisor.start_link`` does.
+        """
+        return _spec_from_args(*args, **kwargs)
 
     @classmethod
     async def start_link(cls, *args: Any, name: object = None, **kwargs: Any) -> Any:
@@ -972,6 +975,37 @@ class _DynamicFlags:
     extra_args: tuple[Any, ...]
 
 
+def _dynamic_flags(
+    *,
+    strategy: Any = "one_for_one",
+    intensity: int = 3,
+    period: float = 5.0,
+    max_children: int | None = None,
+    extra_args: Sequence[Any] = (),
+    auto_shutdown: Any = "never",
+) -> Any:
+    """Validate DynamicSupervisor flags."""
+    if strategy not in (Strategy.ONE_FOR_ONE, "one_for_one"):
+        raise InvalidStrategy(strategy, "DynamicSupervisor only supports one_for_one")
+    check_intensity(intensity)
+    period = check_period(period)
+    if max_children is not None and (
+        not isinstance(max_children, int) or isinstance(max_children, bool) or max_children < 0
+    ):
+        raise InvalidMaxChildren(max_children, "must be an int >= 0 or None")
+    if isinstance(extra_args, str | bytes) or not isinstance(extra_args, Sequence):
+        raise InvalidExtraArguments(extra_args, "must be a list or tuple")
+    if auto_shutdown not in (AutoShutdown.NEVER, "never"):
+        if auto_shutdown in {a.value for a in AutoShutdown} or isinstance(
+            auto_shutdown, AutoShutdown
+        ):
+            raise BadFlagCombination(
+                auto_shutdown, "DynamicSupervisor requires auto_shutdown='never'"
+            )
+        raise InvalidAutoShutdown(auto_shutdown)
+    return _DynamicFlags(intensity, period, max_children, tuple(extra_args))
+
+
 class DynamicSupervisor:
     """A supervisor of children started on demand (Elixir's DynamicSupervisor).
 
@@ -982,36 +1016,10 @@ class DynamicSupervisor:
         await dsup.terminate_child(pid)
     """
 
-    async def init(
-        self,
-        *,
-        strategy: Any = "one_for_one",
-        intensity: int = 3,
-        period: float = 5.0,
-        max_children: int | None = None,
-        extra_args: Sequence[Any] = (),
-        auto_shutdown: Any = "never",
-    ) -> Any:
-        """Validate the flags; override to compute them."""
-        if strategy not in (Strategy.ONE_FOR_ONE, "one_for_one"):
-            raise InvalidStrategy(strategy, "DynamicSupervisor only supports one_for_one")
-        check_intensity(intensity)
-        period = check_period(period)
-        if max_children is not None and (
-            not isinstance(max_children, int) or isinstance(max_children, bool) or max_children < 0
-        ):
-            raise InvalidMaxChildren(max_children, "must be an int >= 0 or None")
-        if isinstance(extra_args, str | bytes) or not isinstance(extra_args, Sequence):
-            raise InvalidExtraArguments(extra_args, "must be a list or tuple")
-        if auto_shutdown not in (AutoShutdown.NEVER, "never"):
-            if auto_shutdown in {a.value for a in AutoShutdown} or isinstance(
-                auto_shutdown, AutoShutdown
-            ):
-                raise BadFlagCombination(
-                    auto_shutdown, "DynamicSupervisor requires auto_shutdown='never'"
-                )
-            raise InvalidAutoShutdown(auto_shutdown)
-        return _DynamicFlags(intensity, period, max_children, tuple(extra_args))
+    async def init(self, *args: Any, **kwargs: Any) -> Any:
+        """Return the flags (the default validates ``start_link``'s keyword arguments:
+        ``intensity``, ``period``, ``max_children``, ``extra_args``). Override to compute them."""
+        return _dynamic_flags(*args, **kwargs)
 
     @classmethod
     async def start_link(cls, *args: Any, name: object = None, **kwargs: Any) -> Any:
