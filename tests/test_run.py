@@ -170,7 +170,7 @@ def test_blocked_event_loop_is_reported_with_its_stack(tmp_path: Path) -> None:
     """A task that blocks the loop is reported (with the blocking line) by the watchdog."""
     proc = _spawn_blocking(tmp_path, "1.5", "block")
     try:
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == 0, err
@@ -185,7 +185,7 @@ def test_shutdown_blocked_forever_exits_instead_of_hanging(tmp_path: Path) -> No
     try:
         assert _read_until(proc, "ready") == ["ready"]
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == 1, err

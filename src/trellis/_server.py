@@ -194,6 +194,7 @@ _CAST = _CastTag()
 
 class _StopRequest:
     __slots__ = ("reason",)
+    _trellis_system = True
 
     def __init__(self, reason: Any) -> None:
         self.reason = reason

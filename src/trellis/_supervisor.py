@@ -123,6 +123,7 @@ class _Err:
 
 class _TryAgain:
     __slots__ = ("child",)
+    _trellis_system = True
 
     def __init__(self, child: _Child) -> None:
         self.child = child
@@ -130,6 +131,7 @@ class _TryAgain:
 
 class _DelayedStart:
     __slots__ = ("child",)
+    _trellis_system = True
 
     def __init__(self, child: _Child) -> None:
         self.child = child

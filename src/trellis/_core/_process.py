@@ -245,10 +245,12 @@ class Pid:
         if policy == "reject":
             raise MailboxFull(self)
         if policy == "drop_oldest":
-            dropped = self._mbox.popleft()
-            _fail_call(dropped, MailboxFull(self))
-            return True
-        return False  # drop_newest
+            mb = self._mbox
+            for i, queued in enumerate(mb):
+                if not _protected(queued):
+                    del mb[i]
+                    return True
+        return False  # drop_newest, or nothing droppable: the new message is dropped
 
     async def _next(self) -> Any:
         """Take the next message, waiting for one."""
@@ -260,6 +262,16 @@ class Pid:
         if self._space:
             _wake_space(self)
         return msg
+
+
+def _protected(msg: object) -> bool:
+    """Calls, exit signals, monitors and internal system messages are never dropped."""
+    return (
+        hasattr(msg, "_fut")
+        or type(msg) is Exit
+        or type(msg) is Down
+        or getattr(type(msg), "_trellis_system", False)
+    )
 
 
 def _wake_space(pid: Pid) -> None:
