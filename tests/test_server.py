@@ -345,6 +345,57 @@ async def test_continue_from_init_runs_before_messages_queued_during_init() -> N
         await trellis.stop(srv)
 
 
+class GatedCont(trellis.Server):
+    async def init(self, log: list[Any], pids: list[Any], gate: asyncio.Event) -> Any:
+        self.log = log
+        pids.append(self.pid)
+        await gate.wait()
+        return trellis.Continue("from-init")
+
+    async def handle_continue(self, arg: Any) -> Any:
+        self.log.append(("continue", arg))
+        return None
+
+    async def handle_cast(self, msg: Any) -> Any:
+        self.log.append(("cast", msg))
+        return None
+
+    async def handle_info(self, msg: Any) -> Any:
+        self.log.append(("info", msg))
+        return None
+
+    async def handle_call(self, request: Any, caller: Any) -> Any:
+        return list(self.log)
+
+
+async def test_continue_from_init_runs_before_messages_other_senders_queued_during_init() -> None:
+    """SPEC 93: messages another sender queued while init was still running are handled
+    only after the Continue returned by init."""
+    log: list[Any] = []
+    pids: list[Any] = []
+    gate = asyncio.Event()
+    task = asyncio.ensure_future(GatedCont.start(log, pids, gate))
+    async with asyncio.timeout(5):
+        while not pids:
+            await asyncio.sleep(0)
+    (pid,) = pids
+    trellis.cast(pid, "x")
+    pid.send("y")
+    await settle()
+    assert log == []
+    gate.set()
+    async with asyncio.timeout(5):
+        assert await task == pid
+    try:
+        assert await trellis.call(pid, "log") == [
+            ("continue", "from-init"),
+            ("cast", "x"),
+            ("info", "y"),
+        ]
+    finally:
+        await trellis.stop(pid)
+
+
 async def test_continue_from_cast_and_info_runs_before_next_message() -> None:
     """SPEC 93: Continue returned by handle_cast/handle_info runs before the next message."""
     log: list[Any] = []
@@ -634,6 +685,22 @@ async def test_stop_runs_terminate_normal_without_trap_exits() -> None:
     assert not srv.alive
     assert srv.reason == trellis.NORMAL
     assert log == [("terminate", trellis.NORMAL)]
+
+
+class SlowTerm(Term):
+    async def terminate(self, reason: Any) -> None:
+        await settle(10)
+        self.log.append(("terminate", reason))
+
+
+async def test_stop_waits_for_a_slow_terminate() -> None:
+    """SPEC 96: stop() returns only after terminate has finished and the server is dead."""
+    log: list[Any] = []
+    srv = await SlowTerm.start(log)
+    await trellis.stop(srv, reason=trellis.SHUTDOWN)
+    assert log == [("terminate", trellis.SHUTDOWN)]
+    assert not srv.alive
+    assert srv.reason == trellis.SHUTDOWN
 
 
 async def test_stop_with_reason_and_by_name() -> None:

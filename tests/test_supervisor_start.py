@@ -384,6 +384,43 @@ async def test_ignored_non_temporary_child_is_kept_without_pid(restart: str) -> 
         await sup.stop()
 
 
+class InitMode(trellis.Server):
+    async def init(self, mode: str) -> Any:
+        if mode == "ignore":
+            return trellis.IGNORE
+        if mode == "raise":
+            raise RuntimeError("server init failed")
+        return None
+
+
+async def test_server_child_whose_init_ignores_is_kept_without_pid() -> None:
+    """SPEC 21: a Server child whose init returns IGNORE is kept (not temporary), pid None."""
+    sup = await trellis.Supervisor.start_link(
+        [InitMode.child_spec("ok", id="a"), InitMode.child_spec("ignore", id="b")]
+    )
+    try:
+        children = await ids_and_pids(sup)
+        assert [i for i, _ in children] == ["b", "a"]
+        assert children[0][1] is None
+        assert isinstance(children[1][1], trellis.Pid)
+    finally:
+        await sup.stop()
+    await assert_no_processes()
+
+
+async def test_server_child_whose_init_raises_fails_supervisor_start() -> None:
+    """SPEC 20: a Server child whose init raises is a child start failure; earlier children
+    are stopped and start_link raises FailedToStartChild naming it."""
+    log: list[Any] = []
+    with pytest.raises(trellis.FailedToStartChild) as ei:
+        await trellis.Supervisor.start_link(
+            [logged(log, "a"), InitMode.child_spec("raise", id="bad"), logged(log, "c")]
+        )
+    assert ei.value.id == "bad"
+    assert log == [("start", "a"), ("stop", "a", trellis.SHUTDOWN)]
+    await assert_no_processes()
+
+
 async def test_ignored_temporary_child_is_dropped() -> None:
     """SPEC 21: a temporary child whose start returns IGNORE is not kept at all."""
 

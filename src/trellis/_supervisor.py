@@ -94,13 +94,28 @@ _child_path: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _keys = itertools.count(1)
 
 
-class ChildInfo(NamedTuple):
-    """One row of ``which_children``: ``pid`` is a ``Pid``, ``None`` or ``RESTARTING``."""
-
+class _ChildInfoFields(NamedTuple):
     id: Any
     pid: Any
     type: ChildType
+
+
+class ChildInfo(_ChildInfoFields):
+    """One row of ``which_children``: ``(id, pid, type)`` where ``pid`` is a ``Pid``,
+    ``None`` or ``RESTARTING``; ``.modules`` carries OTP's fourth field.
+
+    Example::
+
+        for id, pid, type in await sup.which_children():
+            ...
+    """
+
     modules: Any
+
+    def __new__(cls, id: Any, pid: Any, type: ChildType, modules: Any = ()) -> ChildInfo:
+        self = super().__new__(cls, id, pid, type)
+        self.modules = modules
+        return self
 
 
 class Counts(NamedTuple):
