@@ -154,7 +154,9 @@ async def test_dead_holders_key_can_be_taken_before_cleanup() -> None:
 
         async def take() -> Any:
             trellis.exit(a.pid, trellis.KILL)
-            while a.pid.alive:  # resume as soon as a is dead, before the registry runs
+            while True:  # resume as soon as a is dead, before the registry cleans up
+                if not a.pid.alive:
+                    break
                 await asyncio.sleep(0)
             return reg.register("k", 2)
 

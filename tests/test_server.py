@@ -375,10 +375,8 @@ async def test_continue_from_init_runs_before_messages_other_senders_queued_duri
     pids: list[Any] = []
     gate = asyncio.Event()
     task = asyncio.ensure_future(GatedCont.start(log, pids, gate))
-    async with asyncio.timeout(5):
-        while not pids:
-            await asyncio.sleep(0)
-    (pid,) = pids
+    await settle()
+    (pid,) = pids  # init is running, blocked on the gate
     trellis.cast(pid, "x")
     pid.send("y")
     await settle()
