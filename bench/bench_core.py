@@ -3,8 +3,8 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/bench_core.py            # full run (~1-3 min)
-    .venv/bin/python bench/bench_core.py --quick    # smoke run (~20 s)
+    .venv/bin/python bench/bench_core.py            # full run (~30 s)
+    .venv/bin/python bench/bench_core.py --quick    # smoke run (~10 s)
 
 The floor is written below in plain asyncio: an actor is an ``asyncio.Queue`` plus a task
 looping on ``await q.get()``; a call puts ``(request, future)`` and awaits the future; a cast
@@ -347,10 +347,14 @@ async def call_trellis_from_process(n: int) -> Sample:
             await call(pid, "ping")
         done.set_result(rate(n, sw.stop()))
 
-    trellis.spawn(client)
-    rate = await done
+    client_pid = trellis.spawn(client)
+    ended = asyncio.ensure_future(client_pid.join())
+    await asyncio.wait([done, ended], return_when=asyncio.FIRST_COMPLETED)
+    if not done.done():
+        raise RuntimeError(f"the client process died: {ended.result()!r}")
+    await ended
     await trellis.stop(pid)
-    return rate
+    return done.result()
 
 
 async def cast_floor(n: int) -> Sample:
@@ -847,7 +851,7 @@ def environment(argv: list[str]) -> dict[str, Any]:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run (~20 s), fewer repeats")
+    p.add_argument("--quick", action="store_true", help="smoke run (~10 s), fewer repeats")
     p.add_argument("--repeats", type=int, help="interleaved repeats per in-process figure")
     p.add_argument("--spawn-repeats", type=int, help="subprocess repeats per spawn variant")
     p.add_argument("--calls", type=int, help="calls per repeat")

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Coroutine
 from typing import Any, ClassVar
 
 from ._core import _clock
@@ -53,6 +54,7 @@ from ._core._exceptions import (
     SupervisorFlagsError,
 )
 from ._core._process import (
+    ExitWith,
     Pid,
     ProcessExit,
     Via,
@@ -263,18 +265,18 @@ class Server:
 
     # -- starting -------------------------------------------------------------------
     @classmethod
-    async def start_link(cls, *args: Any, name: object = None, **kwargs: Any) -> Any:
+    def start_link(cls, *args: Any, name: object = None, **kwargs: Any) -> Coroutine[Any, Any, Any]:
         """Start the server linked to the calling process; returns its pid after ``init``.
 
         Returns ``IGNORE`` if ``init`` returned it. Raises ``StartError`` (``.reason``),
         ``AlreadyStarted`` (name taken) or ``BadReturnValue``.
         """
-        return await _start(cls, args, kwargs, name, link=True)
+        return _start(cls, args, kwargs, name, link=True)
 
     @classmethod
-    async def start(cls, *args: Any, name: object = None, **kwargs: Any) -> Any:
+    def start(cls, *args: Any, name: object = None, **kwargs: Any) -> Coroutine[Any, Any, Any]:
         """Like :meth:`start_link` without the link."""
-        return await _start(cls, args, kwargs, name, link=False)
+        return _start(cls, args, kwargs, name, link=False)
 
     @classmethod
     def child_spec(
@@ -389,7 +391,7 @@ def _fail_start(pid: Pid, kind: str, val: Any) -> None:
 
 async def _serve(
     pid: Pid, cls: type[Server], args: tuple[Any, ...], kwargs: dict[str, Any], name: object
-) -> None:
+) -> ExitWith | None:
     server = cls()
     server.pid = pid
     pid._server = server
@@ -398,31 +400,71 @@ async def _serve(
             _register_name(name, pid)
         except AlreadyRegistered as e:
             _fail_start(pid, "already", e.pid)
-            return
+            return None
     try:
         r = await server.init(*args, **kwargs)
     except Exception as e:
         _fail_start(pid, "error", e)
-        raise ProcessExit(e) from None
+        return ExitWith(e)
     if r is None or type(r) is Continue:
         pass
     elif r is IGNORE:
         _fail_start(pid, "ignore", None)
-        raise ProcessExit(NORMAL)
+        return ExitWith(NORMAL)
     elif type(r) is Stop:
         _fail_start(pid, "stop", r.reason)
-        raise ProcessExit(r.reason)
+        return ExitWith(r.reason)
     else:
         err = BadReturnValue(r, " from init")
         _fail_start(pid, "error", err)
-        raise ProcessExit(err)
+        return ExitWith(err)
     ack = pid._ack
     pid._ack = None
     ack.set_result(_OK)  # type: ignore[union-attr]
     try:
         if type(r) is Continue:
             await _continue_loop(server, r.arg)
-        await _loop(pid, server)
+        # The message loop is inlined here: one coroutine frame less on every message.
+        mb = pid._mbox
+        parent = pid._parent
+        handle_call = server.handle_call
+        handle_cast = server.handle_cast
+        handle_info = server.handle_info
+        burst = 0
+        while True:
+            if mb and not pid._space:
+                burst += 1
+                if burst > _FAIR_BURST:  # a busy mailbox still lets other tasks run
+                    burst = 0
+                    await asyncio.sleep(0)
+                    continue
+                msg = mb.popleft()
+            else:
+                burst = 0
+                msg = await pid._next()
+            t = type(msg)
+            if t is Caller:
+                pid._calls = msg
+                r = await handle_call(msg.request, msg)
+                if isinstance(r, _Directive):
+                    await _call_directive(pid, server, msg, r)
+                else:
+                    f = msg._fut
+                    if not f.done():
+                        f.set_result(r)
+                pid._calls = None
+            elif t is tuple and len(msg) == 2 and msg[0] is _CAST:
+                r = await handle_cast(msg[1])
+                if r is not None:
+                    await _after(server, r, "handle_cast")
+            elif t is _StopRequest or (
+                t is Exit and msg.pid is parent and parent is not None and pid.trap_exits
+            ):
+                raise _Stopping(msg.reason)
+            else:
+                r = await handle_info(msg)
+                if r is not None:
+                    await _after(server, r, "handle_info")
     except _Stopping as s:
         reason = s.reason
         stopping: _Stopping | None = s
@@ -431,15 +473,16 @@ async def _serve(
     except Exception as e:
         reason = e
         stopping = None
-    try:
-        await server.terminate(reason)
-    except Exception as e:
-        reason = e
+    if cls.terminate is not Server.terminate:
+        try:
+            await server.terminate(reason)
+        except Exception as e:
+            reason = e
     if isinstance(stopping, _StoppingWithReply):
         stopping.caller.reply(stopping.reply)
-    if not is_clean(reason):
+    if not is_clean(reason) and _log.isEnabledFor(logging.ERROR):
         _crash_report(pid, cls, reason)
-    raise ProcessExit(reason)
+    return ExitWith(reason)
 
 
 def _crash_report(pid: Pid, cls: type[Server], reason: Any) -> None:
@@ -473,49 +516,6 @@ async def _after(server: Server, r: Any, where: str) -> None:
 
 # Messages a server may take in a row without giving other tasks a turn.
 _FAIR_BURST = 64
-
-
-async def _loop(pid: Pid, server: Server) -> None:
-    mb = pid._mbox
-    parent = pid._parent
-    handle_call = server.handle_call
-    handle_cast = server.handle_cast
-    handle_info = server.handle_info
-    burst = 0
-    while True:
-        if mb and not pid._space:
-            burst += 1
-            if burst > _FAIR_BURST:  # a busy mailbox still lets other tasks run
-                burst = 0
-                await asyncio.sleep(0)
-                continue
-            msg = mb.popleft()
-        else:
-            burst = 0
-            msg = await pid._next()
-        t = type(msg)
-        if t is Caller:
-            pid._calls = msg
-            r = await handle_call(msg.request, msg)
-            if isinstance(r, _Directive):
-                await _call_directive(pid, server, msg, r)
-            else:
-                f = msg._fut
-                if not f.done():
-                    f.set_result(r)
-            pid._calls = None
-        elif t is tuple and len(msg) == 2 and msg[0] is _CAST:
-            r = await handle_cast(msg[1])
-            if r is not None:
-                await _after(server, r, "handle_cast")
-        elif t is _StopRequest or (
-            t is Exit and msg.pid is parent and parent is not None and pid.trap_exits
-        ):
-            raise _Stopping(msg.reason)
-        else:
-            r = await handle_info(msg)
-            if r is not None:
-                await _after(server, r, "handle_info")
 
 
 async def _call_directive(pid: Pid, server: Server, caller: Caller, r: _Directive) -> None:

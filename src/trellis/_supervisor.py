@@ -28,6 +28,7 @@ import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import Any, NamedTuple
 
 from ._childspec import (
@@ -43,7 +44,7 @@ from ._childspec import (
     check_period,
 )
 from ._core import _telemetry
-from ._core._clock import TimerHandle, current_clock
+from ._core._clock import LoopClock, TimerHandle, current_clock
 from ._core._exceptions import (
     AlreadyPresent,
     AlreadyStarted,
@@ -186,6 +187,7 @@ class _Child:
 
 
 _NOINFO = object()
+_RESTART = object()
 _STATIC, _SIMPLE, _DYNAMIC = "static", "simple", "dynamic"
 
 
@@ -203,6 +205,8 @@ class _SupervisorServer(Server):
         if spec is IGNORE:
             return IGNORE
         self.clock = current_clock()
+        # the supervisor's loop is fixed for its life: read its time without lookups
+        self.now = self.clock.now if not isinstance(self.clock, LoopClock) else self.pid._loop.time  # type: ignore[union-attr]
         self.restarts: deque[float] = deque()
         self.children: list[_Child] = []
         self.dyn: dict[int, _Child] = {}
@@ -264,12 +268,17 @@ class _SupervisorServer(Server):
             )
 
     # -- starting one child ------------------------------------------------------
-    async def _invoke(self, child: _Child) -> tuple[str, Any, Any]:
+    async def _invoke(self, child: _Child, event: str = "child.started") -> tuple[str, Any, Any]:
         spec = child.spec
-        token = _child_path.set(f"{self.path}/{child.id}" if self.mode == _STATIC else None)
+        # a child supervisor learns its tree path from this context variable
+        token = (
+            _child_path.set(f"{self.path}/{child.id}" if self.mode == _STATIC else None)
+            if spec.type is ChildType.SUPERVISOR
+            else None
+        )
         try:
             r = spec.start(*child.args, **spec.kwargs)
-            if inspect.isawaitable(r):
+            if type(r) is CoroutineType or inspect.isawaitable(r):
                 r = await r
         except AlreadyStarted as e:
             return "error", e, None
@@ -278,7 +287,8 @@ class _SupervisorServer(Server):
         except Exception as e:
             return "error", e, None
         finally:
-            _child_path.reset(token)
+            if token is not None:
+                _child_path.reset(token)
         info = _NOINFO
         if type(r) is tuple and len(r) == 2 and isinstance(r[0], Pid):
             r, info = r
@@ -291,10 +301,15 @@ class _SupervisorServer(Server):
                     _link_pair(me, r)
             child.pid = r
             child.last_pid = r
-            child.started_at = self.clock.now()
+            child.started_at = self.now()
             self.by_pid[r] = child
             _telemetry.emit(
-                "child.started", supervisor=self.path, sup_pid=self.pid, child_id=child.id, pid=r
+                event,
+                time=child.started_at,
+                supervisor=self.path,
+                sup_pid=self.pid,
+                child_id=child.id,
+                pid=r,
             )
             return "ok", r, info
         if r is IGNORE:
@@ -309,7 +324,8 @@ class _SupervisorServer(Server):
             child = self.by_pid.pop(msg.pid, None)
             if child is None or child.pid is not msg.pid:
                 return None  # a stale or unknown pid (SPEC 30)
-            return await self._child_exited(child, msg.reason)
+            r = self._child_exited(child, msg.reason)
+            return await self._restart(child) if r is _RESTART else r
         if t is _TryAgain:
             child = msg.child
             if child.pid is RESTARTING and self._has(child):
@@ -340,7 +356,8 @@ class _SupervisorServer(Server):
         if isinstance(child.pid, Pid):
             self.by_pid.pop(child.pid, None)
 
-    async def _child_exited(self, child: _Child, reason: Any) -> Any:
+    def _child_exited(self, child: _Child, reason: Any) -> Any:
+        """Record a child's exit; returns ``_RESTART``, or what ``handle_info`` returns."""
         restart_type = child.spec.restart
         restart = restart_type is RestartType.PERMANENT or (
             restart_type is RestartType.TRANSIENT and not is_clean(reason)
@@ -348,6 +365,7 @@ class _SupervisorServer(Server):
         child.pid = None
         _telemetry.emit(
             "child.exited",
+            time=self.now(),
             supervisor=self.path,
             sup_pid=self.pid,
             child_id=child.id,
@@ -355,7 +373,7 @@ class _SupervisorServer(Server):
             reason=reason,
             restart=restart,
         )
-        if restart or not is_clean(reason):
+        if (restart or not is_clean(reason)) and _log.isEnabledFor(logging.ERROR):
             _log.error(
                 "child_terminated: supervisor=%s child=%r pid=%r reason=%r restart=%s",
                 self.path,
@@ -370,7 +388,7 @@ class _SupervisorServer(Server):
             if child.spec.significant:
                 return self._auto_shutdown(child)
             return None
-        return await self._restart(child)
+        return _RESTART
 
     def _auto_shutdown(self, child: _Child) -> Any:
         if self.auto_shutdown is AutoShutdown.NEVER:
@@ -386,7 +404,7 @@ class _SupervisorServer(Server):
         return _stop_shutdown()
 
     def _add_restart(self) -> bool:
-        now = self.clock.now()
+        now = self.now()
         rs = self.restarts
         rs.append(now)
         floor = now - self.period
@@ -415,9 +433,14 @@ class _SupervisorServer(Server):
             if isinstance(child.pid, Pid) or child.pid is RESTARTING:
                 child.pid = None
             return _stop_shutdown()
-        group = self._group(child)
-        await self._terminate_bystanders(group, child)
-        delay = self._backoff_delay(child)
+        if child.spec.backoff is None and (
+            self.mode != _STATIC or self.strategy is Strategy.ONE_FOR_ONE
+        ):
+            await self._start_one(child)  # the common case, without group handling
+            return None
+        if self.mode == _STATIC and self.strategy is not Strategy.ONE_FOR_ONE:
+            await self._terminate_bystanders(self._group(child), child)
+        delay = self._backoff_delay(child) if child.spec.backoff is not None else 0.0
         if delay > 0:
             child.pid = RESTARTING
             child.timer = self.clock.call_later(delay, self.pid._deliver, _DelayedStart(child))
@@ -467,39 +490,36 @@ class _SupervisorServer(Server):
         return bo.delay(child.bo_n, child.bo_rng)
 
     async def _start_group(self, child: _Child) -> Any:
-        group = self._group(child)
-        for c in group:
+        for c in self._group(child):
             if c.running() or (c.spec.restart is RestartType.TEMPORARY and c is not child):
                 continue
-            kind, val, _info = await self._invoke(c)
-            if kind == "ok":
-                _telemetry.emit(
-                    "child.restarted",
-                    supervisor=self.path,
-                    sup_pid=self.pid,
-                    child_id=c.id,
-                    pid=val,
-                )
-            elif kind == "ignore":
-                if self.mode != _STATIC or c.spec.restart is RestartType.TEMPORARY:
-                    self._remove(c)
-            else:
-                _log.error(
-                    "start_error: supervisor=%s child=%r reason=%r (retrying)", self.path, c.id, val
-                )
-                _telemetry.emit(
-                    "child.start_failed",
-                    supervisor=self.path,
-                    sup_pid=self.pid,
-                    child_id=c.id,
-                    reason=val,
-                )
-                c.pid = RESTARTING
-                # Retried by a message to self, queued on the next loop turn so that
-                # calls and shutdown interleave with a start that keeps failing.
-                self.pid._loop.call_soon(self.pid._deliver, _TryAgain(c))  # type: ignore[union-attr]
+            if not await self._start_one(c):
                 return None
         return None
+
+    async def _start_one(self, c: _Child) -> bool:
+        """Restart one child; on failure mark it RESTARTING, queue a retry, return False."""
+        kind, val, _info = await self._invoke(c, "child.restarted")
+        if kind == "ignore":
+            if self.mode != _STATIC or c.spec.restart is RestartType.TEMPORARY:
+                self._remove(c)
+        elif kind == "error":
+            _log.error(
+                "start_error: supervisor=%s child=%r reason=%r (retrying)", self.path, c.id, val
+            )
+            _telemetry.emit(
+                "child.start_failed",
+                supervisor=self.path,
+                sup_pid=self.pid,
+                child_id=c.id,
+                reason=val,
+            )
+            c.pid = RESTARTING
+            # Retried by a message to self, queued on the next loop turn so that
+            # calls and shutdown interleave with a start that keeps failing.
+            self.pid._loop.call_soon(self.pid._deliver, _TryAgain(c))  # type: ignore[union-attr]
+            return False
+        return True
 
     # -- stopping children ------------------------------------------------------------
     async def _shutdown(self, child: _Child) -> None:

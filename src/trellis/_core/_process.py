@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import itertools
 import logging
+import traceback
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
@@ -67,6 +68,8 @@ _live: dict[int, Pid] = {}
 _names: dict[str, Pid] = {}
 
 _POLICIES: Final = ("reject", "drop_oldest", "drop_newest")
+# Builds Exit/Down messages without the NamedTuple's Python-level __new__ (hot path).
+_new_tuple: Final = tuple.__new__
 
 
 class ProcessExit(BaseException):
@@ -74,6 +77,16 @@ class ProcessExit(BaseException):
 
     def __init__(self, reason: object) -> None:
         super().__init__(reason)
+        self.reason = reason
+
+
+class ExitWith:
+    """Returned by a behaviour's process body to end the process with ``reason``
+    (cheaper than raising ``ProcessExit`` on the hot path)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: object) -> None:
         self.reason = reason
 
 
@@ -336,7 +349,12 @@ def _new_pid(trap_exits: bool = False, cls: type[Pid] = Pid) -> Pid:
 
 
 def _start_task(pid: Pid, coro: Coroutine[Any, Any, object]) -> None:
-    pid._task = pid._loop.create_task(_run(pid, coro))  # type: ignore[union-attr]
+    loop = pid._loop
+    assert loop is not None
+    if loop.get_task_factory() is None:  # skip create_task's checks on the hot path
+        pid._task = asyncio.Task(_run(pid, coro), loop=loop)
+    else:
+        pid._task = loop.create_task(_run(pid, coro))
 
 
 async def _run(pid: Pid, coro: Coroutine[Any, Any, object]) -> None:
@@ -348,8 +366,9 @@ async def _run(pid: Pid, coro: Coroutine[Any, Any, object]) -> None:
         return
     external_cancel = False
     try:
-        await coro
-        reason: object = NORMAL
+        result = await coro
+        # behaviours end their process with a reason by returning an ExitWith
+        reason: object = result.reason if type(result) is ExitWith else NORMAL
     except asyncio.CancelledError:
         if pid._pending_kill is None:
             external_cancel = True  # e.g. asyncio.run() cancelling leftovers
@@ -376,6 +395,10 @@ def _finish(pid: Pid, reason: object) -> None:
         return
     pid._dead = True
     pid.reason = reason
+    if isinstance(reason, BaseException) and reason.__traceback__ is not None:
+        # keep the traceback for reports but drop frame locals: a crashed process's
+        # frames would otherwise keep it (and everything it held) alive until the GC runs
+        traceback.clear_frames(reason.__traceback__)
     _live.pop(pid.id, None)
     name = pid.name
     if type(name) is str and _names.get(name) is pid:
@@ -393,7 +416,7 @@ def _finish(pid: Pid, reason: object) -> None:
         for ref, watcher in mons.items():
             if watcher._monitoring is not None:
                 watcher._monitoring.pop(ref, None)
-            watcher._deliver(Down(ref, pid, reason))
+            watcher._deliver(_new_tuple(Down, (ref, pid, reason)))
     watching = pid._monitoring
     if watching:
         pid._monitoring = None
@@ -403,7 +426,8 @@ def _finish(pid: Pid, reason: object) -> None:
     ack = pid._ack
     if ack is not None and not ack.done():
         ack.set_result(("exit", reason))
-    _fail_pending_calls(pid, reason)
+    if pid._calls is not None or pid._deferred or pid._mbox:
+        _fail_pending_calls(pid, reason)
     js = pid._joiners
     if js:
         pid._joiners = None
@@ -443,7 +467,7 @@ def _signal(target: Pid, sender: Pid | None, reason: object, from_link: bool) ->
         _kill(target, KILLED)
         return
     if target.trap_exits:
-        target._deliver(Exit(sender, reason))
+        target._deliver(_new_tuple(Exit, (sender, reason)))
         return
     if reason is NORMAL:
         if sender is target and not from_link:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias
 
 if TYPE_CHECKING:
     from ._process import Pid, Ref
@@ -80,16 +80,14 @@ def is_clean(reason: object) -> bool:
     return reason is NORMAL or reason is SHUTDOWN or type(reason) is Shutdown
 
 
-@dataclass(frozen=True, slots=True)
-class Exit:
+class Exit(NamedTuple):
     """Message a trapping process receives for an exit signal from ``pid``."""
 
     pid: Pid | None
     reason: Any
 
 
-@dataclass(frozen=True, slots=True)
-class Down:
+class Down(NamedTuple):
     """Message a monitoring process receives once the monitored ``pid`` ends."""
 
     ref: Ref

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
-from ._clock import current_clock
+from . import _clock
 
 __all__ = ["Handler", "Subscription", "attach", "detach", "emit", "subscribe"]
 
@@ -22,7 +22,14 @@ Handler = Callable[[dict[str, Any]], object]
 _log = logging.getLogger("trellis.telemetry")
 _ids = itertools.count(1)
 _handlers: dict[object, tuple[Handler, frozenset[str] | None]] = {}
+# An immutable snapshot of _handlers for emit() to iterate without copying.
+_snapshot: tuple[tuple[object, Handler, frozenset[str] | None], ...] = ()
 _emitting_failure = False
+
+
+def _refresh() -> None:
+    global _snapshot
+    _snapshot = tuple((hid, fn, names) for hid, (fn, names) in _handlers.items())
 
 
 def attach(
@@ -41,12 +48,15 @@ def attach(
     """
     hid = id if id is not None else next(_ids)
     _handlers[hid] = (handler, frozenset(events) if events is not None else None)
+    _refresh()
     return hid
 
 
 def detach(handler_id: object) -> bool:
     """Remove a handler; returns whether it was attached."""
-    return _handlers.pop(handler_id, None) is not None
+    found = _handlers.pop(handler_id, None) is not None
+    _refresh()
+    return found
 
 
 def active() -> bool:
@@ -55,19 +65,24 @@ def active() -> bool:
 
 
 def emit(name: str, **fields: Any) -> None:
-    """Hand an event to every interested handler (cheap when none is attached)."""
-    if not _handlers:
+    """Hand an event to every interested handler (cheap when none is attached).
+
+    ``time`` defaults to the Trellis clock's current time.
+    """
+    if not _snapshot:
         return
-    try:
-        now = current_clock().now()
-    except RuntimeError:  # no running loop (e.g. at interpreter exit)
-        now = 0.0
-    event = {"event": name, "time": now, **fields}
-    for hid, (fn, names) in list(_handlers.items()):
+    fields["event"] = name
+    if "time" not in fields:  # emitters with a clock at hand pass it
+        clock = _clock._override
+        try:
+            fields["time"] = clock.now() if clock is not None else asyncio.get_running_loop().time()
+        except RuntimeError:  # no running loop (e.g. at interpreter exit)
+            fields["time"] = 0.0
+    for hid, fn, names in _snapshot:
         if names is not None and name not in names:
             continue
         try:
-            fn(event)
+            fn(fields)
         except Exception as exc:
             _handler_failed(hid, fn, name, exc)
 
@@ -75,6 +90,7 @@ def emit(name: str, **fields: Any) -> None:
 def _handler_failed(hid: object, fn: Handler, name: str, exc: Exception) -> None:
     global _emitting_failure
     _handlers.pop(hid, None)
+    _refresh()
     _log.error("telemetry handler %r failed on %s and was detached", fn, name, exc_info=exc)
     if _emitting_failure:
         return
