@@ -402,7 +402,10 @@ async def _serve(
             _fail_start(pid, "already", e.pid)
             return None
     try:
-        r = await server.init(*args, **kwargs)
+        if cls.init is Server.init and not args and not kwargs:
+            r = None  # nothing to initialise: skip a coroutine on every (re)start
+        else:
+            r = await server.init(*args, **kwargs)
     except Exception as e:
         _fail_start(pid, "error", e)
         return ExitWith(e)
