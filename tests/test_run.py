@@ -41,17 +41,31 @@ PROGRAM = textwrap.dedent(
 )
 
 
-def _spawn(tmp_path: Path, mode: str) -> subprocess.Popen[str]:
+ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+
+def _popen(tmp_path: Path, source: str, *args: str) -> subprocess.Popen[str]:
+    """Run ``source`` as a script with the project importable, output piped."""
     script = tmp_path / "prog.py"
-    script.write_text(PROGRAM)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    script.write_text(source)
     return subprocess.Popen(
-        [sys.executable, str(script), mode],
+        [sys.executable, str(script), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=ENV,
     )
+
+
+def _python(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the project's Python with ``args`` to completion (60 s at most)."""
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=ENV, timeout=60, check=False
+    )
+
+
+def _spawn(tmp_path: Path, mode: str) -> subprocess.Popen[str]:
+    return _popen(tmp_path, PROGRAM, mode)
 
 
 def _read_until(proc: subprocess.Popen[str], line: str) -> list[str]:
@@ -94,15 +108,7 @@ def test_root_that_gives_up_exits_1(tmp_path: Path) -> None:
 
 def test_demo_shows_crash_restart_and_escalation() -> None:
     """The bundled demo (the README's main job) runs, restarts and escalates, exit code 0."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run(
-        [sys.executable, "-m", "trellis", "demo"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    done = _python("-m", "trellis", "demo")
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "CRASH" in out
@@ -117,15 +123,7 @@ def test_readme_example_runs() -> None:
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
     assert blocks, "README has no python example"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run(
-        [sys.executable, "-c", blocks[0]],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    done = _python("-c", blocks[0])
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:3] == ["15", "crashed: boom", "10"]
 
@@ -154,16 +152,7 @@ BLOCKING = textwrap.dedent(
 
 
 def _spawn_blocking(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
-    script = tmp_path / "blocking.py"
-    script.write_text(BLOCKING)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.Popen(
-        [sys.executable, str(script), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    return _popen(tmp_path, BLOCKING, *args)
 
 
 def test_blocked_event_loop_is_reported_with_its_stack(tmp_path: Path) -> None:

@@ -255,10 +255,12 @@ class _SupervisorServer(Server):
         self._started()
         return None
 
+    def _event(self, name: str, **fields: Any) -> None:
+        """Emit a telemetry event stamped with this supervisor's path and pid."""
+        _telemetry.emit(name, supervisor=self.path, sup_pid=self.pid, **fields)
+
     def _started(self) -> None:
-        _telemetry.emit(
-            "supervisor.started", supervisor=self.path, sup_pid=self.pid, strategy=self.strategy
-        )
+        self._event("supervisor.started", strategy=self.strategy)
 
     def _check_significant(self, spec: ChildSpec) -> None:
         if spec.significant and self.auto_shutdown is AutoShutdown.NEVER:
@@ -303,11 +305,9 @@ class _SupervisorServer(Server):
             child.last_pid = r
             child.started_at = self.now()
             self.by_pid[r] = child
-            _telemetry.emit(
+            self._event(
                 event,
                 time=child.started_at,
-                supervisor=self.path,
-                sup_pid=self.pid,
                 child_id=child.id,
                 pid=r,
             )
@@ -363,11 +363,9 @@ class _SupervisorServer(Server):
             restart_type is RestartType.TRANSIENT and not is_clean(reason)
         )
         child.pid = None
-        _telemetry.emit(
+        self._event(
             "child.exited",
             time=self.now(),
-            supervisor=self.path,
-            sup_pid=self.pid,
             child_id=child.id,
             pid=child.last_pid,
             reason=reason,
@@ -398,9 +396,7 @@ class _SupervisorServer(Server):
             for c in self.children
         ):
             return None
-        _telemetry.emit(
-            "supervisor.auto_shutdown", supervisor=self.path, sup_pid=self.pid, child_id=child.id
-        )
+        self._event("supervisor.auto_shutdown", child_id=child.id)
         return _stop_shutdown()
 
     def _add_restart(self) -> bool:
@@ -422,10 +418,8 @@ class _SupervisorServer(Server):
                 child.id,
             )
             self.pid.gave_up = True  # type: ignore[attr-defined]
-            _telemetry.emit(
+            self._event(
                 "supervisor.gave_up",
-                supervisor=self.path,
-                sup_pid=self.pid,
                 child_id=child.id,
                 intensity=self.intensity,
                 period=self.period,
@@ -444,10 +438,8 @@ class _SupervisorServer(Server):
         if delay > 0:
             child.pid = RESTARTING
             child.timer = self.clock.call_later(delay, self.pid._deliver, _DelayedStart(child))
-            _telemetry.emit(
+            self._event(
                 "child.backoff",
-                supervisor=self.path,
-                sup_pid=self.pid,
                 child_id=child.id,
                 delay=delay,
                 attempt=child.bo_n,
@@ -507,10 +499,8 @@ class _SupervisorServer(Server):
             _log.error(
                 "start_error: supervisor=%s child=%r reason=%r (retrying)", self.path, c.id, val
             )
-            _telemetry.emit(
+            self._event(
                 "child.start_failed",
-                supervisor=self.path,
-                sup_pid=self.pid,
                 child_id=c.id,
                 reason=val,
             )
@@ -564,10 +554,8 @@ class _SupervisorServer(Server):
                 pid,
                 reason,
             )
-        _telemetry.emit(
+        self._event(
             "child.terminated",
-            supervisor=self.path,
-            sup_pid=self.pid,
             child_id=child.id,
             pid=pid,
             reason=reason,
@@ -623,7 +611,7 @@ class _SupervisorServer(Server):
         if not hasattr(self, "mode"):
             return
         await self._terminate_all()
-        _telemetry.emit("supervisor.stopped", supervisor=self.path, sup_pid=self.pid, reason=reason)
+        self._event("supervisor.stopped", reason=reason)
 
     # -- administration -----------------------------------------------------------
     async def handle_call(self, request: Any, caller: Any) -> Any:
