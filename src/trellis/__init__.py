@@ -20,6 +20,18 @@ Example::
 
 from . import telemetry as telemetry
 from . import testing as testing
+from ._children import Command as Command
+from ._children import CommandPid as CommandPid
+from ._children import ExitCode as ExitCode
+from ._children import Health as Health
+from ._children import Hung as Hung
+from ._children import LimitExceeded as LimitExceeded
+from ._children import Limits as Limits
+from ._children import Logs as Logs
+from ._children import ProcessExitReason as ProcessExitReason
+from ._children import Ready as Ready
+from ._children import ReadyTimeout as ReadyTimeout
+from ._children import Signaled as Signaled
 from ._childspec import AutoShutdown as AutoShutdown
 from ._childspec import Backoff as Backoff
 from ._childspec import ChildSpec as ChildSpec

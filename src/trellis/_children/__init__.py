@@ -1,0 +1,30 @@
+"""Children that are not coroutines: OS processes (``Command``)."""
+
+from ._command import Command, CommandPid
+from ._types import (
+    ExitCode,
+    Health,
+    Hung,
+    LimitExceeded,
+    Limits,
+    Logs,
+    ProcessExitReason,
+    Ready,
+    ReadyTimeout,
+    Signaled,
+)
+
+__all__ = [
+    "Command",
+    "CommandPid",
+    "ExitCode",
+    "Health",
+    "Hung",
+    "LimitExceeded",
+    "Limits",
+    "Logs",
+    "ProcessExitReason",
+    "Ready",
+    "ReadyTimeout",
+    "Signaled",
+]

@@ -1,0 +1,715 @@
+"""``Command``: an OS process as a child of a supervision tree.
+
+Example::
+
+    sup = await trellis.Supervisor.start_link(
+        [
+            trellis.Command(["redis-server", "--port", "6380"], id="redis",
+                            ready=trellis.Ready.tcp(6380)),
+            trellis.Command(["python3", "-m", "collector"], id="collector",
+                            watchdog=10.0, ready=trellis.Ready.notify()),
+        ],
+        strategy="rest_for_one",
+    )
+
+Each child is owned by a Trellis process (its ``CommandPid``). The OS process runs
+in its own session and process group. Its exit is seen at once through a pidfd
+(no polling), and stopping it signals the whole group: ``stop_signal``, then
+SIGKILL after the supervisor's shutdown budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .._childspec import Backoff, ChildSpec
+from .._core import _telemetry
+from .._core._clock import current_clock
+from .._core._exceptions import InvalidChildSpec, StartError
+from .._core._process import (
+    ExitWith,
+    Pid,
+    _current,
+    _link_pair,
+    _new_pid,
+    _start_task,
+)
+from .._core._reasons import NORMAL, Exit, is_clean
+from . import _guardian
+from ._notify import NotifySocket
+from ._output import LineProtocol, RotatingFile
+from ._types import (
+    ExitCode,
+    Health,
+    Hung,
+    LimitExceeded,
+    Limits,
+    Logs,
+    Ready,
+    ReadyTimeout,
+    Signaled,
+    signal_number,
+)
+
+__all__ = ["Command", "CommandPid"]
+
+_log = logging.getLogger("trellis")
+
+DEFAULT_INHERIT = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR")
+
+_MEMORY_ERRORS = re.compile(
+    rb"MemoryError|Cannot allocate memory|[Oo]ut of memory|bad_alloc|ENOMEM"
+)
+_FILE_ERRORS = re.compile(rb"Too many open files|EMFILE")
+
+
+class CommandPid(Pid):
+    """The Trellis process that owns an OS-process child; ``os_pid`` is the OS pid."""
+
+    __slots__ = ("os_pid",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.os_pid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Config:
+    id: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    inherit_env: bool | tuple[str, ...]
+    cwd: str | None
+    user: str | int | None
+    stop_signal: int
+    ready: Ready
+    watchdog: float | None
+    health: Health | None
+    limits: Limits | None
+    logs: Logs | None
+
+
+def Command(
+    argv: Sequence[str] | str,
+    *,
+    id: str | None = None,
+    env: Mapping[str, str] | None = None,
+    inherit_env: bool | Sequence[str] = DEFAULT_INHERIT,
+    cwd: str | os.PathLike[str] | None = None,
+    user: str | int | None = None,
+    shell: bool = False,
+    stop_signal: int | str = "SIGTERM",
+    ready: Ready | None = None,
+    watchdog: float | None = None,
+    health: Health | None = None,
+    limits: Limits | None = None,
+    logs: Logs | None = None,
+    restart: str = "permanent",
+    shutdown: Any = 5.0,
+    significant: bool = False,
+    backoff: Backoff | None = None,
+) -> ChildSpec:
+    """A child spec that runs ``argv`` as a supervised OS process.
+
+    ``argv`` is a list (no shell). A string is accepted only with ``shell=True``.
+    The environment is explicit: only the names in ``inherit_env`` are taken from
+    ours (``True`` means all of them), and ``env`` is added on top.
+
+    Example::
+
+        spec = trellis.Command(["python3", "-m", "http.server", "8080"], id="web",
+                               ready=trellis.Ready.http("http://127.0.0.1:8080/"))
+    """
+    if shell:
+        if not isinstance(argv, str):
+            raise InvalidChildSpec(argv, "with shell=True, give the command as a str", field="argv")
+        args: tuple[str, ...] = ("/bin/sh", "-c", argv)
+    else:
+        if isinstance(argv, str):
+            raise InvalidChildSpec(
+                argv, "give argv as a list (or pass shell=True for a shell string)", field="argv"
+            )
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise InvalidChildSpec(argv, "argv must be a non-empty list of str", field="argv")
+        args = tuple(argv)
+    if env is not None and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise InvalidChildSpec(env, "env must map str to str", field="env")
+    if watchdog is not None and (
+        not isinstance(watchdog, int | float) or isinstance(watchdog, bool) or watchdog <= 0
+    ):
+        raise InvalidChildSpec(watchdog, "must be seconds > 0", field="watchdog")
+    inherit = inherit_env if isinstance(inherit_env, bool) else tuple(inherit_env)
+    cfg = _Config(
+        id=id if id is not None else os.path.basename(args[0] if not shell else "sh"),
+        argv=args,
+        env=dict(env or {}),
+        inherit_env=inherit,
+        cwd=os.fspath(cwd) if cwd is not None else None,
+        user=user,
+        stop_signal=signal_number(stop_signal),
+        ready=ready if ready is not None else Ready.started(),
+        watchdog=float(watchdog) if watchdog is not None else None,
+        health=health,
+        limits=limits if limits else None,
+        logs=logs,
+    )
+    return ChildSpec(
+        id=cfg.id,
+        start=_start_command,
+        args=(cfg,),
+        restart=restart,
+        shutdown=shutdown,
+        significant=significant,
+        modules=(args[0],),
+        backoff=backoff,
+    )
+
+
+async def _start_command(cfg: _Config) -> CommandPid:
+    """Start function: spawn the owner process and wait until the OS process is ready."""
+    parent = _current.get()
+    pid = _new_pid(True, CommandPid)
+    assert isinstance(pid, CommandPid)
+    ack: asyncio.Future[Any] = pid._loop.create_future()  # type: ignore[union-attr]
+    pid._ack = ack
+    if parent is not None:
+        _link_pair(parent, pid)
+    _start_task(pid, _Runner(pid, cfg).run())
+    res = await ack
+    if res is True:
+        return pid
+    reason = res[1]
+    if isinstance(reason, BaseException):
+        raise StartError(reason, f"{cfg.id}: {reason}") from reason
+    raise StartError(reason, f"{cfg.id}: {reason!r}")
+
+
+# ---------------------------------------------------------------------------
+# The owner process
+# ---------------------------------------------------------------------------
+
+
+class _Runner:
+    def __init__(self, pid: CommandPid, cfg: _Config) -> None:
+        self.pid = pid
+        self.cfg = cfg
+        self.loop = asyncio.get_running_loop()
+        self.clock = current_clock()
+        self.os_pid: int | None = None
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.pidfd: int | None = None
+        self.status: int | None = None
+        self.exited: asyncio.Future[int] = self.loop.create_future()
+        self.notify: NotifySocket | None = None
+        self.ready_event: asyncio.Future[None] = self.loop.create_future()
+        self.ready_regex = re.compile(cfg.ready.target) if cfg.ready.kind == "log" else None
+        self.logs: list[RotatingFile] = []
+        self.protocols: list[LineProtocol] = []
+        self.transports: list[asyncio.BaseTransport] = []
+        self.pipes_closed: list[asyncio.Future[None]] = []
+        self.watchdog_timer: Any = None
+        self.hung: Hung | None = None
+        self.health_task: asyncio.Task[None] | None = None
+
+    # -- the process body ----------------------------------------------------------
+    async def run(self) -> ExitWith:
+        pid = self.pid
+        try:
+            try:
+                await self._spawn()
+                await self._wait_ready()
+            except Exception as e:
+                await self._stop_os_process(signal.SIGKILL)
+                self._fail_start(e)
+                return ExitWith(e)
+            ack = pid._ack
+            pid._ack = None
+            if ack is not None and not ack.done():
+                ack.set_result(True)
+            if self.cfg.health is not None:
+                self.health_task = self.loop.create_task(self._health_loop(self.cfg.health))
+            return ExitWith(await self._supervise())
+        except asyncio.CancelledError:
+            # killed (brutal_kill, or the shutdown budget ran out): SIGKILL the group now
+            self._kill_group(signal.SIGKILL)
+            raise
+        finally:
+            self._cleanup()
+
+    def _fail_start(self, reason: object) -> None:
+        pid = self.pid
+        parent = pid._parent
+        if parent is not None and pid._links is not None and parent in pid._links:
+            pid._links.discard(parent)  # a failed start sends no exit signal (OTP 26+)
+            if parent._links is not None:
+                parent._links.discard(pid)
+        ack = pid._ack
+        pid._ack = None
+        if ack is not None and not ack.done():
+            ack.set_result(("error", reason))
+
+    async def _supervise(self) -> object:
+        """Wait for the OS process to end, or for a stop request; return the exit reason."""
+        pid = self.pid
+        parent = pid._parent
+        while True:
+            msg = await pid._next()
+            if msg is _EXITED:
+                if self.cfg.limits is not None:
+                    await self._drain_pipes()  # the reason may be in its last words
+                return self._exit_reason()
+            if msg is _HUNG:
+                _telemetry.emit(
+                    "process.hung", child_id=self.cfg.id, os_pid=self.os_pid, reason=self.hung
+                )
+                await self._stop_os_process(signal.SIGKILL)
+                return self.hung
+            if type(msg) is Exit and (msg.pid is parent or not is_clean(msg.reason)):
+                # the supervisor stops us: stop_signal to the group; the supervisor
+                # kills us (and so SIGKILLs the group) when its shutdown budget ends
+                self._kill_group(self.cfg.stop_signal)
+                await self.exited
+                self._kill_group(signal.SIGKILL)  # leftovers of the group
+                return msg.reason
+
+    # -- spawning ---------------------------------------------------------------------
+    def _environ(self) -> dict[str, str]:
+        inherit = self.cfg.inherit_env
+        if inherit is True:
+            env = dict(os.environ)
+        elif inherit is False:
+            env = {}
+        else:
+            env = {k: os.environ[k] for k in inherit if k in os.environ}
+        env.update(self.cfg.env)
+        return env
+
+    async def _spawn(self) -> None:
+        cfg = self.cfg
+        env = self._environ()
+        if cfg.ready.kind == "notify" or cfg.watchdog is not None:
+            self.notify = NotifySocket(self.loop, self._on_notify)
+            env["NOTIFY_SOCKET"] = self.notify.address
+            if cfg.watchdog is not None:
+                env["WATCHDOG_USEC"] = str(int(cfg.watchdog * 1_000_000))
+        exe = cfg.argv[0]
+        if os.sep not in exe:
+            found = shutil.which(exe, path=env.get("PATH", os.defpath))
+            if found is None:
+                raise FileNotFoundError(f"executable not found: {exe!r}")
+            exe = found
+        elif not os.access(exe, os.X_OK):
+            raise PermissionError(f"not executable: {exe!r}")
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            if cfg.cwd is None and cfg.user is None and cfg.limits is None:
+                # posix_spawn returns once the child has exec'd (vfork): ~0.1 ms
+                self.os_pid = os.posix_spawn(  # noqa: ASYNC221
+                    exe,
+                    list(cfg.argv),
+                    env,
+                    file_actions=[
+                        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                        (os.POSIX_SPAWN_DUP2, out_w, 1),
+                        (os.POSIX_SPAWN_DUP2, err_w, 2),
+                    ],
+                    setsid=True,
+                )
+            else:
+                # cwd/user/limits need a fork with a pre-exec step (a few ms)
+                self.popen = subprocess.Popen(  # noqa: ASYNC220
+                    [exe, *cfg.argv[1:]],
+                    env=env,
+                    cwd=cfg.cwd,
+                    user=cfg.user,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out_w,
+                    stderr=err_w,
+                    start_new_session=True,
+                    preexec_fn=_rlimits(cfg.limits) if cfg.limits is not None else None,
+                )
+                self.os_pid = self.popen.pid
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        assert self.os_pid is not None
+        self.pid.os_pid = self.os_pid
+        _guardian.register(self.os_pid)
+        self.pidfd = os.pidfd_open(self.os_pid)
+        self.loop.add_reader(self.pidfd, self._on_pidfd)
+        for stream, fd in (("stdout", out_r), ("stderr", err_r)):
+            await self._read_pipe(stream, fd)
+        _telemetry.emit("process.spawned", child_id=cfg.id, os_pid=self.os_pid, argv=list(cfg.argv))
+        if cfg.watchdog is not None:
+            self._arm_watchdog()
+
+    async def _read_pipe(self, stream: str, fd: int) -> None:
+        log = None
+        logs = self.cfg.logs
+        if logs is not None:
+            os.makedirs(logs.dir, exist_ok=True)
+            suffix = "out" if stream == "stdout" else "err"
+            log = RotatingFile(
+                os.path.join(logs.dir, f"{self.cfg.id}.{suffix}.log"), logs.max_bytes, logs.backups
+            )
+            self.logs.append(log)
+        closed: asyncio.Future[None] = self.loop.create_future()
+        proto = LineProtocol(stream, self._on_line, log, closed)
+        pipe = os.fdopen(fd, "rb", buffering=0)
+        transport, _ = await self.loop.connect_read_pipe(lambda: proto, pipe)
+        self.protocols.append(proto)
+        self.transports.append(transport)
+        self.pipes_closed.append(closed)
+
+    # -- events from the OS process -------------------------------------------------
+    def _on_pidfd(self) -> None:
+        if self.os_pid is None or self.status is not None:
+            return
+        try:
+            got, status = os.waitpid(self.os_pid, os.WNOHANG)
+        except ChildProcessError:
+            got, status = self.os_pid, 0
+        if got == 0:
+            return
+        self._reaped(status)
+
+    def _reaped(self, status: int) -> None:
+        self.status = status
+        if self.popen is not None:
+            self.popen.returncode = os.waitstatus_to_exitcode(status)
+        if self.pidfd is not None:
+            with contextlib.suppress(ValueError, RuntimeError):
+                self.loop.remove_reader(self.pidfd)
+        if self.os_pid is not None:
+            _guardian.unregister(self.os_pid)
+        if not self.exited.done():
+            self.exited.set_result(status)
+        self.pid._deliver(_EXITED)
+
+    def _on_line(self, stream: str, line: bytes) -> None:
+        regex = self.ready_regex
+        if (
+            regex is not None
+            and not self.ready_event.done()
+            and regex.search(line.decode("utf-8", "replace"))
+        ):
+            self.ready_event.set_result(None)
+        logs = self.cfg.logs
+        if _telemetry._snapshot and (logs is None or logs.telemetry):
+            _telemetry.emit(
+                "process.output",
+                child_id=self.cfg.id,
+                os_pid=self.os_pid,
+                stream=stream,
+                line=line.decode("utf-8", "replace"),
+            )
+
+    def _on_notify(self, fields: dict[str, str]) -> None:
+        if fields.get("READY") == "1" and not self.ready_event.done():
+            self.ready_event.set_result(None)
+        if fields.get("WATCHDOG") == "1" and self.cfg.watchdog is not None:
+            self._arm_watchdog()
+        if fields.get("WATCHDOG") == "trigger":
+            self._set_hung("the process triggered its watchdog")
+
+    def _arm_watchdog(self) -> None:
+        if self.watchdog_timer is not None:
+            self.watchdog_timer.cancel()
+        assert self.cfg.watchdog is not None
+        self.watchdog_timer = self.clock.call_later(
+            self.cfg.watchdog, self._set_hung, f"no WATCHDOG=1 within {self.cfg.watchdog}s"
+        )
+
+    def _set_hung(self, detail: str) -> None:
+        if self.hung is None and self.status is None:
+            self.hung = Hung(detail)
+            self.pid._deliver(_HUNG)
+
+    # -- readiness ------------------------------------------------------------------
+    async def _wait_ready(self) -> None:
+        ready = self.cfg.ready
+        if ready.kind == "started":
+            return
+        deadline = self.clock.now() + ready.timeout
+        if ready.kind in ("notify", "log"):
+            waiter: asyncio.Future[Any] = self.ready_event
+        elif ready.kind == "tcp":
+            host, port = ready.target
+            waiter = self.loop.create_task(self._poll(lambda: _tcp_ok(host, port, 1.0)))
+        else:
+            waiter = self.loop.create_task(self._poll(lambda: _http_ok(ready.target, 1.0)))
+        expire: asyncio.Future[None] = self.loop.create_future()
+        handle = self.clock.call_later(max(0.0, deadline - self.clock.now()), _set_done, expire)
+        try:
+            done, _ = await asyncio.wait(
+                [waiter, self.exited, expire], return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            handle.cancel()
+            if waiter is not self.ready_event and not waiter.done():
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+        if waiter in done:
+            return
+        if self.exited in done:
+            await self._drain_pipes()
+            raise _as_exception(self._exit_reason())
+        raise ReadyTimeout(ready.kind, ready.timeout)
+
+    async def _poll(self, probe: Any) -> None:
+        delay = 0.005
+        while True:
+            if await probe():
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    # -- health checks --------------------------------------------------------------
+    async def _health_loop(self, health: Health) -> None:
+        failures = 0
+        while self.status is None:
+            await _clock_sleep(self.clock, health.interval)
+            try:
+                ok = await self._check(health)
+            except Exception:
+                _log.exception("health check of %s failed to run", self.cfg.id)
+                ok = False
+            failures = 0 if ok else failures + 1
+            if failures >= health.failures:
+                self._set_hung(f"{failures} failed {health.kind} health checks")
+                return
+
+    async def _check(self, health: Health) -> bool:
+        if health.kind == "tcp":
+            host, port = health.target
+            return await _tcp_ok(host, port, health.timeout)
+        if health.kind == "http":
+            return await _http_ok(health.target, health.timeout)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *health.target,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            return False
+        try:
+            async with asyncio.timeout(health.timeout):
+                return await proc.wait() == 0
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            return False
+
+    # -- stopping and exit reasons ----------------------------------------------------
+    def _kill_group(self, sig: int) -> None:
+        if self.os_pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.os_pid, sig)  # the child leads its own group (setsid)
+
+    async def _stop_os_process(self, sig: int) -> None:
+        if self.os_pid is None or self.status is not None:
+            self._kill_group(signal.SIGKILL)
+            return
+        self._kill_group(sig)
+        await self.exited
+        self._kill_group(signal.SIGKILL)
+
+    async def _drain_pipes(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.2):
+                for closed in self.pipes_closed:
+                    await closed
+
+    def _exit_reason(self) -> object:
+        status = self.status
+        assert status is not None
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            name = _signame(sig)
+            if sig == signal.SIGXCPU:
+                return LimitExceeded("cpu", name)
+            if sig == signal.SIGXFSZ:
+                return LimitExceeded("file_size", name)
+            return self._limit_from_output() or Signaled(name)
+        code = os.waitstatus_to_exitcode(status)
+        if code == 0:
+            return NORMAL
+        return self._limit_from_output() or ExitCode(code)
+
+    def _limit_from_output(self) -> LimitExceeded | None:
+        """With limits set, recognise the common messages of a process that hit one."""
+        limits = self.cfg.limits
+        if limits is None:
+            return None
+        tail = b"\n".join(line for p in self.protocols for line in p.tail)
+        if limits.memory is not None and _MEMORY_ERRORS.search(tail):
+            return LimitExceeded("memory", f"address space limit {limits.memory} bytes")
+        if limits.open_files is not None and _FILE_ERRORS.search(tail):
+            return LimitExceeded("open_files", f"limit {limits.open_files}")
+        return None
+
+    def _cleanup(self) -> None:
+        if self.status is None and self.os_pid is not None:
+            # still running (killed owner, or a failed start): SIGKILL the group and reap
+            self._kill_group(signal.SIGKILL)
+            status = _reap_blocking(self.os_pid)
+            if status is not None:
+                self._reaped(status)
+        self._kill_group(signal.SIGKILL)  # grandchildren never outlive their child
+        if self.watchdog_timer is not None:
+            self.watchdog_timer.cancel()
+        if self.health_task is not None:
+            self.health_task.cancel()
+        if self.pidfd is not None:
+            with contextlib.suppress(ValueError, RuntimeError):
+                self.loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+        if self.notify is not None:
+            self.notify.close()
+        for t in self.transports:
+            t.close()
+        for log in self.logs:
+            log.close()
+        if self.os_pid is not None:
+            _telemetry.emit(
+                "process.exited", child_id=self.cfg.id, os_pid=self.os_pid, status=self.status
+            )
+
+
+class _Marker:
+    __slots__ = ("name",)
+    _trellis_system = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+_EXITED = _Marker("os process exited")
+_HUNG = _Marker("os process hung")
+
+
+def _as_exception(reason: object) -> BaseException:
+    if isinstance(reason, BaseException):
+        return reason
+    return ExitCode(0)  # exited cleanly before it was ready
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _clock_sleep(clock: Any, seconds: float) -> None:
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    handle = clock.call_later(seconds, _set_done, fut)
+    try:
+        await fut
+    finally:
+        handle.cancel()
+
+
+def _reap_blocking(os_pid: int, limit: float = 2.0) -> int | None:
+    """Reap a SIGKILLed process; a few milliseconds at most unless it is stuck in the kernel."""
+    deadline = time.monotonic() + limit
+    delay = 0.0005
+    while True:
+        try:
+            got, status = os.waitpid(os_pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if got:
+            return status
+        if time.monotonic() > deadline:
+            _log.error("OS process %d did not die after SIGKILL", os_pid)
+            return None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+def _rlimits(limits: Limits) -> Any:
+    import resource
+
+    pairs = []
+    if limits.memory is not None:
+        pairs.append((resource.RLIMIT_AS, limits.memory))
+    if limits.open_files is not None:
+        pairs.append((resource.RLIMIT_NOFILE, limits.open_files))
+    if limits.cpu is not None:
+        pairs.append((resource.RLIMIT_CPU, limits.cpu))
+
+    def apply() -> None:  # runs in the child between fork and exec
+        for res, value in pairs:
+            hard = value + 1 if res == resource.RLIMIT_CPU else value  # SIGXCPU before SIGKILL
+            resource.setrlimit(res, (value, hard))
+
+    return apply
+
+
+async def _tcp_ok(host: str, port: int, timeout: float) -> bool:
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def _http_ok(url: str, timeout: float) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or 80
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(
+                    f"GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+                )
+                await writer.drain()
+                status_line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError):
+        return False
+    fields = status_line.split()
+    return len(fields) >= 2 and fields[1][:1] == b"2"
