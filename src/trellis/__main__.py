@@ -1,30 +1,237 @@
-"""The ``trellis`` command."""
+"""The ``trellis`` command: ``check`` and ``run`` tree files, or watch the ``demo``.
+
+Example::
+
+    $ trellis check tree.toml
+    $ trellis run tree.toml --log-format json
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import logging
+import os
 import sys
+from typing import Any, NoReturn
 
-from . import __version__
+import click
+import structlog
 
-__all__ = ["main"]
+from . import __version__, telemetry
+from ._core._exceptions import FailedToStartChild, StartError
+from ._core._reasons import is_clean
+from ._run import run as run_tree
+from .config import ConfigError, TreeSpec, load
+
+__all__ = ["cli", "main"]
+
+_EXIT_BAD_FILE = 2
+_events_log = logging.getLogger("trellis.events")
+_output_log = logging.getLogger("trellis.output")
+_cli_log = logging.getLogger("trellis.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="trellis", description="Erlang/OTP supervision trees for Python services."
-    )
-    parser.add_argument("--version", action="version", version=f"trellis {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run a small tree that crashes, restarts and escalates")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from ._demo import demo
+    """Run the ``trellis`` command line with ``argv`` (default ``sys.argv[1:]``); returns the
+    exit code.
 
-        return asyncio.run(demo())
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse exits
-    return 2
+    Example::
+
+        code = main(["check", "tree.toml"])
+    """
+    try:
+        result = cli.main(args=argv, prog_name="trellis", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="trellis", message="%(prog)s %(version)s")
+def cli() -> None:
+    """Erlang/OTP supervision trees for Python services."""
+
+
+@cli.command()
+def demo() -> None:
+    """Run a small tree that crashes, restarts and escalates."""
+    from ._demo import demo as run_demo
+
+    _exit(asyncio.run(run_demo()))
+
+
+@cli.command()
+@click.argument("trees", metavar="TREE.toml...", nargs=-1, required=True)
+def check(trees: tuple[str, ...]) -> None:
+    """Validate tree files: exit 0, or 2 with every error as FILE:LINE: KEY: MESSAGE."""
+    code = 0
+    for path in trees:
+        tree = _load(path)
+        if tree is None:
+            code = _EXIT_BAD_FILE
+            continue
+        click.echo(f"{path}: ok")
+        click.echo(tree.describe())
+    _exit(code)
+
+
+@cli.command()
+@click.argument("tree_file", metavar="TREE.toml")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text for people, json for one JSON object per line.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+def run(tree_file: str, log_format: str, log_level: str) -> None:
+    """Run a tree in the foreground until SIGTERM/SIGINT (exit 0) or until the root
+    gives up (exit 1). Exit 2 for an invalid tree file. Logs go to stderr."""
+    tree = _load(tree_file)
+    if tree is None:
+        _exit(_EXIT_BAD_FILE)
+    configure_logging(log_format, log_level)
+    hid = telemetry.attach(_log_event)
+    _cli_log.info("tree.starting", extra={"trellis": {"file": tree_file, "root": tree.name}})
+    try:
+        code = run_tree(tree.child_spec())
+    except StartError as e:
+        child, reason = _start_failure(e)
+        fields = {"child": child, "reason": reason}
+        _cli_log.error("tree.start_failed", extra={"trellis": fields})
+        code = 1
+    finally:
+        telemetry.detach(hid)
+    _cli_log.info("tree.stopped", extra={"trellis": {"exit_code": code}})
+    _exit(code)
+
+
+def _exit(code: int) -> NoReturn:
+    """End the command with ``code`` (click turns it into the process exit code)."""
+    click.get_current_context().exit(code)
+
+
+def _load(path: str) -> TreeSpec | None:
+    """Load a tree file, printing its errors to stderr; None if it is invalid."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)  # like `python -m`: modules of the current directory import
+    try:
+        return load(path)
+    except ConfigError as e:
+        for issue in e.errors:
+            click.echo(issue.format(e.source), err=True)
+        n = len(e.errors)
+        click.echo(f"{e.source}: {n} error{'s' if n != 1 else ''}", err=True)
+        return None
+
+
+def _start_failure(e: BaseException) -> tuple[str, str]:
+    """The path of the child that could not start, and why."""
+    ids: list[str] = []
+    reason: Any = e
+    while isinstance(reason, StartError):
+        if isinstance(reason, FailedToStartChild):
+            ids.append(str(reason.id))
+        if reason.reason is reason or reason.reason is None:
+            break
+        reason = reason.reason
+    why = (
+        f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else repr(reason)
+    )
+    return "/".join(ids), why
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+
+_ERROR_EVENTS = frozenset(
+    {"supervisor.gave_up", "child.start_failed", "process.unkillable", "telemetry.handler_failed"}
+)
+_WARNING_EVENTS = frozenset({"supervisor.auto_shutdown", "mailbox.overflow", "child.backoff"})
+
+
+def _log_event(event: dict[str, Any]) -> None:
+    """A telemetry handler: each supervision event becomes one log record."""
+    name = str(event.get("event"))
+    if name == "process.output":
+        logger, level = _output_log, logging.INFO
+    elif name in _ERROR_EVENTS:
+        logger, level = _events_log, logging.ERROR
+    elif name in _WARNING_EVENTS:
+        logger, level = _events_log, logging.WARNING
+    elif name == "child.exited" and not is_clean(event.get("reason")):
+        logger, level = _events_log, logging.ERROR
+    else:
+        logger, level = _events_log, logging.INFO
+    if logger.isEnabledFor(level):
+        fields = {k: v for k, v in event.items() if k not in ("event", "time")}
+        logger.log(level, name, extra={"trellis": fields})
+
+
+def _add_fields(_logger: Any, _method: str, event_dict: Any) -> Any:
+    """Copy the event fields carried by a stdlib record into the structlog event dict."""
+    record = event_dict.get("_record")
+    fields = getattr(record, "trellis", None)
+    if isinstance(fields, dict):
+        for key, value in fields.items():
+            event_dict.setdefault(key, value)
+    return event_dict
+
+
+class _DropDuplicates(logging.Filter):
+    """Drops the core's plain-text reports that a telemetry event already logs."""
+
+    _PREFIXES = ("child_terminated:", "reached_max_restart_intensity:")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(self._PREFIXES))
+
+
+def configure_logging(log_format: str = "text", level: str = "info") -> logging.Handler:
+    """Send every log record (Trellis events, child output, other libraries) to stderr,
+    as text or as one JSON object per line; returns the installed handler.
+
+    Example::
+
+        configure_logging("json", "info")
+    """
+    renderer: list[Any]
+    if log_format == "json":
+        renderer = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    else:
+        renderer = [
+            structlog.dev.ConsoleRenderer(
+                colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+            )
+        ]
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            _add_fields,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    handler.addFilter(_DropDuplicates())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    return handler
 
 
 if __name__ == "__main__":

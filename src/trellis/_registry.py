@@ -34,13 +34,14 @@ class Keys(enum.StrEnum):
 class RegistryPid(Pid):
     """The pid of a registry, with its (synchronous) API."""
 
-    __slots__ = ("_entries", "_owned", "_unique")
+    __slots__ = ("_entries", "_linked", "_owned", "_unique")
 
     def __init__(self) -> None:
         super().__init__()
         self._unique = True
         self._entries: dict[Any, list[tuple[Pid, Any]]] = {}
         self._owned: dict[Pid, list[Any]] = {}
+        self._linked: set[Pid] = set()  # owners we linked ourselves (only these we unlink)
 
     def register(self, key: Any, value: Any = None) -> Pid:
         """Register the calling process under ``key``; returns the registry's pid, the
@@ -72,6 +73,7 @@ class RegistryPid(Pid):
         self._owned.setdefault(owner, []).append(key)
         if self._links is None or owner not in self._links:
             _link_pair(self, owner)
+            self._linked.add(owner)
 
     def unregister(self, key: Any) -> None:
         """Remove the calling process's entries for ``key``."""
@@ -90,12 +92,15 @@ class RegistryPid(Pid):
             keys[:] = [k for k in keys if k != key]
             if not keys:
                 del self._owned[owner]
-                if self._links is not None:
-                    self._links.discard(owner)
-                if owner._links is not None:
-                    owner._links.discard(self)
+                if owner in self._linked:
+                    self._linked.discard(owner)
+                    if self._links is not None:
+                        self._links.discard(owner)
+                    if owner._links is not None:
+                        owner._links.discard(self)
 
     def _owner_died(self, owner: Pid) -> None:
+        self._linked.discard(owner)
         for key in self._owned.pop(owner, []):
             entries = self._entries.get(key)
             if entries:

@@ -61,12 +61,13 @@ from ._core._process import (
     _current,
     _kill,
     _link_pair,
-    _names,
     _new_pid,
     _start_task,
+    _wake_space,
+    register,
     resolve,
 )
-from ._core._reasons import IGNORE, NORMAL, Exit, coerce_reason, is_clean
+from ._core._reasons import IGNORE, KILLED, NORMAL, Exit, coerce_reason, is_clean
 
 __all__ = [
     "Caller",
@@ -328,10 +329,14 @@ async def _start(
         held = resolve(name)
         if held is not None and not held._dead:
             raise AlreadyStarted(held)
-    pid = _new_pid(cls.trap_exits, cls._pid_class)
+    if cls.mailbox_size is not None and cls.mailbox_policy not in (
+        "reject",
+        "drop_oldest",
+        "drop_newest",
+    ):
+        raise ValueError(f"invalid mailbox_policy: {cls.mailbox_policy!r}")
+    pid = _new_pid(cls.trap_exits, cls._pid_class, parent if link else None)
     if cls.mailbox_size is not None:
-        if cls.mailbox_policy not in ("reject", "drop_oldest", "drop_newest"):
-            raise ValueError(f"invalid mailbox_policy: {cls.mailbox_policy!r}")
         pid._bound = cls.mailbox_size
         pid._policy = cls.mailbox_policy
     ack: asyncio.Future[Any] = pid._loop.create_future()  # type: ignore[union-attr]
@@ -339,7 +344,13 @@ async def _start(
     if link:
         _link_pair(parent, pid)  # type: ignore[arg-type]
     _start_task(pid, _serve(pid, cls, args, kwargs, name))
-    res = await ack
+    try:
+        res = await ack
+    except asyncio.CancelledError:
+        # the starter gave up (e.g. wait_for): the half-started server must not live on
+        _unlink_parent(pid)
+        _kill(pid, KILLED)
+        raise
     if res is _OK:
         return pid
     kind, val = res
@@ -358,11 +369,7 @@ async def _start(
 
 def _register_name(name: object, pid: Pid) -> None:
     if type(name) is str:
-        held = _names.get(name)
-        if held is not None and not held._dead:
-            raise AlreadyRegistered(held, name)
-        _names[name] = pid
-        pid.name = name
+        register(name, pid)
     elif type(name) is Via:
         reg = resolve(name.registry)
         if reg is None:
@@ -401,6 +408,9 @@ async def _serve(
         except AlreadyRegistered as e:
             _fail_start(pid, "already", e.pid)
             return None
+        except Exception as e:  # a bad name or registry: a failed start, not a crash
+            _fail_start(pid, "error", e)
+            return ExitWith(e)
     try:
         if cls.init is Server.init and not args and not kwargs:
             r = None  # nothing to initialise: skip a coroutine on every (re)start
@@ -423,7 +433,8 @@ async def _serve(
         return ExitWith(err)
     ack = pid._ack
     pid._ack = None
-    ack.set_result(_OK)  # type: ignore[union-attr]
+    if ack is not None and not ack.done():
+        ack.set_result(_OK)
     try:
         if type(r) is Continue:
             await _continue_loop(server, r.arg)
@@ -624,11 +635,6 @@ def _deadlines_for(owner: Any, clock: Any, timeout: float) -> _Deadlines | None:
     return dl
 
 
-def _call_timeout(fut: asyncio.Future[Any], target: Any, request: Any, timeout: float) -> None:
-    if not fut.done():
-        fut.set_exception(CallTimeout(target, request, timeout))
-
-
 async def call(target: object, request: Any, timeout: float | None = 5.0) -> Any:
     """Send ``request`` to a server and wait for its reply.
 
@@ -656,7 +662,11 @@ async def call(target: object, request: Any, timeout: float | None = 5.0) -> Any
             dl = _deadlines_for(owner, clock, timeout)
         dl.add(fut, target, request)  # type: ignore[union-attr]
     if pid._bound is not None:
-        await _put_with_backpressure(pid, msg, fut)
+        try:
+            await _put_with_backpressure(pid, msg, fut)
+        except BaseException:
+            fut.cancel()  # nobody will await it: no late CallTimeout on it
+            raise
     else:
         pid._mbox.append(msg)
         w = pid._waiter
@@ -684,12 +694,17 @@ async def _put_with_backpressure(pid: Pid, msg: Caller, reply: asyncio.Future[An
         reply.add_done_callback(_wake)
         try:
             await space
+        except BaseException:
+            if space.done() and not space.cancelled():
+                _wake_space(pid)  # we were handed the free slot: pass it on
+            space.cancel()
+            raise
         finally:
             reply.remove_done_callback(_wake)
     if reply.done():
         return
     if pid._dead:
-        raise NoProc(pid)
+        raise Exited(pid.reason, pid)  # it died while we waited for room
     pid._deliver(msg)
 
 

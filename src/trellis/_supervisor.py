@@ -20,6 +20,7 @@ and exits with ``SHUTDOWN``, so its own supervisor sees it fail.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import itertools
@@ -66,7 +67,7 @@ from ._core._exceptions import (
     StartError,
     SupervisorFlagsError,
 )
-from ._core._process import KILL_GRACE, Pid, _link_pair, _signal, kill_and_wait
+from ._core._process import KILL_GRACE, Pid, _link_pair, _signal, force_dead, kill_and_wait
 from ._core._reasons import (
     IGNORE,
     KILL,
@@ -158,12 +159,14 @@ class _Child:
         "args",
         "bo_n",
         "bo_rng",
+        "delayed",
         "key",
         "last_pid",
         "pid",
         "spec",
         "started_at",
         "timer",
+        "uptime",
     )
 
     def __init__(self, spec: ChildSpec, args: tuple[Any, ...] | None = None) -> None:
@@ -175,7 +178,9 @@ class _Child:
         self.bo_n = 0
         self.bo_rng: random.Random | None = None
         self.started_at: float | None = None
+        self.uptime = 0.0  # how long it ran before its last exit (for Backoff.reset_after)
         self.timer: TimerHandle | None = None
+        self.delayed: _DelayedStart | None = None  # the pending delayed restart, if any
 
     @property
     def id(self) -> Any:
@@ -184,6 +189,13 @@ class _Child:
     def running(self) -> bool:
         p = self.pid
         return isinstance(p, Pid) and not p._dead
+
+    def cancel_timer(self) -> None:
+        """Forget a pending delayed restart (a queued one is ignored by its token)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.delayed = None
 
 
 _NOINFO = object()
@@ -286,6 +298,11 @@ class _SupervisorServer(Server):
             return "error", e, None
         except StartError as e:
             return "error", e.reason, None
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being killed, not the start function failing
+            return "error", e, None
         except Exception as e:
             return "error", e, None
         finally:
@@ -301,6 +318,8 @@ class _SupervisorServer(Server):
                     me._deliver(Exit(r, r.reason))
                 else:
                     _link_pair(me, r)
+                    if r._parent is None:
+                        r._parent = me  # we supervise it now: our exit signals stop it
             child.pid = r
             child.last_pid = r
             child.started_at = self.now()
@@ -333,7 +352,10 @@ class _SupervisorServer(Server):
             return None
         if t is _DelayedStart:
             child = msg.child
+            if msg is not child.delayed:
+                return None  # a stale timer: the child was stopped or restarted since
             child.timer = None
+            child.delayed = None
             if child.pid is RESTARTING and self._has(child):
                 return await self._start_group(child)
             return None
@@ -346,9 +368,7 @@ class _SupervisorServer(Server):
         return self.dyn.get(child.key) is child
 
     def _remove(self, child: _Child) -> None:
-        if child.timer is not None:
-            child.timer.cancel()
-            child.timer = None
+        child.cancel_timer()
         if self.mode == _STATIC:
             self.children = [c for c in self.children if c is not child]
         else:
@@ -363,6 +383,8 @@ class _SupervisorServer(Server):
             restart_type is RestartType.TRANSIENT and not is_clean(reason)
         )
         child.pid = None
+        if child.started_at is not None:
+            child.uptime = self.now() - child.started_at
         self._event(
             "child.exited",
             time=self.now(),
@@ -437,7 +459,8 @@ class _SupervisorServer(Server):
         delay = self._backoff_delay(child) if child.spec.backoff is not None else 0.0
         if delay > 0:
             child.pid = RESTARTING
-            child.timer = self.clock.call_later(delay, self.pid._deliver, _DelayedStart(child))
+            child.delayed = _DelayedStart(child)
+            child.timer = self.clock.call_later(delay, self.pid._deliver, child.delayed)
             self._event(
                 "child.backoff",
                 child_id=child.id,
@@ -465,6 +488,7 @@ class _SupervisorServer(Server):
                 await self._shutdown(c)
             else:
                 c.pid = None
+                c.cancel_timer()
             if c.spec.restart is RestartType.TEMPORARY:
                 self._remove(c)
 
@@ -473,8 +497,7 @@ class _SupervisorServer(Server):
         if bo is None:
             return 0.0
         reset = bo.reset_after
-        up = self.clock.now() - child.started_at if child.started_at is not None else 0.0
-        if reset is not None and up >= reset:
+        if reset is not None and child.uptime >= reset:
             child.bo_n = 0
         child.bo_n += 1
         if child.bo_rng is None:
@@ -505,6 +528,7 @@ class _SupervisorServer(Server):
                 reason=val,
             )
             c.pid = RESTARTING
+            c.uptime = 0.0  # a failed start ran for no time
             # Retried by a message to self, queued on the next loop turn so that
             # calls and shutdown interleave with a start that keeps failing.
             self.pid._loop.call_soon(self.pid._deliver, _TryAgain(c))  # type: ignore[union-attr]
@@ -515,9 +539,7 @@ class _SupervisorServer(Server):
     async def _shutdown(self, child: _Child) -> None:
         pid = child.pid
         child.pid = None
-        if child.timer is not None:
-            child.timer.cancel()
-            child.timer = None
+        child.cancel_timer()
         if not isinstance(pid, Pid):
             return
         self.by_pid.pop(pid, None)
@@ -568,9 +590,7 @@ class _SupervisorServer(Server):
         for c in children:
             pid = c.pid
             c.pid = None
-            if c.timer is not None:
-                c.timer.cancel()
-                c.timer = None
+            c.cancel_timer()
             if not isinstance(pid, Pid):
                 continue
             self.by_pid.pop(pid, None)
@@ -592,8 +612,12 @@ class _SupervisorServer(Server):
                 try:
                     reason = await pid.join(max(0.0, budget - (self.clock.now() - t0)))
                 except TimeoutError:
-                    reason = await kill_and_wait(pid)
-                    killed = True
+                    if killed:  # brutal_kill already sent and its grace is over
+                        force_dead(pid)
+                        reason = pid.reason
+                    else:
+                        reason = await kill_and_wait(pid)
+                        killed = True
             self._after_shutdown(c, pid, reason, killed)
 
     async def _terminate_all(self) -> None:
@@ -608,8 +632,6 @@ class _SupervisorServer(Server):
             await self._shutdown_parallel(kids)
 
     async def terminate(self, reason: Any) -> None:
-        if not hasattr(self, "mode"):
-            return
         await self._terminate_all()
         self._event("supervisor.stopped", reason=reason)
 

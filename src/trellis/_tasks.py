@@ -75,7 +75,7 @@ def _start_task_child(
     link_to: Pid | None,
 ) -> Pid:
     parent = _current.get()
-    pid = _new_pid()
+    pid = _new_pid(False, Pid, parent)
     if parent is not None:
         _link_pair(parent, pid)
     if link_to is not None and not link_to._dead:

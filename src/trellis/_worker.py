@@ -6,7 +6,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ._childspec import Backoff, ChildSpec
-from ._core._process import Pid, _current, _link_pair, _new_pid, _start_task, register
+from ._core._process import Pid, _current, _link_pair, _live, _new_pid, _start_task, register
 
 __all__ = ["worker"]
 
@@ -56,10 +56,15 @@ def _start_worker(
     trap_exits: bool,
 ) -> Pid:
     parent = _current.get()
-    pid = _new_pid(trap_exits)
-    if name is not None:
-        register(name, pid)
+    pid = _new_pid(trap_exits, Pid, parent)
+    try:
+        if name is not None:
+            register(name, pid)
+        coro = coro_fn(*args, **kwargs)
+    except BaseException:
+        _live.pop(pid.id, None)  # it never ran: nothing to notify
+        raise
     if parent is not None:
         _link_pair(parent, pid)
-    _start_task(pid, coro_fn(*args, **kwargs))
+    _start_task(pid, coro)
     return pid

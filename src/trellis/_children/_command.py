@@ -41,11 +41,12 @@ from .._core._process import (
     ExitWith,
     Pid,
     _current,
+    _kill,
     _link_pair,
     _new_pid,
     _start_task,
 )
-from .._core._reasons import NORMAL, Exit, is_clean
+from .._core._reasons import KILLED, NORMAL, Exit, is_clean
 from . import _guardian
 from ._notify import NotifySocket
 from ._output import LineProtocol, RotatingFile
@@ -181,14 +182,18 @@ def Command(
 async def _start_command(cfg: _Config) -> CommandPid:
     """Start function: spawn the owner process and wait until the OS process is ready."""
     parent = _current.get()
-    pid = _new_pid(True, CommandPid)
+    pid = _new_pid(True, CommandPid, parent)
     assert isinstance(pid, CommandPid)
     ack: asyncio.Future[Any] = pid._loop.create_future()  # type: ignore[union-attr]
     pid._ack = ack
     if parent is not None:
         _link_pair(parent, pid)
     _start_task(pid, _Runner(pid, cfg).run())
-    res = await ack
+    try:
+        res = await ack
+    except asyncio.CancelledError:
+        _kill(pid, KILLED)  # the starter gave up: the OS process must not live on
+        raise
     if res is True:
         return pid
     reason = res[1]

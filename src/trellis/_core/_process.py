@@ -229,10 +229,9 @@ class Pid:
         finally:
             if handle is not None:
                 handle.cancel()
-            if not fut.done() or fut.cancelled():
-                js = self._joiners
-                if js is not None and fut in js:
-                    js.remove(fut)
+            js = self._joiners
+            if js is not None and fut in js:
+                js.remove(fut)
 
     @property
     def message_queue_len(self) -> int:
@@ -330,20 +329,26 @@ def spawn(
     parent = _current.get()
     if link and parent is None:
         raise NotAProcess("spawn(link=True) must be called from a Trellis process")
-    pid = _new_pid(trap_exits)
-    if name is not None:
-        register(name, pid)
+    pid = _new_pid(trap_exits, Pid, parent if link else None)
+    try:
+        if name is not None:
+            register(name, pid)
+        coro = fn(*args)
+    except BaseException:
+        _live.pop(pid.id, None)  # it never ran: nothing to notify
+        raise
     if link:
         _link_pair(parent, pid)  # type: ignore[arg-type]
-    _start_task(pid, fn(*args))
+    _start_task(pid, coro)
     return pid
 
 
-def _new_pid(trap_exits: bool = False, cls: type[Pid] = Pid) -> Pid:
+def _new_pid(trap_exits: bool = False, cls: type[Pid] = Pid, parent: Pid | None = None) -> Pid:
+    """A new process record; ``parent`` is the linked starter (None when unlinked)."""
     pid = cls()
     pid.trap_exits = trap_exits
     pid._loop = asyncio.get_running_loop()
-    pid._parent = _current.get()
+    pid._parent = parent
     _live[pid.id] = pid
     return pid
 
@@ -439,6 +444,10 @@ def _finish(pid: Pid, reason: object) -> None:
         for f in space:
             if not f.done():
                 f.set_result(None)
+    # a dead pid is still referenced (last_pid, messages, events): let go of its state
+    pid._server = None
+    pid._parent = None
+    pid._space = None
 
 
 def _fail_pending_calls(pid: Pid, reason: object) -> None:
@@ -647,6 +656,8 @@ async def receive(timeout: float | None = None, match: Callable[[Any], bool] | N
                     msg = mb[scanned]
                     if match(msg):
                         del mb[scanned]
+                        if me._space:
+                            _wake_space(me)
                         return msg
                     scanned += 1
             if timed_out[0]:
@@ -679,6 +690,8 @@ def register(name: str, pid: Pid) -> None:
         raise AlreadyRegistered(held, name)
     if pid._dead:
         raise NoProc(pid)
+    if pid.name is not None and pid.name != name:
+        raise AlreadyRegistered(pid, pid.name)  # one name per process, as in OTP
     _names[name] = pid
     pid.name = name
 

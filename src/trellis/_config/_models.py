@@ -1,0 +1,412 @@
+"""Pydantic models of one tree-file table each, with the core's own field rules.
+
+The tree walker (``_tree.py``) validates each table separately, so every child
+is checked even when a sibling is broken. Fields hold what the TOML gave after
+checking; a field left out stays ``None`` so the core's defaults apply.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import re
+import signal
+import urllib.parse
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Literal, NoReturn
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, model_validator
+from pydantic_core import PydanticCustomError
+
+from .._childspec import (
+    AutoShutdown,
+    ChildSpec,
+    ChildType,
+    RestartType,
+    Strategy,
+    _enum,
+    check_intensity,
+    check_period,
+)
+from .._core._exceptions import (
+    ChildSpecError,
+    InvalidAutoShutdown,
+    InvalidRestartType,
+    InvalidStrategy,
+    SupervisorFlagsError,
+)
+
+__all__ = [
+    "CHILD_KINDS",
+    "BackoffModel",
+    "CommandChild",
+    "Document",
+    "HealthModel",
+    "LimitsModel",
+    "LogsModel",
+    "ReadyModel",
+    "RootSupervisor",
+    "ServerChild",
+    "SupervisorChild",
+    "WorkerChild",
+    "fail",
+    "parse_size",
+    "suggest",
+]
+
+
+def fail(message: str) -> NoReturn:
+    """Raise a validation error whose text is exactly ``message``."""
+    raise PydanticCustomError("trellis", "{message}", {"message": message})
+
+
+def suggest(word: str, choices: Any) -> str:
+    """``" (did you mean 'x'?)"`` when ``word`` is close to one of ``choices``, else ``""``."""
+    match = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+# ---------------------------------------------------------------------------
+# Field checks
+# ---------------------------------------------------------------------------
+
+
+def _core_enum(cls: type[enum.Enum], err: type[Exception]) -> Callable[[object], str]:
+    values = [str(m.value) for m in cls]
+
+    def check(value: object) -> str:
+        try:
+            return str(_enum(cls, value, err).value)
+        except (ChildSpecError, SupervisorFlagsError) as e:
+            hint = suggest(value, values) if isinstance(value, str) else ""
+            hint = f"; did you mean {hint[15:-2]}?" if hint else ""
+            fail(f"{e} (expected one of {', '.join(values)}{hint})")
+
+    return check
+
+
+def _core_check(check: Callable[[object], Any]) -> Callable[[object], Any]:
+    def run(value: object) -> Any:
+        try:
+            return check(value)
+        except (ChildSpecError, SupervisorFlagsError) as e:
+            fail(str(e))
+
+    return run
+
+
+def _check_shutdown(value: object) -> float | str:
+    try:
+        result = ChildSpec._check_shutdown(value, ChildType.WORKER)
+    except ChildSpecError as e:
+        fail(str(e))
+    return result if isinstance(result, float) else str(result.value)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "kb": 10**3,
+    "kib": 2**10,
+    "m": 2**20,
+    "mb": 10**6,
+    "mib": 2**20,
+    "g": 2**30,
+    "gb": 10**9,
+    "gib": 2**30,
+    "t": 2**40,
+    "tb": 10**12,
+    "tib": 2**40,
+}
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a string such as ``"512MiB"`` (binary) or ``"10MB"`` (decimal).
+
+    Example::
+
+        assert parse_size("1KiB") == 1024 and parse_size("10MB") == 10_000_000
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m and m.group(2).lower() in _UNITS:
+            size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            if size > 0:
+                return size
+    fail(
+        f"invalid size {value!r}: use a number of bytes > 0 or a string such as '512MiB' or '10MB'"
+    )
+
+
+def _check_signal(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return signal.Signals(value).name
+        except ValueError:
+            fail(f"unknown signal number {value}")
+    if isinstance(value, str):
+        name = value.upper()
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        if name in signal.Signals.__members__:
+            return name
+        fail(f"unknown signal {value!r}{suggest(name, signal.Signals.__members__)}")
+    fail(f"a signal is a name such as 'SIGTERM' or a number, got {value!r}")
+
+
+def _check_port(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
+        return value
+    fail(f"invalid port {value!r}: use 1-65535")
+
+
+def _check_tcp(value: object) -> tuple[str, int]:
+    """``9000`` -> ``("127.0.0.1", 9000)``; ``"host:9000"`` -> ``("host", 9000)``."""
+    if isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        if sep and host and port.isdigit():
+            return host.strip("[]"), _check_port(int(port))
+        fail(f"invalid address {value!r}: use a port number or 'host:port'")
+    return "127.0.0.1", _check_port(value)
+
+
+def _check_url(value: object) -> str:
+    if isinstance(value, str):
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme in ("http", "https") and parts.netloc:
+            return value
+    fail(f"invalid URL {value!r}: use http://host[:port]/path or https://...")
+
+
+def _check_regex(value: object) -> str:
+    if not isinstance(value, str):
+        fail(f"a regular expression is a string, got {value!r}")
+    try:
+        re.compile(value)
+    except re.error as e:
+        fail(f"invalid regular expression {value!r}: {e}")
+    return value
+
+
+def _check_ref(value: object) -> str:
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*:[A-Za-z_]\w*(\.\w+)*", value):
+        return value
+    fail(f"expected 'package.module:Name', got {value!r}")
+
+
+def _check_argv(value: object) -> list[str] | str:
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, list) and value and all(isinstance(a, str) for a in value) and value[0]:
+        return value
+    fail(f"command is a non-empty list of strings, such as ['python3', '-m', 'app'], got {value!r}")
+
+
+def _check_env_value(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    fail(f"an environment value is a string or a number, got {value!r}")
+
+
+def _check_inherit_env(value: object) -> bool | list[str]:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        return value
+    fail(f"inherit_env is true, false or a list of variable names, got {value!r}")
+
+
+def _check_user(value: object) -> str | int:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    fail(f"user is a user name or a uid, got {value!r}")
+
+
+Restart = Annotated[str, PlainValidator(_core_enum(RestartType, InvalidRestartType))]
+StrategyName = Annotated[str, PlainValidator(_core_enum(Strategy, InvalidStrategy))]
+AutoShutdownName = Annotated[str, PlainValidator(_core_enum(AutoShutdown, InvalidAutoShutdown))]
+Intensity = Annotated[int, PlainValidator(_core_check(check_intensity))]
+Period = Annotated[float, PlainValidator(_core_check(check_period))]
+Shutdown = Annotated[float | str, PlainValidator(_check_shutdown)]
+Size = Annotated[int, PlainValidator(parse_size)]
+Seconds = Annotated[float, Field(gt=0)]
+Tcp = Annotated[tuple[str, int], PlainValidator(_check_tcp)]
+Url = Annotated[str, PlainValidator(_check_url)]
+Ref = Annotated[str, PlainValidator(_check_ref)]
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    what: ClassVar[str] = "table"
+
+    def given(self, *exclude: str) -> dict[str, Any]:
+        """The fields the file set, minus ``exclude``."""
+        given = self.model_fields_set
+        return {
+            k: getattr(self, k) for k in type(self).model_fields if k in given and k not in exclude
+        }
+
+
+class BackoffModel(_Model):
+    what = "backoff"
+    min: float | None = None
+    max: float | None = None
+    factor: float | None = None
+    jitter: float | None = None
+    reset_after: float | None = None
+    seed: int | None = None
+
+
+def _exactly_one(model: _Model, kinds: tuple[str, ...], what: str, shorthand: str = "") -> None:
+    found = [k for k in kinds if getattr(model, k) is not None]
+    if len(found) != 1:
+        choices = ", ".join(kinds)
+        got = f"; got {', '.join(found)}" if found else ""
+        fail(f"{what} needs exactly one of {choices}{shorthand}{got}")
+
+
+def _ready_shorthand(value: object) -> object:
+    if value == "started":
+        return {"started": True}
+    if isinstance(value, str):
+        fail(f"unknown readiness {value!r}: use 'started' or a table such as {{ tcp = 9000 }}")
+    return value
+
+
+class ReadyModel(_Model):
+    what = "ready"
+    started: Literal[True] | None = None
+    notify: Literal[True] | None = None
+    tcp: Tcp | None = None
+    http: Url | None = None
+    log: Annotated[str, PlainValidator(_check_regex)] | None = None
+    timeout: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ReadyModel:
+        if self.started and self.model_fields_set != {"started"}:
+            fail("ready = 'started' takes no other keys")
+        if not self.started:
+            kinds = ("notify", "tcp", "http", "log")
+            _exactly_one(self, kinds, "ready", " (or the string 'started')")
+        return self
+
+
+class HealthModel(_Model):
+    what = "health"
+    command: Annotated[list[str] | str, PlainValidator(_check_argv)] | None = None
+    tcp: Tcp | None = None
+    http: Url | None = None
+    interval: Seconds | None = None
+    timeout: Seconds | None = None
+    failures: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> HealthModel:
+        _exactly_one(self, ("command", "tcp", "http"), "health")
+        return self
+
+
+class LimitsModel(_Model):
+    what = "limits"
+    memory: Size | None = None
+    open_files: Annotated[int, Field(gt=0)] | None = None
+    cpu: Annotated[int, Field(gt=0)] | None = None
+
+
+class LogsModel(_Model):
+    what = "logs"
+    dir: NonEmpty | None = None
+    max_bytes: Size | None = None
+    backups: Annotated[int, Field(ge=0)] | None = None
+    telemetry: bool | None = None
+
+
+class _Child(_Model):
+    id: NonEmpty | None = None
+    restart: Restart | None = None
+    shutdown: Shutdown | None = None
+    significant: bool | None = None
+    backoff: BackoffModel | None = None
+
+
+class CommandChild(_Child):
+    what = "a command child"
+    command: Annotated[list[str] | str, PlainValidator(_check_argv)]
+    env: dict[str, Annotated[str, PlainValidator(_check_env_value)]] | None = None
+    inherit_env: Annotated[bool | list[str], PlainValidator(_check_inherit_env)] | None = None
+    cwd: NonEmpty | None = None
+    user: Annotated[str | int, PlainValidator(_check_user)] | None = None
+    shell: bool | None = None
+    stop_signal: Annotated[str, PlainValidator(_check_signal)] | None = None
+    ready: Annotated[ReadyModel, BeforeValidator(_ready_shorthand)] | None = None
+    watchdog: Seconds | None = None
+    health: HealthModel | None = None
+    limits: LimitsModel | None = None
+    logs: LogsModel | None = None
+
+
+class ServerChild(_Child):
+    what = "a server child"
+    server: Ref
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
+    name: NonEmpty | None = None
+
+
+class WorkerChild(_Child):
+    what = "a worker child"
+    worker: Ref
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
+    name: NonEmpty | None = None
+    trap_exits: bool | None = None
+
+
+class _Flags(_Model):
+    name: NonEmpty | None = None
+    strategy: StrategyName | None = None
+    intensity: Intensity | None = None
+    period: Period | None = None
+    auto_shutdown: AutoShutdownName | None = None
+    children: list[Any] | None = None  # each child is validated by the walker
+
+    def flags(self) -> dict[str, Any]:
+        """The supervisor flags the file set."""
+        return self.given("name", "children", "id", "restart", "shutdown", "significant", "backoff")
+
+
+class SupervisorChild(_Child, _Flags):
+    what = "a supervisor child"
+
+
+class RootSupervisor(_Flags):
+    what = "the root supervisor"
+
+
+class Document(_Model):
+    what = "the tree file"
+    supervisor: dict[str, Any]
+
+
+CHILD_KINDS: dict[str, type[_Child]] = {
+    "command": CommandChild,
+    "server": ServerChild,
+    "worker": WorkerChild,
+    "supervisor": SupervisorChild,
+}
+"""The model of each kind of child."""
