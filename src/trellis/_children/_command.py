@@ -221,7 +221,6 @@ class _Runner:
         self.notify: NotifySocket | None = None
         self.ready_event: asyncio.Future[None] = self.loop.create_future()
         self.ready_regex = re.compile(cfg.ready.target) if cfg.ready.kind == "log" else None
-        self.logs: list[RotatingFile] = []
         self.protocols: list[LineProtocol] = []
         self.transports: list[asyncio.BaseTransport] = []
         self.pipes_closed: list[asyncio.Future[None]] = []
@@ -286,8 +285,7 @@ class _Runner:
                 # the supervisor stops us: stop_signal to the group; the supervisor
                 # kills us (and so SIGKILLs the group) when its shutdown budget ends
                 self._kill_group(self.cfg.stop_signal)
-                await self.exited
-                self._kill_group(signal.SIGKILL)  # leftovers of the group
+                await self.exited  # the group's leftovers are killed before the reap
                 return msg.reason
 
     # -- spawning ---------------------------------------------------------------------
@@ -371,7 +369,6 @@ class _Runner:
             log = RotatingFile(
                 os.path.join(logs.dir, f"{self.cfg.id}.{suffix}.log"), logs.max_bytes, logs.backups
             )
-            self.logs.append(log)
         closed: asyncio.Future[None] = self.loop.create_future()
         proto = LineProtocol(stream, self._on_line, log, closed)
         pipe = os.fdopen(fd, "rb", buffering=0)
@@ -384,6 +381,9 @@ class _Runner:
     def _on_pidfd(self) -> None:
         if self.os_pid is None or self.status is not None:
             return
+        # The leader is a zombie now, so its group id cannot have been reused: kill what
+        # is left of the group (grandchildren never outlive their child), then reap.
+        self._kill_group(signal.SIGKILL)
         try:
             got, status = os.waitpid(self.os_pid, os.WNOHANG)
         except ChildProcessError:
@@ -525,18 +525,17 @@ class _Runner:
 
     # -- stopping and exit reasons ----------------------------------------------------
     def _kill_group(self, sig: int) -> None:
-        if self.os_pid is None:
+        # Never signal by number once reaped: the id may belong to a new process by then.
+        if self.os_pid is None or self.status is not None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.os_pid, sig)  # the child leads its own group (setsid)
 
     async def _stop_os_process(self, sig: int) -> None:
         if self.os_pid is None or self.status is not None:
-            self._kill_group(signal.SIGKILL)
             return
         self._kill_group(sig)
         await self.exited
-        self._kill_group(signal.SIGKILL)
 
     async def _drain_pipes(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -579,7 +578,6 @@ class _Runner:
             status = _reap_blocking(self.os_pid)
             if status is not None:
                 self._reaped(status)
-        self._kill_group(signal.SIGKILL)  # grandchildren never outlive their child
         if self.watchdog_timer is not None:
             self.watchdog_timer.cancel()
         if self.health_task is not None:
@@ -591,10 +589,12 @@ class _Runner:
             self.pidfd = None
         if self.notify is not None:
             self.notify.close()
+        # The pipes reach EOF on their own now that the group is dead, delivering the
+        # last lines and closing the log files; a grandchild that escaped the group could
+        # hold them open, so close them anyway after a while.
         for t in self.transports:
-            t.close()
-        for log in self.logs:
-            log.close()
+            if not t.is_closing():
+                self.loop.call_later(5.0, t.close)
         if self.os_pid is not None:
             _telemetry.emit(
                 "process.exited", child_id=self.cfg.id, os_pid=self.os_pid, status=self.status

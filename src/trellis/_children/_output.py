@@ -42,9 +42,6 @@ class RotatingFile:
         self._f = open(self.path, "ab")  # noqa: SIM115
         self._size = 0
 
-    def flush(self) -> None:
-        self._f.flush()
-
     def close(self) -> None:
         self._f.close()
 
@@ -68,20 +65,23 @@ class LineProtocol(asyncio.Protocol):
         self._buf = b""
 
     def data_received(self, data: bytes) -> None:
-        if self.log is not None:
-            self.log.write(data)
         buf = self._buf + data
         lines = buf.split(b"\n")
         self._buf = lines.pop()
         if len(self._buf) > MAX_LINE:
             lines.append(self._buf)
             self._buf = b""
+        log = self.log
         for line in lines:
+            if log is not None:
+                log.write(line + b"\n")  # line by line, so rotation never splits a line
             self.tail.append(line)
             self.on_line(self.stream, line)
 
     def eof_received(self) -> bool:
         if self._buf:
+            if self.log is not None:
+                self.log.write(self._buf)
             self.tail.append(self._buf)
             self.on_line(self.stream, self._buf)
             self._buf = b""
@@ -89,6 +89,6 @@ class LineProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.log is not None:
-            self.log.flush()
+            self.log.close()  # the protocol owns its log file
         if not self.closed.done():
             self.closed.set_result(None)

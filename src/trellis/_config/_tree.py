@@ -163,7 +163,7 @@ class _Walker:
         path: KeyPath = ("supervisor",)
         root = self.validate(RootSupervisor, doc.supervisor, path)
         raw_children = doc.supervisor.get("children")
-        auto = root.auto_shutdown if root is not None else None
+        auto = (root.auto_shutdown or "never") if root is not None else None
         built = self.children(raw_children, (*path, "children"), auto)
         if root is None:
             return None
@@ -229,7 +229,7 @@ class _Walker:
         kind = kinds[0]
         model = self.validate(CHILD_KINDS[kind], data, path)
         if kind == "supervisor":
-            auto = model.auto_shutdown if isinstance(model, SupervisorChild) else None
+            auto = (model.auto_shutdown or "never") if isinstance(model, SupervisorChild) else None
             built = self.children(data.get("children"), (*path, "children"), auto)
             if isinstance(model, SupervisorChild):
                 return self.supervisor(model, path, built, auto_shutdown)
@@ -256,7 +256,8 @@ class _Walker:
             self.failed = self.failed or before
 
     def check_significant(self, spec: ChildSpec, path: KeyPath, auto_shutdown: str | None) -> None:
-        if spec.significant and auto_shutdown in (None, "never"):
+        """``auto_shutdown`` is the parent's (None when the parent's table is invalid)."""
+        if spec.significant and auto_shutdown == "never":
             self.error(
                 (*path, "significant"),
                 f"child {spec.id!r} is significant but its supervisor's auto_shutdown is "
