@@ -105,7 +105,8 @@ class _Watchdog:
             wait = self.blocked_warning
             if deadline is not None:
                 wait = max(0.0, min(wait, deadline - clock()))
-            if self.closed.wait(1.0 if deadline is None else min(1.0, wait)):
+            # idle: one ping per `blocked_warning` (a few wakeups a minute, no busy timer)
+            if self.closed.wait(wait if deadline is None else min(1.0, wait)):
                 return
             if not self._ping(self.blocked_warning) and not self.closed.is_set():
                 _log.error(
