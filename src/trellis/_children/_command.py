@@ -227,6 +227,9 @@ class _Runner:
         self.watchdog_timer: Any = None
         self.hung: Hung | None = None
         self.health_task: asyncio.Task[None] | None = None
+        parent = pid._parent
+        path = getattr(parent._server, "path", None) if parent is not None else None
+        self.path = f"{path}/{cfg.id}" if path else cfg.id  # the child's path in the tree
 
     # -- the process body ----------------------------------------------------------
     async def run(self) -> ExitWith:
@@ -277,7 +280,11 @@ class _Runner:
                 return self._exit_reason()
             if msg is _HUNG:
                 _telemetry.emit(
-                    "process.hung", child_id=self.cfg.id, os_pid=self.os_pid, reason=self.hung
+                    "process.hung",
+                    path=self.path,
+                    child_id=self.cfg.id,
+                    os_pid=self.os_pid,
+                    reason=self.hung,
                 )
                 await self._stop_os_process(signal.SIGKILL)
                 return self.hung
@@ -356,7 +363,13 @@ class _Runner:
         self.loop.add_reader(self.pidfd, self._on_pidfd)
         for stream, fd in (("stdout", out_r), ("stderr", err_r)):
             await self._read_pipe(stream, fd)
-        _telemetry.emit("process.spawned", child_id=cfg.id, os_pid=self.os_pid, argv=list(cfg.argv))
+        _telemetry.emit(
+            "process.spawned",
+            path=self.path,
+            child_id=cfg.id,
+            os_pid=self.os_pid,
+            argv=list(cfg.argv),
+        )
         if cfg.watchdog is not None:
             self._arm_watchdog()
 
@@ -417,6 +430,7 @@ class _Runner:
         if _telemetry._snapshot and (logs is None or logs.telemetry):
             _telemetry.emit(
                 "process.output",
+                path=self.path,
                 child_id=self.cfg.id,
                 os_pid=self.os_pid,
                 stream=stream,
@@ -597,7 +611,11 @@ class _Runner:
                 self.loop.call_later(5.0, t.close)
         if self.os_pid is not None:
             _telemetry.emit(
-                "process.exited", child_id=self.cfg.id, os_pid=self.os_pid, status=self.status
+                "process.exited",
+                path=self.path,
+                child_id=self.cfg.id,
+                os_pid=self.os_pid,
+                status=self.status,
             )
 
 
