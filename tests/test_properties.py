@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import trellis
+from _helpers import settle
 from trellis import KILL, KILLED, NORMAL, SHUTDOWN, Shutdown, Supervisor
 from trellis.testing import VirtualClock, use_clock
 
@@ -43,11 +44,6 @@ class Child(trellis.Server):
 
 async def joined(pid: trellis.Pid, timeout: float = 5.0) -> Any:
     return await asyncio.wait_for(pid.join(), timeout)
-
-
-async def settle(n: int = 30) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
 
 
 # ---------------------------------------------------------------------------

@@ -14,27 +14,13 @@ from typing import Any
 import pytest
 
 import trellis
+from _helpers import collector, idle, settle
 from trellis import KILL, ChildSpec, Supervisor
 from trellis._core import _process
 from trellis.testing import VirtualClock, capture_telemetry, live_processes
 
 # ---------------------------------------------------------------------------
 # helpers
-
-
-async def settle(n: int = 30) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
-
-
-async def idle() -> None:
-    while True:
-        await trellis.receive()
-
-
-async def collector(out: list[Any]) -> None:
-    while True:
-        out.append(await trellis.receive())
 
 
 class Gate(trellis.Server):

@@ -10,19 +10,10 @@ from typing import Any
 import pytest
 
 import trellis
+from _helpers import idle, settle
 
 # ---------------------------------------------------------------------------
 # helpers
-
-
-async def settle(n: int = 30) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
-
-
-async def idle() -> None:
-    while True:
-        await trellis.receive()
 
 
 async def run_in_process(

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import trellis
+from _helpers import settle
 from trellis import KILL, KILLED, NORMAL, SHUTDOWN, ChildSpec, Shutdown, Supervisor
 from trellis.testing import capture_telemetry, wait_restarted
 
@@ -79,11 +80,6 @@ def spec(rec: Rec, name: str, *, trap: bool = True, **kw: Any) -> ChildSpec:
         return await cls.start_link(rec, name, *extra)
 
     return ChildSpec(name, start, **kw)
-
-
-async def settle(n: int = 30) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
 
 
 async def joined(pid: trellis.Pid, timeout: float = 5.0) -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import trellis
+from _helpers import settle
 from trellis import KILLED, NORMAL, SHUTDOWN, ChildSpec, Shutdown, Supervisor
 from trellis.testing import capture_telemetry
 
@@ -69,11 +70,6 @@ class TrapChild(Child):
 def spec(rec: Rec, name: str, gate: asyncio.Event | None = None, *, trap: bool = True, **kw: Any):
     cls = TrapChild if trap else Child
     return cls.child_spec(rec, name, gate, id=name, **kw)
-
-
-async def settle(n: int = 30) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
 
 
 async def joined(pid: trellis.Pid, timeout: float = 5.0) -> Any:
