@@ -361,8 +361,8 @@ class _Runner:
         _guardian.register(self.os_pid)
         self.pidfd = os.pidfd_open(self.os_pid)
         self.loop.add_reader(self.pidfd, self._on_pidfd)
-        for stream, fd in (("stdout", out_r), ("stderr", err_r)):
-            await self._read_pipe(stream, fd)
+        # both readers connect in the same loop turn
+        await asyncio.gather(self._read_pipe("stdout", out_r), self._read_pipe("stderr", err_r))
         _telemetry.emit(
             "process.spawned",
             path=self.path,

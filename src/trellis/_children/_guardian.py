@@ -9,7 +9,6 @@ OS-process child, so the spawn path itself stays free of ``preexec_fn``.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import threading
 
@@ -34,37 +33,61 @@ for pgid in groups:
 """
 
 _lock = threading.Lock()
-_proc: subprocess.Popen[bytes] | None = None
+_pid: int | None = None  # the guardian's pid
+_pipe: int | None = None  # the write end of its stdin
 
 
-def _guardian() -> subprocess.Popen[bytes] | None:
-    global _proc
-    if _proc is not None and _proc.poll() is None and _proc.stdin is not None:
-        return _proc
+def _alive() -> bool:
+    if _pid is None:
+        return False
     try:
-        _proc = subprocess.Popen(
+        got, _ = os.waitpid(_pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return got == 0
+
+
+def _start() -> None:
+    """Start the guardian with posix_spawn (no fork) in its own session, so a Ctrl-C to
+    our terminal does not reach it."""
+    global _pid, _pipe
+    read_end, write_end = os.pipe()
+    try:
+        _pid = os.posix_spawn(
+            sys.executable,
             [sys.executable, "-I", "-S", "-c", _CODE],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # a Ctrl-C to our terminal must not reach it
-            close_fds=True,
+            {},
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, read_end, 0),
+                (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+            ],
+            setsid=True,
         )
     except OSError:
-        _proc = None
-    return _proc
+        os.close(write_end)
+        _pid = None
+        return
+    finally:
+        os.close(read_end)
+    _pipe = write_end
 
 
 def _send(line: str) -> None:
+    global _pipe
     with _lock:
-        proc = _guardian()
-        if proc is None or proc.stdin is None:
+        if _pipe is None or not _alive():
+            if _pipe is not None:
+                os.close(_pipe)
+                _pipe = None
+            _start()
+        if _pipe is None:
             return
         try:
-            proc.stdin.write(line.encode())
-            proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass
+            os.write(_pipe, line.encode())
+        except OSError:
+            os.close(_pipe)
+            _pipe = None
 
 
 def register(pgid: int) -> None:
@@ -74,12 +97,14 @@ def register(pgid: int) -> None:
 
 def unregister(pgid: int) -> None:
     """The group is gone (reaped): forget it."""
-    if _proc is not None:
+    if _pipe is not None:
         _send(f"-{pgid}\n")
 
 
-def _pid() -> int | None:
-    return _proc.pid if _proc is not None else None
+def _forget_after_fork() -> None:
+    global _pid, _pipe
+    _pid = None
+    _pipe = None  # the fd is inherited by a forked child but is not its guardian
 
 
-os.register_at_fork(after_in_child=lambda: globals().__setitem__("_proc", None))
+os.register_at_fork(after_in_child=_forget_after_fork)
