@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -43,6 +42,7 @@ from .._core._process import (
     _current,
     _kill,
     _link_pair,
+    _live,
     _new_pid,
     _start_task,
 )
@@ -188,7 +188,24 @@ async def _start_command(cfg: _Config) -> CommandPid:
     pid._ack = ack
     if parent is not None:
         _link_pair(parent, pid)
-    _start_task(pid, _Runner(pid, cfg).run())
+    runner = _Runner(pid, cfg)
+    if cfg.ready.kind == "started":
+        # Ready as soon as it is spawned: spawn right here, and leave only the watching to
+        # the owner process (no loop turn per child, so a big tree starts at once).
+        try:
+            runner.spawn()
+        except Exception as e:
+            runner.close_fds()
+            _live.pop(pid.id, None)  # it never ran: nothing to notify
+            if parent is not None and parent._links is not None:
+                parent._links.discard(pid)
+            raise StartError(e, f"{cfg.id}: {e}") from e
+        pid._ack = None
+        _start_task(pid, runner.run(spawned=True))
+        # if the owner is killed before its first step, run() never runs its cleanup
+        pid._task.add_done_callback(lambda _t: runner._cleanup())  # type: ignore[union-attr]
+        return pid
+    _start_task(pid, runner.run())
     try:
         res = await ack
     except asyncio.CancelledError:
@@ -222,30 +239,34 @@ class _Runner:
         self.ready_event: asyncio.Future[None] = self.loop.create_future()
         self.ready_regex = re.compile(cfg.ready.target) if cfg.ready.kind == "log" else None
         self.protocols: list[LineProtocol] = []
-        self.transports: list[asyncio.BaseTransport] = []
+        self.transports: list[Any] = []
         self.pipes_closed: list[asyncio.Future[None]] = []
         self.watchdog_timer: Any = None
         self.hung: Hung | None = None
         self.health_task: asyncio.Task[None] | None = None
+        self._fds: list[int] = []
+        self._cleaned = False
         parent = pid._parent
         path = getattr(parent._server, "path", None) if parent is not None else None
         self.path = f"{path}/{cfg.id}" if path else cfg.id  # the child's path in the tree
 
     # -- the process body ----------------------------------------------------------
-    async def run(self) -> ExitWith:
+    async def run(self, spawned: bool = False) -> ExitWith:
         pid = self.pid
         try:
-            try:
-                await self._spawn()
-                await self._wait_ready()
-            except Exception as e:
-                await self._stop_os_process(signal.SIGKILL)
-                self._fail_start(e)
-                return ExitWith(e)
-            ack = pid._ack
-            pid._ack = None
-            if ack is not None and not ack.done():
-                ack.set_result(True)
+            if not spawned:
+                try:
+                    self.spawn()
+                    await self._wait_ready()
+                except Exception as e:
+                    self.close_fds()
+                    await self._stop_os_process(signal.SIGKILL)
+                    self._fail_start(e)
+                    return ExitWith(e)
+                ack = pid._ack
+                pid._ack = None
+                if ack is not None and not ack.done():
+                    ack.set_result(True)
             if self.cfg.health is not None:
                 self.health_task = self.loop.create_task(self._health_loop(self.cfg.health))
             return ExitWith(await self._supervise())
@@ -255,6 +276,16 @@ class _Runner:
             raise
         finally:
             self._cleanup()
+
+    def close_fds(self) -> None:
+        """After a failed spawn: close what it had opened."""
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
 
     def _fail_start(self, reason: object) -> None:
         pid = self.pid
@@ -307,7 +338,8 @@ class _Runner:
         env.update(self.cfg.env)
         return env
 
-    async def _spawn(self) -> None:
+    def spawn(self) -> None:
+        """Start the OS process (synchronous: posix_spawn returns once it has exec'd)."""
         cfg = self.cfg
         env = self._environ()
         if cfg.ready.kind == "notify" or cfg.watchdog is not None:
@@ -315,20 +347,14 @@ class _Runner:
             env["NOTIFY_SOCKET"] = self.notify.address
             if cfg.watchdog is not None:
                 env["WATCHDOG_USEC"] = str(int(cfg.watchdog * 1_000_000))
-        exe = cfg.argv[0]
-        if os.sep not in exe:
-            found = shutil.which(exe, path=env.get("PATH", os.defpath))
-            if found is None:
-                raise FileNotFoundError(f"executable not found: {exe!r}")
-            exe = found
-        elif not os.access(exe, os.X_OK):
-            raise PermissionError(f"not executable: {exe!r}")
+        exe = _which(cfg.argv[0], env.get("PATH", os.defpath))
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        self._fds = [out_r, err_r]
         try:
             if cfg.cwd is None and cfg.user is None and cfg.limits is None:
                 # posix_spawn returns once the child has exec'd (vfork): ~0.1 ms
-                self.os_pid = os.posix_spawn(  # noqa: ASYNC221
+                self.os_pid = os.posix_spawn(
                     exe,
                     list(cfg.argv),
                     env,
@@ -341,7 +367,7 @@ class _Runner:
                 )
             else:
                 # cwd/user/limits need a fork with a pre-exec step (a few ms)
-                self.popen = subprocess.Popen(  # noqa: ASYNC220
+                self.popen = subprocess.Popen(
                     [exe, *cfg.argv[1:]],
                     env=env,
                     cwd=cfg.cwd,
@@ -356,13 +382,14 @@ class _Runner:
         finally:
             os.close(out_w)
             os.close(err_w)
+        self._fds = []  # the readers own them from here on
         assert self.os_pid is not None
         self.pid.os_pid = self.os_pid
         _guardian.register(self.os_pid)
         self.pidfd = os.pidfd_open(self.os_pid)
         self.loop.add_reader(self.pidfd, self._on_pidfd)
-        # both readers connect in the same loop turn
-        await asyncio.gather(self._read_pipe("stdout", out_r), self._read_pipe("stderr", err_r))
+        self._read_pipe("stdout", out_r)
+        self._read_pipe("stderr", err_r)
         _telemetry.emit(
             "process.spawned",
             path=self.path,
@@ -373,7 +400,7 @@ class _Runner:
         if cfg.watchdog is not None:
             self._arm_watchdog()
 
-    async def _read_pipe(self, stream: str, fd: int) -> None:
+    def _read_pipe(self, stream: str, fd: int) -> None:
         log = None
         logs = self.cfg.logs
         if logs is not None:
@@ -385,7 +412,15 @@ class _Runner:
         closed: asyncio.Future[None] = self.loop.create_future()
         proto = LineProtocol(stream, self._on_line, log, closed)
         pipe = os.fdopen(fd, "rb", buffering=0)
-        transport, _ = await self.loop.connect_read_pipe(lambda: proto, pipe)
+        make = getattr(self.loop, "_make_read_pipe_transport", None)
+        if make is not None:
+            # asyncio's own constructor: the transport is ready now, without the loop turn
+            # that connect_read_pipe spends waiting for connection_made (per pipe, per spawn)
+            transport = make(pipe, proto)
+        else:  # another loop implementation: the public API, awaited by a small task
+            transport = _PendingTransport(
+                self.loop, self.loop.connect_read_pipe(lambda: proto, pipe)
+            )
         self.protocols.append(proto)
         self.transports.append(transport)
         self.pipes_closed.append(closed)
@@ -586,6 +621,9 @@ class _Runner:
         return None
 
     def _cleanup(self) -> None:
+        if self._cleaned:
+            return
+        self._cleaned = True
         if self.status is None and self.os_pid is not None:
             # still running (killed owner, or a failed start): SIGKILL the group and reap
             self._kill_group(signal.SIGKILL)
@@ -617,6 +655,47 @@ class _Runner:
                 os_pid=self.os_pid,
                 status=self.status,
             )
+
+
+class _PendingTransport:
+    """Stands in for a read transport that another event loop still has to connect."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, connecting: Any) -> None:
+        self._task = loop.create_task(connecting)
+        self._closing = False
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        self._closing = True
+        if self._task.done() and not self._task.cancelled() and self._task.exception() is None:
+            self._task.result()[0].close()
+        else:
+            self._task.add_done_callback(
+                lambda t: t.cancelled() or t.exception() or t.result()[0].close()
+            )
+
+
+_which_cache: dict[tuple[str, str], str] = {}
+
+
+def _which(exe: str, path: str) -> str:
+    """Resolve ``exe`` on ``path`` (cached) or check that an explicit path is executable."""
+    if os.sep in exe:
+        if not os.access(exe, os.X_OK):
+            raise PermissionError(f"not executable: {exe!r}")
+        return exe
+    key = (exe, path)
+    found = _which_cache.get(key)
+    if found is not None and os.access(found, os.X_OK):
+        return found
+    for folder in path.split(os.pathsep):
+        candidate = os.path.join(folder or ".", exe)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            _which_cache[key] = candidate
+            return candidate
+    raise FileNotFoundError(f"executable not found: {exe!r}")
 
 
 class _Marker:
