@@ -8,6 +8,7 @@ OS-process child, so the spawn path itself stays free of ``preexec_fn``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
@@ -73,7 +74,7 @@ def _start() -> None:
     _pipe = write_end
 
 
-def _send(line: str) -> None:
+def _write(data: bytes) -> None:
     global _pipe
     with _lock:
         if _pipe is None or not _alive():
@@ -84,10 +85,32 @@ def _send(line: str) -> None:
         if _pipe is None:
             return
         try:
-            os.write(_pipe, line.encode())
+            os.write(_pipe, data)
         except OSError:
             os.close(_pipe)
             _pipe = None
+
+
+# Each write wakes the guardian (tens of microseconds), so the lines of one loop turn go
+# out together: a tree of 50 children registers with one write, not 50.
+_pending: list[str] = []
+
+
+def _flush() -> None:
+    if _pending:
+        data = "".join(_pending).encode()
+        _pending.clear()
+        _write(data)
+
+
+def _send(line: str) -> None:
+    _pending.append(line)
+    if len(_pending) > 1:
+        return  # a flush is already scheduled
+    try:
+        asyncio.get_running_loop().call_soon(_flush)
+    except RuntimeError:  # no running loop: write now
+        _flush()
 
 
 def register(pgid: int) -> None:
@@ -97,14 +120,15 @@ def register(pgid: int) -> None:
 
 def unregister(pgid: int) -> None:
     """The group is gone (reaped): forget it."""
-    if _pipe is not None:
+    if _pipe is not None or _pending:
         _send(f"-{pgid}\n")
 
 
 def _forget_after_fork() -> None:
     global _pid, _pipe
     _pid = None
-    _pipe = None  # the fd is inherited by a forked child but is not its guardian
+    _pipe = None
+    _pending.clear()  # the fd is inherited by a forked child but is not its guardian
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
