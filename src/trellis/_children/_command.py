@@ -26,11 +26,13 @@ import logging
 import os
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import subprocess
 
 from .._childspec import Backoff, ChildSpec
 from .._core import _telemetry
@@ -69,10 +71,9 @@ _log = logging.getLogger("trellis")
 
 DEFAULT_INHERIT = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR")
 
-_MEMORY_ERRORS = re.compile(
-    rb"MemoryError|Cannot allocate memory|[Oo]ut of memory|bad_alloc|ENOMEM"
-)
-_FILE_ERRORS = re.compile(rb"Too many open files|EMFILE")
+# What a process that hit a memory or descriptor limit usually says (matched lazily).
+_MEMORY_ERRORS = rb"MemoryError|Cannot allocate memory|[Oo]ut of memory|bad_alloc|ENOMEM"
+_FILE_ERRORS = rb"Too many open files|EMFILE"
 
 
 class CommandPid(Pid):
@@ -554,6 +555,8 @@ class _Runner:
             return await _tcp_ok(host, port, health.timeout)
         if health.kind == "http":
             return await _http_ok(health.target, health.timeout)
+        import subprocess
+
         try:
             proc = await asyncio.create_subprocess_exec(
                 *health.target,
@@ -614,9 +617,9 @@ class _Runner:
         if limits is None:
             return None
         tail = b"\n".join(line for p in self.protocols for line in p.tail)
-        if limits.memory is not None and _MEMORY_ERRORS.search(tail):
+        if limits.memory is not None and re.search(_MEMORY_ERRORS, tail):
             return LimitExceeded("memory", f"address space limit {limits.memory} bytes")
-        if limits.open_files is not None and _FILE_ERRORS.search(tail):
+        if limits.open_files is not None and re.search(_FILE_ERRORS, tail):
             return LimitExceeded("open_files", f"limit {limits.open_files}")
         return None
 
