@@ -368,6 +368,8 @@ class _Runner:
                 )
             else:
                 # cwd/user/limits need a fork with a pre-exec step (a few ms)
+                import subprocess  # only this path needs it
+
                 self.popen = subprocess.Popen(
                     [exe, *cfg.argv[1:]],
                     env=env,
