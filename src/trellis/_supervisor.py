@@ -324,8 +324,10 @@ class _SupervisorServer(Server):
             child.last_pid = r
             child.started_at = self.now()
             self.by_pid[r] = child
-            self._event(
+            _telemetry.emit(  # direct (not _event): this is on every restart
                 event,
+                supervisor=self.path,
+                sup_pid=self.pid,
                 time=child.started_at,
                 child_id=child.id,
                 pid=r,
@@ -385,8 +387,10 @@ class _SupervisorServer(Server):
         child.pid = None
         if child.started_at is not None:
             child.uptime = self.now() - child.started_at
-        self._event(
+        _telemetry.emit(  # direct (not _event): this is on every restart
             "child.exited",
+            supervisor=self.path,
+            sup_pid=self.pid,
             time=self.now(),
             child_id=child.id,
             pid=child.last_pid,
