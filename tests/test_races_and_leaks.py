@@ -1,8 +1,8 @@
-"""Review tests: races, edge cases and semantic deviations found while reviewing the core.
+"""Races, leaks and edge cases across the core (found by review; each test states the rule).
 
 Tests marked ``xfail(strict=True)`` expose a bug: the docstring states what should
 happen (and the SPEC item, if any); the ``reason`` says what happens instead.
-"""
+"""Races, leaks and edge cases across the core (found by review; each test states the rule).
 
 from __future__ import annotations
 
