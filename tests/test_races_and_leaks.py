@@ -1,8 +1,7 @@
-"""Races, leaks and edge cases across the core (found by review; each test states the rule).
+"""Races, leaks and edge cases across the core, each found by a review of the code.
 
-Tests marked ``xfail(strict=True)`` expose a bug: the docstring states what should
-happen (and the SPEC item, if any); the ``reason`` says what happens instead.
-"""Races, leaks and edge cases across the core (found by review; each test states the rule).
+Each test's docstring states the rule (and the SPEC item, if any) that it checks.
+"""
 
 from __future__ import annotations
 
