@@ -10,7 +10,6 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._childspec import ChildSpec
@@ -190,6 +189,3 @@ async def run_async(
             signal.signal(signum, previous)
         for leftover in live_processes():
             await kill_and_wait(leftover)
-
-
-RootFactory = Callable[[], Awaitable[Pid]]

@@ -67,7 +67,6 @@ _ids = itertools.count(1)
 _live: dict[int, Pid] = {}
 _names: dict[str, Pid] = {}
 
-_POLICIES: Final = ("reject", "drop_oldest", "drop_newest")
 # Builds Exit/Down messages without the NamedTuple's Python-level __new__ (hot path).
 _new_tuple: Final = tuple.__new__
 
