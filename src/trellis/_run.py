@@ -10,16 +10,30 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from ._childspec import ChildSpec
 from ._core._process import Pid, kill_and_wait, live_processes
 from ._core._reasons import SHUTDOWN, is_clean
 from ._server import stop
 
-__all__ = ["run", "run_async"]
+__all__ = ["Extension", "run", "run_async"]
 
 _log = logging.getLogger("trellis")
+
+
+class Extension(Protocol):
+    """Something that runs beside a tree in the same event loop (journal, metrics,
+    control API): ``start`` before the root starts, ``tree_started`` once it runs
+    (``request_stop()`` then shuts the tree down as SIGTERM would), ``stop`` after the
+    tree has stopped (flush here). Extensions start in order and stop in reverse."""
+
+    async def start(self) -> None: ...
+
+    async def tree_started(self, root: Pid, request_stop: Callable[[], None]) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 def run(
@@ -28,6 +42,7 @@ def run(
     shutdown_timeout: float | None = None,
     hard_exit_after: float = 30.0,
     blocked_warning: float = 5.0,
+    extensions: Sequence[Extension] = (),
 ) -> int:
     """Run ``root`` until it ends or SIGTERM/SIGINT arrives; returns the exit code.
 
@@ -40,6 +55,8 @@ def run(
     shutdown has not finished ``hard_exit_after`` seconds after the signal (or a
     second signal arrives) it exits the process with code 1 instead of hanging.
 
+    ``extensions`` (see :class:`Extension`) run beside the tree in its event loop.
+
     Example::
 
         import sys, trellis
@@ -47,7 +64,14 @@ def run(
     """
     watchdog = _Watchdog(hard_exit_after, blocked_warning)
     try:
-        return asyncio.run(run_async(root, shutdown_timeout=shutdown_timeout, _watchdog=watchdog))
+        return asyncio.run(
+            run_async(
+                root,
+                shutdown_timeout=shutdown_timeout,
+                extensions=extensions,
+                _watchdog=watchdog,
+            )
+        )
     finally:
         watchdog.close()
 
@@ -139,7 +163,11 @@ async def _start_root(root: Any) -> Pid:
 
 
 async def run_async(
-    root: Any, *, shutdown_timeout: float | None = None, _watchdog: _Watchdog | None = None
+    root: Any,
+    *,
+    shutdown_timeout: float | None = None,
+    extensions: Sequence[Extension] = (),
+    _watchdog: _Watchdog | None = None,
 ) -> int:
     """The coroutine behind :func:`run`, for programs that own their event loop
     (signal handling, no watchdog thread)."""
@@ -163,8 +191,19 @@ async def run_async(
             installed.append((sig, signal.signal(sig, _raw_handler)))
     if _watchdog is not None:
         _watchdog.start(loop)
+    started: list[Extension] = []
+
+    def _request_stop() -> None:
+        if not stop_requested.done():
+            stop_requested.set_result(0)
+
     try:
+        for ext in extensions:
+            await ext.start()
+            started.append(ext)
         pid = await _start_root(root)
+        for ext in extensions:
+            await ext.tree_started(pid, _request_stop)
         ended = asyncio.ensure_future(pid.join())
         await asyncio.wait([ended, stop_requested], return_when=asyncio.FIRST_COMPLETED)
         if not ended.done():
@@ -189,3 +228,8 @@ async def run_async(
             signal.signal(signum, previous)
         for leftover in live_processes():
             await kill_and_wait(leftover)
+        for ext in reversed(started):
+            try:
+                await ext.stop()
+            except Exception:
+                _log.exception("extension %r failed to stop", ext)
