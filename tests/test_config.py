@@ -741,7 +741,8 @@ def test_error_names_key_path_and_line(text: str, expected: tuple[int, str, str]
 
 
 def test_unknown_top_level_key() -> None:
-    """Only [supervisor] may be at the top level."""
+    """Only [supervisor] and the operating tables (node, journal, control, metrics, chaos)
+    may be at the top level."""
     assert errors('name = "x"\n[supervisor]\n') == [
         (1, "name", "unknown key 'name' for the tree file")
     ]
@@ -1018,3 +1019,82 @@ def test_format_path() -> None:
     assert format_path(("supervisor", "children", 1, "restart")) == "supervisor.children[1].restart"
     assert format_path(("env", "A.B")) == 'env."A.B"'
     assert format_path(()) == ""
+
+
+# ---------------------------------------------------------------------------
+# How to operate a tree: node, [journal], [control], [metrics], [[chaos]]
+# ---------------------------------------------------------------------------
+
+
+def test_operating_settings_are_kept_with_paths_from_the_tree_file(tmp_path: Path) -> None:
+    """Relative journal and socket paths are taken from the tree file's directory."""
+    path = tmp_path / "tree.toml"
+    path.write_text(
+        toml(
+            """
+            node = "edge-1"
+            [journal]
+            url = "sqlite:///state/journal.db"
+            flush_interval = 0.005
+            [control]
+            socket = "ctl.sock"
+            tcp = "127.0.0.1:9100"
+            token_env = "MY_TOKEN"
+            [metrics]
+            enabled = false
+            [[chaos]]
+            fault = "kill"
+            target = "t/*"
+            [supervisor]
+            name = "t"
+            """
+        )
+    )
+    tree = load(path)
+    assert tree.settings == {
+        "node": "edge-1",
+        "journal": {"url": f"sqlite:///{tmp_path}/state/journal.db", "flush_interval": 0.005},
+        "control": {
+            "socket": str(tmp_path / "ctl.sock"),
+            "tcp": ("127.0.0.1", 9100),
+            "token_env": "MY_TOKEN",
+        },
+        "metrics": {"enabled": False},
+        "chaos": [{"fault": "kill", "target": "t/*"}],
+    }
+
+
+def test_operating_settings_absent_by_default() -> None:
+    assert loads("[supervisor]\n").settings == {}
+
+
+def test_absolute_and_postgres_journal_urls_are_kept() -> None:
+    tree = loads('[journal]\nurl = "sqlite:////var/j.db"\n[supervisor]\n')
+    assert tree.settings["journal"]["url"] == "sqlite:////var/j.db"
+    tree = loads('[journal]\nurl = "postgresql://u@127.0.0.1/db"\n[supervisor]\n')
+    assert tree.settings["journal"]["url"] == "postgresql://u@127.0.0.1/db"
+
+
+def test_operating_settings_errors_name_key_and_line() -> None:
+    text = """
+    [journal]
+    url = "mysql://x"
+    batch_size = 0
+    [control]
+    tcp = "nohost"
+    token_env = "1BAD"
+    colour = "red"
+    [metrics]
+    enabled = "yes"
+    [supervisor]
+    """
+    assert errors(text) == [
+        (2, "journal.url", errors(text)[0][2]),
+        (3, "journal.batch_size", "input should be greater than 0, got 0"),
+        (5, "control.tcp", "invalid address 'nohost': use a port number or 'host:port'"),
+        (6, "control.token_env", "invalid environment variable name '1BAD'"),
+        (7, "control.colour", "unknown key 'colour' in control"),
+        (9, "metrics.enabled", errors(text)[5][2]),
+    ]
+    assert "invalid journal URL 'mysql://x'" in errors(text)[0][2]
+    assert "bool" in errors(text)[5][2]

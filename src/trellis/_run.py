@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ._childspec import ChildSpec
+from ._core import _telemetry
 from ._core._process import Pid, kill_and_wait, live_processes
 from ._core._reasons import SHUTDOWN, is_clean
 from ._server import stop
@@ -175,8 +176,17 @@ async def run_async(
     stop_requested: asyncio.Future[int] = loop.create_future()
 
     def _on_signal(signum: int) -> None:
-        _log.info("received %s: shutting down", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        _log.info("received %s: shutting down", name)
         if not stop_requested.done():
+            _telemetry.emit(
+                "operator.action",
+                who=f"signal:{name}",
+                action="stop_tree",
+                target=None,
+                source="signal",
+                result="ok",
+            )
             stop_requested.set_result(signum)
 
     def _raw_handler(signum: int, _frame: object) -> None:

@@ -103,6 +103,9 @@ class TreeSpec:
     children: tuple[ChildSpec, ...]
     source: str = "<string>"
     outline: tuple[Node, ...] = field(default=(), repr=False)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    """How to operate it: the file's ``node``, ``[journal]``, ``[control]``, ``[metrics]``
+    and ``[[chaos]]`` tables as given (validated; relative paths made absolute)."""
 
     def child_spec(self) -> ChildSpec:
         """A ``ChildSpec`` (type ``supervisor``) that starts the root, registered as ``name``.
@@ -202,7 +205,7 @@ def _loads(text: str, source: str, base_dir: Path) -> TreeSpec:
     if issues or tree is None:
         issues.sort(key=lambda i: i.line or 0)
         raise ConfigError(issues or [ConfigIssue("", 1, "invalid tree file")], source)
-    return TreeSpec(tree.name, tree.flags, tree.children, source, tree.outline)
+    return TreeSpec(tree.name, tree.flags, tree.children, source, tree.outline, tree.settings)
 
 
 def _syntax_issue(e: tomllib.TOMLDecodeError, text: str) -> ConfigIssue:

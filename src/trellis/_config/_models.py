@@ -40,10 +40,13 @@ __all__ = [
     "CHILD_KINDS",
     "BackoffModel",
     "CommandChild",
+    "ControlModel",
     "Document",
     "HealthModel",
+    "JournalModel",
     "LimitsModel",
     "LogsModel",
+    "MetricsModel",
     "ReadyModel",
     "RootSupervisor",
     "ServerChild",
@@ -398,9 +401,65 @@ class RootSupervisor(_Flags):
     what = "the root supervisor"
 
 
+def _check_journal_url(value: object) -> str:
+    if isinstance(value, str):
+        scheme = value.partition("://")[0]
+        if scheme == "sqlite" and value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+            return value
+        if scheme in ("postgresql", "postgres") and len(value) > len(scheme) + 3:
+            return value
+    fail(
+        f"invalid journal URL {value!r}: use sqlite:///relative/path.db, "
+        "sqlite:////absolute/path.db or postgresql://user@host/db"
+    )
+
+
+def _check_env_name(value: object) -> str:
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        return value
+    fail(f"invalid environment variable name {value!r}")
+
+
+def _check_socket(value: object) -> str | bool:
+    if isinstance(value, bool) or (isinstance(value, str) and value):
+        return value
+    fail(f"socket is a path or true/false, got {value!r}")
+
+
+EnvName = Annotated[str, PlainValidator(_check_env_name)]
+
+
+class JournalModel(_Model):
+    what = "journal"
+    enabled: bool | None = None
+    url: Annotated[str, PlainValidator(_check_journal_url)] | None = None
+    key_env: EnvName | None = None
+    max_buffer: Annotated[int, Field(gt=0)] | None = None
+    batch_size: Annotated[int, Field(gt=0)] | None = None
+    flush_interval: Seconds | None = None
+
+
+class ControlModel(_Model):
+    what = "control"
+    enabled: bool | None = None
+    socket: Annotated[str | bool, PlainValidator(_check_socket)] | None = None
+    tcp: Tcp | None = None
+    token_env: EnvName | None = None
+
+
+class MetricsModel(_Model):
+    what = "metrics"
+    enabled: bool | None = None
+
+
 class Document(_Model):
     what = "the tree file"
     supervisor: dict[str, Any]
+    node: NonEmpty | None = None
+    journal: JournalModel | None = None
+    control: ControlModel | None = None
+    metrics: MetricsModel | None = None
+    chaos: list[dict[str, Any]] | None = None
 
 
 CHILD_KINDS: dict[str, type[_Child]] = {

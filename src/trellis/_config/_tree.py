@@ -15,7 +15,7 @@ import shlex
 import shutil
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -70,6 +70,7 @@ class Tree:
     flags: dict[str, Any]
     children: tuple[ChildSpec, ...]
     outline: tuple[Node, ...]
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -175,7 +176,33 @@ class _Walker:
             flags=root.flags(),
             children=tuple(b.spec for b in built if b.spec is not None),
             outline=tuple(b.node for b in built if b.node is not None),
+            settings=self.settings(doc),
         )
+
+    def settings(self, doc: Document) -> dict[str, Any]:
+        """How to operate the tree: ``node``, ``journal``, ``control``, ``metrics`` and
+        ``chaos`` as the file gave them (a relative SQLite journal path is taken from
+        the tree file's directory)."""
+        out: dict[str, Any] = {}
+        if doc.node is not None:
+            out["node"] = doc.node
+        for key in ("journal", "control", "metrics"):
+            model = getattr(doc, key)
+            if model is not None:
+                out[key] = model.given()
+        url = out.get("journal", {}).get("url")
+        if (
+            isinstance(url, str)
+            and url.startswith("sqlite:///")
+            and not url.startswith("sqlite:////")
+        ):
+            out["journal"]["url"] = "sqlite:///" + str(self.base_dir / url[len("sqlite:///") :])
+        sock = out.get("control", {}).get("socket")
+        if isinstance(sock, str) and not sock.startswith("/"):
+            out["control"]["socket"] = str(self.base_dir / sock)
+        if doc.chaos is not None:
+            out["chaos"] = doc.chaos
+        return out
 
     def check_flags(self, model: RootSupervisor | SupervisorChild, path: KeyPath, n: int) -> None:
         """The flag combinations, by the core's rules (each flag is already valid)."""
