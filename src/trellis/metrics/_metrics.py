@@ -1,0 +1,739 @@
+"""``Metrics``: a prometheus_client collector fed by telemetry and a scrape-time tree walk.
+
+The telemetry handler only bumps plain numbers kept per ``(supervisor, child id)``;
+prometheus_client metric families are built from them when the registry is collected,
+so a restart costs a dict lookup and a few additions, not the locks of labelled
+``Counter``/``Histogram`` objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import socket
+import time
+import weakref
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from .._children import ProcessExitReason
+from .._core import _telemetry
+from .._core._process import Pid
+from .._supervisor import _AdminPid
+from .._tree import Node, classify, walk
+
+__all__ = ["Metrics"]
+
+_log = logging.getLogger("trellis.metrics")
+_wall = time.time
+
+_INF = math.inf
+#: Recovery (DOWN -> UP) buckets, seconds: a plain restart is sub-millisecond, a backoff
+#: or a slow OS-process start takes seconds.
+RECOVERY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+#: Run time before an abnormal exit (time between failures), seconds: up to a week.
+RUN_BUCKETS = (0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 43200.0, 86400.0, 604800.0)
+#: Journal batch write latency, seconds.
+JOURNAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+#: The telemetry events the handler needs.
+EVENTS = (
+    "child.exited",
+    "child.restarted",
+    "child.started",
+    "child.terminated",
+    "child.start_failed",
+    "supervisor.gave_up",
+    "journal.batch",
+    "journal.dropped",
+    "mailbox.overflow",
+    "telemetry.handler_failed",
+)
+
+_CLEAN = frozenset(("normal", "shutdown"))
+_STATES = ("running", "restarting", "stopped")
+_MAX_LABEL = 120
+_UNKNOWN = object()
+
+# Exception types whose class does not depend on the instance: classified once per type
+# (classify() costs ~0.8 us for a plain exception). OS-process reasons carry the code,
+# signal or limit that decides their class, so they are always classified in full.
+_class_by_type: dict[type, str] = {}
+
+
+def _classify(reason: Any) -> str:
+    t = type(reason)
+    cls = _class_by_type.get(t)
+    if cls is not None:
+        return cls
+    cls = classify(reason)
+    if isinstance(reason, BaseException) and not isinstance(reason, ProcessExitReason):
+        _class_by_type[t] = cls
+    return cls
+
+
+# ---------------------------------------------------------------------------
+# Label values
+# ---------------------------------------------------------------------------
+
+# What a pid, an unnamed process's default name or an object address looks like.
+_PIDLIKE = re.compile(r"<Pid \d+[^>]*>|<\d+>|0x[0-9a-fA-F]+")
+
+
+def _mask(m: re.Match[str]) -> str:
+    text = m.group()
+    if text.startswith("<Pid"):
+        return "<pid>"
+    return "<unnamed>" if text.startswith("<") else "0x?"
+
+
+def _label(value: object) -> str:
+    """A label value for a tree path or child id: pid-like parts masked, length capped."""
+    if type(value) is str:
+        s = value
+    else:
+        try:
+            s = str(value)
+        except Exception:
+            s = type(value).__name__
+    if "<" in s or "0x" in s:
+        s = _PIDLIKE.sub(_mask, s)
+    return s if len(s) <= _MAX_LABEL else s[: _MAX_LABEL - 1] + "…"
+
+
+# ---------------------------------------------------------------------------
+# What telemetry told, per child key
+# ---------------------------------------------------------------------------
+
+
+class _Hist:
+    """Histogram counts per bucket (not cumulative; the last bucket is +Inf) and sum."""
+
+    __slots__ = ("bounds", "counts", "les", "sum")
+
+    def __init__(self, bounds: tuple[float, ...], les: tuple[str, ...]) -> None:
+        self.bounds = bounds
+        self.les = les  # the bounds as ``le`` label values
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect_left(self.bounds, v)] += 1
+        self.sum += v
+
+    def add(self, other: _Hist) -> None:
+        c = self.counts
+        for i, n in enumerate(other.counts):
+            c[i] += n
+        self.sum += other.sum
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out = []
+        total = 0
+        for le, n in zip(self.les, self.counts, strict=True):
+            total += n
+            out.append((le, float(total)))
+        return out
+
+
+def _bounds(buckets: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[str, ...]]:
+    bounds = (*buckets, _INF)
+    return bounds, tuple(floatToGoString(b) for b in bounds)  # type: ignore[no-untyped-call]
+
+
+_RECOVERY = _bounds(RECOVERY_BUCKETS)
+_RUN = _bounds(RUN_BUCKETS)
+_JOURNAL = _bounds(JOURNAL_BUCKETS)
+
+
+class _ChildStats:
+    """Counts for one ``(supervisor path, child id)``; several dynamic children with one
+    spec id share it."""
+
+    __slots__ = (
+        "child",
+        "down_since",
+        "exits",
+        "last_class",
+        "missed",
+        "recovery",
+        "restarts",
+        "run",
+        "start_failures",
+        "start_wall",
+        "started_at",
+        "starts",
+        "sup",
+    )
+
+    def __init__(self, sup: str, child: Any) -> None:
+        self.sup = sup
+        self.child = child
+        self.starts = 0
+        self.restarts: dict[str, int] = {}
+        self.exits: dict[str, int] = {}
+        self.start_failures = 0
+        self.start_wall: float | None = None  # time.time() of the last start
+        self.started_at: float | None = None  # Trellis clock of the last start, while up
+        self.down_since: float | None = None  # Trellis clock of the last abnormal exit
+        self.last_class: str | None = None  # class of the exit before the next restart
+        self.recovery = _Hist(*_RECOVERY)
+        self.run = _Hist(*_RUN)
+        self.missed = 0  # consecutive scrapes whose walk did not find this child
+
+
+class _SupStats:
+    __slots__ = ("gave_up", "missed")
+
+    def __init__(self) -> None:
+        self.gave_up = 0
+        self.missed = 0
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+
+class Metrics:
+    """Prometheus metrics for supervision trees, as a ``trellis.run`` extension.
+
+    Counters and histograms come from telemetry (attached by :meth:`attach` or
+    :meth:`start`); the ``up``, ``state`` and ``mailbox_length`` gauges come from a
+    walk of the tree whose root was given to :meth:`tree_started` (or :meth:`track`),
+    done by :meth:`render` at each scrape. Every series has the labels ``node``,
+    ``supervisor`` (tree path) and ``child`` (child id) where they apply, never a pid
+    or a free-text reason; ``reason`` is an exit class from
+    ``normal, shutdown, crash, hung, killed, oom, timeout``.
+
+    Metrics (all prefixed ``trellis_``): ``child_starts_total``,
+    ``child_restarts_total{reason}`` (class of the exit that caused the restart),
+    ``child_exits_total{reason}``, ``child_start_failures_total``, ``child_up``,
+    ``child_state{state}`` (running, restarting, stopped), ``child_start_time_seconds``,
+    ``child_recovery_seconds`` (abnormal exit to the next start, Trellis clock),
+    ``child_run_seconds`` (start to the next abnormal exit), ``child_mailbox_length``,
+    ``supervisor_intensity_exceeded_total``, ``journal_write_seconds``,
+    ``journal_events_total``, ``journal_dropped_events_total``,
+    ``telemetry_handler_failures_total``, ``mailbox_overflows_total{policy}``,
+    ``metrics_event_errors_total``.
+
+    Children of a ``DynamicSupervisor`` or ``simple_one_for_one`` supervisor that share
+    a spec id share one label set: ``child_state`` then counts them and ``child_up`` is
+    1 only while all of them run. A child the walk no longer finds (a temporary child
+    that ended, a deleted child, a dynamic child that was terminated, a subtree that
+    is gone) keeps its series for one more scrape, then they are removed.
+
+    Args:
+        node: The ``node`` label (default: the host name).
+        registry: The prometheus_client registry to register in (default: a new one,
+            in :attr:`registry`).
+        walk_timeout: How long a scrape waits for each supervisor to answer.
+
+    Example::
+
+        metrics = Metrics(node="web-1")
+        exit_code = await trellis.run_async(root, extensions=[metrics])
+
+        body, content_type = await metrics.render()   # while the tree runs
+    """
+
+    def __init__(
+        self,
+        *,
+        node: str | None = None,
+        registry: CollectorRegistry | None = None,
+        walk_timeout: float = 2.0,
+    ) -> None:
+        if node is None:
+            node = socket.gethostname()
+        elif not isinstance(node, str) or not node:
+            raise TypeError(f"Metrics(node=...) must be a non-empty string, not {node!r}")
+        if registry is not None and not isinstance(registry, CollectorRegistry):
+            raise TypeError(
+                f"Metrics(registry=...) must be a prometheus_client CollectorRegistry, "
+                f"not {type(registry).__name__}"
+            )
+        if (
+            isinstance(walk_timeout, bool)
+            or not isinstance(walk_timeout, int | float)
+            or not walk_timeout > 0
+        ):
+            raise ValueError(f"Metrics(walk_timeout=...) must be > 0 seconds, not {walk_timeout!r}")
+        self.node = node
+        self.walk_timeout = float(walk_timeout)
+        self.registry = CollectorRegistry() if registry is None else registry
+        self._children: dict[tuple[str, Any], _ChildStats] = {}
+        self._sups: dict[str, _SupStats] = {}
+        self._sup_last: dict[str, str] = {}  # class of each supervisor's last restarting exit
+        self._journal = _Hist(*_JOURNAL)
+        self._journal_events = 0
+        self._journal_dropped = 0
+        self._handler_failures = 0
+        self._overflows: dict[str, int] = {}
+        self._errors = 0
+        self._root: Pid | None = None
+        self._live: dict[tuple[str, str], list[int]] = {}
+        self._spec_ids: weakref.WeakKeyDictionary[Pid, Any] = weakref.WeakKeyDictionary()
+        self._hid: object | None = None
+        try:
+            self.registry.register(_Collector(self))
+        except ValueError as e:
+            raise ValueError(
+                f"this registry already holds trellis metrics (one Metrics per registry): {e}"
+            ) from e
+
+    # -- lifecycle -----------------------------------------------------------------
+    def attach(self) -> Metrics:
+        """Start counting telemetry events (idempotent); returns ``self``."""
+        if self._hid is None:
+            self._hid = _telemetry.attach(self._handle, EVENTS)
+        return self
+
+    def detach(self) -> None:
+        """Stop counting (idempotent); what was counted stays exported."""
+        if self._hid is not None:
+            _telemetry.detach(self._hid)
+            self._hid = None
+
+    @property
+    def attached(self) -> bool:
+        """Whether the telemetry handler is attached."""
+        return self._hid is not None
+
+    def track(self, root: Pid | None) -> None:
+        """Walk the tree under ``root`` at each :meth:`render` (``None``: walk nothing)."""
+        if root is not None and not isinstance(root, Pid):
+            raise TypeError(f"Metrics.track(root) takes a supervisor pid, not {root!r}")
+        self._root = root
+
+    async def start(self) -> None:
+        """Extension hook: attach to telemetry before the root starts."""
+        self.attach()
+
+    async def tree_started(self, root: Pid, request_stop: Callable[[], None]) -> None:
+        """Extension hook: remember the root for the scrape-time walk."""
+        self.track(root)
+
+    async def stop(self) -> None:
+        """Extension hook: detach from telemetry after the tree has stopped."""
+        self.detach()
+
+    # -- scraping ------------------------------------------------------------------
+    async def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """Walk the tree for the scrape-time gauges, then encode the registry.
+
+        ``accept`` is the scraper's ``Accept`` header: OpenMetrics when it asks for it,
+        the Prometheus text format 0.0.4 otherwise. Returns ``(body, content_type)``.
+
+        Example::
+
+            body, content_type = await metrics.render(request.headers.get("accept"))
+        """
+        await self.refresh()
+        if accept is None:
+            from prometheus_client import generate_latest
+
+            return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    async def refresh(self) -> None:
+        """Walk the tracked tree: update the ``up``/``state``/``mailbox_length`` gauges
+        and drop the series of children no longer in it (see the class docstring)."""
+        root = self._root
+        if root is None:
+            self._live = {}
+            return
+        tree = await walk(root, timeout=self.walk_timeout)
+        live: dict[tuple[str, str], list[int]] = {}
+        sups: set[str] = set()
+        protected: list[str] = []
+        root_label = _label(_own_path(tree, tree.path))
+        _count(live, ("", root_label), tree)
+        sups.add(root_label)
+        await self._visit(tree, root_label, live, sups, protected)
+        self._live = live
+        self._sweep(live, sups, protected)
+
+    async def _visit(
+        self,
+        node: Node,
+        sup_label: str,
+        live: dict[tuple[str, str], list[int]],
+        sups: set[str],
+        protected: list[str],
+    ) -> None:
+        sup_pid = node.pid
+        own = _own_path(node, node.path)
+        template: Any = None  # for dynamic children: _UNKNOWN, ("id",) or None (unasked)
+        for ch in node.children:
+            cid: Any = ch.id
+            if cid is None:  # DynamicSupervisor / simple_one_for_one: ids are spec ids
+                if template is None:
+                    template = await self._template(sup_pid)
+                cid = template[0] if type(template) is tuple else await self._spec_id(sup_pid, ch)
+                if cid is _UNKNOWN:
+                    protected.append(sup_label)
+                    continue
+            _count(live, (sup_label, _label(cid)), ch)
+            if ch.type != "supervisor":
+                continue
+            child_label = _label(_own_path(ch, f"{own}/{cid}"))
+            sups.add(child_label)
+            if ch.state == "restarting" or (
+                ch.state == "running" and not ch.children and not await self._empty(ch.pid)
+            ):
+                protected.append(child_label)
+            await self._visit(ch, child_label, live, sups, protected)
+
+    async def _template(self, sup: Pid | None) -> Any:
+        """``(id,)`` for a simple_one_for_one supervisor, ``_UNKNOWN`` otherwise."""
+        if not isinstance(sup, _AdminPid):
+            return _UNKNOWN
+        try:
+            spec = await asyncio.wait_for(_get_childspec(sup, None), self.walk_timeout)
+        except Exception:  # a DynamicSupervisor (NotFound), or it did not answer
+            return _UNKNOWN
+        return (spec.id,)
+
+    async def _spec_id(self, sup: Pid | None, child: Node) -> Any:
+        pid = child.pid
+        if pid is None or not isinstance(sup, _AdminPid):
+            return _UNKNOWN  # restarting: no pid to ask about
+        cid = self._spec_ids.get(pid, _UNKNOWN)
+        if cid is not _UNKNOWN:
+            return cid
+        try:
+            spec = await asyncio.wait_for(_get_childspec(sup, pid), self.walk_timeout)
+        except Exception:  # gone meanwhile (NotFound), or the supervisor did not answer
+            return _UNKNOWN
+        self._spec_ids[pid] = spec.id
+        return spec.id
+
+    async def _empty(self, sup: Pid | None) -> bool:
+        """Whether a supervisor that showed no children really has none (it may have not
+        answered the walk in time)."""
+        if not isinstance(sup, _AdminPid):
+            return True
+        try:
+            c = await asyncio.wait_for(sup.count_children(), self.walk_timeout)
+        except Exception:
+            return False
+        return bool(c.supervisors + c.workers == 0)
+
+    def _sweep(
+        self, live: dict[tuple[str, str], list[int]], sups: set[str], protected: list[str]
+    ) -> None:
+        def kept(sup: str) -> bool:
+            return any(sup == p or sup.startswith(p + "/") for p in protected)
+
+        for key, e in list(self._children.items()):
+            sup = _label(e.sup)
+            if (sup, _label(e.child)) in live or kept(sup):
+                e.missed = 0
+                continue
+            e.missed += 1
+            if e.missed >= 2:
+                del self._children[key]
+        for path, s in list(self._sups.items()):
+            sup = _label(path)
+            if sup in sups or kept(sup):
+                s.missed = 0
+                continue
+            s.missed += 1
+            if s.missed >= 2:
+                del self._sups[path]
+        for path in list(self._sup_last):
+            if _label(path) not in sups:
+                del self._sup_last[path]
+
+    # -- the telemetry handler (hot path) ---------------------------------------------
+    def _handle(self, ev: dict[str, Any]) -> None:
+        # Kept flat on purpose: this runs inside the supervisor on every restart.
+        try:
+            name = ev["event"]
+            if name == "child.exited":
+                e = self._children.get((ev["supervisor"], ev["child_id"])) or self._child(ev)
+                cls = _class_by_type.get(type(reason := ev["reason"])) or _classify(reason)
+                ex = e.exits
+                ex[cls] = ex.get(cls, 0) + 1
+                e.last_class = cls
+                if ev["restart"]:
+                    self._sup_last[e.sup] = cls
+                if cls not in _CLEAN:
+                    t = ev["time"]
+                    e.down_since = t
+                    if e.started_at is not None:
+                        h = e.run
+                        v = t - e.started_at
+                        h.counts[bisect_left(h.bounds, v)] += 1
+                        h.sum += v
+                e.started_at = None
+            elif name == "child.restarted" or name == "child.started":
+                e = self._children.get((ev["supervisor"], ev["child_id"])) or self._child(ev)
+                e.starts += 1
+                if name == "child.restarted":
+                    cls = e.last_class or self._sup_last.get(e.sup, "shutdown")
+                    rs = e.restarts
+                    rs[cls] = rs.get(cls, 0) + 1
+                t = ev["time"]
+                if e.down_since is not None:
+                    h = e.recovery
+                    v = t - e.down_since
+                    h.counts[bisect_left(h.bounds, v)] += 1
+                    h.sum += v
+                    e.down_since = None
+                e.started_at = t
+                e.start_wall = _wall()
+            elif name == "child.terminated":
+                e = self._child(ev)
+                e.started_at = None
+                e.last_class = None  # if restarted, it is a bystander of a sibling's exit
+            elif name == "child.start_failed":
+                self._child(ev).start_failures += 1
+            else:
+                self._handle_other(name, ev)
+        except Exception:  # never let a bad event detach the handler
+            self._errors += 1
+            if self._errors == 1:
+                _log.exception("metrics could not count the event %r", ev.get("event"))
+
+    def _child(self, ev: dict[str, Any]) -> _ChildStats:
+        """The stats of the event's child, created on first sight."""
+        sup = ev["supervisor"]
+        cid = ev["child_id"]
+        try:
+            e = self._children.get((sup, cid))
+        except TypeError:  # an unhashable child id
+            cid = repr(cid)
+            e = self._children.get((sup, cid))
+        if e is None:
+            e = self._children[sup, cid] = _ChildStats(sup, cid)
+        return e
+
+    def _handle_other(self, name: str, ev: dict[str, Any]) -> None:
+        if name == "supervisor.gave_up":
+            sup = ev["supervisor"]
+            s = self._sups.get(sup)
+            if s is None:
+                s = self._sups[sup] = _SupStats()
+            s.gave_up += 1
+        elif name == "journal.batch":
+            n = ev["events"]
+            secs = float(ev["seconds"])
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0 or not secs >= 0:
+                raise ValueError(f"bad journal.batch fields: events={n!r} seconds={secs!r}")
+            self._journal_events += n
+            self._journal.observe(secs)
+        elif name == "journal.dropped":
+            n = ev["count"]
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"bad journal.dropped count: {n!r}")
+            self._journal_dropped += n
+        elif name == "mailbox.overflow":
+            policy = _label(ev.get("policy"))
+            self._overflows[policy] = self._overflows.get(policy, 0) + 1
+        elif name == "telemetry.handler_failed":
+            self._handler_failures += 1
+
+    # -- exposition ----------------------------------------------------------------
+    def _families(self, empty: bool = False) -> list[Metric]:
+        node = self.node
+        L = ["node", "supervisor", "child"]
+        starts = CounterMetricFamily(
+            "trellis_child_starts", "Child starts, restarts included.", labels=L
+        )
+        restarts = CounterMetricFamily(
+            "trellis_child_restarts",
+            "Child restarts by the class of the exit that caused them.",
+            labels=[*L, "reason"],
+        )
+        exits = CounterMetricFamily(
+            "trellis_child_exits", "Child exits by exit class.", labels=[*L, "reason"]
+        )
+        failures = CounterMetricFamily(
+            "trellis_child_start_failures", "Restarts whose start function failed.", labels=L
+        )
+        start_time = GaugeMetricFamily(
+            "trellis_child_start_time_seconds",
+            "Unix time of the child's last start.",
+            labels=L,
+        )
+        recovery = HistogramMetricFamily(
+            "trellis_child_recovery_seconds",
+            "Time from an abnormal exit to the next start of the child (DOWN to UP).",
+            labels=L,
+        )
+        run = HistogramMetricFamily(
+            "trellis_child_run_seconds",
+            "Time from a start to the next abnormal exit (time between failures).",
+            labels=L,
+        )
+        up = GaugeMetricFamily(
+            "trellis_child_up", "1 while the child runs, 0 otherwise (at scrape time).", labels=L
+        )
+        state = GaugeMetricFamily(
+            "trellis_child_state",
+            "Children in each state: running, restarting or stopped (at scrape time).",
+            labels=[*L, "state"],
+        )
+        mailbox = GaugeMetricFamily(
+            "trellis_child_mailbox_length",
+            "Messages waiting in the child's mailbox (at scrape time).",
+            labels=L,
+        )
+        gave_up = CounterMetricFamily(
+            "trellis_supervisor_intensity_exceeded",
+            "Times the supervisor reached its maximum restart intensity and gave up.",
+            labels=["node", "supervisor"],
+        )
+        journal = HistogramMetricFamily(
+            "trellis_journal_write_seconds", "Journal batch write latency.", labels=["node"]
+        )
+        journal_events = CounterMetricFamily(
+            "trellis_journal_events", "Events written to the journal.", labels=["node"]
+        )
+        journal_dropped = CounterMetricFamily(
+            "trellis_journal_dropped_events",
+            "Events the journal dropped because its writer fell behind.",
+            labels=["node"],
+        )
+        handler_failures = CounterMetricFamily(
+            "trellis_telemetry_handler_failures",
+            "Telemetry handlers that raised and were detached.",
+            labels=["node"],
+        )
+        overflows = CounterMetricFamily(
+            "trellis_mailbox_overflows",
+            "Messages that met a full bounded mailbox, by policy.",
+            labels=["node", "policy"],
+        )
+        errors = CounterMetricFamily(
+            "trellis_metrics_event_errors",
+            "Telemetry events the metrics handler could not count.",
+            labels=["node"],
+        )
+        fams: list[Metric] = [
+            starts,
+            restarts,
+            exits,
+            failures,
+            start_time,
+            recovery,
+            run,
+            up,
+            state,
+            mailbox,
+            gave_up,
+            journal,
+            journal_events,
+            journal_dropped,
+            handler_failures,
+            overflows,
+            errors,
+        ]
+        if empty:
+            return fams
+
+        # children with one label set (dynamic children sharing a spec id, masked
+        # paths) are summed
+        merged: dict[tuple[str, str], _ChildStats] = {}
+        for e in list(self._children.values()):
+            key = (_label(e.sup), _label(e.child))
+            m = merged.get(key)
+            if m is None:
+                m = merged[key] = _ChildStats(*key)
+            m.starts += e.starts
+            _add_counts(m.restarts, e.restarts)
+            _add_counts(m.exits, e.exits)
+            m.start_failures += e.start_failures
+            if e.start_wall is not None and (m.start_wall is None or e.start_wall > m.start_wall):
+                m.start_wall = e.start_wall
+            m.recovery.add(e.recovery)
+            m.run.add(e.run)
+        for (sup, child), m in merged.items():
+            labels = [node, sup, child]
+            starts.add_metric(labels, m.starts)
+            for cls, n in sorted(m.restarts.items()):
+                restarts.add_metric([*labels, cls], n)
+            for cls, n in sorted(m.exits.items()):
+                exits.add_metric([*labels, cls], n)
+            failures.add_metric(labels, m.start_failures)
+            if m.start_wall is not None:
+                start_time.add_metric(labels, m.start_wall)
+            recovery.add_metric(labels, m.recovery.buckets(), m.recovery.sum)
+            run.add_metric(labels, m.run.buckets(), m.run.sum)
+        for (sup, child), (n_run, n_restarting, n_stopped, mbox) in list(self._live.items()):
+            labels = [node, sup, child]
+            up.add_metric(labels, 1 if n_run and not n_restarting and not n_stopped else 0)
+            for st, n in zip(_STATES, (n_run, n_restarting, n_stopped), strict=True):
+                state.add_metric([*labels, st], n)
+            mailbox.add_metric(labels, mbox)
+        sup_gave_up: dict[str, int] = {}
+        for path, s in list(self._sups.items()):
+            label = _label(path)
+            sup_gave_up[label] = sup_gave_up.get(label, 0) + s.gave_up
+        for label, n in sorted(sup_gave_up.items()):
+            gave_up.add_metric([node, label], n)
+        journal.add_metric([node], self._journal.buckets(), self._journal.sum)
+        journal_events.add_metric([node], self._journal_events)
+        journal_dropped.add_metric([node], self._journal_dropped)
+        handler_failures.add_metric([node], self._handler_failures)
+        for policy, n in sorted(self._overflows.items()):
+            overflows.add_metric([node, policy], n)
+        errors.add_metric([node], self._errors)
+        return fams
+
+
+def _add_counts(into: dict[str, int], other: dict[str, int]) -> None:
+    for k, n in other.items():
+        into[k] = into.get(k, 0) + n
+
+
+def _own_path(node: Node, default: str) -> str:
+    """A supervisor's own path (what its telemetry events carry), else ``default``."""
+    server = getattr(node.pid, "_server", None) if node.pid is not None else None
+    p = getattr(server, "path", None)
+    return p if isinstance(p, str) else default
+
+
+def _count(live: dict[tuple[str, str], list[int]], key: tuple[str, str], node: Node) -> None:
+    row = live.get(key)
+    if row is None:
+        row = live[key] = [0, 0, 0, 0]
+    row[_STATES.index(node.state)] += 1
+    pid = node.pid
+    if pid is not None and pid.alive:
+        row[3] += pid.message_queue_len
+
+
+async def _get_childspec(sup: _AdminPid, id: Any) -> Any:
+    # DynamicSupervisorPid has no public get_childspec; its server answers it by pid.
+    return await sup._admin("get_childspec", id)
+
+
+class _Collector(Collector):
+    """Adapts :class:`Metrics` to prometheus_client's collector protocol."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics._families()
+
+    def describe(self) -> Sequence[Metric]:
+        return self._metrics._families(empty=True)
