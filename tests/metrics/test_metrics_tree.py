@@ -162,7 +162,8 @@ async def test_restart_reason_is_the_class_of_the_exit_that_caused_it(
 ) -> None:
     """A crash, a kill and a normal exit of a permanent child each count one restart
     under their class; a rest_for_one bystander's restart counts under the class of the
-    sibling's exit that caused it, and its shutdown is not an exit."""
+    sibling's exit that caused it (not its own earlier crash), and its shutdown by the
+    supervisor is not an exit."""
     with capture_telemetry() as cap:
         sup = await trellis.Supervisor.start_link(
             [Crashy.child_spec(id="first"), Crashy.child_spec(id="second")],
@@ -171,10 +172,11 @@ async def test_restart_reason_is_the_class_of_the_exit_that_caused_it(
             name="m-reasons",
         )
         metrics.track(sup)
-        await crash(sup, "first", "crash")
-        await crash(sup, "first", "kill")
-        await crash(sup, "first", "normal")
-        await wait_restarted(sup, "second", cap.named("child.started", child_id="second")[0]["pid"])
+        await crash(sup, "second", "crash")
+        for how in ("kill", "crash", "normal"):
+            old = await pid_of(sup, "second")
+            await crash(sup, "first", how)
+            await wait_restarted(sup, "second", old)
         await settle()
         s = await scrape(metrics)
         await sup.stop()
@@ -184,9 +186,11 @@ async def test_restart_reason_is_the_class_of_the_exit_that_caused_it(
     for cls in ("crash", "killed", "normal"):
         assert s.value("trellis_child_restarts_total", **first, reason=cls) == 1
         assert s.value("trellis_child_exits_total", **first, reason=cls) == 1
-        assert s.value("trellis_child_restarts_total", **second, reason=cls) == 1
-    assert len(cap.named("child.restarted", child_id="second")) == 3
-    assert s.select("trellis_child_exits_total", child="second") == []
+    assert len(cap.named("child.restarted", child_id="second")) == 4
+    assert s.value("trellis_child_restarts_total", **second, reason="crash") == 2
+    assert s.value("trellis_child_restarts_total", **second, reason="killed") == 1
+    assert s.value("trellis_child_restarts_total", **second, reason="normal") == 1
+    assert [lb["reason"] for lb, _ in s.select("trellis_child_exits_total", **second)] == ["crash"]
     # a normal exit is not a failure: no run-time or recovery observation for it
     assert s.value("trellis_child_run_seconds_count", **first) == 2
     assert s.value("trellis_child_recovery_seconds_count", **first) == 2
@@ -503,3 +507,21 @@ async def test_detached_metrics_stop_counting(metrics: Metrics, scrape: Scrape) 
     assert after.value("trellis_child_restarts_total", **c, reason="crash") == 1
     assert after.value("trellis_child_starts_total", **c) == 2
     assert after.value("trellis_child_up", **c) == 1  # gauges still read the live tree
+
+
+async def test_an_unhashable_child_id_is_counted_under_its_text(
+    metrics: Metrics, scrape: Scrape
+) -> None:
+    """A child whose id is a list is counted (not an error) and its counters and
+    gauges share one label set."""
+    cid = ["shard", 1]
+    sup = await trellis.Supervisor.start_link([Crashy.child_spec(id=cid)], name="m-unhash")
+    metrics.track(sup)
+    await crash(sup, cid)
+    s = await scrape(metrics)
+    await sup.stop()
+
+    c = {"supervisor": "m-unhash", "child": "['shard', 1]"}
+    assert s.value("trellis_child_restarts_total", **c, reason="crash") == 1
+    assert s.value("trellis_child_up", **c) == 1
+    assert s.value("trellis_metrics_event_errors_total") == 0

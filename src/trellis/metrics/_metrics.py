@@ -467,7 +467,10 @@ class Metrics:
         try:
             name = ev["event"]
             if name == "child.exited":
-                e = self._children.get((ev["supervisor"], ev["child_id"])) or self._child(ev)
+                try:
+                    e = self._children[ev["supervisor"], ev["child_id"]]
+                except (KeyError, TypeError):  # first sight, or an unhashable id
+                    e = self._child(ev)
                 cls = _class_by_type.get(type(reason := ev["reason"])) or _classify(reason)
                 ex = e.exits
                 ex[cls] = ex.get(cls, 0) + 1
@@ -484,7 +487,10 @@ class Metrics:
                         h.sum += v
                 e.started_at = None
             elif name == "child.restarted" or name == "child.started":
-                e = self._children.get((ev["supervisor"], ev["child_id"])) or self._child(ev)
+                try:
+                    e = self._children[ev["supervisor"], ev["child_id"]]
+                except (KeyError, TypeError):  # first sight, or an unhashable id
+                    e = self._child(ev)
                 e.starts += 1
                 if name == "child.restarted":
                     cls = e.last_class or self._sup_last.get(e.sup, "shutdown")
@@ -700,7 +706,7 @@ class Metrics:
 
 
 def _add_counts(into: dict[str, int], other: dict[str, int]) -> None:
-    for k, n in other.items():
+    for k, n in list(other.items()):  # a copy: another thread may be collecting
         into[k] = into.get(k, 0) + n
 
 
