@@ -4,6 +4,7 @@ parser and checked against what the tree did (telemetry capture, which_children)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -525,3 +526,68 @@ async def test_an_unhashable_child_id_is_counted_under_its_text(
     assert s.value("trellis_child_restarts_total", **c, reason="crash") == 1
     assert s.value("trellis_child_up", **c) == 1
     assert s.value("trellis_metrics_event_errors_total") == 0
+
+
+async def test_a_restarting_subtree_keeps_its_series(
+    clock: VirtualClock, metrics: Metrics, scrape: Scrape
+) -> None:
+    """A nested supervisor that gave up waits 5 s (backoff) before its restart: its
+    children cannot be walked meanwhile, but their series stay through any number of
+    scrapes and continue counting once it runs again."""
+    sub = dataclasses.replace(
+        trellis.Supervisor.child_spec([Crashy.child_spec(id="leaf")], id="sub", intensity=0),
+        backoff=trellis.Backoff(min=5.0, max=5.0),
+    )
+    leaf = {"supervisor": "m-protect/sub", "child": "leaf"}
+    with capture_telemetry() as cap:
+        sup = await trellis.Supervisor.start_link([sub], name="m-protect")
+        metrics.track(sup)
+        trellis.cast(await pid_of(await pid_of(sup, "sub"), "leaf"), "crash")
+        await cap.wait_for("child.backoff", child_id="sub")
+        waiting = [await scrape(metrics) for _ in range(3)]
+        await clock.advance(5.0)
+        await cap.wait_for("child.restarted", child_id="sub")
+        back = await scrape(metrics)
+        await sup.stop()
+
+    for s in waiting:
+        assert (
+            s.value("trellis_child_state", supervisor="m-protect", child="sub", state="restarting")
+            == 1
+        )
+        assert s.select("trellis_child_up", **leaf) == []
+        assert s.value("trellis_child_exits_total", **leaf, reason="crash") == 1
+    assert back.value("trellis_child_starts_total", **leaf) == 2
+    assert back.value("trellis_child_up", **leaf) == 1
+
+
+async def test_a_supervisor_that_does_not_answer_keeps_its_series(
+    metrics: Metrics, scrape: Scrape
+) -> None:
+    """While the root is busy inside a slow start_child it cannot answer the walk: the
+    scrape gives up on it after walk_timeout and keeps its children's series instead
+    of taking them for gone."""
+    gate = asyncio.Event()
+
+    async def slow_start() -> trellis.Pid:
+        await gate.wait()
+        return await Crashy.start_link()
+
+    metrics.walk_timeout = 0.05
+    sup = await trellis.Supervisor.start_link([Crashy.child_spec(id="c")], name="m-slow")
+    metrics.track(sup)
+    await crash(sup, "c")
+    adding = asyncio.ensure_future(sup.start_child(trellis.ChildSpec("late", slow_start)))
+    await settle()
+    blocked = [await scrape(metrics) for _ in range(3)]
+    gate.set()
+    await adding
+    free = await scrape(metrics)
+    await sup.stop()
+
+    c = {"supervisor": "m-slow", "child": "c"}
+    for s in blocked:
+        assert s.select("trellis_child_up", **c) == []
+        assert s.value("trellis_child_restarts_total", **c, reason="crash") == 1
+    assert free.value("trellis_child_up", **c) == 1
+    assert free.value("trellis_child_up", supervisor="m-slow", child="late") == 1

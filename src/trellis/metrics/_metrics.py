@@ -364,7 +364,6 @@ class Metrics:
         protected: list[str] = []
         root_label = _label(_own_path(tree, tree.path))
         _count(live, ("", root_label), tree)
-        sups.add(root_label)
         await self._visit(tree, root_label, live, sups, protected)
         self._live = live
         self._sweep(live, sups, protected)
@@ -372,11 +371,17 @@ class Metrics:
     async def _visit(
         self,
         node: Node,
-        sup_label: str,
+        label: str,
         live: dict[tuple[str, str], list[int]],
         sups: set[str],
         protected: list[str],
     ) -> None:
+        """Count the children of the supervisor ``node`` (labelled ``label``), and theirs."""
+        sups.add(label)
+        if node.state == "restarting" or (
+            node.state == "running" and not node.children and not await self._empty(node.pid)
+        ):
+            protected.append(label)  # its children are unknown now, not gone
         sup_pid = node.pid
         own = _own_path(node, node.path)
         template: Any = None  # for dynamic children: _UNKNOWN, ("id",) or None (unasked)
@@ -387,18 +392,12 @@ class Metrics:
                     template = await self._template(sup_pid)
                 cid = template[0] if type(template) is tuple else await self._spec_id(sup_pid, ch)
                 if cid is _UNKNOWN:
-                    protected.append(sup_label)
+                    protected.append(label)
                     continue
-            _count(live, (sup_label, _label(cid)), ch)
-            if ch.type != "supervisor":
-                continue
-            child_label = _label(_own_path(ch, f"{own}/{cid}"))
-            sups.add(child_label)
-            if ch.state == "restarting" or (
-                ch.state == "running" and not ch.children and not await self._empty(ch.pid)
-            ):
-                protected.append(child_label)
-            await self._visit(ch, child_label, live, sups, protected)
+            _count(live, (label, _label(cid)), ch)
+            if ch.type == "supervisor":
+                child_label = _label(_own_path(ch, f"{own}/{cid}"))
+                await self._visit(ch, child_label, live, sups, protected)
 
     async def _template(self, sup: Pid | None) -> Any:
         """``(id,)`` for a simple_one_for_one supervisor, ``_UNKNOWN`` otherwise."""
