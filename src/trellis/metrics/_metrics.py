@@ -19,7 +19,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -235,7 +235,12 @@ class Metrics:
     a spec id share one label set: ``child_state`` then counts them and ``child_up`` is
     1 only while all of them run. A child the walk no longer finds (a temporary child
     that ended, a deleted child, a dynamic child that was terminated, a subtree that
-    is gone) keeps its series for one more scrape, then they are removed.
+    is gone) keeps its series for one more scrape, then they are removed; so do the
+    series of supervisors outside the tracked tree. Telemetry alone cannot tell this
+    (``delete_child`` emits nothing, and a terminated static child keeps its spec), so
+    the walk decides. Children of a supervisor that is restarting or does not answer
+    within ``walk_timeout`` keep their series. ``child_exits_total`` counts the exits
+    the supervisor reacted to (``child.exited``), not the children it stopped itself.
 
     Args:
         node: The ``node`` label (default: the host name).
@@ -315,7 +320,17 @@ class Metrics:
         return self._hid is not None
 
     def track(self, root: Pid | None) -> None:
-        """Walk the tree under ``root`` at each :meth:`render` (``None``: walk nothing)."""
+        """Walk the tree under ``root`` at each :meth:`render` (``None``: walk nothing).
+
+        :meth:`tree_started` does this under ``trellis.run``; a program that starts its
+        tree itself calls it.
+
+        Example::
+
+            metrics = Metrics().attach()
+            sup = await trellis.Supervisor.start_link(children, name="app")
+            metrics.track(sup)
+        """
         if root is not None and not isinstance(root, Pid):
             raise TypeError(f"Metrics.track(root) takes a supervisor pid, not {root!r}")
         self._root = root
@@ -345,8 +360,6 @@ class Metrics:
         """
         await self.refresh()
         if accept is None:
-            from prometheus_client import generate_latest
-
             return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
