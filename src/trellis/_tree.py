@@ -32,6 +32,9 @@ __all__ = [
 CLASSES = ("normal", "shutdown", "crash", "hung", "killed", "oom", "timeout")
 
 
+_TIMEOUTS = (ReadyTimeout, asyncio.TimeoutError, TimeoutError)
+
+
 def classify(reason: Any) -> str:
     """The class of an exit reason: normal, shutdown, crash, hung, killed, oom or timeout.
 
@@ -49,7 +52,7 @@ def classify(reason: Any) -> str:
         return "hung"
     if isinstance(reason, LimitExceeded):
         return "oom" if "memory" in reason.limit else "crash"
-    if isinstance(reason, ReadyTimeout | asyncio.TimeoutError | TimeoutError):
+    if isinstance(reason, _TIMEOUTS):
         return "timeout"
     if isinstance(reason, Signaled):
         return "killed" if reason.signal in ("SIGKILL", "KILL") else "crash"
@@ -170,10 +173,19 @@ class ChildStats:
     exits: int = 0
     started_wall: float | None = None  # time.time() of the last start
     started_mono: float | None = None  # Trellis clock of the last start
-    down_since: float | None = None  # Trellis clock of the last abnormal exit, while down
-    last_exit: str | None = None  # reason text
-    last_class: str | None = None
+    down_since: float | None = None  # Trellis clock of the last exit, while down
+    last_reason: Any = None  # the last exit reason itself (formatted on demand)
     os_pid: int | None = None
+
+    @property
+    def last_exit(self) -> str | None:
+        """The last exit reason as text (``ValueError: boom``)."""
+        return None if self.exits == 0 else reason_text(self.last_reason)
+
+    @property
+    def last_class(self) -> str | None:
+        """The class of the last exit (see :func:`classify`)."""
+        return None if self.exits == 0 else classify(self.last_reason)
 
 
 class Tracker:
@@ -215,9 +227,7 @@ class Tracker:
             s = self.stats[path] = ChildStats()
         if name == "child.exited":
             s.exits += 1
-            reason = event.get("reason")
-            s.last_exit = reason_text(reason)
-            s.last_class = classify(reason)
+            s.last_reason = event.get("reason")
             s.down_since = event.get("time")
             return
         s.starts += 1
