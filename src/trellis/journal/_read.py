@@ -1,0 +1,268 @@
+"""Reading a journal: ``verify`` the chain and checkpoints, ``tail`` it, ``export`` it.
+Readers open the store read-only and never create a journal."""
+
+from __future__ import annotations
+
+import hmac as _hmac
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from ._format import GENESIS, Row, checkpoint_mac, parse_key, record_hash
+from ._store import COLUMNS, Checkpoint, ReadStore, open_reader, parse_url
+
+__all__ = ["VerifyResult", "export", "record_dict", "tail", "verify"]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """What :func:`verify` found.
+
+    ``ok`` is true when every record is intact and every checkpoint matches. Otherwise
+    ``first_bad_seq`` is the first seq that can no longer be trusted and ``problem``
+    says why, e.g. ``"hash mismatch at seq 17 (record edited)"``. ``records`` counts
+    the records found intact before the problem (all of them when ``ok``).
+    ``checkpoints`` counts the checkpoints that matched the chain, ``signed`` says
+    whether their HMACs were checked (a key was available), and
+    ``last_checkpoint_seq`` is the last record they cover: records after it rest on
+    the hash chain alone.
+    """
+
+    ok: bool
+    records: int
+    first_bad_seq: int | None = None
+    problem: str = ""
+    checkpoints: int = 0
+    signed: bool = False
+    last_checkpoint_seq: int = 0
+    last_seq: int = 0
+
+
+def verify(url: str, key: str | bytes | None = None) -> VerifyResult:
+    """Check the journal at ``url``: seqs gapless from 1, every hash recomputed, every
+    ``prev_hash`` linking to the record before, and every checkpoint matching the chain
+    (its HMAC too, with ``key`` or ``$TRELLIS_JOURNAL_KEY``).
+
+    Raises :class:`JournalURLError`, :class:`JournalNotFound` or :class:`NotAJournal`
+    when there is nothing to verify; a broken journal is a result, not an error.
+
+    Example::
+
+        result = verify("sqlite:///journal.db")
+        if not result.ok:
+            print(f"broken at seq {result.first_bad_seq}: {result.problem}")
+    """
+    target = parse_url(url)
+    secret = parse_key(key)
+    reader = open_reader(target)
+    try:
+        reader.snapshot()
+        try:
+            return _verify(reader, secret)
+        finally:
+            reader.end()
+    finally:
+        reader.close()
+
+
+def _verify(reader: ReadStore, key: bytes | None) -> VerifyResult:
+    cps = reader.checkpoints()
+    bad_mac = _first_bad_mac(cps, key) if key is not None else None
+    signed = key is not None
+    good_cp = 0  # seq of the last checkpoint that matched
+    n_cp = 0
+    j = 0
+    expected = 1
+    prev = GENESIS
+
+    def broken(seq: int, problem: str) -> VerifyResult:
+        return VerifyResult(
+            ok=False,
+            records=seq - 1,
+            first_bad_seq=seq,
+            problem=problem,
+            checkpoints=n_cp,
+            signed=signed,
+            last_checkpoint_seq=good_cp,
+            last_seq=expected - 1,
+        )
+
+    for row in reader.rows():
+        seq, utc, mono, node, path, kind, data, row_prev, row_hash = row
+        if seq != expected:
+            return broken(expected, f"seq {expected} missing (expected {expected}, found {seq})")
+        h = record_hash(row_prev, seq, utc, mono, node, path, kind, data)
+        if row_prev != prev:
+            other = reader.seq_of_hash(row_prev)
+            if other is not None and other != seq - 1:
+                return broken(
+                    seq, f"record out of order at seq {seq}: it follows seq {other}, not {seq - 1}"
+                )
+            if h != row_hash:
+                return broken(seq, f"hash mismatch at seq {seq} (record edited)")
+            if seq == 1:
+                return broken(
+                    1,
+                    "seq 1 does not start from the genesis hash (records before it deleted "
+                    "and the rest renumbered?)",
+                )
+            return broken(
+                seq - 1,
+                f"seq {seq - 1} rewritten: its hash was recomputed but seq {seq} still links "
+                "to the original",
+            )
+        if h != row_hash:
+            return broken(seq, f"hash mismatch at seq {seq} (record edited)")
+        while j < len(cps) and cps[j][0] <= seq:
+            cp_seq, cp_hash = cps[j][0], cps[j][1]
+            if cp_seq < seq or cp_seq < 1:
+                return broken(good_cp + 1, f"checkpoint at seq {cp_seq} names no record")
+            if bad_mac == j:
+                return broken(
+                    good_cp + 1,
+                    f"checkpoint at seq {cp_seq} has a bad HMAC (forged or edited, an earlier "
+                    "checkpoint removed, or the wrong key)",
+                )
+            if cp_hash != row_hash:
+                return broken(
+                    good_cp + 1,
+                    f"checkpoint at seq {cp_seq} does not match the chain: a record in seq "
+                    f"{good_cp + 1}..{cp_seq} was rewritten and the chain recomputed",
+                )
+            good_cp = cp_seq
+            n_cp += 1
+            j += 1
+        prev = row_hash
+        expected += 1
+    last = expected - 1
+    if j < len(cps):
+        cp_seq = cps[j][0]
+        if bad_mac is not None and bad_mac <= j:
+            return broken(
+                last + 1,
+                f"checkpoint at seq {cp_seq} has a bad HMAC (forged or edited, an earlier "
+                "checkpoint removed, or the wrong key)",
+            )
+        return broken(
+            last + 1,
+            f"the journal ends at seq {last} but a checkpoint covers seq {cp_seq}: "
+            f"seq {last + 1}..{cp_seq} deleted",
+        )
+    return VerifyResult(
+        ok=True,
+        records=last,
+        checkpoints=n_cp,
+        signed=signed,
+        last_checkpoint_seq=good_cp,
+        last_seq=last,
+    )
+
+
+def _first_bad_mac(cps: list[Checkpoint], key: bytes) -> int | None:
+    """The index of the first checkpoint whose HMAC does not verify."""
+    prev_mac = ""
+    for i, (seq, h, mac, utc) in enumerate(cps):
+        try:
+            want = checkpoint_mac(key, seq, h, utc, prev_mac)
+        except (UnicodeEncodeError, TypeError):
+            return i
+        if not _hmac.compare_digest(str(mac), want):
+            return i
+        prev_mac = mac
+    return None
+
+
+def record_dict(row: Row) -> dict[str, Any]:
+    """A record as a dict (``data`` parsed back from its JSON text)."""
+    out = dict(zip(COLUMNS, row, strict=True))
+    try:
+        out["data"] = json.loads(row[6])
+    except ValueError:
+        pass  # an edited record: keep the text as it is
+    return out
+
+
+def tail(
+    url: str,
+    n: int = 20,
+    follow: bool = False,
+    since_seq: int | None = None,
+    *,
+    poll: float = 0.25,
+) -> Iterator[dict[str, Any]]:
+    """The last ``n`` records (or every record from ``since_seq`` on), oldest first, as
+    dicts; with ``follow``, keeps yielding new records as they are committed (checking
+    every ``poll`` seconds) until the iterator is closed.
+
+    Example::
+
+        for record in tail("sqlite:///journal.db", n=5):
+            print(record["seq"], record["kind"], record["path"])
+    """
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"tail n: {n!r} is not an int >= 0")
+    if since_seq is not None and (not isinstance(since_seq, int) or since_seq < 1):
+        raise ValueError(f"tail since_seq: {since_seq!r} is not an int >= 1")
+    reader = open_reader(parse_url(url))
+    return _tail(reader, n, follow, since_seq, poll)
+
+
+def _tail(
+    reader: ReadStore, n: int, follow: bool, since_seq: int | None, poll: float
+) -> Iterator[dict[str, Any]]:
+    try:
+        last = 0
+        if since_seq is not None:
+            last = since_seq - 1
+            for row in reader.rows(since_seq):
+                yield record_dict(row)
+                last = row[0]
+        else:
+            rows = reader.last_rows(n) if n else []
+            for row in rows:
+                yield record_dict(row)
+            head = rows or reader.last_rows(1)
+            last = head[-1][0] if head else 0
+        while follow:
+            time.sleep(poll)
+            for row in reader.rows(last + 1):
+                yield record_dict(row)
+                last = row[0]
+    finally:
+        reader.close()
+
+
+def export(url: str, out: str | os.PathLike[str] | IO[str], format: str = "jsonl") -> int:
+    """Write every record of the journal to ``out`` (a path or a text stream), one JSON
+    object per line, oldest first; returns the number of records.
+
+    Example::
+
+        export("sqlite:///journal.db", "journal.jsonl")
+    """
+    if format != "jsonl":
+        raise ValueError(f"export format: {format!r} is not supported (expected 'jsonl')")
+    reader = open_reader(parse_url(url))
+    try:
+        if isinstance(out, str | os.PathLike):
+            with open(out, "w", encoding="utf-8") as f:
+                return _export(reader, f)
+        return _export(reader, out)
+    finally:
+        reader.close()
+
+
+def _export(reader: ReadStore, f: IO[str]) -> int:
+    count = 0
+    reader.snapshot()
+    try:
+        for row in reader.rows():
+            f.write(json.dumps(record_dict(row), separators=(",", ":")))
+            f.write("\n")
+            count += 1
+    finally:
+        reader.end()
+    return count
