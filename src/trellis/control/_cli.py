@@ -1,0 +1,298 @@
+"""``trellis status``, ``events``, ``restart``, ``stop`` and ``start``: the control API's
+command-line client.
+
+Exit codes: 0 done; 1 the tree refused (unknown path, action not possible, bad token:
+the server's message is printed); 2 bad command-line input; 3 no tree is listening
+(or it did not answer).
+
+Example::
+
+    $ trellis status
+    $ trellis restart shop/infra/db --reason "new config"
+    $ trellis events -f --filter 'child.*'
+    $ trellis status --url http://127.0.0.1:8470 --token "$TRELLIS_TOKEN" --json
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.text import Text
+from rich.tree import Tree
+
+from ._client import ControlClient, ControlClientError
+
+__all__ = ["COMMANDS", "events", "restart", "start", "status", "stop"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_STATE_STYLE = {"running": "green", "restarting": "yellow", "stopped": "red"}
+_QUIET_FIELDS = frozenset({"event", "path", "time", "utc", "supervisor", "sup_pid", "child_id"})
+
+
+def _connection_options(fn: F) -> F:
+    """``--socket``, ``--url``, ``--token`` and ``--json`` (shared by every command)."""
+    options = [
+        click.option(
+            "--socket",
+            "socket_path",
+            metavar="PATH",
+            envvar="TRELLIS_SOCKET",
+            help="The tree's control socket [env TRELLIS_SOCKET; default: "
+            "$XDG_RUNTIME_DIR/trellis/*.sock or /tmp/trellis-UID/*.sock].",
+        ),
+        click.option(
+            "--url",
+            metavar="URL",
+            envvar="TRELLIS_URL",
+            help="Talk to the control API over TCP, e.g. http://127.0.0.1:8470 [env TRELLIS_URL].",
+        ),
+        click.option(
+            "--token",
+            metavar="TOKEN",
+            envvar="TRELLIS_TOKEN",
+            help="Bearer token for --url [env TRELLIS_TOKEN].",
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON for machines."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"trellis: {message}", err=True)
+    click.get_current_context().exit(code)
+
+
+def _client(socket_path: str | None, url: str | None, token: str | None) -> ControlClient:
+    ctx = click.get_current_context()
+    from_line = click.core.ParameterSource.COMMANDLINE
+    if socket_path and url:
+        socket_cli = ctx.get_parameter_source("socket_path") == from_line
+        url_cli = ctx.get_parameter_source("url") == from_line
+        if socket_cli and url_cli:
+            raise click.UsageError("give --socket or --url, not both")
+        if socket_cli:
+            url = None
+        else:
+            socket_path = None
+    try:
+        return ControlClient(socket=socket_path, url=url, token=token)
+    except ControlClientError as e:
+        _fail(str(e), e.exit_code)
+
+
+def _handle_errors(fn: F) -> F:
+    """Turn a :class:`ControlClientError` into its message and exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ControlClientError as e:
+            _fail(str(e), e.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _label(node: dict[str, Any]) -> Text:
+    text = Text()
+    text.append(str(node.get("id")), style="bold")
+    if node.get("type") == "supervisor":
+        text.append(" (supervisor)", style="dim")
+    state = str(node.get("state"))
+    text.append("  ")
+    text.append(state, style=_STATE_STYLE.get(state, ""))
+    if node.get("pid"):
+        text.append(f"  {node['pid']}", style="dim")
+    if node.get("os_pid") is not None:
+        text.append(f"  os pid {node['os_pid']}")
+    if node.get("uptime_s") is not None:
+        text.append(f"  up {_duration(node['uptime_s'])}")
+    restarts = node.get("restarts") or 0
+    text.append(f"  restarts {restarts}", style="yellow" if restarts else "")
+    if node.get("last_exit"):
+        text.append(f"  last exit: {node['last_exit']}", style="dim")
+        if node.get("last_class"):
+            text.append(f" ({node['last_class']})", style="dim")
+    return text
+
+
+def _add(tree: Tree, node: dict[str, Any]) -> None:
+    for child in node.get("children", []):
+        _add(tree.add(_label(child)), child)
+
+
+@click.command()
+@_connection_options
+@_handle_errors
+def status(socket_path: str | None, url: str | None, token: str | None, as_json: bool) -> None:
+    """Show the running tree: state, pids, uptime, restarts, last exit."""
+    with _client(socket_path, url, token) as c:
+        data = c.get("/v1/tree")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    root = data["root"]
+    tree = Tree(_label(root))
+    _add(tree, root)
+    out = sys.stdout
+    # a pipe or file gets whole lines (rich would cut them at 80 columns)
+    console = Console(highlight=False, width=None if out.isatty() else 500)
+    if data.get("node"):
+        console.print(Text(f"node {data['node']}", style="dim"))
+    console.print(tree)
+
+
+def _event_line(name: str, data: dict[str, Any]) -> str:
+    when = str(data.get("utc", ""))[11:23]
+    fields = " ".join(
+        f"{k}={v}" for k, v in data.items() if k not in _QUIET_FIELDS and v is not None
+    )
+    return f"{when} {name:<18} {data.get('path') or '-'} {fields}".rstrip()
+
+
+@click.command()
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events until Ctrl-C.")
+@click.option(
+    "--history",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Recent events to show first.",
+)
+@click.option("--filter", "filter_", metavar="GLOB", help="Only events named like this (child.*).")
+@click.option("--path", "path_glob", metavar="GLOB", help="Only events about these tree paths.")
+@_connection_options
+@_handle_errors
+def events(
+    follow: bool,
+    history: int,
+    filter_: str | None,
+    path_glob: str | None,
+    socket_path: str | None,
+    url: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Print recent telemetry events; with -f, follow new ones."""
+    with _client(socket_path, url, token) as c:
+        stream = c.events(history=history, follow=follow, filter=filter_, path=path_glob)
+        try:
+            for name, data in stream:
+                if as_json:
+                    click.echo(json.dumps(data))
+                else:
+                    click.echo(_event_line(name, data))
+        except KeyboardInterrupt:
+            return
+
+
+def _act(
+    action: str,
+    path: str,
+    reason: str | None,
+    socket_path: str | None,
+    url: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    if not path.strip("/"):
+        raise click.BadParameter("give a tree path such as shop/infra/db", param_hint="PATH")
+    with _client(socket_path, url, token) as c:
+        data = c.post(ControlClient.child_url(path, action), {"reason": reason} if reason else None)
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    done = {"restart": "restarted", "stop": "stopped", "start": "started"}[action]
+    pid = f" ({data['pid']})" if data.get("pid") else ""
+    click.echo(f"{done} {data.get('path', path)}{pid}")
+
+
+_reason_option = click.option(
+    "--reason", metavar="TEXT", help="Why (recorded with the action in the journal)."
+)
+
+
+@click.command()
+@click.argument("path")
+@_reason_option
+@_connection_options
+@_handle_errors
+def restart(
+    path: str,
+    reason: str | None,
+    socket_path: str | None,
+    url: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Restart the child at PATH (stop it, then start it again)."""
+    _act("restart", path, reason, socket_path, url, token, as_json)
+
+
+@click.command()
+@click.argument("path", required=False)
+@_reason_option
+@_connection_options
+@_handle_errors
+def stop(
+    path: str | None,
+    reason: str | None,
+    socket_path: str | None,
+    url: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Stop the child at PATH, or the whole tree without PATH."""
+    if path is not None:
+        _act("stop", path, reason, socket_path, url, token, as_json)
+        return
+    with _client(socket_path, url, token) as c:
+        data = c.post("/v1/stop", {"reason": reason} if reason else None)
+        where = c.where
+    if as_json:
+        click.echo(json.dumps(data))
+    else:
+        click.echo(f"stopping the tree on {where}")
+
+
+@click.command()
+@click.argument("path")
+@_reason_option
+@_connection_options
+@_handle_errors
+def start(
+    path: str,
+    reason: str | None,
+    socket_path: str | None,
+    url: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Start the stopped child at PATH."""
+    _act("start", path, reason, socket_path, url, token, as_json)
+
+
+#: The commands to register on the ``trellis`` group.
+COMMANDS = (status, events, restart, stop, start)

@@ -1,0 +1,349 @@
+"""The OpenAPI 3.1 description of the control API (served at ``/openapi.json``)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+__all__ = ["openapi"]
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+_AUTH = {
+    "401": {
+        **_json("Error", "TCP only: no or malformed `Authorization: Bearer` header."),
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    },
+    "403": _json(
+        "Error", "Unix socket: a uid other than the tree's own or root; TCP: an unknown token."
+    ),
+}
+
+_PATH_PARAM = {
+    "name": "path",
+    "in": "path",
+    "required": True,
+    "description": "The child's tree path, e.g. `shop/infra/db` (the root's name may be left "
+    "out). Slashes may be sent as-is or as %2F.",
+    "schema": {"type": "string"},
+}
+
+_ACTION_BODY = {
+    "required": False,
+    "description": "Optional; an empty body is fine.",
+    "content": {"application/json": {"schema": _ref("ActionRequest")}},
+}
+
+
+def _action(summary: str, description: str, op_id: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "operationId": op_id,
+            "summary": summary,
+            "description": description
+            + " Recorded as an `operator.action` telemetry event (journaled) with the caller.",
+            "parameters": [_PATH_PARAM],
+            "requestBody": _ACTION_BODY,
+            "responses": {
+                "200": _json("ActionResult", "Done."),
+                "400": _json("Error", "The body is not JSON."),
+                "404": _json("Error", "No child at this path."),
+                "409": _json("Error", "The supervisor refused, or the action does not apply."),
+                "413": _json("Error", "The body is too large."),
+                "422": _json("Error", "The body is JSON but not a valid request."),
+                "500": _json("Error", "Unexpected failure (the tree keeps running)."),
+                "503": _json("Error", "The tree has not started yet."),
+                **_AUTH,
+            },
+        }
+    }
+
+
+_NODE = {
+    "type": "object",
+    "required": [
+        "path",
+        "id",
+        "type",
+        "state",
+        "restart",
+        "pid",
+        "os_pid",
+        "uptime_s",
+        "restarts",
+        "last_exit",
+        "last_class",
+        "children",
+    ],
+    "properties": {
+        "path": {"type": "string", "description": "Tree path, e.g. `shop/infra/db`."},
+        "id": {"description": "The child id (non-JSON ids as their repr)."},
+        "type": {"type": "string", "enum": ["supervisor", "worker"]},
+        "state": {"type": "string", "enum": ["running", "restarting", "stopped"]},
+        "restart": {
+            "type": ["string", "null"],
+            "enum": ["permanent", "transient", "temporary", None],
+            "description": "Null for the root.",
+        },
+        "pid": {"type": ["string", "null"], "description": "The Trellis pid's repr."},
+        "os_pid": {"type": ["integer", "null"], "description": "OS process id of a Command child."},
+        "uptime_s": {"type": ["number", "null"], "description": "Seconds since its last start."},
+        "restarts": {"type": "integer", "description": "Restarts by its supervisor seen so far."},
+        "last_exit": {"type": ["string", "null"], "description": "Its last exit reason."},
+        "last_class": {
+            "type": ["string", "null"],
+            "description": "normal, shutdown, crash, hung, killed, oom or timeout.",
+        },
+        "children": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}},
+    },
+}
+
+_SPEC: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "Trellis control API",
+        "version": "1",
+        "description": (
+            "Operate a running Trellis tree. Served on a Unix socket (mode 0600; callers are "
+            "identified by their peer uid, and only the tree's own uid and root are allowed) "
+            "and optionally on TCP, where every request needs `Authorization: Bearer <token>`."
+        ),
+    },
+    "servers": [{"url": "/"}],
+    "security": [{"bearer": []}],
+    "paths": {
+        "/v1/tree": {
+            "get": {
+                "operationId": "getTree",
+                "summary": "The running tree",
+                "responses": {
+                    "200": _json("Tree", "Every node with its state, pids, uptime and restarts."),
+                    "503": _json("Error", "The tree has not started yet."),
+                    **_AUTH,
+                },
+            }
+        },
+        "/v1/events": {
+            "get": {
+                "operationId": "getEvents",
+                "summary": "Telemetry events as Server-Sent Events",
+                "description": (
+                    "Each event is `event: <name>` and `data: <JSON>`. A client that reads "
+                    "too slowly loses the oldest events and gets a `control.dropped` event "
+                    "with the count; the tree never waits for it. A `: keepalive` comment is "
+                    "sent when idle."
+                ),
+                "parameters": [
+                    {
+                        "name": "history",
+                        "in": "query",
+                        "description": "First replay up to this many recent events.",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 999999999},
+                    },
+                    {
+                        "name": "filter",
+                        "in": "query",
+                        "description": "Comma-separated globs on the event name (`child.*`).",
+                        "schema": {"type": "string", "minLength": 1},
+                    },
+                    {
+                        "name": "path",
+                        "in": "query",
+                        "description": "Comma-separated globs on the event's tree path.",
+                        "schema": {"type": "string", "minLength": 1},
+                    },
+                    {
+                        "name": "follow",
+                        "in": "query",
+                        "description": "false: end the stream after the history.",
+                        "schema": {"type": "boolean", "default": True},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "An event stream.",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "422": _json("Error", "A bad query parameter."),
+                    **_AUTH,
+                },
+            }
+        },
+        "/v1/children/{path}/restart": _action(
+            "Restart a child",
+            "terminate_child then restart_child on its supervisor. Not available for "
+            "children of a dynamic supervisor or temporary children (409).",
+            "restartChild",
+        ),
+        "/v1/children/{path}/stop": _action(
+            "Stop a child", "terminate_child on its supervisor.", "stopChild"
+        ),
+        "/v1/children/{path}/start": _action(
+            "Start a stopped child",
+            "restart_child on its supervisor (static supervisors only).",
+            "startChild",
+        ),
+        "/v1/stop": {
+            "post": {
+                "operationId": "stopTree",
+                "summary": "Stop the whole tree (as SIGTERM would)",
+                "requestBody": _ACTION_BODY,
+                "responses": {
+                    "202": _json("Stopping", "The tree is stopping."),
+                    "400": _json("Error", "The body is not JSON."),
+                    "413": _json("Error", "The body is too large."),
+                    "422": _json("Error", "The body is JSON but not a valid request."),
+                    "503": _json("Error", "The tree has not started yet."),
+                    **_AUTH,
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "getMetrics",
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "404": _json("Error", "Metrics are not enabled on this tree."),
+                    **_AUTH,
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "getHealth",
+                "summary": "The process is alive",
+                "responses": {"200": _json("Health", "Alive."), **_AUTH},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "getReady",
+                "summary": "The root runs and every permanent child is up",
+                "responses": {
+                    "200": _json("Ready", "Ready."),
+                    "503": _json("Ready", "Not ready; `not_ready` lists what is down."),
+                    **_AUTH,
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "getOpenAPI",
+                "summary": "This description",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    **_AUTH,
+                },
+            }
+        },
+    },
+    "components": {
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "TCP only; the Unix socket uses the caller's peer uid.",
+            }
+        },
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {"error": {"type": "string"}, "path": {"type": "string"}},
+            },
+            "Node": _NODE,
+            "Tree": {
+                "type": "object",
+                "required": ["node", "time", "root"],
+                "properties": {
+                    "node": {"type": ["string", "null"]},
+                    "time": {"type": "string", "format": "date-time"},
+                    "root": _ref("Node"),
+                },
+            },
+            "ActionRequest": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "reason": {
+                        "type": "string",
+                        "maxLength": 500,
+                        "description": "Why (recorded as the action's detail).",
+                    }
+                },
+            },
+            "ActionResult": {
+                "type": "object",
+                "required": ["action", "path", "result", "state"],
+                "properties": {
+                    "action": {"type": "string", "enum": ["restart", "stop", "start"]},
+                    "path": {"type": "string"},
+                    "result": {"type": "string", "const": "ok"},
+                    "state": {"type": "string", "enum": ["running", "stopped", "ignored"]},
+                    "pid": {"type": ["string", "null"]},
+                    "os_pid": {"type": ["integer", "null"]},
+                },
+            },
+            "Stopping": {
+                "type": "object",
+                "required": ["action", "result"],
+                "properties": {
+                    "action": {"type": "string", "const": "stop_tree"},
+                    "result": {"type": "string", "const": "stopping"},
+                },
+            },
+            "Health": {
+                "type": "object",
+                "required": ["status"],
+                "properties": {
+                    "status": {"type": "string", "const": "ok"},
+                    "node": {"type": ["string", "null"]},
+                    "os_pid": {"type": "integer"},
+                },
+            },
+            "Ready": {
+                "type": "object",
+                "required": ["ready", "not_ready"],
+                "properties": {
+                    "ready": {"type": "boolean"},
+                    "reason": {"type": "string"},
+                    "not_ready": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "path": {"type": "string"},
+                                "state": {"type": "string"},
+                                "restart": {"type": ["string", "null"]},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def openapi() -> dict[str, Any]:
+    """A fresh copy of the OpenAPI 3.1 description of the control API.
+
+    Example::
+
+        assert "/v1/tree" in openapi()["paths"]
+    """
+    return copy.deepcopy(_SPEC)

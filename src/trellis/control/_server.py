@@ -1,0 +1,835 @@
+"""The control API server: an :class:`~trellis._run.Extension` that serves the running
+tree over HTTP (Unix socket by default, TCP with a bearer token) in the tree's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import hmac
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import telemetry
+from .._core._exceptions import NotFound, TrellisError
+from .._core._process import Pid
+from .._supervisor import DynamicSupervisorPid, _AdminPid
+from .._tree import Node, Tracker, jsonable, reason_text, walk
+from ._listen import (
+    ASGIApp,
+    ControlError,
+    HttpServer,
+    Peer,
+    Receive,
+    Scope,
+    Send,
+    bind_tcp,
+    bind_unix,
+    parse_tcp,
+)
+from ._openapi import openapi
+from ._paths import default_socket_path
+
+__all__ = ["ControlServer", "MetricsSource"]
+
+_log = logging.getLogger("trellis.control")
+
+API_VERSION = "1"
+_BODY_FIELDS = frozenset({"reason"})
+_CALL_TIMEOUT = 5.0  # for reading the tree (not for actions, which may take a shutdown)
+
+
+class MetricsSource(Protocol):
+    """What ``/metrics`` needs: ``await render() -> (body, content_type)``."""
+
+    async def render(self) -> tuple[bytes, str]: ...
+
+
+class _Refused(Exception):
+    """An action the tree cannot do (answered 409, or ``status``)."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Entry:
+    """One node of a tree snapshot, with what the actions need to reach it."""
+
+    path: str
+    node: Node
+    parent: _AdminPid | None
+    dynamic: bool  # the parent is a dynamic (or simple_one_for_one) supervisor
+    restart: str | None
+    stats_key: str
+    children: list[_Entry] = field(default_factory=list)
+
+    def flat(self) -> list[_Entry]:
+        out = [self]
+        for c in self.children:
+            out.extend(c.flat())
+        return out
+
+
+def _json_id(x: Any) -> Any:
+    return x if x is None or isinstance(x, str | int | float | bool) else repr(x)
+
+
+def _utc(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def _sse(name: str, data: Mapping[str, Any]) -> bytes:
+    name = name.replace("\r", " ").replace("\n", " ")
+    payload = json.dumps(data, separators=(",", ":"), default=repr)
+    return f"event: {name}\ndata: {payload}\n\n".encode()
+
+
+def _dynamic(pid: Pid | None) -> bool:
+    if isinstance(pid, DynamicSupervisorPid):
+        return True
+    server = getattr(pid, "_server", None)
+    return getattr(server, "mode", "static") != "static"
+
+
+def _event_prefix(pid: Pid | None, fallback: str) -> str:
+    """The path a supervisor stamps on its events (differs from the tree path for a
+    supervisor started under a dynamic one)."""
+    p = getattr(getattr(pid, "_server", None), "path", None)
+    return p if isinstance(p, str) else fallback
+
+
+class ControlServer:
+    """The control API as an extension of :func:`trellis.run`: the tree, its events,
+    restart/stop/start of a child by path, Prometheus metrics, health and readiness.
+
+    Args:
+        socket: the Unix socket path; ``True`` for :func:`default_socket_path`; ``False``
+            for none; ``None`` (default) means the default path unless ``tcp`` is given.
+            The socket gets mode 0600, and only the tree's own uid and root may use it
+            (checked per connection with ``SO_PEERCRED``).
+        tcp: ``"host:port"`` to also listen on TCP (port 0 picks a free one). TCP always
+            requires a bearer token: without ``tokens`` the server refuses to start.
+        tokens: bearer tokens by name (``{"default": "..."}``); the name is recorded as
+            ``who`` (``token:<name>``) in ``operator.action`` events.
+        metrics: an object with ``async render() -> (bytes, content_type)`` for
+            ``/metrics``; without one, ``/metrics`` answers 404.
+        tracker: a :class:`trellis._tree.Tracker` already attached for the tree's life
+            (restarts, uptime, last exit); one is attached here if not given.
+        node: the node name shown by ``/healthz`` and ``/v1/tree``.
+        history: how many recent events ``/v1/events?history=N`` can replay.
+        sse_buffer: per-client event buffer; a client that falls further behind loses
+            the oldest events (counted and reported to it), never slowing the tree.
+
+    Example::
+
+        ctl = ControlServer(socket="/run/shop/control.sock")
+        sys.exit(trellis.run(tree.child_spec(), extensions=[ctl]))
+    """
+
+    def __init__(
+        self,
+        *,
+        socket: str | os.PathLike[str] | bool | None = None,
+        tcp: str | None = None,
+        tokens: Mapping[str, str] | None = None,
+        metrics: MetricsSource | None = None,
+        tracker: Tracker | None = None,
+        node: str | None = None,
+        history: int = 1000,
+        sse_buffer: int = 1000,
+        keepalive: float = 15.0,
+        max_body: int = 64 * 1024,
+        grace: float = 5.0,
+    ) -> None:
+        if socket is None:
+            socket = tcp is None
+        self.socket_path: Path | None = (
+            default_socket_path() if socket is True else None if socket is False else Path(socket)
+        )
+        self._tcp = parse_tcp(tcp) if tcp is not None else None
+        self._tokens: list[tuple[str, bytes]] = []
+        for name, token in (tokens or {}).items():
+            if not isinstance(token, str) or not token:
+                raise ControlError(f"tokens: the token named {name!r} is empty")
+            self._tokens.append((str(name), token.encode()))
+        if self._tcp is not None and not self._tokens:
+            raise ControlError(
+                f"tcp: the control API listens on TCP ({tcp}) only with a bearer token; "
+                "give tokens={'name': 'token'} (e.g. from $TRELLIS_CONTROL_TOKEN)"
+            )
+        for key, value in (("history", history), ("sse_buffer", sse_buffer)):
+            if value < 1:
+                raise ControlError(f"{key} must be at least 1, not {value}")
+        self.metrics = metrics
+        self.node = node
+        self.tracker = tracker
+        self._own_tracker = tracker is None
+        self._history: deque[tuple[float, dict[str, Any]]] = deque(maxlen=history)
+        self._sse_buffer = sse_buffer
+        self._keepalive = keepalive
+        self._max_body = max_body
+        self._grace = grace
+        self._allowed_uids = frozenset({os.getuid(), 0})
+        self.root: Pid | None = None
+        self._request_stop: Callable[[], None] | None = None
+        self._root_since: float | None = None
+        self._http: HttpServer | None = None
+        self._socket_stat: os.stat_result | None = None
+        self._hid: object | None = None
+        self._closing: asyncio.Event | None = None
+        self.tcp_address: tuple[str, int] | None = None
+        self.app = self._build_app()
+
+    # -- Extension ------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bind the sockets and start serving (before the tree starts)."""
+        self._closing = asyncio.Event()
+        self._hid = telemetry.attach(self._remember)
+        if self.tracker is None:
+            self.tracker = Tracker()
+        if self._own_tracker:
+            self.tracker.attach()
+        http = HttpServer(self._gate)
+        try:
+            if self.socket_path is not None:
+                sock, self._socket_stat = bind_unix(self.socket_path)
+                await http.serve(sock, "unix", f"unix:{self.socket_path}")
+                _log.info("control API listening on unix:%s", self.socket_path)
+            if self._tcp is not None:
+                tsock = bind_tcp(*self._tcp)
+                name = tsock.getsockname()
+                self.tcp_address = (str(name[0]), int(name[1]))
+                await http.serve(tsock, "tcp", "tcp")
+                _log.info("control API listening on tcp:%s:%s", *self.tcp_address)
+        except BaseException:
+            self._http = http
+            await self.stop()
+            raise
+        self._http = http
+
+    async def tree_started(self, root: Pid, request_stop: Callable[[], None]) -> None:
+        """Remember the running root and how to stop the tree."""
+        self.root = root
+        self._request_stop = request_stop
+        self._root_since = time.time()
+
+    async def stop(self) -> None:
+        """End event streams, finish requests in flight, close the sockets and remove
+        the socket file."""
+        if self._closing is not None:
+            self._closing.set()
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close(self._grace)
+        if self.socket_path is not None and self._socket_stat is not None:
+            with contextlib.suppress(OSError):
+                st = self.socket_path.lstat()
+                if (st.st_dev, st.st_ino) == (self._socket_stat.st_dev, self._socket_stat.st_ino):
+                    self.socket_path.unlink()
+            self._socket_stat = None
+        if self._hid is not None:
+            telemetry.detach(self._hid)
+            self._hid = None
+        if self._own_tracker and self.tracker is not None:
+            self.tracker.detach()
+
+    def _remember(self, event: dict[str, Any]) -> None:
+        """Telemetry handler: keep recent events (converted lazily) for history replay."""
+        self._history.append((time.time(), event))
+
+    # -- Authorisation ----------------------------------------------------------------
+    def _gate(self, peer: Peer) -> ASGIApp:
+        """The application for one connection: authorise each request, then route it;
+        whatever goes wrong inside answers an error and never escapes."""
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                return
+            started = False
+
+            async def tracked_send(message: Any) -> None:
+                nonlocal started
+                if message["type"] == "http.response.start":
+                    started = True
+                await send(message)
+
+            try:
+                denied = self._authorise(peer, scope)
+                if denied is not None:
+                    await denied(scope, receive, tracked_send)
+                    return
+                await self.app(scope, receive, tracked_send)
+            except ClientDisconnect:
+                return
+            except Exception as e:
+                _log.exception("control API: %s %s failed", scope.get("method"), scope.get("path"))
+                if not started:
+                    with contextlib.suppress(Exception):
+                        resp = _error(500, f"internal error: {reason_text(e)}")
+                        await resp(scope, receive, send)
+
+        return app
+
+    def _authorise(self, peer: Peer, scope: Scope) -> Response | None:
+        """None if allowed (and ``trellis.who``/``trellis.source`` set in ``scope``), else
+        the 401/403 response."""
+        if peer.kind == "unix":
+            if peer.uid is None or peer.uid not in self._allowed_uids:
+                shown = "unknown" if peer.uid is None else str(peer.uid)
+                _log.warning("control API: refused uid %s on %s", shown, peer.source)
+                return _error(
+                    403,
+                    f"uid {shown} may not use this control socket (allowed: uid {os.getuid()} "
+                    "and root)",
+                )
+            scope["trellis.who"] = f"uid:{peer.uid}"
+            scope["trellis.source"] = peer.source
+            return None
+        header = b""
+        for key, value in scope.get("headers", ()):
+            if key == b"authorization":
+                header = value
+                break
+        scheme, _, token = header.strip().partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token:
+            why = "missing" if not header else "malformed (expected 'Bearer <token>')"
+            return JSONResponse(
+                {"error": f"authorization {why}: this API needs a bearer token"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="trellis"'},
+            )
+        found: str | None = None
+        for name, known in self._tokens:  # compare with every token: no early exit
+            if hmac.compare_digest(known, token):
+                found = name
+        if found is None:
+            _log.warning("control API: wrong bearer token from %s", peer.source)
+            return _error(403, "this bearer token is not valid here")
+        scope["trellis.who"] = f"token:{found}"
+        scope["trellis.source"] = peer.source
+        return None
+
+    # -- Application ------------------------------------------------------------------
+    def _build_app(self) -> Starlette:
+        routes = [
+            Route("/v1/tree", self._tree, methods=["GET"]),
+            Route("/v1/events", self._events, methods=["GET"]),
+            Route("/v1/children/{path:path}/restart", self._restart, methods=["POST"]),
+            Route("/v1/children/{path:path}/stop", self._stop_child, methods=["POST"]),
+            Route("/v1/children/{path:path}/start", self._start_child, methods=["POST"]),
+            Route("/v1/stop", self._stop_tree, methods=["POST"]),
+            Route("/metrics", self._metrics, methods=["GET"]),
+            Route("/healthz", self._healthz, methods=["GET"]),
+            Route("/readyz", self._readyz, methods=["GET"]),
+            Route("/openapi.json", self._openapi, methods=["GET"]),
+        ]
+        return Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: self._http_error, Exception: self._crash},
+        )
+
+    async def _crash(self, request: Request, exc: Exception) -> Response:
+        """A handler failed: answer 500 with the error (the gate logs it)."""
+        return _error(500, f"internal error: {reason_text(exc)}")
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+        else:
+            message = str(exc.detail)
+        return JSONResponse(
+            {"error": message, "path": request.url.path},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    # -- Reading the tree ---------------------------------------------------------------
+    async def _snapshot(self) -> _Entry | None:
+        root = self.root
+        if root is None:
+            return None
+        tree = await walk(root, timeout=_CALL_TIMEOUT)
+        entry = _Entry(tree.path, tree, None, False, None, tree.path)
+        await self._fill(entry, _event_prefix(root, tree.path))
+        return entry
+
+    async def _fill(self, entry: _Entry, prefix: str) -> None:
+        sup = entry.node.pid
+        if not isinstance(sup, _AdminPid) or not entry.node.children:
+            return
+        dynamic = _dynamic(sup)
+        specs: list[Any] = []
+        for child in entry.node.children:
+            key = child.pid if dynamic else child.id
+            spec = None
+            if key is not None:
+                try:
+                    spec = await asyncio.wait_for(sup._admin("get_childspec", key), _CALL_TIMEOUT)
+                except Exception:  # gone meanwhile, or the supervisor is busy
+                    spec = None
+            specs.append(spec)
+        ids = [getattr(s, "id", c.id) for s, c in zip(specs, entry.node.children, strict=True)]
+        for child, spec, cid in zip(entry.node.children, specs, ids, strict=True):
+            if dynamic:
+                seg = str(cid) if ids.count(cid) == 1 else f"{cid}@{getattr(child.pid, 'id', '?')}"
+            else:
+                seg = str(child.id)
+            restart = str(spec.restart) if spec is not None else None
+            sub = _Entry(f"{entry.path}/{seg}", child, sup, dynamic, restart, f"{prefix}/{cid}")
+            entry.children.append(sub)
+            if child.type == "supervisor":
+                await self._fill(sub, _event_prefix(child.pid, sub.path))
+
+    def _node_json(self, e: _Entry) -> dict[str, Any]:
+        node = e.node
+        running = node.state == "running"
+        stats = self.tracker.stats.get(e.stats_key) if self.tracker is not None else None
+        os_pid = node.os_pid
+        if os_pid is None and running and stats is not None:
+            os_pid = stats.os_pid
+        since = None
+        if running:
+            since = self._root_since if e.parent is None else getattr(stats, "started_wall", None)
+        return {
+            "path": e.path,
+            "id": _json_id(node.id if not e.dynamic else e.stats_key.rsplit("/", 1)[-1]),
+            "type": node.type,
+            "state": node.state,
+            "restart": e.restart,
+            "pid": _pid_text(node.pid) if node.pid is not None else None,
+            "os_pid": os_pid,
+            "uptime_s": round(max(0.0, time.time() - since), 3) if since is not None else None,
+            "restarts": stats.restarts if stats is not None else 0,
+            "last_exit": stats.last_exit if stats is not None else None,
+            "last_class": stats.last_class if stats is not None else None,
+            "children": [self._node_json(c) for c in e.children],
+        }
+
+    @staticmethod
+    def _find(tree: _Entry, path: str) -> _Entry | None:
+        path = path.strip("/")
+        if not path:
+            return None
+        for e in tree.flat():
+            if e.path == path or e.path == f"{tree.path}/{path}":
+                return e
+        return None
+
+    def _not_started(self) -> JSONResponse:
+        return _error(503, "the tree has not started yet")
+
+    # -- Endpoints ------------------------------------------------------------------------
+    async def _tree(self, request: Request) -> Response:
+        snap = await self._snapshot()
+        if snap is None:
+            return self._not_started()
+        return JSONResponse(
+            {"node": self.node, "time": _utc(time.time()), "root": self._node_json(snap)}
+        )
+
+    async def _healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "node": self.node, "os_pid": os.getpid()})
+
+    async def _readyz(self, request: Request) -> Response:
+        root = self.root
+        if root is None:
+            return JSONResponse(
+                {"ready": False, "reason": "the tree has not started yet", "not_ready": []},
+                status_code=503,
+            )
+        if not root.alive:
+            return JSONResponse(
+                {"ready": False, "reason": "the root supervisor is not running", "not_ready": []},
+                status_code=503,
+            )
+        snap = await self._snapshot()
+        assert snap is not None
+        bad = [
+            e
+            for e in snap.flat()[1:]
+            if e.node.state == "restarting"
+            or (e.node.state != "running" and e.restart == "permanent")
+        ]
+        if bad:
+            down = [{"path": e.path, "state": e.node.state, "restart": e.restart} for e in bad]
+            names = ", ".join(e.path for e in bad)
+            return JSONResponse(
+                {"ready": False, "reason": f"not running: {names}", "not_ready": down},
+                status_code=503,
+            )
+        return JSONResponse({"ready": True, "not_ready": []})
+
+    async def _metrics(self, request: Request) -> Response:
+        if self.metrics is None:
+            return _error(404, "metrics are not enabled on this tree")
+        body, content_type = await self.metrics.render()
+        return Response(body, headers={"content-type": content_type})
+
+    async def _openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi())
+
+    async def _stop_tree(self, request: Request) -> Response:
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        if self._request_stop is None:
+            return self._not_started()
+        self._operator(request, "stop_tree", None, "ok", body.get("reason"))
+        self._request_stop()
+        return JSONResponse({"action": "stop_tree", "result": "stopping"}, status_code=202)
+
+    async def _restart(self, request: Request) -> Response:
+        return await self._act(request, "restart")
+
+    async def _stop_child(self, request: Request) -> Response:
+        return await self._act(request, "stop")
+
+    async def _start_child(self, request: Request) -> Response:
+        return await self._act(request, "start")
+
+    # -- Actions ----------------------------------------------------------------------------
+    async def _body(self, request: Request) -> dict[str, Any] | Response:
+        """The optional JSON object body of an action, or the 4xx answer for a bad one."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self._max_body:
+            return _error(413, f"the body is {length} bytes; the limit is {self._max_body}")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self._max_body:
+                return _error(413, f"the body is over the limit of {self._max_body} bytes")
+        if not raw.strip():
+            return {}
+        try:
+            data = json.loads(bytes(raw))
+        except (ValueError, UnicodeDecodeError) as e:
+            return _error(400, f"the body is not valid JSON: {e}")
+        if not isinstance(data, dict):
+            return _error(422, f"the body must be a JSON object, not {type(data).__name__}")
+        unknown = sorted(set(data) - _BODY_FIELDS)
+        if unknown:
+            allowed = ", ".join(sorted(_BODY_FIELDS))
+            return _error(422, f"unknown field(s) {', '.join(unknown)} (allowed: {allowed})")
+        reason = data.get("reason")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
+            return _error(422, "reason must be a string of at most 500 characters")
+        return data
+
+    def _operator(
+        self, request: Request, action: str, target: str | None, result: str, detail: Any = None
+    ) -> None:
+        fields: dict[str, Any] = {
+            "who": request.scope.get("trellis.who", "unknown"),
+            "action": action,
+            "target": target,
+            "source": request.scope.get("trellis.source", "unknown"),
+            "result": result,
+        }
+        if detail is not None:
+            fields["detail"] = detail
+        if self.node is not None:
+            fields["node"] = self.node
+        telemetry.emit("operator.action", **fields)
+        _log.info("operator action: %s", fields)
+
+    async def _act(self, request: Request, action: str) -> Response:
+        raw_path = request.path_params["path"]
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        detail = body.get("reason")
+        snap = await self._snapshot()
+        if snap is None:
+            return self._not_started()
+        entry = self._find(snap, raw_path)
+        if entry is None:
+            message = f"no child at {raw_path!r} in tree {snap.path!r}"
+            self._operator(request, action, raw_path, message, detail)
+            return _error(404, message, path=raw_path)
+        try:
+            if action == "restart":
+                result = await self._do_restart(entry)
+            elif action == "stop":
+                result = await self._do_stop(entry)
+            else:
+                result = await self._do_start(entry)
+        except _Refused as r:
+            self._operator(request, action, entry.path, str(r), detail)
+            return _error(r.status, str(r), path=entry.path)
+        except NotFound as e:
+            message = f"{entry.path} is gone: {reason_text(e)}"
+            self._operator(request, action, entry.path, message, detail)
+            return _error(404, message, path=entry.path)
+        except TrellisError as e:
+            message = f"{action} {entry.path} failed: {reason_text(e)}"
+            self._operator(request, action, entry.path, message, detail)
+            return _error(409, message, path=entry.path)
+        except Exception as e:
+            message = f"{action} {entry.path} failed: {reason_text(e)}"
+            self._operator(request, action, entry.path, message, detail)
+            _log.exception("control API: %s", message)
+            return _error(500, message, path=entry.path)
+        self._operator(request, action, entry.path, "ok", detail)
+        return JSONResponse({"action": action, "path": entry.path, "result": "ok", **result})
+
+    @staticmethod
+    def _parent(e: _Entry) -> _AdminPid:
+        if e.parent is None:
+            raise _Refused(
+                f"{e.path} is the root: it has no supervisor to act on it "
+                "(POST /v1/stop stops the whole tree)"
+            )
+        return e.parent
+
+    @staticmethod
+    def _pid_result(r: Any) -> dict[str, Any]:
+        pid = r[0] if isinstance(r, tuple) else r
+        if not isinstance(pid, Pid):
+            return {"state": "ignored", "pid": None, "os_pid": None}
+        return {"state": "running", "pid": _pid_text(pid), "os_pid": getattr(pid, "os_pid", None)}
+
+    async def _do_restart(self, e: _Entry) -> dict[str, Any]:
+        parent = self._parent(e)
+        if e.dynamic:
+            raise _Refused(
+                f"{e.path} belongs to a dynamic supervisor, which forgets a child it stops: "
+                "restart is not available there (stop it, or let it crash to be restarted)"
+            )
+        if e.restart == "temporary":
+            raise _Refused(
+                f"{e.path} is temporary: stopping it deletes its spec, so it could not be "
+                "started again (stop it instead)"
+            )
+        await parent._admin("terminate_child", e.node.id)
+        try:
+            r = await parent._admin("restart_child", e.node.id)
+        except TrellisError as err:
+            raise _Refused(
+                f"{e.path} was stopped but failed to start again: {reason_text(err)}"
+            ) from err
+        return self._pid_result(r)
+
+    async def _do_stop(self, e: _Entry) -> dict[str, Any]:
+        parent = self._parent(e)
+        if e.dynamic:
+            if e.node.pid is None:
+                raise _Refused(f"{e.path} is between restarts; try again")
+            await parent._admin("terminate_child", e.node.pid)
+        else:
+            await parent._admin("terminate_child", e.node.id)
+        return {"state": "stopped"}
+
+    async def _do_start(self, e: _Entry) -> dict[str, Any]:
+        parent = self._parent(e)
+        if e.dynamic:
+            raise _Refused(
+                f"{e.path} belongs to a dynamic supervisor: start is not available there "
+                "(it forgets stopped children)"
+            )
+        if e.node.state == "running":
+            raise _Refused(f"{e.path} is already running")
+        return self._pid_result(await parent._admin("restart_child", e.node.id))
+
+    # -- Events -------------------------------------------------------------------------------
+    async def _events(self, request: Request) -> Response:
+        q = request.query_params
+        history = 0
+        if "history" in q:
+            text = q["history"]
+            if not text.isdigit() or len(text) > 9:
+                return _error(422, f"history must be a whole number >= 0, not {text!r}")
+            history = int(text)
+        follow = True
+        if "follow" in q:
+            value = q["follow"].lower()
+            if value not in ("true", "false", "1", "0", "yes", "no"):
+                return _error(422, f"follow must be true or false, not {q['follow']!r}")
+            follow = value in ("true", "1", "yes")
+        names = _patterns(q.get("filter"))
+        paths = _patterns(q.get("path"))
+        for key, pats in (("filter", names), ("path", paths)):
+            if pats is not None and (not pats or any(len(p) > 200 for p in pats)):
+                return _error(422, f"{key} must be one or more comma-separated globs")
+        return _EventStream(self, history, names, paths, follow)
+
+
+def _patterns(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
+class _EventStream(Response):
+    """Server-Sent Events: replay of the last ``history`` events, then (if ``follow``)
+    live events until the client leaves or the server stops. Each client has its own
+    bounded buffer; when it overflows the oldest events are dropped and the client is
+    told how many with a ``control.dropped`` event."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        ctl: ControlServer,
+        history: int,
+        names: list[str] | None,
+        paths: list[str] | None,
+        follow: bool,
+    ) -> None:
+        # Not Response.__init__: it would declare a content-length for an empty body.
+        self.status_code = 200
+        self.background = None
+        self.body = b""
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        self.ctl = ctl
+        self.history = history
+        self.names = names
+        self.paths = paths
+        self.follow = follow
+        self.root_path = ctl.root and _event_prefix(ctl.root, "")
+
+    def _match(self, name: str, path: str | None) -> bool:
+        if self.names is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.names):
+            return False
+        if self.paths is not None:
+            if path is None:
+                return False
+            root = self.root_path
+            return any(
+                fnmatch.fnmatchcase(path, p) or (root and fnmatch.fnmatchcase(path, f"{root}/{p}"))
+                for p in self.paths
+            )
+        return True
+
+    def _chunk(self, wall: float, event: dict[str, Any]) -> bytes:
+        name = str(event.get("event"))
+        try:
+            data = jsonable(_stable_pids(event))
+        except Exception as e:  # an odd field must not end the stream
+            data = {"event": name, "error": f"cannot show this event: {reason_text(e)}"}
+        if not self._match(name, data.get("path")):
+            return b""
+        data["utc"] = _utc(wall)
+        return _sse(name, data)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctl = self.ctl
+        # Subscribe and copy the history in the same loop turn: no gap, no duplicate.
+        sub = telemetry.subscribe(maxlen=ctl._sse_buffer) if self.follow else None
+        backlog = list(ctl._history)[-self.history :] if self.history else []
+        closing = ctl._closing
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(_disconnected(receive))]
+        if closing is not None:
+            waiters.append(asyncio.ensure_future(closing.wait()))
+        nxt: asyncio.Future[dict[str, Any]] | None = None
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            chunk = b"".join(self._chunk(w, ev) for w, ev in backlog)
+            await send(
+                {"type": "http.response.body", "body": chunk or b": ok\n\n", "more_body": True}
+            )
+            if sub is not None:
+                dropped = 0
+                while True:
+                    if nxt is None:
+                        nxt = asyncio.ensure_future(sub.__anext__())
+                    done, _ = await asyncio.wait(
+                        [nxt, *waiters], timeout=ctl._keepalive, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if waiters[0] in done:
+                        return  # the client left
+                    if nxt in done:
+                        events = [nxt.result(), *_drain(sub)]
+                        nxt = None
+                        now = time.time()
+                        out = b"".join(self._chunk(now, ev) for ev in events)
+                        if sub.dropped > dropped:
+                            lost = sub.dropped - dropped
+                            dropped = sub.dropped
+                            out += _sse("control.dropped", {"dropped": lost, "total": dropped})
+                        if out:
+                            await send(
+                                {"type": "http.response.body", "body": out, "more_body": True}
+                            )
+                    elif not done:
+                        await send(
+                            {
+                                "type": "http.response.body",
+                                "body": b": keepalive\n\n",
+                                "more_body": True,
+                            }
+                        )
+                    if len(waiters) > 1 and waiters[1] in done:
+                        break  # the server is stopping
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if sub is not None:
+                sub.close()
+            pending = [f for f in (nxt, *waiters) if f is not None]
+            for f in pending:
+                f.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _stable_pids(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` with pids as ``<Pid n>`` text: their repr gains " dead" once they end,
+    which would make a replayed ``child.started`` look wrong."""
+    out: dict[str, Any] = {}
+    for k, v in event.items():
+        if isinstance(v, Pid):
+            out[k] = _pid_text(v)
+            os_pid = getattr(v, "os_pid", None)
+            if os_pid is not None and "os_pid" not in event:
+                out["os_pid"] = os_pid
+        else:
+            out[k] = v
+    return out
+
+
+def _pid_text(pid: Pid) -> str:
+    return f"<Pid {pid.id}{f' {pid.name!r}' if pid.name is not None else ''}>"
+
+
+def _drain(sub: telemetry.Subscription) -> list[dict[str, Any]]:
+    """The events already buffered in ``sub`` (taken without waiting)."""
+    buf: deque[dict[str, Any]] | None = getattr(sub, "_buf", None)
+    if not buf:
+        return []
+    out = list(buf)
+    buf.clear()
+    return out
+
+
+async def _disconnected(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
