@@ -192,3 +192,9 @@ async def test_client_disconnect_detaches_its_subscription(env: Env) -> None:
         [stream_task] = env.ctl._http.state.tasks
     await asyncio.wait_for(stream_task, 10)  # the server saw the disconnect
     assert len(_telemetry._handlers) == before
+
+
+async def test_head_does_not_open_a_stream(env: Env) -> None:
+    r = await env.unix().head("/v1/events")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")

@@ -92,3 +92,48 @@ async def test_os_process_children_show_their_os_pid(short_dir: Path) -> None:
         if sup is not None and sup.alive:
             await sup.stop()
         await ctl.stop()
+
+
+async def test_metrics_from_the_real_exporter(short_dir: Path) -> None:
+    """With trellis.metrics.Metrics beside it, /metrics parses back with the Prometheus
+    parser and agrees with the tree: the child is up, and a restart through the API is
+    one more start; an OpenMetrics Accept header gets OpenMetrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from trellis.metrics import Metrics
+
+    sock = short_dir / "c.sock"
+    metrics = Metrics(node="n1")
+    ctl = ControlServer(socket=sock, metrics=metrics, node="n1")
+    started = Started()
+    root = trellis.Supervisor.child_spec([trellis.worker("w", idle)], id="m", name="m")
+
+    def sample(text: str, name: str) -> float:
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == name and s.labels.get("child") == "w":
+                    return float(s.value)
+        raise AssertionError(f"no {name} for child w")
+
+    run = asyncio.ensure_future(trellis.run_async(root, extensions=[metrics, ctl, started]))
+    try:
+        await asyncio.wait_for(started.event.wait(), 10)
+        async with client(sock) as c:
+            r = await c.get("/metrics")
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/plain")
+            assert sample(r.text, "trellis_child_up") == 1.0
+            assert sample(r.text, "trellis_child_starts_total") == 1.0
+            assert (await c.post("/v1/children/m/w/restart")).status_code == 200
+            r = await c.get("/metrics")
+            assert sample(r.text, "trellis_child_starts_total") == 2.0
+            r = await c.get(
+                "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+            )
+            assert r.headers["content-type"].startswith("application/openmetrics-text")
+            assert (await c.post("/v1/stop")).status_code == 202
+        assert await asyncio.wait_for(run, 10) == 0
+    finally:
+        if not run.done():
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)

@@ -16,17 +16,40 @@ Endpoints: ``GET /v1/tree``, ``GET /v1/events`` (Server-Sent Events),
 ``GET /healthz``, ``GET /readyz``, ``GET /openapi.json``.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._client import ControlClient as ControlClient
 from ._client import ControlClientError as ControlClientError
 from ._client import NotRunning as NotRunning
 from ._client import Refused as Refused
-from ._listen import ControlError as ControlError
-from ._listen import Peer as Peer
-from ._openapi import openapi as openapi
+from ._errors import ControlError as ControlError
 from ._paths import default_socket_path as default_socket_path
 from ._paths import socket_dir as socket_dir
-from ._server import ControlServer as ControlServer
-from ._server import MetricsSource as MetricsSource
+
+if TYPE_CHECKING:
+    from ._listen import Peer as Peer
+    from ._openapi import openapi as openapi
+    from ._server import ControlServer as ControlServer
+    from ._server import MetricsSource as MetricsSource
+
+# The server side (starlette, uvicorn) is imported on first use: the CLI client
+# does not need it.
+_LAZY = {
+    "ControlServer": "._server",
+    "MetricsSource": "._server",
+    "Peer": "._listen",
+    "openapi": "._openapi",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module, __name__), name)
+
 
 __all__ = [
     "ControlClient",

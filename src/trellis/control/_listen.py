@@ -27,7 +27,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
-from .._core._exceptions import TrellisError
+from ._errors import ControlError
 from ._paths import MAX_SOCKET_PATH, socket_dir
 
 __all__ = ["ControlError", "HttpServer", "Peer", "bind_tcp", "bind_unix", "parse_tcp"]
@@ -39,10 +39,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class ControlError(TrellisError):
-    """The control API cannot start as configured (the message names the setting)."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import fnmatch
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -54,7 +55,9 @@ _CALL_TIMEOUT = 5.0  # for reading the tree (not for actions, which may take a s
 
 
 class MetricsSource(Protocol):
-    """What ``/metrics`` needs: ``await render() -> (body, content_type)``."""
+    """What ``/metrics`` needs: ``await render() -> (body, content_type)``. A ``render``
+    that takes an ``accept`` argument (like :class:`trellis.metrics.Metrics`) gets the
+    scraper's ``Accept`` header, to choose between Prometheus text and OpenMetrics."""
 
     async def render(self) -> tuple[bytes, str]: ...
 
@@ -102,6 +105,13 @@ def _sse(name: str, data: Mapping[str, Any]) -> bytes:
     name = name.replace("\r", " ").replace("\n", " ")
     payload = json.dumps(data, separators=(",", ":"), default=repr)
     return f"event: {name}\ndata: {payload}\n\n".encode()
+
+
+def _takes_accept(fn: Callable[..., Any]) -> bool:
+    try:
+        return "accept" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _dynamic(pid: Pid | None) -> bool:
@@ -487,7 +497,11 @@ class ControlServer:
     async def _metrics(self, request: Request) -> Response:
         if self.metrics is None:
             return _error(404, "metrics are not enabled on this tree")
-        body, content_type = await self.metrics.render()
+        render: Any = self.metrics.render
+        if _takes_accept(render):
+            body, content_type = await render(accept=request.headers.get("accept"))
+        else:
+            body, content_type = await render()
         return Response(body, headers={"content-type": content_type})
 
     async def _openapi(self, request: Request) -> Response:
@@ -675,6 +689,8 @@ class ControlServer:
         for key, pats in (("filter", names), ("path", paths)):
             if pats is not None and (not pats or any(len(p) > 200 for p in pats)):
                 return _error(422, f"{key} must be one or more comma-separated globs")
+        if request.method == "HEAD":  # headers only: never hold the connection open
+            return Response(headers={"content-type": "text/event-stream; charset=utf-8"})
         return _EventStream(self, history, names, paths, follow)
 
 
