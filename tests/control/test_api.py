@@ -463,3 +463,70 @@ async def test_an_exception_in_a_handler_is_a_500_and_nothing_stops(env: Env) ->
     assert r.json() == {"error": "internal error: ValueError: exporter broke"}
     assert await snapshot(env) == before
     assert (await env.unix().get("/v1/tree")).status_code == 200
+
+
+async def test_random_requests_never_get_a_5xx_or_change_the_tree(env: Env) -> None:
+    """300 seeded random requests (methods, paths, queries, bodies, headers) against a
+    running tree: every answer is below 500 and no child was touched."""
+    import random
+
+    rng = random.Random(1234)
+    words = [
+        "v1",
+        "children",
+        "tree",
+        "events",
+        "restart",
+        "start",
+        "x",
+        "..",
+        "%2F",
+        "é",
+        "metrics",
+        "readyz",
+        "nope",
+        "",
+        "shop",
+        "zz",
+        "%00",
+        "stop",
+    ]
+    bodies = [
+        b"",
+        b"{}",
+        b"{",
+        b"null",
+        b'{"reason": 1}',
+        b'{"reason": "r"}',
+        b"\x00\xff",
+        b"[" * 5000,
+        b'{"a": ' * 100,
+        b"x" * 70000,
+    ]
+    before = await snapshot(env)
+    c = env.unix()
+    for _ in range(300):
+        segments = [rng.choice(words) for _ in range(rng.randint(0, 6))]
+        path = "/" + "/".join(segments)
+        if path.rstrip("/") in ("/v1/stop",) or "shop/" in path:
+            continue  # real actions are tested elsewhere
+        if rng.random() < 0.3:
+            path += "?" + rng.choice(
+                [
+                    "history=5",
+                    "history=x",
+                    "filter=*",
+                    "follow=0",
+                    "a=b&&&",
+                    "history=99999999999",
+                    "follow=false",
+                ]
+            )
+        method = rng.choice(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+        headers = {"content-type": rng.choice(["application/json", "text/plain", "x/y"])}
+        if "events" in path and "follow" not in path:
+            path += ("&" if "?" in path else "?") + "follow=false"
+        r = await c.request(method, path, content=rng.choice(bodies), headers=headers)
+        assert r.status_code < 500, (method, path, r.status_code, r.text[:200])
+    assert await snapshot(env) == before
+    assert not env.stop_requested.is_set()
