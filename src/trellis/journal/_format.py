@@ -19,11 +19,12 @@ import json
 import os
 import string
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from trellis import Pid
-from trellis._tree import jsonable
+from trellis._tree import classify, event_path, jsonable, reason_text
 
 __all__ = [
     "GENESIS",
@@ -50,10 +51,30 @@ Content = tuple[str, float, str, str | None, str, str]
 #: A full record as stored: (seq, utc, mono, node, path, kind, data, prev_hash, hash).
 Row = tuple[int, str, float, str, str | None, str, str, str, str]
 
-_canonical = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
-_data_text = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), sort_keys=True).encode
+
+def _encoder(sort_keys: bool) -> Callable[[Any], str]:
+    """A compact, ASCII-only JSON encoder (the C one, built once, when available)."""
+    if c_make_encoder is None:  # pragma: no cover - not CPython
+        return json.JSONEncoder(
+            ensure_ascii=True, separators=(",", ":"), sort_keys=sort_keys
+        ).encode
+
+    def no_default(o: object) -> object:
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    make: Any = c_make_encoder
+    enc = make(None, no_default, encode_basestring_ascii, None, ":", ",", sort_keys, False, True)
+
+    def encode(o: Any) -> str:
+        return "".join(enc(o, 0))
+
+    return encode
+
+
+_canonical = _encoder(False)
+_data_text = _encoder(True)
 _sha256 = hashlib.sha256
-_COLUMNS = ("event", "time", "path")  # event keys that live in their own column
+_COLUMNS = frozenset({"event", "time", "path"})  # event keys with a column of their own
 
 
 def record_hash(
@@ -77,13 +98,24 @@ def record_hash(
 
 
 def chain(seq: int, prev_hash: str, contents: Iterable[Content]) -> list[Row]:
-    """Number and hash ``contents`` after the record ``(seq, prev_hash)``."""
+    """Number and hash ``contents`` after the record ``(seq, prev_hash)``.
+
+    Builds the canonical text directly (the same text :func:`record_hash` builds).
+    """
     rows: list[Row] = []
     append = rows.append
+    q = encode_basestring_ascii
+    sha = _sha256
     for utc, mono, node, path, kind, data in contents:
         seq += 1
-        text = prev_hash + _canonical([seq, utc, mono, node, path, kind, data])
-        h = _sha256(text.encode("ascii")).hexdigest()
+        if mono - mono == 0.0 and type(mono) is float:  # finite: JSON writes repr()
+            text = (
+                f"{prev_hash}[{seq},{q(utc)},{mono!r},{q(node)},"
+                f"{'null' if path is None else q(path)},{q(kind)},{q(data)}]"
+            )
+        else:  # pragma: no cover - the clock never gives NaN or infinity
+            text = prev_hash + _canonical([seq, utc, mono, node, path, kind, data])
+        h = sha(text.encode("ascii")).hexdigest()
         append((seq, utc, mono, node, path, kind, data, prev_hash, h))
         prev_hash = h
     return rows
@@ -109,40 +141,70 @@ def utc_text(wall: float) -> str:
     return f"{prefix}.{us:06d}Z"
 
 
-def _stable_pid(pid: Pid) -> str:
-    """A pid's text without its liveness: ``<Pid 12 'name'>`` in every record about it
-    (the writer serialises later, when the process may have died meanwhile)."""
-    text = repr(pid)
-    return text[:-6] + ">" if text.endswith(" dead>") else text
+_pid_texts: dict[int, str] = {}
 
 
-def content_of(wall: float, event: dict[str, Any], node: str) -> Content:
+def _pid_text(pid: Pid) -> str:
+    """A pid's text as first seen, without its liveness: ``<Pid 12 'name'>`` in every
+    record about it (the writer serialises later, when the process may have died)."""
+    text = _pid_texts.get(pid.id)
+    if text is None:
+        text = repr(pid)
+        if text.endswith(" dead>"):
+            text = text[:-6] + ">"
+        if len(_pid_texts) >= 10_000:
+            _pid_texts.clear()
+        _pid_texts[pid.id] = text
+    return text
+
+
+_PLAIN: frozenset[type] = frozenset({str, int, float, bool, type(None)})
+
+
+def content_of(
+    wall: float,
+    event: dict[str, Any],
+    node: str,
+    *,
+    _columns: frozenset[str] = _COLUMNS,
+    _plain: frozenset[type] = _PLAIN,
+    _pids: dict[int, str] = _pid_texts,
+) -> Content:
     """The columns of the record for ``event``, handed over at ``wall`` time.
 
-    ``data`` is the canonical JSON (sorted keys, compact) of
-    :func:`trellis._tree.jsonable` of the event minus ``event``, ``time`` and ``path``.
+    ``data`` is the canonical JSON (sorted keys, compact, ASCII) of
+    :func:`trellis._tree.jsonable` of the event minus ``event``, ``time`` and ``path``
+    (computed here without the intermediate copy for the common field types), except
+    that a pid is written as first seen, without its liveness marker.
     """
-    fields = event
+    data: dict[str, Any] = {}
     for k, v in event.items():
-        if isinstance(v, Pid):
-            if fields is event:
-                fields = dict(event)
-            fields[k] = _stable_pid(v)
-            os_pid = getattr(v, "os_pid", None)
-            if os_pid is not None and "os_pid" not in event:
-                fields["os_pid"] = os_pid
-    plain = jsonable(fields)
-    path = plain.pop("path", None)
-    for k in _COLUMNS:
-        plain.pop(k, None)
+        if k in _columns:
+            continue
+        if k == "reason":
+            data["reason"] = reason_text(v)
+            data["reason_class"] = classify(v)
+        elif type(v) in _plain:
+            data[k] = v
+        elif isinstance(v, Pid):
+            data[k] = _pids.get(v.id) or _pid_text(v)
+            if "os_pid" not in event:
+                os_pid = getattr(v, "os_pid", None)
+                if os_pid is not None:
+                    data["os_pid"] = os_pid
+        else:
+            data[k] = jsonable({k: v})[k]
+    path = event.get("path")
+    if not isinstance(path, str):
+        path = event_path(event)
     mono = event.get("time")
     return (
         utc_text(wall),
-        float(mono) if isinstance(mono, int | float) else 0.0,
+        mono if type(mono) is float else float(mono) if isinstance(mono, int) else 0.0,
         node,
-        path if path is None else str(path),
-        str(event.get("event")),
-        _data_text(plain),
+        path,
+        event["event"],
+        _data_text(data),
     )
 
 
