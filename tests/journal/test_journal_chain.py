@@ -523,3 +523,46 @@ def test_tail_last_since_and_follow(tmp_path: Path) -> None:
         rec = next(follow)
         assert (rec["seq"], rec["kind"], rec["data"]) == (31, "t.ev", {"i": 99})
         follow.close()
+
+
+async def test_data_is_jsonable_of_the_event_minus_the_columns() -> None:
+    """The writer's serialisation gives what trellis._tree.jsonable gives (for live
+    pids), field type by field type."""
+    from trellis._tree import jsonable
+    from trellis.journal._format import content_of
+
+    async def idle() -> None:
+        while True:
+            await trellis.receive()
+
+    a, b = trellis.spawn(idle), trellis.spawn(idle)
+    try:
+        events: list[dict[str, Any]] = [
+            {"event": "child.exited", "time": 1.0, "supervisor": "s", "child_id": "c", "pid": a,
+             "reason": ValueError("x"), "restart": True},
+            {"event": "child.exited", "time": 2, "supervisor": "s", "child_id": 3, "pid": b,
+             "reason": trellis.SHUTDOWN, "restart": False},
+            {"event": "child.exited", "time": 2.5, "supervisor": "s", "child_id": "c",
+             "reason": trellis.Hung("no heartbeat"), "os_pid": 12},
+            {"event": "supervisor.started", "time": 3.0, "supervisor": "s", "sup_pid": a,
+             "strategy": trellis.Strategy.ONE_FOR_ONE},
+            {"event": "process.spawned", "time": 4.0, "path": "s/c", "os_pid": 77,
+             "argv": ["a", ("b", 1)], "env": {"K": [1.5, None]}, "error": OSError(2, "no")},
+            {"event": "operator.action", "time": 5.0, "who": "uid:0", "action": "restart",
+             "target": "s/c", "source": "unix-socket", "result": "ok", "detail": None},
+            {"event": "custom", "time": 6.0, "reason": "normal", "blob": b"\x00", "n": 2**70},
+        ]  # fmt: skip
+        for ev in events:
+            utc, mono, node, path, kind, data = content_of(0.0, ev, "n")
+            expected = jsonable(ev)
+            assert path == expected.pop("path")
+            assert kind == expected.pop("event") == ev["event"]
+            expected.pop("time")
+            assert json.loads(data) == json.loads(json.dumps(expected)), ev
+            assert mono == float(ev["time"])
+            assert (utc, node) == ("1970-01-01T00:00:00.000000Z", "n")
+    finally:
+        trellis.exit(a, trellis.KILL)
+        trellis.exit(b, trellis.KILL)
+        await a.join()
+        await b.join()

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import trellis
 from trellis.journal import Journal, verify
 from trellis.testing import capture_telemetry
 
@@ -164,3 +165,62 @@ def test_kill_9_mid_storm_leaves_a_valid_chain_with_everything_committed(tmp_pat
     v = verify(f"sqlite:///{path}")
     assert v.ok, v.problem
     assert v.records >= last
+
+
+async def test_a_failing_commit_is_retried_without_loss_or_duplicates(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """While another connection holds the write lock past the busy timeout, commits
+    fail: journal.error is emitted and the batch is retried with backoff; once the lock
+    is gone every event is journaled exactly once."""
+    monkeypatch.setattr("trellis.journal._store.SQLITE_BUSY_TIMEOUT", 0.02)
+    path = tmp_path / "j.db"
+    url = f"sqlite:///{path}"
+    journal = Journal(url)
+    await journal.start()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with capture_telemetry(["journal.error"]) as errors:
+            for i in range(50):
+                trellis.telemetry.emit("work.item", i=i)
+            await errors.wait_for("journal.error", timeout=30)
+            await errors.wait_for("journal.error", timeout=30, after=1)  # retried
+        assert "database is locked" in errors.events[0]["error"]
+        assert journal.written == 0
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    await journal.wait_flushed()
+    assert journal.written == 50
+    await journal.stop()
+    assert [json.loads(r[6])["i"] for r in rows(path)] == list(range(50))
+    assert verify(url).ok
+
+
+async def test_stop_gives_up_on_a_store_that_never_recovers(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """stop() does not hang on a journal that cannot commit, even while a batch is being
+    retried: after a few attempts the pending events are counted as dropped and the
+    writer ends."""
+    monkeypatch.setattr("trellis.journal._store.SQLITE_BUSY_TIMEOUT", 0.01)
+    path = tmp_path / "j.db"
+    journal = Journal(f"sqlite:///{path}")
+    await journal.start()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with capture_telemetry(["journal.error"]) as errors:
+            for i in range(10):
+                trellis.telemetry.emit("work.item", i=i)
+            await errors.wait_for("journal.error", timeout=30)  # the batch is being retried
+            for i in range(10, 15):
+                trellis.telemetry.emit("work.item", i=i)
+            await journal.stop()
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    assert not journal.running
+    assert (journal.written, journal.dropped) == (0, 15)
+    assert rows(path) == []

@@ -49,6 +49,9 @@ __all__ = [
 
 COLUMNS = ("seq", "utc", "mono", "node", "path", "kind", "data", "prev_hash", "hash")
 _CHECKPOINT_COLUMNS = ("seq", "hash", "hmac", "utc")
+#: Seconds a SQLite writer waits for another connection's write lock before the
+#: attempt fails (and is retried with backoff).
+SQLITE_BUSY_TIMEOUT = 5.0
 _PG_LOCK = 0x7472656C6C6973  # "trellis": the advisory lock every writer takes per batch
 
 Checkpoint = tuple[int, str, str, str]  # (seq, hash, hmac, utc)
@@ -278,9 +281,9 @@ def _schema_state(target: Target, found: dict[str, tuple[str, ...]]) -> bool:
 
 
 class _SQLiteWriter:
-    def __init__(self, target: Target, busy_timeout: float = 5.0) -> None:
+    def __init__(self, target: Target) -> None:
         self.target = target
-        self.busy_timeout = busy_timeout
+        self.busy_timeout = SQLITE_BUSY_TIMEOUT
         self.conn = self._connect()
 
     def _connect(self) -> sqlite3.Connection:

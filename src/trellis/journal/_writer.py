@@ -196,6 +196,7 @@ class Journal:
         self._cp_seq = 0
         self._open_error: BaseException | None = None
         self._closed = False
+        self._stopping = False
 
     def __repr__(self) -> str:
         state = "open" if self.running else "closed"
@@ -388,6 +389,8 @@ class Journal:
             self._hid = None
 
     def _request(self, req: _Flush) -> None:
+        if req.close:
+            self._stopping = True  # a commit being retried now gives up after a few tries
         with self._lock:
             self._urgent += 1
             self._buf.append(req)
@@ -557,7 +560,7 @@ class Journal:
                     e,
                 )
                 self._emit("journal.error", error=f"{type(e).__name__}: {e}", events=len(contents))
-                if closing and attempt >= _CLOSE_ATTEMPTS:
+                if (closing or self._stopping) and attempt >= _CLOSE_ATTEMPTS:
                     self.dropped += len(contents)
                     _log.error(
                         "journal %s: %d events lost on close", self.target.shown, len(contents)
