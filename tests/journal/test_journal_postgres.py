@@ -67,6 +67,8 @@ async def test_storm_verifies_and_counts_match(storm: Any, pg_server: Any, pg_db
     recs = list(tail(url, n=3))
     assert [r["seq"] for r in recs] == [len(all_rows) - 2, len(all_rows) - 1, len(all_rows)]
     assert recs[-1]["kind"] == "supervisor.stopped"
+    since = list(tail(url, since_seq=len(all_rows) - 1))
+    assert [r["seq"] for r in since] == [len(all_rows) - 1, len(all_rows)]
 
 
 async def test_triggers_refuse_update_delete_and_truncate(
