@@ -26,7 +26,7 @@ POLITE = (
 )
 # Keeps the default SIGTERM action: dies of it.
 PLAIN = "import time\nwhile True: time.sleep(0.02)\n"
-MARK = "trellis-chaos-test"
+MARK = f"trellis-chaos-test-{os.getpid()}"  # this session only: never touch others'
 
 
 def state(os_pid: int) -> str | None:

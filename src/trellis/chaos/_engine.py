@@ -140,6 +140,7 @@ class Chaos:
         self.stop_tree = stop_tree
         self.walk_timeout = walk_timeout
         self.faults: list[_Fault] = []
+        self._open: dict[str, _Fault] = {}  # injected and not settled, by id
         self._hid: object | None = None
         self._t0: float | None = None
         self._t_end: float | None = None
@@ -171,6 +172,15 @@ class Chaos:
         self.root = root
         self._request_stop = request_stop
         self._task = asyncio.get_running_loop().create_task(self.run())
+        self._task.add_done_callback(self._run_ended)
+
+    def _run_ended(self, task: asyncio.Task[Report]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # a failed run must not leave the tree running forever
+        _log.error("chaos run failed", exc_info=task.exception())
+        if self._request_stop is not None and self.stop_tree:
+            self._request_stop()
 
     async def stop(self) -> None:
         """End the run now: heal every fault, settle the rest, detach from telemetry."""
@@ -219,9 +229,9 @@ class Chaos:
             raise RuntimeError("Chaos has no root: give the root pid, or run it as an extension")
         clock = self._clock()
         self._t0 = clock.now()
-        self._kinds_from(await self._walk())
         _log.info("chaos run: seed %s, %d steps", self.plan.seed, len(self.plan.steps))
         try:
+            self._kinds_from(await self._walk())
             for step in self.plan.steps:
                 await self._sleep_until(self._t0 + step.offset)
                 await self._do_step(step)
@@ -332,7 +342,7 @@ class Chaos:
         if fault in _TIMED and holder is not None and holder.healed_at is None:
             return f"target already held by fault {holder.id}"
         if self.max_concurrent is not None:
-            n = sum(1 for f in self.faults if f.open)
+            n = len(self._open)
             if n >= self.max_concurrent:
                 return f"cap: {n} faults open (max_concurrent={self.max_concurrent})"
         return None
@@ -353,14 +363,17 @@ class Chaos:
         f.os_pid = t.os_pid
         f.group = group
         f.injected_at = clock.now()
+        self._open[f.id] = f  # watched from now on
         try:
             f.healer = await inject(step.fault, t, clock=clock, fault_id=fid, delay=step.delay)
         except Unsupported as e:
+            del self._open[f.id]
             f.result = f"skipped: {e}"
             f.injected_at = None
             _log.info("chaos %s %s %s skipped: %s", fid, step.fault, t.path, e)
             return
         except Exception as e:  # the target went away meanwhile, a signal failed
+            del self._open[f.id]
             f.result = f"error: {reason_text(e)}"
             self._action(f, "fault", f.result)
             return
@@ -379,9 +392,11 @@ class Chaos:
         proxy = self.proxies[name]
         f = self._new(step, fid, key)
         f.injected_at = clock.now()
+        self._open[f.id] = f
         try:
             await proxy.cut()
         except Exception as e:
+            del self._open[f.id]
             f.result = f"error: {reason_text(e)}"
             self._action(f, "fault", f.result)
             return
@@ -485,7 +500,7 @@ class Chaos:
             return
         if name == "supervisor.gave_up":
             sup = str(event.get("supervisor"))
-            for f in self.faults:
+            for f in self._open.values():
                 if (
                     f.open
                     and f.injected_at is not None
@@ -498,7 +513,7 @@ class Chaos:
         path = event_path(event)
         if path is None:
             return
-        for f in self.faults:
+        for f in list(self._open.values()):
             if not f.open or f.injected_at is None or t < f.injected_at:
                 continue
             if name == "child.exited":
@@ -535,7 +550,7 @@ class Chaos:
         clock = self._clock()
         check = self.healthy
         assert check is not None
-        while any(f.open and f.health_from is not None for f in self.faults):
+        while any(f.health_from is not None for f in self._open.values()):
             started = clock.now()
             try:
                 ok = bool(await check())
@@ -544,8 +559,8 @@ class Chaos:
                 ok = False
             if ok:
                 now = clock.now()
-                for f in self.faults:
-                    if f.open and f.health_from is not None and f.health_from <= started:
+                for f in list(self._open.values()):
+                    if f.health_from is not None and f.health_from <= started:
                         f.recovered_at = now
                         self._settle(f)
             await self._sleep_until(clock.now() + self.health_interval)
@@ -555,6 +570,7 @@ class Chaos:
             return
         f.settled_at = self._clock().now()
         f.health_from = None
+        self._open.pop(f.id, None)
         if f.deadline is not None:
             f.deadline.cancel()
             f.deadline = None
@@ -565,7 +581,7 @@ class Chaos:
 
     def _settle_rest(self, why: str) -> None:
         n = 0
-        for f in self.faults:
+        for f in list(self._open.values()):
             if f.open:
                 self._settle(f)
                 n += 1
@@ -576,7 +592,7 @@ class Chaos:
         assert self._changed is not None
         clock = self._clock()
         deadline = clock.now() + seconds
-        while any(f.open for f in self.faults):
+        while self._open:
             left = deadline - clock.now()
             if left <= 0:
                 return
