@@ -110,6 +110,7 @@ class Journal:
         key: the checkpoint key (bytes, hex or text); default ``$TRELLIS_JOURNAL_KEY``.
             With a key, an HMAC-signed checkpoint of the chain head is written every
             ``checkpoint_every`` records and on close.
+        checkpoint_every: records between signed checkpoints (only with a key).
 
     It is a :class:`trellis.Extension` (``await start()`` / ``await stop()``), and has
     sync ``open()`` / ``close()`` and context-manager forms. While it runs, the writer
@@ -119,14 +120,16 @@ class Journal:
 
     **What a kill -9 loses.** An event is durable once its batch has committed (one
     transaction; SQLite in WAL mode with ``synchronous=FULL`` fsyncs it). A crash
-    loses exactly the events handed over and not yet committed, :attr:`uncommitted`
-    at that instant: the events of the open group-commit window (at most
-    ``flush_interval`` seconds' worth, or ``batch_size`` events, whichever closes it
-    first) plus the batch being committed (what arrived during the previous commit, at
-    most ``max_batch``). Only when the writer has fallen behind can more be lost: at
-    most ``max_buffer`` + ``max_batch`` events. A batch is never half-written, so the
-    chain stays valid and ``trellis journal verify`` passes after a crash. An orderly
-    ``stop()``/``close()`` commits everything.
+    loses exactly the events handed over and not yet committed, :attr:`uncommitted` at
+    that instant: the batch being committed (at most ``max_batch`` events) plus the
+    events handed over since that batch was taken. The writer takes the next batch as
+    soon as ``batch_size`` events are pending or the oldest has waited
+    ``flush_interval`` seconds, so while it keeps up that is at most
+    ``flush_interval`` seconds' worth of events plus those arriving during one commit.
+    A writer that has fallen behind can lose at most ``max_buffer`` + ``max_batch``.
+    A batch is never half-written, so the chain stays valid and
+    ``trellis journal verify`` passes after a crash. An orderly ``stop()``/``close()``
+    commits everything.
 
     Example::
 
