@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS backfills (
     to_seq INTEGER NOT NULL,
     cause TEXT NOT NULL,          -- outage | reconnect | start | hole | manual
     collector TEXT,
-    outage TEXT,                  -- which outage (collector#n) it closes, if any
+    outage TEXT,                  -- which outage (collector@down time) it closes, if any
     opened_at REAL NOT NULL,      -- wall clock: the gap was found
     requested_at REAL,            -- wall clock: first history request sent
     done_at REAL,                 -- wall clock: ticks committed

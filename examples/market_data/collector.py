@@ -77,6 +77,7 @@ class Collector(trellis.Server):
         self.redis_retry_at = 0.0
         self.pending: list[list[Any]] = []
         self.last_beat = 0.0
+        self.connected = False
         self.counts = {
             "received": 0,
             "stored": 0,
@@ -101,16 +102,24 @@ class Collector(trellis.Server):
             self.pending.extend(msg[1])
             await self._deliver()
         elif kind == "resumed":
+            self.connected = True
             self.counts["resumes"] += 1
             trellis.cast(RECOVERY, ("resumed", self.cid, msg[1], msg[2], msg[3]))
         elif kind == "disconnected":
+            self.connected = False
             self.counts["disconnects"] += 1
         self._beat()
         return None
 
     async def handle_call(self, request: Any, caller: Any) -> Any:
         if request == "stats":
-            return {"id": self.cid, "symbols": list(self.symbols), **self.counts}
+            return {
+                "id": self.cid,
+                "symbols": list(self.symbols),
+                "connected": self.connected,
+                "pending": len(self.pending),
+                **self.counts,
+            }
         if request == "hang":
             return trellis.Continue("hang", reply="hanging")
         raise ValueError(f"Collector: unknown call {request!r}")

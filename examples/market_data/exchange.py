@@ -27,7 +27,9 @@ HTTP (``--http-port``, one request per connection):
 - ``GET /health``.
 
 Readiness: ``READY=1`` over ``NOTIFY_SOCKET`` (sd_notify) when both ports
-listen, and a line ``exchange listening feed=P http=H`` on stdout.
+listen, and a line ``exchange listening feed=P http=H`` on stdout. With
+``WATCHDOG_USEC`` set (a supervisor's watchdog), ``WATCHDOG=1`` comes from the
+publishing loop three times per period.
 """
 
 from __future__ import annotations
@@ -321,14 +323,19 @@ class Exchange:
                 continue
             sub.writer.write(chunk)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Publish ticks as they come due until ``stop`` is set."""
-        last_hb = 0.0
+    async def run(self, stop: asyncio.Event, watchdog: float | None = None) -> None:
+        """Publish ticks as they come due until ``stop`` is set; with ``watchdog``
+        seconds, send sd_notify ``WATCHDOG=1`` three times per period from this loop
+        (a stopped or stuck exchange misses it and its supervisor calls it hung)."""
+        last_hb = last_wd = 0.0
         while not stop.is_set():
             now = time.time()
             beat = now - last_hb >= self.heartbeat
             if beat:
                 last_hb = now
+            if watchdog is not None and now - last_wd >= watchdog / 3:
+                last_wd = now
+                sd_notify("WATCHDOG=1")
             self.publish(self.advance(now), beat)
             try:
                 await asyncio.wait_for(stop.wait(), self.tick_interval)
@@ -616,8 +623,9 @@ async def serve(args: argparse.Namespace) -> int:
     http_port = http.sockets[0].getsockname()[1]
     print(f"exchange listening feed={feed_port} http={http_port}", flush=True)
     sd_notify("READY=1")
+    usec = os.environ.get("WATCHDOG_USEC", "")
     try:
-        await ex.run(stop)
+        await ex.run(stop, int(usec) / 1e6 if usec.isdigit() and int(usec) > 0 else None)
     finally:
         feed.close()
         http.close()

@@ -34,6 +34,7 @@ from examples.market_data._common import (
     SENTINEL,
     STORE,
     connect,
+    http_get,
     http_json,
     wait_closers,
 )
@@ -235,6 +236,34 @@ class Pipeline:
             if not isinstance(node, trellis.Pid):
                 return None
         return node if isinstance(node, trellis.Pid) else None
+
+    async def healthy(self, timeout: float = 1.0) -> bool:
+        """Whether the service works right now: the exchange answers, every part is
+        up and answering, and every collector is subscribed to the feed.
+
+        Example (with ``trellis.chaos``)::
+
+            Chaos(p.root, plan, healthy=p.healthy, integrity=p.figures)
+        """
+        try:
+            status, _h, _b = await http_get(self.exchange_url, "/health", timeout=timeout)
+        except (OSError, TimeoutError):
+            return False
+        if status != 200:
+            return False
+        try:
+            for name, request in ((STORE, "stats"), (GATEKEEPER, "stats"), (RECOVERY, "idle")):
+                await trellis.call(name, request, timeout=timeout)
+            await trellis.call(SENTINEL, "stats", timeout=timeout)
+            for path in self.collector_paths:
+                pid = await self.pid(path)
+                if pid is None:
+                    return False
+                if not (await trellis.call(pid, "stats", timeout=timeout))["connected"]:
+                    return False
+        except (trellis.NoProc, trellis.Exited, trellis.CallTimeout):
+            return False
+        return True
 
     # -- figures ---------------------------------------------------------------------
     async def exchange_stats(self, timeout: float = 10.0) -> dict[str, Any]:

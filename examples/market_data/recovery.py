@@ -14,7 +14,8 @@ gatekeeper (waiting as long as it says when it denies) from the history API,
 and written to the store (``INSERT OR IGNORE``: fetching twice changes
 nothing). Each gap is a row of ``backfills`` with the time it was requested
 and done, and, for an outage, the delay from the collector's UP to the first
-request (``start_delay``).
+request (``start_delay``). A restarted recovery worker picks up the gaps its
+previous incarnation left unfinished.
 
 Example::
 
@@ -150,12 +151,23 @@ class Recovery(trellis.Server):
         self.contig = dict.fromkeys(self.names, 0)  # every seq 1..n is stored
         self.suspects: set[tuple[str, int, int]] = set()
         self.counts = {"denied": 0, "rejected_429": 0, "opened": 0, "closed": 0, "scans": 0}
+        self._resume_unfinished()
         hid = trellis.telemetry.attach(
             self._on_event, ["child.exited", "child.started", "child.restarted"]
         )
         close_on_exit(self.pid, lambda: trellis.telemetry.detach(hid), self.conn.close)
         self.backfiller = trellis.spawn(_backfiller, self.pid, exchange, page, retry_max, link=True)
         self.loop.call_later(scan_interval, self.pid.send, _SCAN)
+
+    def _resume_unfinished(self) -> None:
+        """Queue the gaps a previous incarnation opened but did not finish."""
+        now = self.loop.time()
+        for gid, symbol, a, b, cause, collector, outage in self.conn.execute(
+            "SELECT id, symbol, from_seq, to_seq, cause, collector, outage FROM backfills "
+            "WHERE done_at IS NULL ORDER BY id"
+        ):
+            self.gaps[gid] = Gap(gid, symbol, a, b, cause, collector, outage, now)
+            heapq.heappush(self.queue, (self.rank.get(symbol, len(self.rank)), a, gid))
 
     def _on_event(self, event: dict[str, Any]) -> None:
         """Telemetry handler (synchronous, must not block): hand collector events over."""
@@ -214,8 +226,7 @@ class Recovery(trellis.Server):
     # -- outages ---------------------------------------------------------------------
     def _collector_event(self, name: str, cid: str, at: float, reason: str | None) -> None:
         if name == "child.exited":
-            n = sum(1 for o in self.outages if o.collector == cid) + 1
-            outage = Outage(f"{cid}#{n}", cid, reason or "crash", at)
+            outage = Outage(f"{cid}@{at:.6f}", cid, reason or "crash", at)
             self.open[cid] = outage
             self.outages.append(outage)
             self.by_key[outage.key] = outage
@@ -338,8 +349,9 @@ class Recovery(trellis.Server):
         if gap is None:
             return
         delay = at - gap.ref
-        self.conn.execute(
-            "UPDATE backfills SET requested_at = ?, start_delay = ? WHERE id = ?",
+        self.conn.execute(  # a resumed gap keeps its first request's figures
+            "UPDATE backfills SET requested_at = COALESCE(requested_at, ?), "
+            "start_delay = COALESCE(start_delay, ?) WHERE id = ?",
             (wall, delay, gid),
         )
         outage = self.by_key.get(gap.outage) if gap.outage else None

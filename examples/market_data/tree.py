@@ -64,6 +64,7 @@ class Settings:
     epoch: float | None = None  # None: kept per supervisor process in state_file
     state_file: str = "/tmp/trellis-market-data-{ppid}.json"
     logs: str | None = None  # a directory for the exchange's stdout/stderr
+    exchange_watchdog: float = 1.5  # seconds without WATCHDOG=1 before it is hung
     heartbeat: float = 0.2
     silence: float = 2.0
     scan_interval: float = 1.0
@@ -79,7 +80,16 @@ class Settings:
             problems.append(f"symbols must be >= 1, got {self.symbols}")
         if not 1 <= self.groups <= self.symbols:
             problems.append(f"groups must be in 1..symbols ({self.symbols}), got {self.groups}")
-        for name in ("rate", "history_rate", "gate_rate", "heartbeat", "silence", "scan_interval"):
+        positive = (
+            "rate",
+            "history_rate",
+            "gate_rate",
+            "heartbeat",
+            "silence",
+            "scan_interval",
+            "exchange_watchdog",
+        )
+        for name in positive:
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not 0 < self.fallback_fraction <= 1:
@@ -185,11 +195,13 @@ def render_toml(s: Settings) -> str:
                 "command": _exchange_argv(s),
                 "cwd": s.exchange_cwd,
                 "ready": {"notify": True, "timeout": 10.0},
+                "watchdog": s.exchange_watchdog,
                 "shutdown": 2.0,
                 "logs": {"dir": s.logs} if s.logs else None,
                 "backoff": {"min": 0.2, "max": 2.0},
             },
-            "The simulated exchange: an OS process (feed + history API), ready on sd_notify.",
+            "The simulated exchange: an OS process (feed + history API), ready on sd_notify;\n"
+            "a stopped or stuck one misses its watchdog and is restarted (reason: hung).",
         )
     )
     parts.append(

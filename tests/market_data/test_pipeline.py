@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+from contextlib import closing
 from pathlib import Path
 
 from examples.market_data._common import RECOVERY, SENTINEL, connect
@@ -57,14 +60,11 @@ async def test_killed_collector_gap_is_backfilled(tmp_path: Path) -> None:
         assert await p.settle(timeout=20)
         report = await p.integrity()
         done = (await trellis.call(RECOVERY, "report"))["outages"][-1]
-        rows = (
-            connect(p.db_path)
-            .execute(
+        with closing(connect(p.db_path)) as conn:
+            rows = conn.execute(
                 "SELECT from_seq, to_seq, stored, done_at FROM backfills WHERE outage = ?",
                 (outage["key"],),
-            )
-            .fetchall()
-        )
+            ).fetchall()
     assert done["gaps_closed"] == done["gaps"] == outage["gaps"] == len(rows)
     # exactly the gap: every tick fetched was missing, and each gap is closed
     assert all(stored == b - a + 1 and at is not None for a, b, stored, at in rows)
@@ -107,20 +107,63 @@ async def test_backfill_is_idempotent(tmp_path: Path) -> None:
     async with Pipeline(symbols=3, seed=9, groups=1, rate=200, workdir=tmp_path) as p:
         await asyncio.sleep(0.5)
         assert await p.settle(timeout=20)
-        conn = connect(p.db_path)
-        conn.execute("DELETE FROM ticks WHERE symbol = 'S00' AND seq BETWEEN 5 AND 15")
-        first = await trellis.call(RECOVERY, ("backfill", "S00", 1, 20))
-        second = await trellis.call(RECOVERY, ("backfill", "S00", 1, 20))
-        assert await p.settle(timeout=20)
-        rows = dict(
-            conn.execute(
-                "SELECT id, stored FROM backfills WHERE id IN (?, ?)", (first, second)
-            ).fetchall()
-        )
-        count, distinct = conn.execute(
-            "SELECT COUNT(*), COUNT(DISTINCT seq) FROM ticks WHERE symbol = 'S00' AND seq <= 20"
-        ).fetchone()
+        with closing(connect(p.db_path)) as conn:
+            conn.execute("DELETE FROM ticks WHERE symbol = 'S00' AND seq BETWEEN 5 AND 15")
+            first = await trellis.call(RECOVERY, ("backfill", "S00", 1, 20))
+            second = await trellis.call(RECOVERY, ("backfill", "S00", 1, 20))
+            assert await p.settle(timeout=20)
+            rows = dict(
+                conn.execute(
+                    "SELECT id, stored FROM backfills WHERE id IN (?, ?)", (first, second)
+                ).fetchall()
+            )
+            count, distinct = conn.execute(
+                "SELECT COUNT(*), COUNT(DISTINCT seq) FROM ticks WHERE symbol = 'S00' AND seq <= 20"
+            ).fetchone()
         report = await p.integrity()
     assert rows == {first: 11, second: 0}
     assert count == distinct == 20
     assert report.missing == {}
+
+
+async def test_infra_and_recovery_faults_heal(tmp_path: Path) -> None:
+    """The exchange SIGKILLed and SIGSTOPped (its watchdog calls it hung), the store,
+    the gatekeeper and the recovery worker killed: after each the pipeline is healthy
+    again, and in the end every tick is stored, every gap closed, and no 429 seen."""
+    async with Pipeline(
+        symbols=6, seed=13, groups=2, rate=500, exchange_watchdog=0.6, workdir=tmp_path
+    ) as p:
+        assert await p.healthy()
+        exchange = await p.pid(p.paths["exchange"])
+        assert isinstance(exchange, trellis.CommandPid)
+        assert exchange.os_pid is not None
+        with trellis.testing.capture_telemetry(["child.exited"]) as cap:
+            os.killpg(exchange.os_pid, signal.SIGKILL)
+            await cap.wait_for("child.exited", timeout=10, child_id="exchange")
+            await _until_healthy(p)
+            exchange = await p.pid(p.paths["exchange"])
+            assert isinstance(exchange, trellis.CommandPid)
+            assert exchange.os_pid is not None
+            os.killpg(exchange.os_pid, signal.SIGSTOP)
+            hung = await cap.wait_for("child.exited", timeout=10, pid=exchange)
+            assert classify(hung["reason"]) == "hung"
+            await _until_healthy(p)
+            for part in ("store", "gatekeeper", "recovery"):
+                pid = await p.pid(p.paths[part])
+                assert pid is not None
+                trellis.exit(pid, trellis.KILL)
+                await cap.wait_for("child.exited", timeout=10, child_id=part)
+                await _until_healthy(p)
+        assert await p.settle(timeout=30)
+        report = await p.integrity()
+    assert report.missing == {}
+    assert report.gaps_opened == report.gaps_closed > 0
+    assert report.rejected_429 == 0
+
+
+async def _until_healthy(p: Pipeline) -> None:
+    async with asyncio.timeout(15):
+        while True:
+            if await p.healthy():
+                return
+            await asyncio.sleep(0.05)

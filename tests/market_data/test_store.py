@@ -8,6 +8,7 @@ import json
 import sqlite3
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import redis.asyncio
@@ -24,7 +25,7 @@ TICKS = [["S00", 1, 1.5, 10.25, 3], ["S00", 2, 1.7, 10.5, 1], ["S01", 1, 1.6, 99
 
 
 def _rows(db: Path) -> list[tuple[object, ...]]:
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn:
         return conn.execute("SELECT * FROM ticks ORDER BY symbol, seq").fetchall()
 
 

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,7 @@ def test_trellis_run_collects_ticks(tmp_path: Path) -> None:
             if proc.poll() is not None:
                 break
             if db.exists():
-                with sqlite3.connect(db) as conn:
+                with closing(sqlite3.connect(db)) as conn:
                     try:
                         symbols = conn.execute(
                             "SELECT COUNT(DISTINCT symbol) FROM ticks"
@@ -86,6 +87,7 @@ def test_trellis_run_collects_ticks(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=30)
+        Path(settings.state_file.replace("{ppid}", str(proc.pid))).unlink(missing_ok=True)
     assert proc.returncode == 0, output
     assert symbols == settings.symbols, output
 
