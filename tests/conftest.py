@@ -1,14 +1,28 @@
-"""Shared fixtures: a virtual clock, and a check that no test leaks processes or tasks."""
+"""Shared fixtures: a virtual clock, and a check that no test leaks processes or tasks.
+
+Default journals and control sockets go to temporary directories for the whole session,
+never to the user's ~/.local/state or runtime directory."""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 import trellis
 from trellis.testing import VirtualClock, live_processes, use_clock
+
+_SESSION_DIR = tempfile.mkdtemp(prefix="trellis-t-", dir="/tmp")  # short: socket paths
+atexit.register(shutil.rmtree, _SESSION_DIR, True)
+os.environ["TRELLIS_STATE_DIR"] = os.path.join(_SESSION_DIR, "state")
+os.environ["XDG_RUNTIME_DIR"] = _SESSION_DIR
+os.environ.pop("TRELLIS_SOCKET", None)
+os.environ.pop("TRELLIS_JOURNAL", None)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import structlog
 from . import __version__, telemetry
 from ._core._exceptions import FailedToStartChild, StartError
 from ._core._reasons import is_clean
+from ._operate import OperationsError, operations
 from ._run import run as run_tree
 from .config import ConfigError, TreeSpec, load
 
@@ -94,17 +95,72 @@ def check(trees: tuple[str, ...]) -> None:
     default="info",
     show_default=True,
 )
-def run(tree_file: str, log_format: str, log_level: str) -> None:
+@click.option(
+    "--journal",
+    "journal_url",
+    metavar="URL",
+    help="Journal URL (sqlite:///path.db or postgresql://...); "
+    "default: the tree file's [journal] url, else NAME.journal.db in "
+    "$TRELLIS_STATE_DIR or $XDG_STATE_HOME/trellis or ~/.local/state/trellis.",
+)
+@click.option("--no-journal", is_flag=True, help="Run without a journal.")
+@click.option(
+    "--socket",
+    "socket_path",
+    metavar="PATH",
+    help="Control API Unix socket (mode 0600); default: the tree file's [control] socket, "
+    "else $XDG_RUNTIME_DIR/trellis/NAME.sock or /tmp/trellis-UID/NAME.sock.",
+)
+@click.option("--no-control", is_flag=True, help="Run without the control API.")
+@click.option(
+    "--tcp",
+    metavar="HOST:PORT",
+    help="Also serve the control API on TCP; needs a bearer token in $TRELLIS_CONTROL_TOKEN.",
+)
+@click.option("--no-metrics", is_flag=True, help="Run without Prometheus metrics.")
+@click.option("--node", metavar="NAME", help="Node name in the journal and metrics.")
+def run(
+    tree_file: str,
+    log_format: str,
+    log_level: str,
+    journal_url: str | None,
+    no_journal: bool,
+    socket_path: str | None,
+    no_control: bool,
+    tcp: str | None,
+    no_metrics: bool,
+    node: str | None,
+) -> None:
     """Run a tree in the foreground until SIGTERM/SIGINT (exit 0) or until the root
-    gives up (exit 1). Exit 2 for an invalid tree file. Logs go to stderr."""
+    gives up (exit 1). Exit 2 for an invalid tree file or setting. Logs go to stderr.
+
+    Every supervision event is journaled; `trellis status`, `events`, `restart` and
+    `stop` talk to the control API on its Unix socket."""
     tree = _load(tree_file)
     if tree is None:
+        _exit(_EXIT_BAD_FILE)
+    if journal_url is not None and no_journal:
+        raise click.UsageError("give --journal or --no-journal, not both")
+    if socket_path is not None and no_control:
+        raise click.UsageError("give --socket or --no-control, not both")
+    try:
+        ops = operations(
+            tree.name,
+            dict(tree.settings),
+            journal=False if no_journal else journal_url,
+            socket_path=False if no_control else socket_path,
+            tcp=_parse_tcp(tcp) if tcp is not None else None,
+            metrics=False if no_metrics else None,
+            node=node,
+        )
+    except OperationsError as e:
+        click.echo(f"{tree_file}: {e}", err=True)
         _exit(_EXIT_BAD_FILE)
     configure_logging(log_format, log_level)
     hid = telemetry.attach(_log_event)
     _cli_log.info("tree.starting", extra={"trellis": {"file": tree_file, "root": tree.name}})
     try:
-        code = run_tree(tree.child_spec())
+        code = run_tree(tree.child_spec(), extensions=ops.extensions())
     except StartError as e:
         child, reason = _start_failure(e)
         fields = {"child": child, "reason": reason}
@@ -114,6 +170,28 @@ def run(tree_file: str, log_format: str, log_level: str) -> None:
         telemetry.detach(hid)
     _cli_log.info("tree.stopped", extra={"trellis": {"exit_code": code}})
     _exit(code)
+
+
+def _register_commands() -> None:
+    """The commands that talk to a running tree, read journals and run chaos."""
+    from .chaos._cli import chaos
+    from .control._cli import COMMANDS
+    from .journal._cli import journal_group
+
+    for command in COMMANDS:
+        cli.add_command(command)
+    cli.add_command(journal_group)
+    cli.add_command(chaos)
+
+
+_register_commands()
+
+
+def _parse_tcp(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT", param_hint="--tcp")
+    return host.strip("[]"), int(port)
 
 
 def _exit(code: int) -> NoReturn:

@@ -240,10 +240,14 @@ class Tracker:
 
 def event_path(event: dict[str, Any]) -> str | None:
     """The tree path an event is about: ``supervisor/child_id`` for child events, the
-    supervisor's own path for supervisor events, ``path`` for process events."""
+    supervisor's own path for supervisor events, ``path`` for process events and the
+    ``target`` of an operator action."""
     p = event.get("path")
     if isinstance(p, str):
         return p
+    if event.get("event") == "operator.action":
+        t = event.get("target")
+        return t if isinstance(t, str) else None
     sup = event.get("supervisor")
     if sup is None:
         return None

@@ -22,11 +22,12 @@ from rich.text import Text
 
 from ._errors import JournalError
 from ._format import KEY_ENV
+from ._paths import journal_dir
 from ._read import VerifyResult, export, tail, verify
 
 __all__ = ["journal_group"]
 
-URL_ENV = "TRELLIS_JOURNAL"
+URL_ENV = "TRELLIS_JOURNAL"  # else the only journal in journal_dir()
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -50,12 +51,20 @@ def _resolve(url: str | None, journal_opt: str | None) -> str:
     if url and journal_opt and url != journal_opt:
         raise BadInput(f"two journal URLs given: {url!r} and --journal {journal_opt!r}")
     chosen = url or journal_opt or os.environ.get(URL_ENV)
-    if not chosen:
-        raise BadInput(
-            f"no journal URL: give URL (sqlite:///PATH or postgresql://...), --journal URL, "
-            f"or set ${URL_ENV}"
-        )
-    return chosen
+    if chosen:
+        return chosen
+    found = sorted(journal_dir().glob("*.journal.db"))
+    if len(found) == 1:
+        return f"sqlite:///{found[0]}"
+    where = (
+        f"; {journal_dir()} holds {', '.join(p.name for p in found)}"
+        if found
+        else f"; no journal in {journal_dir()}"
+    )
+    raise BadInput(
+        f"no journal URL: give URL (sqlite:///PATH or postgresql://...), --journal URL, "
+        f"or set ${URL_ENV}{where}"
+    )
 
 
 @click.group("journal")
