@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--groups", type=int, default=4)
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--redis", default=None, help="a Redis URL: Redis buffer and gatekeeper")
+    ap.add_argument(
+        "--redis",
+        default=os.environ.get("MARKET_DATA_REDIS_URL"),
+        help="a Redis URL for the tick buffer and the gatekeeper (env MARKET_DATA_REDIS_URL)",
+    )
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--settle", type=float, default=30.0)
     ap.add_argument("--json", action="store_true")

@@ -9,7 +9,8 @@ probes Redis again once ``probe_interval`` has passed, and the first success
 returns to Redis. The switch is exported three ways: the server's ``fallback``
 property, the telemetry events ``market_data.gatekeeper.fallback`` /
 ``market_data.gatekeeper.restored`` (field ``fallback``: 1 or 0), and the
-``fallback`` gauge of :meth:`Gatekeeper.statistics` (``"stats"`` call).
+``fallback`` gauge of :meth:`Gatekeeper.statistics` (``"stats"`` call), which
+:func:`fallback_gauge` turns into a Prometheus gauge.
 
 Keep ``rate``/``burst`` below the exchange's own limit, and ``burst *
 (1 + fallback_fraction)`` within its burst: then the exchange never answers 429
@@ -35,7 +36,7 @@ from examples.market_data.exchange import TokenBucket
 
 import trellis
 
-__all__ = ["LUA_TOKEN_BUCKET", "Gatekeeper", "GatekeeperStats", "Grant"]
+__all__ = ["LUA_TOKEN_BUCKET", "Gatekeeper", "GatekeeperStats", "Grant", "fallback_gauge"]
 
 _log = logging.getLogger("market_data.gatekeeper")
 
@@ -195,3 +196,31 @@ class Gatekeeper(trellis.Server):
         self.restores += 1
         _log.info("redis is back: shared limit restored")
         trellis.telemetry.emit("market_data.gatekeeper.restored", pid=self.pid, fallback=0)
+
+
+def fallback_gauge(registry: Any = None) -> tuple[Any, object]:
+    """A Prometheus gauge ``market_data_gatekeeper_fallback`` (1 while the gatekeeper
+    answers from its local fallback limit, else 0), kept by a telemetry handler.
+
+    Returns ``(gauge, handler_id)``; ``trellis.telemetry.detach(handler_id)`` stops it.
+
+    Example::
+
+        registry = prometheus_client.CollectorRegistry()
+        gauge, hid = fallback_gauge(registry)
+    """
+    from prometheus_client import REGISTRY, Gauge
+
+    gauge = Gauge(
+        "market_data_gatekeeper_fallback",
+        "1 while the history-request gatekeeper uses its local fallback limit",
+        registry=REGISTRY if registry is None else registry,
+    )
+
+    def handle(event: dict[str, Any]) -> None:
+        gauge.set(event["fallback"])
+
+    hid = trellis.telemetry.attach(
+        handle, ["market_data.gatekeeper.fallback", "market_data.gatekeeper.restored"]
+    )
+    return gauge, hid

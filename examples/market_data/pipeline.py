@@ -43,7 +43,7 @@ from examples.market_data.tree import Settings, render_toml
 import trellis
 import trellis.config
 
-__all__ = ["Integrity", "Pipeline", "free_port"]
+__all__ = ["Integrity", "Pipeline", "PipelineStartError", "free_port"]
 
 _HERE = Path(__file__).resolve().parent
 
@@ -118,6 +118,10 @@ class Integrity:
         return "\n".join(lines)
 
 
+class PipelineStartError(RuntimeError):
+    """The tree did not start; the message says why (with the exchange's own words)."""
+
+
 class Pipeline:
     """The market-data tree, started in the current event loop; see the module docstring.
 
@@ -169,8 +173,25 @@ class Pipeline:
         if trellis.whereis(ROOT) is not None:
             raise RuntimeError("a market-data pipeline already runs in this process")
         tree = trellis.config.loads(self.tree_text(), source=str(self.workdir / "tree.toml"))
-        self.root = await tree.start()
+        try:
+            self.root = await tree.start()
+        except trellis.StartError as e:
+            await wait_closers()
+            said = self._exchange_said()
+            raise PipelineStartError(f"the market-data tree did not start: {e}{said}") from e
+        except BaseException:
+            await wait_closers()
+            raise
         return self.root
+
+    def _exchange_said(self) -> str:
+        """The exchange's last stderr lines, for a start error."""
+        try:
+            text = (self.workdir / "logs" / "exchange.err.log").read_text("utf-8", "replace")
+        except OSError:
+            return ""
+        lines = [line for line in text.splitlines() if line.strip()][-3:]
+        return "; the exchange said: " + " / ".join(lines) if lines else ""
 
     async def stop(self) -> None:
         """Stop the tree in reverse start order and release everything it held."""

@@ -7,9 +7,10 @@ import asyncio
 import time
 from pathlib import Path
 
+import prometheus_client
 import pytest
 from examples.market_data._common import GATEKEEPER, RECOVERY, STORE, wait_closers
-from examples.market_data.gatekeeper import Gatekeeper, Grant
+from examples.market_data.gatekeeper import Gatekeeper, Grant, fallback_gauge
 from examples.market_data.pipeline import Pipeline
 
 import trellis
@@ -62,6 +63,8 @@ async def test_redis_bucket_is_shared(redis_server: RedisServer) -> None:
 async def test_falls_back_within_one_request_and_returns(redis_server: RedisServer) -> None:
     """Redis killed: the very next request is answered by the local fallback, which is
     exported (property, event, gauge); Redis back: a later request returns to it."""
+    registry = prometheus_client.CollectorRegistry()
+    _gauge, hid = fallback_gauge(registry)
     pid = await Gatekeeper.start(
         rate=10, burst=4, redis_url=redis_server.url, fallback_fraction=0.5, probe_interval=0.2
     )
@@ -76,6 +79,7 @@ async def test_falls_back_within_one_request_and_returns(redis_server: RedisServ
             assert grant.granted
             fell = await cap.wait_for("market_data.gatekeeper.fallback", timeout=1)
             assert fell["fallback"] == 1
+            assert registry.get_sample_value("market_data_gatekeeper_fallback") == 1
             stats = await trellis.call(pid, "stats")
             assert stats.fallback == 1
             assert stats.fallbacks == 1
@@ -91,11 +95,13 @@ async def test_falls_back_within_one_request_and_returns(redis_server: RedisServ
                     await asyncio.sleep(0.05)
             back = await cap.wait_for("market_data.gatekeeper.restored", timeout=1)
             assert back["fallback"] == 0
+            assert registry.get_sample_value("market_data_gatekeeper_fallback") == 0
         stats = await trellis.call(pid, "stats")
         assert stats.mode == "redis"
         assert stats.fallback == 0
         assert stats.restores == 1
     finally:
+        trellis.telemetry.detach(hid)
         await trellis.stop(pid)
         await wait_closers()
 

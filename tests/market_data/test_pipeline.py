@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from contextlib import closing
 from pathlib import Path
 
+import pytest
 from examples.market_data._common import RECOVERY, SENTINEL, connect
-from examples.market_data.pipeline import Pipeline
+from examples.market_data.pipeline import Pipeline, PipelineStartError
 
 import trellis
 import trellis.testing
@@ -167,3 +169,14 @@ async def _until_healthy(p: Pipeline) -> None:
             if await p.healthy():
                 return
             await asyncio.sleep(0.05)
+
+
+async def test_a_busy_port_fails_the_start_with_the_exchange_s_reason(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = Pipeline(symbols=3, groups=1, feed_port=port, workdir=tmp_path)
+        with pytest.raises(PipelineStartError, match="address already in use"):
+            await p.start()
+    assert trellis.whereis("market_data") is None
