@@ -436,7 +436,9 @@ class JournalModel(_Model):
     key_env: EnvName | None = None
     max_buffer: Annotated[int, Field(gt=0)] | None = None
     batch_size: Annotated[int, Field(gt=0)] | None = None
+    max_batch: Annotated[int, Field(gt=0)] | None = None
     flush_interval: Seconds | None = None
+    checkpoint_every: Annotated[int, Field(gt=0)] | None = None
 
 
 class ControlModel(_Model):
