@@ -66,7 +66,9 @@ CREATE TABLE IF NOT EXISTS backfills (
     requested_at REAL,            -- wall clock: first history request sent
     done_at REAL,                 -- wall clock: ticks committed
     start_delay REAL,             -- seconds from the collector's UP to requested_at
-    stored INTEGER                -- rows the backfill added (0 when all were there)
+    stored INTEGER,               -- rows the backfill added (0 when all were there)
+    requests INTEGER NOT NULL DEFAULT 0,  -- history requests sent for it
+    rejected INTEGER NOT NULL DEFAULT 0   -- of those, answered 429 (must stay 0)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -84,6 +86,10 @@ def connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(SCHEMA)
+    have = {row[1] for row in conn.execute("PRAGMA table_info(backfills)")}
+    for column in ("requests", "rejected"):  # databases from before these columns
+        if column not in have:
+            conn.execute(f"ALTER TABLE backfills ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
     return conn
 
 

@@ -9,7 +9,9 @@ one; a hole must be seen twice before it is fetched, so a gap being reported
 right now is not fetched twice). Losses of any cause (a killed store, a dropped
 subscriber, an exchange restart) show up one way or the other.
 
-Gaps are fetched highest-volume symbol first, each page through the
+Gaps are fetched highest-volume symbol first (the busiest symbol's gap of each
+resume goes before all other queued work, so every outage starts at once), each
+page through the
 gatekeeper (waiting as long as it says when it denies) from the history API,
 and written to the store (``INSERT OR IGNORE``: fetching twice changes
 nothing). Each gap is a row of ``backfills`` with the time it was requested
@@ -140,7 +142,8 @@ class Recovery(trellis.Server):
         self.rank = {s: i for i, s in enumerate(self.names)}
         self.scan_interval = scan_interval
         self.loop = asyncio.get_running_loop()
-        self.queue: list[tuple[int, int, int]] = []  # (volume rank, from_seq, gap id)
+        # (0 for the first gap of a resume, else 1; volume rank; from_seq; gap id)
+        self.queue: list[tuple[int, int, int, int]] = []
         self.gaps: dict[int, Gap] = {}  # queued or running
         self.running: set[int] = set()
         self.waiter: Any = None  # the backfiller, waiting for work
@@ -167,7 +170,7 @@ class Recovery(trellis.Server):
             "WHERE done_at IS NULL ORDER BY id"
         ):
             self.gaps[gid] = Gap(gid, symbol, a, b, cause, collector, outage, now)
-            heapq.heappush(self.queue, (self.rank.get(symbol, len(self.rank)), a, gid))
+            heapq.heappush(self.queue, (1, self.rank.get(symbol, len(self.rank)), a, gid))
 
     def _on_event(self, event: dict[str, Any]) -> None:
         """Telemetry handler (synchronous, must not block): hand collector events over."""
@@ -212,12 +215,15 @@ class Recovery(trellis.Server):
         kind = msg[0] if isinstance(msg, tuple) and msg else None
         if kind == "collector":
             self._collector_event(*msg[1:])
-        elif kind == "gap_started":
-            self._gap_started(*msg[1:])
+        elif kind == "request":
+            self._request(*msg[1:])
         elif kind == "gap_done":
             self._gap_done(*msg[1:])
-        elif kind in ("denied", "rejected_429"):
-            self.counts[kind] += 1
+        elif kind == "denied":
+            self.counts["denied"] += 1
+        elif kind == "rejected_429":
+            self.counts["rejected_429"] += 1
+            self.conn.execute("UPDATE backfills SET rejected = rejected + 1 WHERE id = ?", msg[1:])
         return None
 
     async def terminate(self, reason: Any) -> None:
@@ -250,6 +256,7 @@ class Recovery(trellis.Server):
         except (trellis.NoProc, trellis.Exited, trellis.CallTimeout):
             pass
         key = outage.key if outage is not None else None
+        lead = True  # the busiest symbol's gap goes before any other queued work
         for symbol in sorted(nxt, key=lambda s: self.rank.get(s, len(self.rank))):
             first_live = int(nxt[symbol])
             row = self.conn.execute(
@@ -257,7 +264,8 @@ class Recovery(trellis.Server):
             ).fetchone()
             last = row[0] or 0
             if last + 1 <= first_live - 1:
-                gid = self._open_gap(symbol, last + 1, first_live - 1, cause, cid, key, ref)
+                gid = self._open_gap(symbol, last + 1, first_live - 1, cause, cid, key, ref, lead)
+                lead = lead and gid is None
                 if outage is not None and gid is not None:
                     outage.gaps.append(gid)
         if outage is not None:
@@ -320,6 +328,7 @@ class Recovery(trellis.Server):
         collector: str | None,
         outage: str | None,
         ref: float,
+        lead: bool = False,
     ) -> int | None:
         parts = [(a, b)] if cause == "manual" else self._uncovered(symbol, a, b)
         first = None
@@ -331,7 +340,8 @@ class Recovery(trellis.Server):
             )
             gid = int(cur.lastrowid or 0)
             self.gaps[gid] = Gap(gid, symbol, x, y, cause, collector, outage, ref)
-            heapq.heappush(self.queue, (self.rank.get(symbol, len(self.rank)), x, gid))
+            cls = 0 if lead and first is None else 1
+            heapq.heappush(self.queue, (cls, self.rank.get(symbol, len(self.rank)), x, gid))
             self.counts["opened"] += 1
             first = gid if first is None else first
         if self.waiter is not None and self.queue:
@@ -340,18 +350,19 @@ class Recovery(trellis.Server):
         return first
 
     def _pop(self) -> Gap:
-        _, _, gid = heapq.heappop(self.queue)
+        gid = heapq.heappop(self.queue)[-1]
         self.running.add(gid)
         return self.gaps[gid]
 
-    def _gap_started(self, gid: int, at: float, wall: float) -> None:
+    def _request(self, gid: int, at: float, wall: float) -> None:
+        """The backfiller is sending a history request for gap ``gid``."""
         gap = self.gaps.get(gid)
         if gap is None:
             return
         delay = at - gap.ref
-        self.conn.execute(  # a resumed gap keeps its first request's figures
+        self.conn.execute(  # the first request's figures stay, also for a resumed gap
             "UPDATE backfills SET requested_at = COALESCE(requested_at, ?), "
-            "start_delay = COALESCE(start_delay, ?) WHERE id = ?",
+            "start_delay = COALESCE(start_delay, ?), requests = requests + 1 WHERE id = ?",
             (wall, delay, gid),
         )
         outage = self.by_key.get(gap.outage) if gap.outage else None
@@ -394,21 +405,18 @@ async def _backfiller(owner: trellis.Pid, exchange: str, page: int, retry_max: f
     while True:
         gap: Gap = await trellis.call(owner, "next_gap", timeout=None)
         stored = 0
-        started = False
         cur = gap.from_seq
         delay = 0.05
         while cur <= gap.to_seq:
             await _acquire(owner, retry_max)
-            if not started:
-                started = True
-                owner.send(("gap_started", gap.id, loop.time(), time.time()))
+            owner.send(("request", gap.id, loop.time(), time.time()))
             end = min(gap.to_seq, cur + page - 1)
             target = f"/history?symbol={quote(gap.symbol)}&from_seq={cur}&to_seq={end}"
             try:
                 body = await http_json(exchange, target, timeout=5.0)
             except HttpError as e:
                 if e.status == 429:
-                    owner.send(("rejected_429",))
+                    owner.send(("rejected_429", gap.id))
                     await asyncio.sleep(min(retry_max, e.retry_after or delay))
                     continue
                 _log.error("backfill of %s %d..%d refused: %s", gap.symbol, cur, end, e)
