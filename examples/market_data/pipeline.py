@@ -400,9 +400,18 @@ class Pipeline:
             exchange_rejected_429=int(stats["rejected_429"]),
         )
 
-    async def figures(self) -> dict[str, Any]:
+    async def figures(self, settle: float | None = None) -> dict[str, Any]:
         """Everything a report needs: integrity, exchange stats, the gatekeeper's,
-        the recovery worker's and the sentinel's (None for a part that is down)."""
+        the recovery worker's and the sentinel's (None for a part that is down).
+
+        With ``settle`` seconds, first wait for the backfills (:meth:`settle`); the
+        dict then says whether they finished (``"settled"``).
+
+        Example::
+
+            Chaos(p.root, plan, integrity=lambda: p.figures(settle=60))
+        """
+        settled = await self.settle(settle) if settle is not None else None
 
         async def ask(name: Any, request: Any) -> Any:
             try:
@@ -417,6 +426,7 @@ class Pipeline:
             pid = await self.pid(path)
             collectors[path] = await ask(pid, "stats") if pid is not None else None
         return {
+            "settled": settled,
             "integrity": integrity.to_dict(),
             "exchange": await self.exchange_stats(),
             "gatekeeper": asdict(gate) if gate is not None else None,
