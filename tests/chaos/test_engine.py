@@ -270,6 +270,31 @@ async def test_recovery_waits_for_the_health_check(clock: VirtualClock, collecto
     assert checks  # it really was polled
 
 
+async def test_health_check_may_call_servers_of_the_tree(
+    clock: VirtualClock, collectors: Any
+) -> None:
+    """The health check runs as no Trellis process (not as the supervisor whose event
+    started it), so it can `call` any server of the tree, the supervisor included."""
+    calls: list[int] = []
+    [(_, inner, _)] = await collectors.which_children()  # root/collectors emits the events
+
+    async def healthy() -> bool:
+        calls.append(len(await inner.which_children()))
+        return True
+
+    plan = Plan.from_spec(
+        {"fault": "kill", "target": "root/collectors/c01", "at": 1}, seed=1, duration=3
+    )
+    async with Chaos(collectors, plan, healthy=healthy, health_interval=0.25, settle=2) as engine:
+        task = asyncio.ensure_future(engine.run())
+        await clock.advance(6.0)
+        report = task.result()
+    [kill] = report.faults
+    assert kill.recover == 0.0  # healthy at the first check after the restart
+    assert calls
+    assert set(calls) == {10}
+
+
 async def test_integrity_slot(clock: VirtualClock, collectors: Any) -> None:
     plan = Plan.from_spec(
         {"fault": "kill", "target": "root/collectors/c01", "at": 1}, seed=1, duration=2

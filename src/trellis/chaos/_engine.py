@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -430,7 +431,7 @@ class Chaos:
     # -- healing -------------------------------------------------------------------
     def _heal_soon(self, f: _Fault) -> None:
         f.heal_timer = None
-        task = asyncio.get_running_loop().create_task(self._heal(f))
+        task = asyncio.get_running_loop().create_task(self._heal(f), context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -544,7 +545,9 @@ class Chaos:
         f.health_from = since
         task = self._health_task
         if (task is None or task.done()) and not self._stopped:
-            self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+            self._health_task = asyncio.get_running_loop().create_task(
+                self._health_loop(), context=contextvars.Context()
+            )
 
     async def _health_loop(self) -> None:
         clock = self._clock()
