@@ -13,133 +13,40 @@ so removing or reordering a checkpoint breaks the next one too.
 
 from __future__ import annotations
 
-import hashlib
-import hmac as _hmac
 import json
 import os
 import string
-import time
-from collections.abc import Callable, Iterable
-from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from trellis import Pid
 from trellis._tree import classify, event_path, jsonable, reason_text
 
+from ._chain import GENESIS, Content, Item, Row, chain, checkpoint_mac, data_text, record_hash
+from ._chain import content_of_item as content_of_item
+from ._chain import utc_text as utc_text
+
 __all__ = [
     "GENESIS",
     "KEY_ENV",
     "Content",
+    "Item",
     "Row",
     "chain",
     "checkpoint_mac",
     "content_of",
-    "drop_content",
-    "failed_content",
+    "content_of_item",
+    "drop_item",
+    "failed_item",
     "parse_key",
     "record_hash",
+    "reduce_event",
     "utc_text",
 ]
 
-#: ``prev_hash`` of the first record.
-GENESIS = "0" * 64
 #: Environment variable holding the checkpoint key (hex, or raw text).
 KEY_ENV = "TRELLIS_JOURNAL_KEY"
 
-#: What the writer derives from one event before chaining: (utc, mono, node, path, kind, data).
-Content = tuple[str, float, str, str | None, str, str]
-#: A full record as stored: (seq, utc, mono, node, path, kind, data, prev_hash, hash).
-Row = tuple[int, str, float, str, str | None, str, str, str, str]
-
-
-def _encoder(sort_keys: bool) -> Callable[[Any], str]:
-    """A compact, ASCII-only JSON encoder (the C one, built once, when available)."""
-    if c_make_encoder is None:  # pragma: no cover - not CPython
-        return json.JSONEncoder(
-            ensure_ascii=True, separators=(",", ":"), sort_keys=sort_keys
-        ).encode
-
-    def no_default(o: object) -> object:
-        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-    make: Any = c_make_encoder
-    enc = make(None, no_default, encode_basestring_ascii, None, ":", ",", sort_keys, False, True)
-
-    def encode(o: Any) -> str:
-        return "".join(enc(o, 0))
-
-    return encode
-
-
-_canonical = _encoder(False)
-_data_text = _encoder(True)
-_sha256 = hashlib.sha256
 _COLUMNS = frozenset({"event", "time", "path"})  # event keys with a column of their own
-
-
-def record_hash(
-    prev_hash: str,
-    seq: int,
-    utc: str,
-    mono: float,
-    node: str,
-    path: str | None,
-    kind: str,
-    data: str,
-) -> str:
-    """The hash of one record (see the module docstring).
-
-    Example::
-
-        h = record_hash(GENESIS, 1, "2025-01-01T00:00:00.000000Z", 0.5, "n", None, "x", "{}")
-    """
-    text = prev_hash + _canonical([seq, utc, mono, node, path, kind, data])
-    return _sha256(text.encode("ascii")).hexdigest()
-
-
-def chain(seq: int, prev_hash: str, contents: Iterable[Content]) -> list[Row]:
-    """Number and hash ``contents`` after the record ``(seq, prev_hash)``.
-
-    Builds the canonical text directly (the same text :func:`record_hash` builds).
-    """
-    rows: list[Row] = []
-    append = rows.append
-    q = encode_basestring_ascii
-    sha = _sha256
-    for utc, mono, node, path, kind, data in contents:
-        seq += 1
-        if mono - mono == 0.0 and type(mono) is float:  # finite: JSON writes repr()
-            text = (
-                f"{prev_hash}[{seq},{q(utc)},{mono!r},{q(node)},"
-                f"{'null' if path is None else q(path)},{q(kind)},{q(data)}]"
-            )
-        else:  # pragma: no cover - the clock never gives NaN or infinity
-            text = prev_hash + _canonical([seq, utc, mono, node, path, kind, data])
-        h = sha(text.encode("ascii")).hexdigest()
-        append((seq, utc, mono, node, path, kind, data, prev_hash, h))
-        prev_hash = h
-    return rows
-
-
-# ---------------------------------------------------------------------------
-# Events to contents
-# ---------------------------------------------------------------------------
-
-_utc_cache: tuple[int, str] = (-1, "")  # replaced whole, so threads never see half of it
-
-
-def utc_text(wall: float) -> str:
-    """``wall`` (``time.time()``) as ISO-8601 UTC with microseconds:
-    ``2025-01-02T03:04:05.123456Z``."""
-    global _utc_cache
-    sec = int(wall)
-    us = int((wall - sec) * 1_000_000)
-    cached_sec, prefix = _utc_cache
-    if cached_sec != sec:  # one strftime per second, not per event
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        _utc_cache = (sec, prefix)
-    return f"{prefix}.{us:06d}Z"
-
 
 _pid_texts: dict[int, str] = {}
 
@@ -161,22 +68,19 @@ def _pid_text(pid: Pid) -> str:
 _PLAIN: frozenset[type] = frozenset({str, int, float, bool, type(None)})
 
 
-def content_of(
+def reduce_event(
     wall: float,
     event: dict[str, Any],
-    node: str,
     *,
     _columns: frozenset[str] = _COLUMNS,
     _plain: frozenset[type] = _PLAIN,
     _pids: dict[int, str] = _pid_texts,
-) -> Content:
-    """The columns of the record for ``event``, handed over at ``wall`` time.
-
-    ``data`` is the canonical JSON (sorted keys, compact, ASCII) of
-    :func:`trellis._tree.jsonable` of the event minus ``event``, ``time`` and ``path``
-    (computed here without the intermediate copy for the common field types), except
-    that a pid is written as first seen, without its liveness marker.
-    """
+) -> Item:
+    """``event``, handed over at ``wall`` time, reduced to primitives: ``(wall, mono,
+    path, kind, data)`` where ``data`` is :func:`trellis._tree.jsonable` of the event
+    minus ``event``, ``time`` and ``path`` (computed here without the intermediate copy
+    for the common field types), except that a pid is written as first seen, without
+    its liveness marker."""
     data: dict[str, Any] = {}
     for k, v in event.items():
         if k in _columns:
@@ -192,47 +96,43 @@ def content_of(
                 os_pid = getattr(v, "os_pid", None)
                 if os_pid is not None:
                     data["os_pid"] = os_pid
-        else:
-            data[k] = jsonable({k: v})[k]
+        else:  # as JSON would hold it: plain types only (no enums, no tuples)
+            data[k] = json.loads(data_text(jsonable({k: v})[k]))
     path = event.get("path")
     if not isinstance(path, str):
         path = event_path(event)
     mono = event.get("time")
     return (
-        utc_text(wall),
+        wall,
         mono if type(mono) is float else float(mono) if isinstance(mono, int) else 0.0,
-        node,
         path,
         event["event"],
-        _data_text(data),
+        data,
     )
 
 
-def failed_content(wall: float, event: dict[str, Any], node: str, error: BaseException) -> Content:
-    """The record for an event that could not be serialised: its name and the error."""
+def content_of(wall: float, event: dict[str, Any], node: str) -> Content:
+    """The columns of the record for ``event``, handed over at ``wall`` time:
+    :func:`reduce_event`, then ``data`` as canonical JSON (sorted keys, compact, ASCII)."""
+    return content_of_item(reduce_event(wall, event), node)
+
+
+def failed_item(wall: float, event: dict[str, Any], error: BaseException) -> Item:
+    """The record for an event that could not be reduced: its name and the error."""
     mono = event.get("time")
-    data = {"unserialisable": f"{type(error).__name__}: {error}"}
     return (
-        utc_text(wall),
+        wall,
         float(mono) if isinstance(mono, int | float) else 0.0,
-        node,
         None,
         str(event.get("event")),
-        _data_text(data),
+        {"unserialisable": f"{type(error).__name__}: {error}"},
     )
 
 
-def drop_content(wall: float, mono: float, node: str, count: int, kinds: dict[str, int]) -> Content:
+def drop_item(wall: float, mono: float, count: int, kinds: dict[str, int]) -> Item:
     """The ``journal.dropped`` record: ``count`` events (by name in ``kinds``) that did
     not fit in the buffer, the first of them handed over at ``wall``/``mono``."""
-    return (
-        utc_text(wall),
-        mono,
-        node,
-        None,
-        "journal.dropped",
-        _data_text({"count": count, "kinds": kinds}),
-    )
+    return (wall, mono, None, "journal.dropped", {"count": count, "kinds": dict(kinds)})
 
 
 # ---------------------------------------------------------------------------
@@ -262,9 +162,3 @@ def parse_key(key: str | bytes | None, *, env: bool = True) -> bytes | None:
     if len(k) >= 32 and len(k) % 2 == 0 and all(c in _HEX for c in k):
         return bytes.fromhex(k)
     return key.encode("utf-8")
-
-
-def checkpoint_mac(key: bytes, seq: int, hash: str, utc: str, prev_mac: str) -> str:
-    """The HMAC-SHA256 (hex) of a checkpoint, chained to the previous checkpoint's."""
-    msg = f"{seq}:{hash}:{utc}:{prev_mac}".encode("ascii")
-    return _hmac.new(key, msg, hashlib.sha256).hexdigest()

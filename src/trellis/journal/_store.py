@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, urlsplit
 
+from ._chain import GENESIS, Row
 from ._errors import JournalError, JournalNotFound, JournalURLError, NotAJournal
-from ._format import GENESIS, Row
 
 if TYPE_CHECKING:
     import psycopg
@@ -169,6 +169,10 @@ class WriteStore(Protocol):
 
     def insert_checkpoint(self, cp: Checkpoint) -> None: ...
 
+    def keys_after(self, seq: int, node: str) -> set[tuple[str, float, str]]:
+        """``(utc, mono, kind)`` of the records after ``seq`` written for ``node``."""
+        ...
+
     def commit(self) -> None: ...
 
     def rollback(self) -> None: ...
@@ -247,6 +251,7 @@ _SQLITE_SCHEMA = (
 _SQLITE_INSERT = "INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _HEAD = "SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1"
 _LAST_CP = "SELECT seq, hmac FROM journal_checkpoints ORDER BY seq DESC LIMIT 1"
+_KEYS_AFTER = "SELECT utc, mono, kind FROM journal WHERE seq > %s AND node = %s"
 
 
 def _sqlite_schema(conn: sqlite3.Connection, target: Target) -> bool:
@@ -333,6 +338,10 @@ class _SQLiteWriter:
 
     def insert_checkpoint(self, cp: Checkpoint) -> None:
         self.conn.execute("INSERT INTO journal_checkpoints VALUES (?, ?, ?, ?)", cp)
+
+    def keys_after(self, seq: int, node: str) -> set[tuple[str, float, str]]:
+        cur = self.conn.execute(_KEYS_AFTER.replace("%s", "?"), (seq, node))
+        return {(r[0], float(r[1]), r[2]) for r in cur}
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")
@@ -506,6 +515,10 @@ class _PostgresWriter:
 
     def insert_checkpoint(self, cp: Checkpoint) -> None:
         self.conn.execute("INSERT INTO journal_checkpoints VALUES (%s, %s, %s, %s)", cp)
+
+    def keys_after(self, seq: int, node: str) -> set[tuple[str, float, str]]:
+        cur = self.conn.execute(_KEYS_AFTER, (seq, node))
+        return {(r[0], float(r[1]), r[2]) for r in cur.fetchall()}
 
     def commit(self) -> None:
         self.conn.commit()

@@ -1,11 +1,13 @@
-"""The journal writer: telemetry in, hash-chained records out, on a thread of its own.
+"""The journal writer: telemetry in, hash-chained records out, in a process of its own.
 
 The telemetry handler runs in the emitter (the event loop) and only appends
-``(time.time(), event)`` to a bounded deque; a writer thread turns events into records,
-chains and hashes them, and commits them in groups (``batch_size`` events pending, or
-``flush_interval`` seconds after the oldest pending one; whatever piled up during a
-commit goes into the next transaction, up to ``max_batch``). A supervisor never waits
-on the disk.
+``(time.time(), event)`` to a bounded deque. A pump thread takes a batch from it
+(``batch_size`` events pending, or ``flush_interval`` seconds after the oldest
+pending one; whatever piled up meanwhile, up to ``max_batch``), reduces each event to
+primitives and hands the batch over a pipe to the writer process (``_proc``), which
+turns them into records, chains and hashes them and commits them in one transaction.
+The next batch is handed over when that one is acknowledged. A supervisor never
+waits on the disk, and the work of writing never holds this process's GIL.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import select
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,25 +30,20 @@ from typing import Any
 from trellis import Pid
 from trellis._core import _telemetry
 
+from . import _errors, _store
 from ._errors import JournalError
-from ._format import (
-    Content,
-    chain,
-    checkpoint_mac,
-    content_of,
-    drop_content,
-    failed_content,
-    parse_key,
-    utc_text,
-)
-from ._store import Target, WriteStore, open_writer, parse_url
+from ._format import Item, drop_item, failed_item, parse_key, reduce_event
+from ._proc import CLOSE_ATTEMPTS, Reader, send
+from ._store import Target, parse_url
 
 __all__ = ["Journal", "JournalStatistics"]
 
 _log = logging.getLogger("trellis.journal")
 _NEVER = 1 << 62
 _OWN_EVENTS = frozenset({"journal.batch", "journal.dropped", "journal.error"})
-_CLOSE_ATTEMPTS = 5  # commits retried this often while closing, then counted as dropped
+_PROC_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_proc.py")
+_OPEN_TIMEOUT = 120.0  # seconds for a writer process to open the store, or it is an error
+_CLOSE_TIMEOUT = 60.0  # seconds stop()/close() waits for an unresponsive writer process
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,21 @@ class _Flush:
         self.close = close
 
 
+class _Frame:
+    """The batch handed to the writer process and not yet acknowledged."""
+
+    __slots__ = ("close", "dropped", "failures", "items", "requests")
+
+    def __init__(
+        self, items: list[Item], requests: list[_Flush], dropped: int, close: bool
+    ) -> None:
+        self.items = items
+        self.requests = requests
+        self.dropped = dropped  # events counted in the journal.dropped items in it
+        self.close = close
+        self.failures = 0  # writer processes that died with this batch in hand
+
+
 class Journal:
     """Append every telemetry event to a hash-chained, append-only journal.
 
@@ -113,21 +129,34 @@ class Journal:
         checkpoint_every: records between signed checkpoints (only with a key).
 
     It is a :class:`trellis.Extension` (``await start()`` / ``await stop()``), and has
-    sync ``open()`` / ``close()`` and context-manager forms. While it runs, the writer
-    emits ``journal.batch`` (``events``, ``seconds``, ``seq``) after each commit and
-    ``journal.dropped`` (``count``) when events were dropped, on the event loop it was
-    started from (no loop: no telemetry, the counters still count).
+    sync ``open()`` / ``close()`` and context-manager forms. While it runs, it emits
+    ``journal.batch`` (``events``, ``seconds``, ``seq``) after each commit,
+    ``journal.dropped`` (``count``) when events were dropped and ``journal.error``
+    (``error``, ``events``) when a commit failed and is retried, on the event loop it
+    was started from (no loop: no telemetry, the counters still count).
+
+    **Where the work happens.** Serialising, hashing and committing run in a writer
+    process of its own (``python .../trellis/journal/_proc.py``, pid in
+    :attr:`writer_pid`), so they never compete with the tree for the GIL; this process
+    only reduces each event to primitives on a pump thread and pipes batches over.
+    The writer ignores SIGINT and SIGTERM (the tree's orderly stop closes it) and ends
+    at end of input. If it dies, a new one is started and given the unacknowledged
+    batch again; records of it that had committed are recognised and not written
+    twice. Events that arrive meanwhile wait in the buffer (and overflow into counted
+    drops as usual).
 
     **What a kill -9 loses.** An event is durable once its batch has committed (one
-    transaction; SQLite in WAL mode with ``synchronous=FULL`` fsyncs it). A crash
-    loses exactly the events handed over and not yet committed, :attr:`uncommitted` at
-    that instant: the batch being committed (at most ``max_batch`` events) plus the
-    events handed over since that batch was taken. The writer takes the next batch as
-    soon as ``batch_size`` events are pending or the oldest has waited
-    ``flush_interval`` seconds, so while it keeps up that is at most
-    ``flush_interval`` seconds' worth of events plus those arriving during one commit.
-    A writer that has fallen behind can lose at most ``max_buffer`` + ``max_batch``.
-    A batch is never half-written, so the chain stays valid and
+    transaction; SQLite in WAL mode with ``synchronous=FULL`` fsyncs it). A kill -9 of
+    the process running the tree loses exactly the events still in its buffer,
+    :attr:`unsent` at that instant: the batch already handed to the writer process is
+    committed by it before it exits. The pump hands over the next batch as soon as the
+    previous one is acknowledged and ``batch_size`` events are pending or the oldest
+    has waited ``flush_interval`` seconds, so while the writer keeps up the loss is at
+    most ``flush_interval`` seconds' worth of events plus those arriving during one
+    commit; a writer that has fallen behind can lose at most ``max_buffer``. A kill -9
+    of both processes (of the process group, say) or a power loss loses
+    :attr:`uncommitted`: additionally the batch being committed (at most
+    ``max_batch``). A batch is never half-written, so the chain stays valid and
     ``trellis journal verify`` passes after a crash. An orderly ``stop()``/``close()``
     commits everything.
 
@@ -188,18 +217,22 @@ class Journal:
 
         self._buf: deque[Any] = deque()
         self._lock = threading.Lock()  # buffer takes and the overflow path
-        self._wake = threading.Event()
-        self._wake_at = _NEVER  # the handler wakes the writer when the buffer reaches this
+        self._wake_r, self._wake_w = -1, -1  # a pipe: the handler wakes the pump with it
+        self._wake_at = _NEVER  # the handler wakes the pump when the buffer reaches this
         self._urgent = 0  # flush requests in the buffer
-        self._in_flight = 0
+        self._in_flight = 0  # events in the batch the writer process holds
+        self._frame: _Frame | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._status: Reader | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hid: object | None = None
-        self._store: WriteStore | None = None
-        self._cp_seq = 0
         self._open_error: BaseException | None = None
         self._closed = False
         self._stopping = False
+        self._stop_deadline = 0.0
+        self._told_stopping = False
+        self._finished = False
 
     def __repr__(self) -> str:
         state = "open" if self.running else "closed"
@@ -303,10 +336,22 @@ class Journal:
     # ------------------------------------------------------------------
 
     @property
+    def unsent(self) -> int:
+        """Events in this process's buffer, not yet handed to the writer process: what
+        a kill -9 of this process now would lose (see the class docstring)."""
+        return max(0, len(self._buf) - self._urgent)
+
+    @property
     def uncommitted(self) -> int:
-        """Events handed over and not yet committed: what a kill -9 now would lose
-        (see the class docstring for the bound)."""
-        return max(0, len(self._buf) - self._urgent) + self._in_flight
+        """Events handed over and not yet committed: what a kill -9 of both processes
+        now would lose (see the class docstring for the bound)."""
+        return self.unsent + self._in_flight
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The OS pid of the writer process (None when there is none)."""
+        p = self._proc
+        return p.pid if p is not None and p.returncode is None else None
 
     def statistics(self) -> JournalStatistics:
         """A snapshot of the counters.
@@ -340,7 +385,7 @@ class Journal:
             buf.append((_now(), event))
             if len(buf) >= self._wake_at:
                 self._wake_at = _NEVER
-                self._wake.set()
+                self._poke()
         else:
             self._overflow(event)
 
@@ -365,7 +410,13 @@ class Journal:
                     )
         if len(buf) >= self._wake_at:
             self._wake_at = _NEVER
-            self._wake.set()
+            self._poke()
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:  # the pipe is full (the pump is awake already) or closed
+            pass
 
     # ------------------------------------------------------------------
     # Plumbing
@@ -374,6 +425,8 @@ class Journal:
     def _launch(self, ready: Callable[[BaseException | None], None]) -> None:
         if self._thread is not None:
             raise JournalError(f"{self!r} was already started (a Journal runs once)")
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(
             target=self._run,
             args=(ready,),
@@ -392,13 +445,14 @@ class Journal:
             self._hid = None
 
     def _request(self, req: _Flush) -> None:
-        if req.close:
+        if req.close and not self._stopping:
+            self._stop_deadline = time.monotonic() + _CLOSE_TIMEOUT
             self._stopping = True  # a commit being retried now gives up after a few tries
         with self._lock:
             self._urgent += 1
             self._buf.append(req)
         self._wake_at = _NEVER
-        self._wake.set()
+        self._poke()
 
     def _wait(self, done: threading.Event) -> None:
         while not done.wait(0.5):
@@ -423,181 +477,335 @@ class Journal:
             pass
 
     # ------------------------------------------------------------------
-    # The writer thread
+    # The pump thread
     # ------------------------------------------------------------------
 
     def _run(self, ready: Callable[[BaseException | None], None]) -> None:
         try:
-            store = self._store = open_writer(self.target)
-            try:
-                self.seq, _ = store.begin()
-                self._cp_seq = store.last_checkpoint()[0]
-            finally:
-                store.rollback()
+            self.seq = self._spawn()
         except BaseException as e:
             self._open_error = e
             self._closed = True
+            self._close_pipes()
             ready(e)
             return
         ready(None)
         try:
-            self._loop_forever(store)
+            self._pump()
         except BaseException:
             _log.critical(
-                "journal writer %r failed; events are no longer journaled", self, exc_info=True
+                "journal pump %r failed; events are no longer journaled", self, exc_info=True
             )
             self._fail_pending()
             raise
         finally:
-            try:
-                store.close()
-            except Exception:
-                _log.exception("closing %r", self)
+            self._end_writer()
+            self._close_pipes()
+
+    def _spawn(self) -> int:
+        """Start a writer process and wait until it has opened the store; its head seq."""
+        exe = sys.executable
+        if not exe:
+            raise JournalError(f"cannot start the writer of {self.target.shown}: no sys.executable")
+        try:
+            proc = subprocess.Popen(
+                [exe, _PROC_FILE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
+            )
+        except OSError as e:
+            raise JournalError(f"cannot start the writer of {self.target.shown}: {e}") from e
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        self._proc = proc
+        self._status = status = Reader(proc.stdout.fileno())
+        try:
+            send(
+                proc.stdin.fileno(),
+                (
+                    "config",
+                    self.url,
+                    self.node,
+                    self._key,
+                    self.checkpoint_every,
+                    _store.SQLITE_BUSY_TIMEOUT,
+                ),
+            )
+            deadline = time.monotonic() + _OPEN_TIMEOUT
+            msgs: list[Any] = []
+            while not msgs and not status.eof:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([status.fd], [], [], left)[0]:
+                    raise JournalError(
+                        f"cannot open journal {self.target.shown}: the writer process did not "
+                        f"answer within {_OPEN_TIMEOUT:g} s"
+                    )
+                msgs = status.read()
+        except BaseException:
+            self._end_writer(kill=True)
+            raise
+        if msgs and msgs[0][0] == "ready":
+            return int(msgs[0][1])
+        self._end_writer(kill=not status.eof)
+        if msgs and msgs[0][0] == "open_error":
+            cls = getattr(_errors, msgs[0][1], None)
+            if not (isinstance(cls, type) and issubclass(cls, JournalError)):
+                cls = JournalError
+            raise cls(msgs[0][2])
+        raise JournalError(
+            f"cannot open journal {self.target.shown}: the writer process exited "
+            f"(code {proc.returncode})"
+        )
+
+    def _end_writer(self, kill: bool = False) -> None:
+        """Close the pipes to the writer process (it commits what it holds and exits
+        at end of input) and reap it."""
+        proc = self._proc
+        if proc is None:
+            return
+        self._proc = None
+        if kill:
+            proc.kill()
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=_CLOSE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _log.error("journal %s: the writer process does not exit; killed", self.target.shown)
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+    def _close_pipes(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     def _fail_pending(self) -> None:
-        """The writer died: release anyone waiting on a flush."""
+        """The pump ended without a close: release anyone waiting on a flush."""
         with self._lock:
             items = list(self._buf)
             self._buf.clear()
-        for it in items:
+        frame, self._frame = self._frame, None
+        for it in (frame.requests if frame else []) + items:
             if type(it) is _Flush:
                 it.done()
 
-    def _loop_forever(self, store: WriteStore) -> None:
+    def _pump(self) -> None:
         buf = self._buf
-        wake = self._wake
         batch_size = self.batch_size
         interval = self.flush_interval
-        node = self.node
-        while True:
-            if not buf:
-                wake.clear()
-                self._wake_at = 1
-                if not buf:
-                    wake.wait()
+        while not self._finished:
+            timeout: float | None = None
+            send_now = False
+            if self._frame is None:
+                self._wake_at = 1  # before looking at the buffer: no wake-up is missed
+                if buf:
+                    first = buf[0]
+                    if len(buf) >= batch_size or self._urgent or type(first) is not tuple:
+                        send_now = True
+                    else:
+                        timeout = first[0] + interval - time.time()
+                        if timeout <= 0:
+                            send_now = True
+                        else:
+                            self._wake_at = batch_size
+            else:
+                self._wake_at = _NEVER  # the acknowledgement wakes the pump
+                if self._stopping and not self._told_stopping:
+                    self._told_stopping = True
+                    self._tell(("stopping",))
+            if send_now:
                 self._wake_at = _NEVER
+                self._send_batch()
                 continue
-            if len(buf) < batch_size and not self._urgent:
-                first = buf[0]
-                if type(first) is tuple:
-                    remaining = first[0] + interval - time.time()
-                    if remaining > 0:
-                        wake.clear()
-                        self._wake_at = batch_size
-                        if len(buf) < batch_size and not self._urgent:
-                            wake.wait(min(remaining, interval))
-                        self._wake_at = _NEVER
-                        continue
-            with self._lock:
-                n = min(len(buf), self.max_batch)
-                pop = buf.popleft
-                items = [pop() for _ in range(n)]
-                self._in_flight = n
-            contents: list[Content] = []
-            add = contents.append
-            requests: list[_Flush] = []
-            dropped = 0
-            for it in items:
-                if type(it) is tuple:
-                    wall, event = it
-                    try:
-                        add(content_of(wall, event, node))
-                    except Exception as e:  # a field whose repr raises, say
-                        add(failed_content(wall, event, node, e))
-                elif type(it) is _Drops:
-                    add(drop_content(it.wall, it.mono, node, it.count, it.kinds))
-                    dropped += it.count
-                else:
-                    requests.append(it)
-            closing = any(r.close for r in requests)
-            if contents or (closing and self._key is not None):
-                self._commit(store, contents, closing)
-            self._in_flight = 0
-            if dropped:
-                self._emit("journal.dropped", count=dropped)
-            if requests:
-                with self._lock:
-                    self._urgent -= len(requests)
-                for r in requests:
-                    r.done()
-            if closing:
-                return
+            if self._stopping:
+                left = self._stop_deadline - time.monotonic()
+                if left <= 0 and self._frame is not None:
+                    self._abandon(
+                        f"the writer process did not finish within {_CLOSE_TIMEOUT:g} s of stop"
+                    )
+                    return
+                timeout = left if timeout is None else min(timeout, left)
+            status = self._status
+            assert status is not None
+            ready = select.select([status.fd, self._wake_r], [], [], timeout)[0]
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
+            if status.fd in ready:
+                for msg in status.read():
+                    self._on_message(msg)
+                if status.eof and not self._finished:
+                    self._writer_lost()
 
-    def _commit(self, store: WriteStore, contents: list[Content], closing: bool) -> None:
-        """Commit ``contents`` in one transaction, retrying on errors (a backlog builds
-        meanwhile and overflows into counted drops). While closing, give up after a few
-        attempts and count the events as dropped."""
+    def _tell(self, msg: Any) -> None:
+        proc = self._proc
+        assert proc is not None
+        assert proc.stdin is not None
+        try:
+            send(proc.stdin.fileno(), msg)
+        except OSError:
+            pass  # the writer died: its output ends, and _writer_lost() takes over
+
+    def _send_batch(self) -> None:
+        with self._lock:
+            buf = self._buf
+            n = min(len(buf), self.max_batch)
+            pop = buf.popleft
+            taken = [pop() for _ in range(n)]
+            self._in_flight = n
+        items: list[Item] = []
+        add = items.append
+        requests: list[_Flush] = []
+        dropped = 0
+        for it in taken:
+            if type(it) is tuple:
+                wall, event = it
+                try:
+                    add(reduce_event(wall, event))
+                except Exception as e:  # a field whose repr raises, say
+                    add(failed_item(wall, event, e))
+            elif type(it) is _Drops:
+                add(drop_item(it.wall, it.mono, it.count, it.kinds))
+                dropped += it.count
+            else:
+                requests.append(it)
+        if requests:
+            with self._lock:
+                self._urgent -= len(requests)
+        self._in_flight = len(items)
+        close = any(r.close for r in requests)
+        frame = _Frame(items, requests, dropped, close)
+        if not items and not (close and self._key is not None):
+            self._finish(frame)  # flush requests behind acknowledged batches only
+            if close:
+                self._tell(("batch", [], True, None))
+            return
+        self._frame = frame
+        self._tell(("batch", items, close, None))
+
+    def _on_message(self, msg: Any) -> None:
+        kind = msg[0]
+        if kind == "ack":
+            _, records, seconds, seq, checkpointed, lost = msg
+            self.seq = seq
+            if records:
+                self.written += records
+                self.batches += 1
+                self.commit_seconds += seconds
+                self.last_commit_seconds = seconds
+                if seconds > self.max_commit_seconds:
+                    self.max_commit_seconds = seconds
+                self._emit("journal.batch", events=records, seconds=seconds, seq=seq)
+            if checkpointed:
+                self.checkpoints += 1
+            if lost:
+                self.dropped += lost
+                _log.error("journal %s: %d events lost on close", self.target.shown, lost)
+            frame, self._frame = self._frame, None
+            if frame is not None:
+                self._finish(frame)
+        elif kind == "error":
+            _, text, events, attempt = msg
+            _log.error(
+                "journal %s: commit of %d events failed (attempt %d): %s",
+                self.target.shown,
+                events,
+                attempt,
+                text,
+            )
+            self._emit("journal.error", error=text, events=events)
+
+    def _finish(self, frame: _Frame) -> None:
+        self._in_flight = 0
+        if frame.dropped:
+            self._emit("journal.dropped", count=frame.dropped)
+        for r in frame.requests:
+            r.done()
+        if frame.close:
+            self._finished = True
+
+    def _writer_lost(self) -> None:
+        """The writer process died: start another and give it the batch in hand."""
+        proc = self._proc
+        code = proc.poll() if proc is not None else None
+        self._end_writer()
+        frame = self._frame
+        events = len(frame.items) if frame else 0
+        text = f"the writer process exited (code {code})"
+        _log.error("journal %s: %s; starting another", self.target.shown, text)
+        self._emit("journal.error", error=text, events=events)
+        if frame is not None:
+            frame.failures += 1
+            if frame.failures > CLOSE_ATTEMPTS:  # this batch kills writers: give it up
+                self._frame = None
+                self._give_up(
+                    frame,
+                    f"{events} events given up after "
+                    f"{frame.failures} writer processes died with them",
+                )
         attempt = 0
         delay = 0.05
-        last_hash: str | None = None  # of the previous attempt: did it commit after all?
         while True:
-            t0 = time.perf_counter()
-            checkpointed = False
             try:
-                seq, prev = store.begin()
-                if last_hash is not None and prev == last_hash:
-                    store.rollback()  # the failed attempt committed (lost acknowledgement)
-                    break
-                rows = chain(seq, prev, contents)
-                if rows:
-                    store.insert(rows)
-                    seq, prev = rows[-1][0], rows[-1][8]
-                    last_hash = prev
-                if self._key is not None and (
-                    closing or seq - self._cp_seq >= self.checkpoint_every
-                ):
-                    checkpointed = self._checkpoint(store, self._key, seq, prev)
-                store.commit()
+                self._spawn()
                 break
             except Exception as e:
-                try:
-                    store.rollback()
-                except Exception:
-                    pass
                 attempt += 1
                 _log.error(
-                    "journal %s: commit of %d events failed (attempt %d): %s",
+                    "journal %s: cannot restart the writer (attempt %d): %s",
                     self.target.shown,
-                    len(contents),
                     attempt,
                     e,
                 )
-                self._emit("journal.error", error=f"{type(e).__name__}: {e}", events=len(contents))
-                if (closing or self._stopping) and attempt >= _CLOSE_ATTEMPTS:
-                    self.dropped += len(contents)
-                    _log.error(
-                        "journal %s: %d events lost on close", self.target.shown, len(contents)
-                    )
+                self._emit("journal.error", error=f"{type(e).__name__}: {e}", events=events)
+                if self._stopping and attempt >= CLOSE_ATTEMPTS:
+                    self._abandon(f"cannot restart the writer: {e}")
                     return
-                time.sleep(delay)
+                select.select([self._wake_r], [], [], delay)  # stop() interrupts the wait
                 delay = min(delay * 2, 2.0)
-                try:
-                    store.reconnect()
-                except Exception as e2:
-                    _log.error("journal %s: reconnect failed: %s", self.target.shown, e2)
-        dt = time.perf_counter() - t0
-        self.seq = seq
-        if checkpointed:
-            self._cp_seq = seq
-            self.checkpoints += 1
-        if not contents:
-            return
-        self.written += len(contents)
-        self.batches += 1
-        self.commit_seconds += dt
-        self.last_commit_seconds = dt
-        if dt > self.max_commit_seconds:
-            self.max_commit_seconds = dt
-        self._emit("journal.batch", events=len(contents), seconds=dt, seq=seq)
+        self._told_stopping = False
+        if self._frame is not None:
+            f = self._frame
+            self._tell(("batch", f.items, f.close, self.seq))
 
-    def _checkpoint(self, store: WriteStore, key: bytes, seq: int, hash: str) -> bool:
-        """Sign the head ``(seq, hash)`` unless it is signed already; whether it wrote."""
-        cp_seq, prev_mac = store.last_checkpoint()
-        if cp_seq >= seq:
-            return False
-        utc = utc_text(time.time())
-        store.insert_checkpoint((seq, hash, checkpoint_mac(key, seq, hash, utc, prev_mac), utc))
-        return True
+    def _give_up(self, frame: _Frame, why: str) -> None:
+        """Count a batch as dropped, and journal that in its place when possible."""
+        lost = [it for it in frame.items if it[3] != "journal.dropped"]
+        self.dropped += len(lost)
+        _log.error("journal %s: %s", self.target.shown, why)
+        if lost and not frame.close:
+            marker = _Drops(lost[0][0], lost[0][1], lost[0][3])
+            marker.count = len(lost)
+            marker.kinds = dict(Counter(it[3] for it in lost))
+            with self._lock:
+                self._buf.appendleft(marker)
+            self._emit("journal.dropped", count=len(lost))
+        frame.dropped = 0
+        frame.close = False
+        self._finish(frame)
+
+    def _abandon(self, why: str) -> None:
+        """Stopping, and the writer cannot finish: count everything left as dropped."""
+        frame, self._frame = self._frame, None
+        if frame is not None:
+            self.dropped += len([it for it in frame.items if it[3] != "journal.dropped"])
+        with self._lock:
+            rest = list(self._buf)
+            self._buf.clear()
+            self._urgent = 0
+        self.dropped += sum(1 for it in rest if type(it) is tuple)
+        _log.error("journal %s: %s; %d events dropped", self.target.shown, why, self.dropped)
+        if self._proc is not None:
+            self._end_writer(kill=True)
+        for it in (frame.requests if frame else []) + rest:
+            if type(it) is _Flush:
+                it.done()
+        self._in_flight = 0
+        self._finished = True
 
 
 def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
