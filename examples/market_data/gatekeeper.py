@@ -4,10 +4,10 @@ Without Redis the bucket is local (``rate`` requests/s, ``burst``). With
 ``redis_url`` it lives in Redis (a Lua script refills and takes atomically, on
 Redis's clock), so every process sharing that Redis shares the limit. When Redis
 stops answering, the same request is answered from a local bucket of
-``fallback_fraction`` of the limit (mode ``"fallback"``); each later request
-probes Redis again once ``probe_interval`` has passed, and the first success
-returns to Redis. The switch is exported three ways: the server's ``fallback``
-property, the telemetry events ``market_data.gatekeeper.fallback`` /
+``fallback_fraction`` of the limit (mode ``"fallback"``); Redis is probed again
+every ``probe_interval`` (by the next request, or by a PING when no request
+comes), and the first success returns to Redis. The switch is exported three
+ways: the server's ``fallback`` property, the telemetry events ``market_data.gatekeeper.fallback`` /
 ``market_data.gatekeeper.restored`` (field ``fallback``: 1 or 0), and the
 ``fallback`` gauge of :meth:`Gatekeeper.statistics` (``"stats"`` call), which
 :func:`fallback_gauge` turns into a Prometheus gauge.
@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ import trellis
 __all__ = ["LUA_TOKEN_BUCKET", "Gatekeeper", "GatekeeperStats", "Grant", "fallback_gauge"]
 
 _log = logging.getLogger("market_data.gatekeeper")
+_PROBE = "probe"
 
 #: KEYS[1] = bucket hash; ARGV = rate, burst, n. Returns {granted 0/1, wait seconds}.
 LUA_TOKEN_BUCKET = """
@@ -124,6 +126,7 @@ class Gatekeeper(trellis.Server):
         self.script = self.redis.register_script(LUA_TOKEN_BUCKET) if self.redis else None
         self.mode = "redis" if self.redis else "local"
         self.next_probe = 0.0
+        self.probe_armed = False
         self.granted = self.denied = self.fallbacks = self.restores = self.errors = 0
         if self.redis is not None:
             close_on_exit(self.pid, self.redis.aclose)
@@ -160,6 +163,31 @@ class Gatekeeper(trellis.Server):
             return grant
         raise ValueError(f"Gatekeeper: unknown call {request!r}")
 
+    async def handle_info(self, msg: Any) -> Any:
+        if msg != _PROBE:
+            return None
+        self.probe_armed = False
+        if self.mode != "fallback" or self.redis is None:
+            return None
+        now = time.monotonic()
+        if now < self.next_probe:  # a request probed meanwhile
+            self._arm_probe(self.next_probe - now)
+            return None
+        try:
+            await redis_call(self.redis.ping())
+        except redis_errors() as e:
+            self.errors += 1
+            self._to_fallback(e, time.monotonic())
+        else:
+            self._to_redis()
+        return None
+
+    def _arm_probe(self, delay: float) -> None:
+        """One PING timer at a time, so a quiet gatekeeper also finds Redis back."""
+        if not self.probe_armed:
+            self.probe_armed = True
+            asyncio.get_running_loop().call_later(delay, self.pid.send, _PROBE)
+
     async def acquire(self, n: float) -> Grant:
         """Take ``n`` tokens from Redis, or from the local bucket when Redis is away."""
         now = time.monotonic()
@@ -180,6 +208,7 @@ class Gatekeeper(trellis.Server):
 
     def _to_fallback(self, error: BaseException, now: float) -> None:
         self.next_probe = now + self.probe_interval
+        self._arm_probe(self.probe_interval)
         if self.mode == "fallback":
             return
         self.mode = "fallback"

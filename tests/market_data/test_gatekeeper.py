@@ -106,6 +106,28 @@ async def test_falls_back_within_one_request_and_returns(redis_server: RedisServ
         await wait_closers()
 
 
+async def test_returns_to_redis_without_a_request(redis_server: RedisServer) -> None:
+    """In fallback, a gatekeeper nobody asks still finds Redis back (it PINGs every
+    probe interval), so a fallback episode ends when Redis returns, not at the next
+    request."""
+    pid = await Gatekeeper.start(rate=10, burst=4, redis_url=redis_server.url, probe_interval=0.1)
+    try:
+        events = ["market_data.gatekeeper.fallback", "market_data.gatekeeper.restored"]
+        with trellis.testing.capture_telemetry(events) as cap:
+            redis_server.kill()
+            assert (await trellis.call(pid, ("acquire", 1))).mode == "fallback"
+            await asyncio.sleep(0.3)  # PINGs fail meanwhile: still in fallback
+            assert (await trellis.call(pid, "stats")).mode == "fallback"
+            redis_server.start()
+            await cap.wait_for("market_data.gatekeeper.restored", timeout=5)
+        stats = await trellis.call(pid, "stats")
+    finally:
+        await trellis.stop(pid)
+        await wait_closers()
+    assert (stats.mode, stats.fallbacks, stats.restores) == ("redis", 1, 1)
+    assert stats.granted == 1  # no request was needed to return
+
+
 @pytest.mark.parametrize("bad", [{"rate": 0, "burst": 5}, {"rate": 5, "burst": 0.5}])
 async def test_bad_limits_fail_the_start(bad: dict[str, float]) -> None:
     """A limit that cannot work fails the start with a message naming it."""
