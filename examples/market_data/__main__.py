@@ -2,6 +2,8 @@
 
 python -m examples.market_data --seconds 10 --symbols 50 [--redis URL] [--json]
 python -m examples.market_data --write-tree     # regenerate tree.toml from Settings()
+python -m examples.market_data chaos [--seconds 60 --seed N --redis URL --json FILE]
+                                                # the main job (main_job.py)
 """
 
 from __future__ import annotations
@@ -43,7 +45,15 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m examples.market_data")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chaos"]:
+        from examples.market_data.main_job import main as main_job
+
+        return main_job(argv[1:])
+    ap = argparse.ArgumentParser(
+        prog="python -m examples.market_data",
+        epilog="python -m examples.market_data chaos --help: the main job (under chaos)",
+    )
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--symbols", type=int, default=50)
     ap.add_argument("--groups", type=int, default=4)
