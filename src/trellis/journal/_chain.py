@@ -24,6 +24,7 @@ __all__ = [
     "checkpoint_mac",
     "content_of_item",
     "data_text",
+    "item_of_wire",
     "record_hash",
     "utc_text",
 ]
@@ -130,6 +131,98 @@ def content_of_item(item: Item, node: str) -> Content:
     """The record columns of a reduced event (``data`` becomes canonical JSON)."""
     wall, mono, path, kind, data = item
     return (utc_text(wall), mono, node, path, kind, data_text(data))
+
+
+# ---------------------------------------------------------------------------
+# Events as the writer process receives them
+# ---------------------------------------------------------------------------
+
+#: Marks a tuple standing for a pid on the wire: (PID_MARK, text, os_pid or None).
+PID_MARK = "\x00trellis-pid"
+#: Marks a tuple standing for any other object: (OBJ_MARK, plain, reason text, reason
+#: class, str()) -- ``plain`` as :func:`trellis._tree.jsonable` writes the object.
+OBJ_MARK = "\x00trellis-obj"
+_SKIP = frozenset({"event", "time", "path"})
+
+
+def _plain(v: Any, depth: int = 0) -> Any:
+    """A wire value as ``trellis._tree.jsonable`` writes the original value."""
+    t = type(v)
+    if v is None or t is str or t is int or t is float or t is bool:
+        return v
+    if t is tuple and v and v[0] in (PID_MARK, OBJ_MARK) and type(v[0]) is str:
+        return v[1]
+    if depth < 4 and (t is list or t is tuple):
+        return [_plain(x, depth + 1) for x in v]
+    if depth < 4 and t is dict:
+        return {_text(k): _plain(x, depth + 1) for k, x in v.items()}
+    return repr(v)
+
+
+def _text(v: Any) -> str:
+    """``str()`` of the original value."""
+    if type(v) is tuple and v and type(v[0]) is str:
+        if v[0] == OBJ_MARK:
+            return str(v[4])
+        if v[0] == PID_MARK:
+            return str(v[1])
+    return str(v)
+
+
+def item_of_wire(wire: tuple[Any, ...]) -> Item:
+    """The :data:`Item` of an event as piped to the writer process.
+
+    ``wire`` is ``(wall, event, reason)``: the event dict with its pids and other
+    objects replaced by marker tuples (see ``_format.WirePickler``), and the reason's
+    ``(text, class)`` when the pump worked them out itself; or ``(wall, None, item)``
+    for an item reduced already.
+    """
+    wall, ev, pre = wire
+    if ev is None:
+        return pre  # type: ignore[no-any-return]
+    kind = ev["event"]
+    data: dict[str, Any] = {}
+    has_os_pid = "os_pid" in ev
+    for k, v in ev.items():
+        if k in _SKIP:
+            continue
+        t = type(v)
+        if k == "reason":
+            if pre is not None:
+                data["reason"], data["reason_class"] = pre
+            elif t is tuple and v[0] == OBJ_MARK:
+                data["reason"], data["reason_class"] = v[2], v[3]
+            else:  # a pid as the reason, say
+                data["reason"], data["reason_class"] = _text(v), "crash"
+        elif v is None or t is str or t is int or t is float or t is bool:
+            data[k] = v
+        elif t is tuple and v and v[0] == PID_MARK:
+            data[k] = v[1]
+            if not has_os_pid and v[2] is not None:
+                data["os_pid"] = v[2]
+        else:
+            data[k] = _plain(v)
+    path = ev.get("path")
+    if type(path) is not str:
+        if kind == "operator.action":
+            target = ev.get("target")
+            path = target if type(target) is str else None
+        else:
+            sup = ev.get("supervisor")
+            if sup is None:
+                path = None
+            elif "child_id" in ev and not kind.startswith("supervisor."):
+                path = f"{_text(sup)}/{_text(ev['child_id'])}"
+            else:
+                path = _text(sup)
+    mono = ev.get("time")
+    return (
+        wall,
+        mono if type(mono) is float else float(mono) if type(mono) is int else 0.0,
+        path,
+        kind,
+        data,
+    )
 
 
 def checkpoint_mac(key: bytes, seq: int, hash: str, utc: str, prev_mac: str) -> str:

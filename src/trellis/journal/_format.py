@@ -13,15 +13,29 @@ so removing or reordering a checkpoint breaks the next one too.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import string
 from typing import Any
 
 from trellis import Pid
 from trellis._tree import classify, event_path, jsonable, reason_text
 
-from ._chain import GENESIS, Content, Item, Row, chain, checkpoint_mac, data_text, record_hash
+from ._chain import (
+    GENESIS,
+    OBJ_MARK,
+    PID_MARK,
+    Content,
+    Item,
+    Row,
+    chain,
+    checkpoint_mac,
+    data_text,
+    item_of_wire,
+    record_hash,
+)
 from ._chain import content_of_item as content_of_item
 from ._chain import utc_text as utc_text
 
@@ -36,6 +50,7 @@ __all__ = [
     "content_of",
     "content_of_item",
     "drop_item",
+    "dump_wire",
     "failed_item",
     "parse_key",
     "record_hash",
@@ -112,9 +127,75 @@ def reduce_event(
 
 
 def content_of(wall: float, event: dict[str, Any], node: str) -> Content:
-    """The columns of the record for ``event``, handed over at ``wall`` time:
-    :func:`reduce_event`, then ``data`` as canonical JSON (sorted keys, compact, ASCII)."""
-    return content_of_item(reduce_event(wall, event), node)
+    """The columns of the record for ``event``, handed over at ``wall`` time, as the
+    writer process makes them (:func:`dump_wire`, then
+    :func:`~trellis.journal._chain.item_of_wire`); ``data`` is canonical JSON (sorted
+    keys, compact, ASCII)."""
+    (wire,) = pickle.loads(dump_wire([(wall, event)]))
+    return content_of_item(item_of_wire(wire), node)
+
+
+# Reasons the pickler does not see (it is called for objects of other types only).
+_NATIVE = frozenset({str, int, float, bool, type(None), list, tuple, dict, set, frozenset, bytes})
+
+
+class _WirePickler(pickle.Pickler):
+    """Pickles events as C code does, calling back only for objects that are not plain
+    data: a pid becomes ``(PID_MARK, text as first seen, os_pid)``, anything else
+    ``(OBJ_MARK, as jsonable writes it, reason text, reason class, str())``, so that the
+    writer process unpickles nothing but builtins."""
+
+    def reducer_override(self, o: Any, _pids: dict[int, str] = _pid_texts) -> Any:
+        if o is tuple:  # the constructor in the reductions below
+            return NotImplemented
+        if isinstance(o, Pid):
+            return (
+                tuple,
+                ((PID_MARK, _pids.get(o.id) or _pid_text(o), getattr(o, "os_pid", None)),),
+            )
+        text = reason_text(o)
+        if isinstance(o, BaseException):
+            plain: Any = text
+        else:
+            plain = jsonable({"v": o})["v"]
+            t = type(plain)
+            if t is not str and t is not int and t is not float and t is not bool:
+                plain = json.loads(data_text(plain))  # an int or str enum, say
+        return (tuple, ((OBJ_MARK, plain, text, classify(o), str(o)),))
+
+
+def dump_wire(batch: list[Any]) -> bytes:
+    """Pickle ``batch``, a list of ``(wall, event)`` pairs and of reduced
+    :data:`Item` tuples, as wire tuples for :func:`~trellis.journal._chain.item_of_wire`.
+
+    An event that cannot be pickled becomes a ``failed_item``."""
+    wire: list[Any] = []
+    add = wire.append
+    native = _NATIVE
+    for it in batch:
+        if len(it) == 2:
+            wall, event = it
+            r = event.get("reason", wire)
+            if r is wire or type(r) not in native:
+                add((wall, event, None))
+            else:  # a plain reason: classify it here
+                add((wall, event, (reason_text(r), classify(r))))
+        else:
+            add((0.0, None, it))
+    f = io.BytesIO()
+    try:
+        _WirePickler(f, pickle.HIGHEST_PROTOCOL).dump(wire)
+    except Exception:  # find the events that fail, one by one
+        ok: list[Any] = []
+        for w in wire:
+            try:
+                _WirePickler(io.BytesIO(), pickle.HIGHEST_PROTOCOL).dump(w)
+                ok.append(w)
+            except Exception as e:
+                ok.append((0.0, None, failed_item(w[0], w[1], e)))
+        f = io.BytesIO()
+        _WirePickler(f, pickle.HIGHEST_PROTOCOL).dump(ok)
+    return f.getvalue()
 
 
 def failed_item(wall: float, event: dict[str, Any], error: BaseException) -> Item:

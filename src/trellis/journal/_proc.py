@@ -149,10 +149,24 @@ class _Writer:
             if close:
                 return
 
-    def batch(self, items: list[Any], close: bool, resend_after: int | None) -> None:
-        from trellis.journal._chain import content_of_item, utc_text
+    def batch(self, wire: bytes, close: bool, resend_after: int | None) -> None:
+        from trellis.journal._chain import content_of_item, item_of_wire, utc_text
 
         node = self.node
+        items = []
+        for w in pickle.loads(wire) if wire else ():
+            try:
+                items.append(item_of_wire(w))
+            except Exception as e:  # pragma: no cover - a malformed event
+                items.append(
+                    (
+                        w[0],
+                        0.0,
+                        None,
+                        "journal.error",
+                        {"unserialisable": f"{type(e).__name__}: {e}"},
+                    )
+                )
         todo = items
         if resend_after is not None and items:  # a batch the previous child may have committed
             try:
@@ -165,7 +179,7 @@ class _Writer:
         for it in todo:
             try:
                 contents.append(content_of_item(it, node))
-            except Exception as e:  # pragma: no cover - items are primitives already
+            except Exception as e:  # pragma: no cover - data not JSON serialisable
                 contents.append(
                     content_of_item(
                         (it[0], it[1], None, it[3], {"unserialisable": f"{type(e).__name__}: {e}"}),

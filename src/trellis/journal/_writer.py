@@ -32,7 +32,7 @@ from trellis._core import _telemetry
 
 from . import _errors, _store
 from ._errors import JournalError
-from ._format import Item, drop_item, failed_item, parse_key, reduce_event
+from ._format import drop_item, dump_wire, parse_key
 from ._proc import CLOSE_ATTEMPTS, Reader, send
 from ._store import Target, parse_url
 
@@ -94,12 +94,13 @@ class _Flush:
 class _Frame:
     """The batch handed to the writer process and not yet acknowledged."""
 
-    __slots__ = ("close", "dropped", "failures", "items", "requests")
+    __slots__ = ("close", "dropped", "failures", "items", "requests", "wire")
 
     def __init__(
-        self, items: list[Item], requests: list[_Flush], dropped: int, close: bool
+        self, items: list[Any], wire: bytes, requests: list[_Flush], dropped: int, close: bool
     ) -> None:
-        self.items = items
+        self.items = items  # (wall, event) pairs and journal.dropped items
+        self.wire = wire  # the items as piped
         self.requests = requests
         self.dropped = dropped  # events counted in the journal.dropped items in it
         self.close = close
@@ -657,18 +658,15 @@ class Journal:
             pop = buf.popleft
             taken = [pop() for _ in range(n)]
             self._in_flight = n
-        items: list[Item] = []
-        add = items.append
+        batch: list[Any] = []
+        add = batch.append
         requests: list[_Flush] = []
         dropped = 0
         for it in taken:
-            if type(it) is tuple:
-                wall, event = it
-                try:
-                    add(reduce_event(wall, event))
-                except Exception as e:  # a field whose repr raises, say
-                    add(failed_item(wall, event, e))
-            elif type(it) is _Drops:
+            t = type(it)
+            if t is tuple:
+                add(it)
+            elif t is _Drops:
                 add(drop_item(it.wall, it.mono, it.count, it.kinds))
                 dropped += it.count
             else:
@@ -676,16 +674,16 @@ class Journal:
         if requests:
             with self._lock:
                 self._urgent -= len(requests)
-        self._in_flight = len(items)
+        self._in_flight = len(batch)
         close = any(r.close for r in requests)
-        frame = _Frame(items, requests, dropped, close)
-        if not items and not (close and self._key is not None):
+        frame = _Frame(batch, dump_wire(batch) if batch else b"", requests, dropped, close)
+        if not batch and not (close and self._key is not None):
             self._finish(frame)  # flush requests behind acknowledged batches only
             if close:
-                self._tell(("batch", [], True, None))
+                self._tell(("batch", b"", True, None))
             return
         self._frame = frame
-        self._tell(("batch", items, close, None))
+        self._tell(("batch", frame.wire, close, None))
 
     def _on_message(self, msg: Any) -> None:
         kind = msg[0]
@@ -770,17 +768,19 @@ class Journal:
         self._told_stopping = False
         if self._frame is not None:
             f = self._frame
-            self._tell(("batch", f.items, f.close, self.seq))
+            self._tell(("batch", f.wire, f.close, self.seq))
 
     def _give_up(self, frame: _Frame, why: str) -> None:
         """Count a batch as dropped, and journal that in its place when possible."""
-        lost = [it for it in frame.items if it[3] != "journal.dropped"]
+        lost = [it for it in frame.items if len(it) == 2]
         self.dropped += len(lost)
         _log.error("journal %s: %s", self.target.shown, why)
         if lost and not frame.close:
-            marker = _Drops(lost[0][0], lost[0][1], lost[0][3])
+            wall, first = lost[0]
+            mono = first.get("time")
+            marker = _Drops(wall, float(mono) if isinstance(mono, int | float) else 0.0, "")
             marker.count = len(lost)
-            marker.kinds = dict(Counter(it[3] for it in lost))
+            marker.kinds = dict(Counter(str(ev["event"]) for _, ev in lost))
             with self._lock:
                 self._buf.appendleft(marker)
             self._emit("journal.dropped", count=len(lost))
@@ -792,7 +792,7 @@ class Journal:
         """Stopping, and the writer cannot finish: count everything left as dropped."""
         frame, self._frame = self._frame, None
         if frame is not None:
-            self.dropped += len([it for it in frame.items if it[3] != "journal.dropped"])
+            self.dropped += sum(1 for it in frame.items if len(it) == 2)
         with self._lock:
             rest = list(self._buf)
             self._buf.clear()
