@@ -42,7 +42,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from examples.market_data._common import RECOVERY, ROOT, http_json, redis_client, redis_errors
+from examples.market_data._common import (
+    GATEKEEPER,
+    RECOVERY,
+    ROOT,
+    http_json,
+    redis_client,
+    redis_errors,
+)
 from examples.market_data.pipeline import Integrity, Pipeline, PipelineStartError
 from examples.market_data.recovery import reason_class
 from rich.console import Console, Group, RenderableType
@@ -285,10 +292,10 @@ class _Watch:
         path = f"{event.get('supervisor')}/{event.get('child_id')}"
         if name == "child.exited":
             self.last_exit[path] = reason_class(event.get("reason"))
-            if path == self.gatekeeper_path:
-                self._end_episode(t, "gatekeeper restarted (starts on Redis)")
-        else:
-            self.restarts[path] = self.restarts.get(path, 0) + 1
+            return
+        self.restarts[path] = self.restarts.get(path, 0) + 1
+        if path == self.gatekeeper_path:  # also when its rest_for_one sibling failed
+            self._end_episode(t, "gatekeeper restarted (the new one starts on Redis)")
 
     def _end_episode(self, t: float, how: str) -> None:
         if self.fallback:
@@ -520,6 +527,7 @@ def _build_report(
     integrity: Integrity,
     settled: bool,
     recovery: dict[str, Any] | None,
+    gatekeeper: dict[str, Any] | None,
     episodes: list[_Episode],
     journal: dict[str, Any],
     metrics: dict[str, Any],
@@ -602,7 +610,9 @@ def _build_report(
         },
         "fallback": {
             "episodes": [asdict(e) for e in episodes],
+            "mode_at_end": gatekeeper["mode"] if gatekeeper is not None else None,
         },
+        "gatekeeper": gatekeeper,
         "sentinel_hung_kills": hung_kills,
         "recovery": recovery,
         "journal": journal,
@@ -663,7 +673,8 @@ def _render_report(report: dict[str, Any], creport: chaos.Report, console: Conso
     )
     if report["redis"] is not None:
         eps = report["fallback"]["episodes"]
-        console.print(f"gatekeeper fallback episodes: {len(eps)}")
+        mode = report["fallback"]["mode_at_end"]
+        console.print(f"gatekeeper fallback episodes: {len(eps)} (mode at the end: {mode})")
         for e in eps:
             end = "-" if e["ended"] is None else f"{e['ended']:.1f}s"
             console.print(f"  {e['started']:.1f}s -> {end}: {e['how']}")
@@ -734,6 +745,14 @@ def _proxied(url: str, port: int) -> str:
     auth = parts.netloc.rpartition("@")[0]
     netloc = (auth + "@" if auth else "") + f"127.0.0.1:{port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+async def _ask(name: str, request: Any) -> Any:
+    """A part's answer, or None while it is down."""
+    try:
+        return await trellis.call(name, request, timeout=2.0)
+    except (trellis.NoProc, trellis.Exited, trellis.CallTimeout):
+        return None
 
 
 def _workdir(given: str | None) -> tuple[Path, str]:
@@ -832,10 +851,8 @@ async def run_job(
             integrity = await p.integrity()
         except (OSError, TimeoutError) as e:
             raise JobError(f"the exchange stopped answering after the run: {e}", 1) from None
-        try:
-            recovery = await trellis.call(RECOVERY, "report", timeout=2.0)
-        except (trellis.NoProc, trellis.Exited, trellis.CallTimeout):
-            recovery = None
+        recovery = await _ask(RECOVERY, "report")
+        gate = await _ask(GATEKEEPER, "stats")
         metrics_figures = _metrics_summary(metrics)
     finally:
         if engine is not None:
@@ -858,6 +875,7 @@ async def run_job(
         integrity=integrity,
         settled=settled,
         recovery=recovery,
+        gatekeeper=asdict(gate) if gate is not None else None,
         episodes=watch.episodes,
         journal=journal_figures,
         metrics=metrics_figures,
