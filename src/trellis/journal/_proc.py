@@ -149,12 +149,12 @@ class _Writer:
             if close:
                 return
 
-    def batch(self, wire: bytes, close: bool, resend_after: int | None) -> None:
+    def batch(self, wire: list[bytes], close: bool, resend_after: int | None) -> None:
         from trellis.journal._chain import content_of_item, item_of_wire, utc_text
 
         node = self.node
         items = []
-        for w in pickle.loads(wire) if wire else ():
+        for w in (w for chunk in wire for w in pickle.loads(chunk)):
             try:
                 items.append(item_of_wire(w))
             except Exception as e:  # pragma: no cover - a malformed event

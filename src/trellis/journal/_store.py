@@ -307,15 +307,16 @@ class _SQLiteWriter:
             if str(mode).lower() != "wal":
                 raise JournalError(f"cannot open journal {t.shown}: WAL mode refused ({mode})")
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if not _sqlite_schema(conn, t):
-                    for statement in _SQLITE_SCHEMA:
-                        conn.execute(statement)
-                conn.execute("COMMIT")
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+            if not _sqlite_schema(conn, t):  # created under the write lock, checked again
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if not _sqlite_schema(conn, t):
+                        for statement in _SQLITE_SCHEMA:
+                            conn.execute(statement)
+                    conn.execute("COMMIT")
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
         except sqlite3.DatabaseError as e:
             conn.close()
             raise NotAJournal(f"cannot open journal {t.shown}: {e}") from e

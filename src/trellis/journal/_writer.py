@@ -91,16 +91,28 @@ class _Flush:
         self.close = close
 
 
+class _Chunk:
+    """Events taken from the buffer and pickled for the writer process, in order."""
+
+    __slots__ = ("dropped", "items", "requests", "wire")
+
+    def __init__(self, items: list[Any], requests: list[_Flush], dropped: int) -> None:
+        self.items = items  # (wall, event) pairs and journal.dropped items
+        self.wire = dump_wire(items) if items else b""
+        self.requests = requests
+        self.dropped = dropped  # events counted in the journal.dropped items
+
+
 class _Frame:
     """The batch handed to the writer process and not yet acknowledged."""
 
     __slots__ = ("close", "dropped", "failures", "items", "requests", "wire")
 
     def __init__(
-        self, items: list[Any], wire: bytes, requests: list[_Flush], dropped: int, close: bool
+        self, items: list[Any], wire: list[bytes], requests: list[_Flush], dropped: int, close: bool
     ) -> None:
         self.items = items  # (wall, event) pairs and journal.dropped items
-        self.wire = wire  # the items as piped
+        self.wire = wire  # the items as piped, chunk by chunk
         self.requests = requests
         self.dropped = dropped  # events counted in the journal.dropped items in it
         self.close = close
@@ -222,6 +234,8 @@ class Journal:
         self._wake_at = _NEVER  # the handler wakes the pump when the buffer reaches this
         self._urgent = 0  # flush requests in the buffer
         self._in_flight = 0  # events in the batch the writer process holds
+        self._chunks: deque[_Chunk] = deque()  # pickled, waiting for the writer process
+        self._chunked = 0  # events in them
         self._frame: _Frame | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._status: Reader | None = None
@@ -340,7 +354,7 @@ class Journal:
     def unsent(self) -> int:
         """Events in this process's buffer, not yet handed to the writer process: what
         a kill -9 of this process now would lose (see the class docstring)."""
-        return max(0, len(self._buf) - self._urgent)
+        return max(0, len(self._buf) - self._urgent) + self._chunked
 
     @property
     def uncommitted(self) -> int:
@@ -382,18 +396,63 @@ class Journal:
         if event["event"] in self._skip:
             return
         buf = self._buf
-        if len(buf) < self.max_buffer:
+        if len(buf) + self._chunked < self.max_buffer:
             buf.append((_now(), event))
             if len(buf) >= self._wake_at:
-                self._wake_at = _NEVER
-                self._poke()
+                self._ripe()
         else:
             self._overflow(event)
 
+    def _ripe(self) -> None:
+        """The buffer reached the pump's mark: pickle a full batch here, in the emitting
+        thread (its events are in this core's cache; the pump's thread would pay more for
+        them, and hold the GIL for it), and wake the pump if it can send."""
+        if len(self._buf) >= self.batch_size:
+            self._chunk(self.batch_size, False)
+        if self._frame is None:
+            self._wake_at = self.batch_size  # until the pump sets it again
+            self._poke()
+
+    def _chunk(self, limit: int, requests_too: bool) -> int:
+        """Move up to ``limit`` events from the head of the buffer into a pickled chunk
+        (with the flush requests among them if ``requests_too``, else only up to the
+        first); how many events it took."""
+        with self._lock:
+            buf = self._buf
+            items: list[Any] = []
+            add = items.append
+            requests: list[_Flush] = []
+            taken: list[Any] = []
+            dropped = 0
+            while buf and len(items) < limit:
+                it = buf[0]
+                t = type(it)
+                if t is tuple:
+                    add(it)
+                elif t is _Drops:
+                    add(drop_item(it.wall, it.mono, it.count, it.kinds))
+                    dropped += it.count
+                elif requests_too:
+                    requests.append(it)
+                    self._urgent -= 1
+                else:
+                    break
+                taken.append(buf.popleft())
+            if items or requests:
+                try:
+                    chunk = _Chunk(items, requests, dropped)
+                except BaseException:  # put everything back as it was
+                    buf.extendleft(reversed(taken))
+                    self._urgent += len(requests)
+                    raise
+                self._chunks.append(chunk)
+                self._chunked += len(items)
+            return len(items)
+
     def _overflow(self, event: dict[str, Any]) -> None:
         buf = self._buf
-        with self._lock:  # the writer takes under this lock: a marker is never half-counted
-            if len(buf) < self.max_buffer:  # drained meanwhile
+        with self._lock:  # the pump takes under this lock: a marker is never half-counted
+            if len(buf) + self._chunked < self.max_buffer:  # drained meanwhile
                 buf.append((time.time(), event))
             else:
                 self.dropped += 1
@@ -409,8 +468,8 @@ class Journal:
                             time.time(), float(mono) if isinstance(mono, int | float) else 0.0, kind
                         )
                     )
-        if len(buf) >= self._wake_at:
-            self._wake_at = _NEVER
+        if len(buf) >= self._wake_at and self._frame is None:
+            self._wake_at = self.batch_size
             self._poke()
 
     def _poke(self) -> None:
@@ -590,6 +649,9 @@ class Journal:
         with self._lock:
             items = list(self._buf)
             self._buf.clear()
+            for c in self._chunks:
+                items.extend(c.requests)
+            self._chunks.clear()
         frame, self._frame = self._frame, None
         for it in (frame.requests if frame else []) + items:
             if type(it) is _Flush:
@@ -604,9 +666,14 @@ class Journal:
             send_now = False
             if self._frame is None:
                 self._wake_at = 1  # before looking at the buffer: no wake-up is missed
-                if buf:
-                    first = buf[0]
-                    if len(buf) >= batch_size or self._urgent or type(first) is not tuple:
+                try:
+                    first = buf[0] if buf else None
+                except IndexError:  # just taken by _ripe()
+                    continue
+                if self._chunks or self._urgent or len(buf) >= batch_size:
+                    send_now = True
+                elif first is not None:
+                    if type(first) is not tuple:
                         send_now = True
                     else:
                         timeout = first[0] + interval - time.time()
@@ -615,12 +682,12 @@ class Journal:
                         else:
                             self._wake_at = batch_size
             else:
-                self._wake_at = _NEVER  # the acknowledgement wakes the pump
+                self._wake_at = batch_size  # _ripe() pickles; the acknowledgement wakes us
                 if self._stopping and not self._told_stopping:
                     self._told_stopping = True
                     self._tell(("stopping",))
             if send_now:
-                self._wake_at = _NEVER
+                self._wake_at = batch_size
                 self._send_batch()
                 continue
             if self._stopping:
@@ -652,35 +719,37 @@ class Journal:
             pass  # the writer died: its output ends, and _writer_lost() takes over
 
     def _send_batch(self) -> None:
-        with self._lock:
-            buf = self._buf
-            n = min(len(buf), self.max_batch)
-            pop = buf.popleft
-            taken = [pop() for _ in range(n)]
-            self._in_flight = n
-        batch: list[Any] = []
-        add = batch.append
-        requests: list[_Flush] = []
-        dropped = 0
-        for it in taken:
-            t = type(it)
-            if t is tuple:
-                add(it)
-            elif t is _Drops:
-                add(drop_item(it.wall, it.mono, it.count, it.kinds))
-                dropped += it.count
-            else:
-                requests.append(it)
-        if requests:
+        """Hand the writer process the pickled chunks and the rest of the buffer, up to
+        ``max_batch`` events, as one batch."""
+        chunks: list[_Chunk] = []
+        events = 0
+        for attempt in range(2):
             with self._lock:
-                self._urgent -= len(requests)
-        self._in_flight = len(batch)
+                while self._chunks and (
+                    not chunks or events + len(self._chunks[0].items) <= self.max_batch
+                ):
+                    c = self._chunks.popleft()
+                    chunks.append(c)
+                    events += len(c.items)
+                    self._chunked -= len(c.items)
+                self._in_flight = events
+            if attempt or self._chunks or events >= self.max_batch:
+                break
+            self._chunk(self.max_batch - events, True)
+        items = [it for c in chunks for it in c.items]
+        requests = [r for c in chunks for r in c.requests]
         close = any(r.close for r in requests)
-        frame = _Frame(batch, dump_wire(batch) if batch else b"", requests, dropped, close)
-        if not batch and not (close and self._key is not None):
+        frame = _Frame(
+            items,
+            [c.wire for c in chunks if c.items],
+            requests,
+            sum(c.dropped for c in chunks),
+            close,
+        )
+        if not items and not (close and self._key is not None):
             self._finish(frame)  # flush requests behind acknowledged batches only
             if close:
-                self._tell(("batch", b"", True, None))
+                self._tell(("batch", [], True, None))
             return
         self._frame = frame
         self._tell(("batch", frame.wire, close, None))
@@ -797,6 +866,11 @@ class Journal:
             rest = list(self._buf)
             self._buf.clear()
             self._urgent = 0
+            for c in self._chunks:
+                self.dropped += sum(1 for it in c.items if len(it) == 2)
+                rest.extend(c.requests)
+            self._chunks.clear()
+            self._chunked = 0
         self.dropped += sum(1 for it in rest if type(it) is tuple)
         _log.error("journal %s: %s; %d events dropped", self.target.shown, why, self.dropped)
         if self._proc is not None:
