@@ -998,4 +998,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
         except JobError as e:
             print(f"error: {e}", file=sys.stderr)
             return e.code
+        except KeyboardInterrupt:  # the faults were healed and the tree stopped
+            print("interrupted: the tree was stopped, no report", file=sys.stderr)
+            return 130
     return result.exit_code
