@@ -243,9 +243,11 @@ class _Watch:
         "market_data.sentinel.hung",
     )
 
-    def __init__(self, t0: float, gatekeeper_path: str) -> None:
+    def __init__(self, t0: float, gatekeeper_path: str, exchange_path: str) -> None:
         self.t0 = t0
         self.gatekeeper_path = gatekeeper_path
+        self.exchange_path = exchange_path
+        self.exchange_down: list[list[float | None]] = []  # [down, up] since t0
         self.restarts: dict[str, int] = {}
         self.last_exit: dict[str, str] = {}
         self.faults = 0  # chaos fault actions that worked
@@ -292,8 +294,12 @@ class _Watch:
         path = f"{event.get('supervisor')}/{event.get('child_id')}"
         if name == "child.exited":
             self.last_exit[path] = reason_class(event.get("reason"))
+            if path == self.exchange_path:
+                self.exchange_down.append([t, None])
             return
         self.restarts[path] = self.restarts.get(path, 0) + 1
+        if path == self.exchange_path and self.exchange_down and self.exchange_down[-1][1] is None:
+            self.exchange_down[-1][1] = t
         if path == self.gatekeeper_path:  # also when its rest_for_one sibling failed
             self._end_episode(t, "gatekeeper restarted (the new one starts on Redis)")
 
@@ -532,6 +538,8 @@ def _build_report(
     journal: dict[str, Any],
     metrics: dict[str, Any],
     hung_kills: int,
+    t0: float,
+    exchange_down: list[list[float | None]],
 ) -> tuple[dict[str, Any], list[str]]:
     summary = creport.summary()
     delays = sorted(integrity.backfill_delays)
@@ -602,6 +610,7 @@ def _build_report(
             "max": delays[-1] if delays else None,
             "target": BACKFILL_TARGET,
             "met": all(d < BACKFILL_TARGET for d in delays),
+            "over_target": _slow_outages(recovery, t0, exchange_down),
         },
         "rate_limit": {
             "history_requests": integrity.history_requests,
@@ -619,6 +628,32 @@ def _build_report(
         "metrics": metrics,
     }
     return report, failures
+
+
+def _slow_outages(
+    recovery: dict[str, Any] | None, t0: float, exchange_down: list[list[float | None]]
+) -> list[dict[str, Any]]:
+    """The outages whose backfill started ``BACKFILL_TARGET`` or later after UP, and
+    whether the exchange was down meanwhile (a collector cannot resubscribe then)."""
+    out = []
+    for o in (recovery or {}).get("outages", []):
+        delay = o.get("start_delay")
+        if delay is None or delay < BACKFILL_TARGET or o.get("up_at") is None:
+            continue
+        up = o["up_at"] - t0
+        overlap = any(
+            a is not None and a < up + delay and (b is None or b > up) for a, b in exchange_down
+        )
+        out.append(
+            {
+                "collector": o["collector"],
+                "reason": o["reason"],
+                "up_at": up,
+                "delay": delay,
+                "exchange_down_meanwhile": overlap,
+            }
+        )
+    return out
 
 
 def _render_report(report: dict[str, Any], creport: chaos.Report, console: Console) -> None:
@@ -665,6 +700,12 @@ def _render_report(report: dict[str, Any], creport: chaos.Report, console: Conso
         f"backfill start delay after UP: p50 {_ms(b['p50'])}, max {_ms(b['max'])} over "
         f"{b['outages']} outages (target < {b['target']:g} s: {met})"
     )
+    for o in b["over_target"]:
+        why = " (the exchange was down meanwhile)" if o["exchange_down_meanwhile"] else ""
+        console.print(
+            f"  {o['collector']} ({o['reason']}) UP at {o['up_at']:.1f}s: first history "
+            f"request after {_ms(o['delay'])}{why}"
+        )
     console.print(f"sentinel: {report['sentinel_hung_kills']} hung collectors killed")
     rl = report["rate_limit"]
     console.print(
@@ -826,7 +867,7 @@ async def run_job(
             raise JobError(str(e)) from None
         await journal.start()  # before the tree starts: every event of it is journaled
         metrics.attach()
-        watch = _Watch(loop.time(), p.paths["gatekeeper"]).attach()
+        watch = _Watch(loop.time(), p.paths["gatekeeper"], p.paths["exchange"]).attach()
         try:
             await p.start()
         except PipelineStartError as e:
@@ -880,6 +921,8 @@ async def run_job(
         journal=journal_figures,
         metrics=metrics_figures,
         hung_kills=watch.hung_kills,
+        t0=watch.t0,
+        exchange_down=watch.exchange_down,
     )
     _render_report(report, creport, console)
     if json_path is not None:
