@@ -8,9 +8,9 @@ Run from the repository root:
 
 Each repeat emits N synthetic supervision events (child.exited with an exception
 reason, child.restarted, child.started, each with real pids) at full speed through
-``trellis.telemetry.emit`` into a real ``Journal`` (handler -> buffer -> writer
-thread -> canonical JSON, SHA-256 chain -> SQLite WAL, ``synchronous=FULL``, group
-commit), and measures events committed per second from the first emit until
+``trellis.telemetry.emit`` into a real ``Journal`` (handler -> buffer -> pickled
+batches -> pipe -> writer process -> canonical JSON, SHA-256 chain -> SQLite WAL,
+``synchronous=FULL``, group commit), and measures events committed per second from the first emit until
 ``wait_flushed()`` returns (everything durable). The buffer is sized to hold N so
 nothing is dropped: this measures the writer, not the drop policy.
 
@@ -73,8 +73,10 @@ async def journal_run(path: Path, n: int, chunk: int) -> dict[str, Any]:
     emit = trellis.telemetry.emit
     reason = RuntimeError("connection reset by peer")
     gc.collect()
+    writer = journal.writer_pid
     t0 = time.perf_counter()
     c0 = time.process_time()
+    w0 = _proc_cpu(writer)
     i = 0
     while i < n:
         for _ in range(min(chunk, n - i) // 3):
@@ -92,6 +94,7 @@ async def journal_run(path: Path, n: int, chunk: int) -> dict[str, Any]:
     await journal.wait_flushed()
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - c0
+    writer_cpu = _proc_cpu(writer) - w0
     await journal.stop()
     trellis.telemetry.detach(hid)
     for p in [sup, *pids]:
@@ -102,15 +105,26 @@ async def journal_run(path: Path, n: int, chunk: int) -> dict[str, Any]:
         raise SystemExit(f"journal run lost events: {stats}")
     return {
         "rate": n / elapsed,
-        "cpu_rate": n / cpu,
+        "cpu_rate": n / (cpu + writer_cpu),
         "elapsed_s": elapsed,
         "emit_rate": n / emitted,
         "cpu_s": cpu,
+        "writer_cpu_s": writer_cpu,
         "batches": stats.batches,
         "mean_batch": n / stats.batches,
         "commit_p50_ms": statistics.median(latencies) * 1e3,
         "commit_max_ms": max(latencies) * 1e3,
     }
+
+
+def _proc_cpu(pid: int | None) -> float:
+    """CPU seconds used so far by process ``pid`` (Linux /proc; 0.0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def baseline_run(src: Path, dst: Path, batches: int) -> dict[str, Any]:
@@ -237,22 +251,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{min(brates):,.0f}..{max(brates):,.0f} |")  # fmt: skip
     print(f"| journal / baseline | {jr / br:.2f} | |")
     crates = [x["cpu_rate"] for x in journal_runs]
-    print(f"| journal, events per CPU-second of the process | {med(journal_runs, 'cpu_rate'):,.0f} | "
+    print(f"| journal, events per CPU-second (process + writer) | {med(journal_runs, 'cpu_rate'):,.0f} | "
           f"{min(crates):,.0f}..{max(crates):,.0f} |")  # fmt: skip
     print(f"| emit rate (handler only, loop thread) | {med(journal_runs, 'emit_rate'):,.0f}/s | |")
     print(f"| commits per run; mean events per commit | {med(journal_runs, 'batches'):.0f}; "
           f"{med(journal_runs, 'mean_batch'):.0f} | |")  # fmt: skip
     print(f"| commit latency p50 / max | {med(journal_runs, 'commit_p50_ms'):.2f} ms / "
           f"{med(journal_runs, 'commit_max_ms'):.1f} ms | |")  # fmt: skip
-    share = sum(x["cpu_s"] for x in journal_runs) / sum(x["elapsed_s"] for x in journal_runs)
+    elapsed = sum(x["elapsed_s"] for x in journal_runs)
+    share = sum(x["cpu_s"] for x in journal_runs) / elapsed
+    wshare = sum(x["writer_cpu_s"] for x in journal_runs) / elapsed
     print()
     print(f"Target >= {TARGET:,.0f} durable events/s: {result} ({jr:,.0f}/s). The journal runs "
-          f"got {share:.0%} of a CPU (the work is GIL-bound: one CPU at most).")  # fmt: skip
-    if share < 0.9:
-        print(
-            "WARNING: other processes took the CPU during timing; the wall-clock rate is low "
-            "by that share (the events per CPU-second are immune), rerun on an idle machine."
-        )
+          f"used {share:.0%} of a CPU in the emitting process and {wshare:.0%} in the "
+          "writer process.")  # fmt: skip
     doc = {
         "environment": env,
         "config": {k: str(v) for k, v in vars(cfg).items()},
@@ -263,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_rate": br,
         "ratio": jr / br,
         "cpu_share": share,
+        "writer_cpu_share": wshare,
         "result": result,
     }
     path = cfg.json

@@ -22,10 +22,12 @@ UPDATE and DELETE; with a key (``$TRELLIS_JOURNAL_KEY``, hex or text) the chain 
 is signed with HMAC-SHA256 every ``checkpoint_every`` records and on close, so even
 a chain recomputed after an edit is caught.
 
-The supervisor never waits on the disk: events go to a bounded in-memory buffer and
-a writer thread commits them in groups (every 10 ms or 100 events by default). A
-full buffer drops events, counts them and journals a ``journal.dropped`` record in
-their place. What a kill -9 can lose is documented on :class:`Journal`.
+The supervisor never waits on the disk: events go to a bounded in-memory buffer, are
+pickled a batch at a time, and a writer process of the journal's own serialises,
+chains and commits them in groups (every 10 ms or 100 events by default), so that
+work never holds the tree's GIL. A full buffer drops events, counts them and
+journals a ``journal.dropped`` record in their place. What a kill -9 can lose is
+documented on :class:`Journal`.
 
 When not to use it: for logs of child output (``process.output``; use log files) or
 for metrics (use the Prometheus exporter). It records what happened, for audits and SRE

@@ -7,8 +7,10 @@ tree. It loads only the standard library and the journal's ``_chain``, ``_store`
 
 Protocol: length-prefixed pickles (:func:`send`, :class:`Reader`) of tuples of
 primitives. Parent to child: ``("config", url, node, key, checkpoint_every,
-busy_timeout)`` first, then ``("batch", items, close, resend_after)`` (one at a time:
-the next only after the ack) and ``("stopping",)``. Child to parent: ``("ready",
+busy_timeout)`` first, then ``("batch", chunks, close, resend_after)`` (one at a time:
+the next only after the ack; ``chunks`` are pickled lists of wire tuples, see
+``_chain.item_of_wire``; with ``resend_after``, records already committed after that
+seq are recognised and skipped) and ``("stopping",)``. Child to parent: ``("ready",
 seq)`` or ``("open_error", class name, message)``; per batch ``("ack", records,
 seconds, seq, checkpointed, lost)``; ``("error", text, events)`` when a commit
 attempt failed (it is retried).
