@@ -20,8 +20,9 @@ first) kills, crashes and hangs collectors (the sentinel kills the hung one as
 ``hung``), kills the store and the gatekeeper, SIGKILLs and SIGSTOPs the exchange (an
 OS process; its watchdog restarts it as ``hung``), and with ``--redis`` cuts Redis
 through a ``trellis.chaos.ChaosProxy``. After the plan, the backfill settles and the
-report says whether every tick is stored, no 429 came back, every gap closed, and the
-journal verifies; the exit code is 0 only then.
+report (``job_report``) says whether every tick is stored, no 429 came back, every gap
+closed, and the journal verifies and holds every injected fault; the exit code is 0
+only then. ``job_status`` keeps what the live view shows.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import json
 import logging
 import math
 import os
-import sqlite3
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -46,20 +46,23 @@ from examples.market_data._common import (
     GATEKEEPER,
     RECOVERY,
     ROOT,
-    http_json,
     redis_client,
     redis_errors,
 )
+from examples.market_data.job_report import (
+    build_report,
+    journal_figures,
+    metrics_summary,
+    render_report,
+)
+from examples.market_data.job_status import Watch, live_view, snapshot, status_line
 from examples.market_data.pipeline import Integrity, Pipeline, PipelineStartError
-from examples.market_data.recovery import reason_class
-from rich.console import Console, Group, RenderableType
+from rich.console import Console
 from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 import trellis
 from trellis import chaos
-from trellis.journal import Journal, tail, verify
+from trellis.journal import Journal
 from trellis.metrics import Metrics
 
 __all__ = [
@@ -70,12 +73,6 @@ __all__ = [
     "main",
     "run_job",
 ]
-
-_log = logging.getLogger("market_data.main_job")
-
-#: Backfills should start this soon after a collector is UP again (the seed user's was 5 min).
-BACKFILL_TARGET = 1.0
-
 
 # ---------------------------------------------------------------------------
 # Options and the plan
@@ -220,225 +217,6 @@ def job_plan(opts: JobOptions, seed: int | None = None) -> chaos.Plan:
 
 
 # ---------------------------------------------------------------------------
-# Watching the run (telemetry, no I/O in the handler)
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Episode:
-    started: float
-    ended: float | None = None
-    how: str = "still in fallback"
-
-
-class _Watch:
-    """Counts what the live view and the report need, from telemetry."""
-
-    EVENTS = (
-        "child.exited",
-        "child.restarted",
-        "operator.action",
-        "market_data.gatekeeper.fallback",
-        "market_data.gatekeeper.restored",
-        "market_data.sentinel.hung",
-    )
-
-    def __init__(self, t0: float, gatekeeper_path: str, exchange_path: str) -> None:
-        self.t0 = t0
-        self.gatekeeper_path = gatekeeper_path
-        self.exchange_path = exchange_path
-        self.exchange_down: list[list[float | None]] = []  # [down, up] since t0
-        self.restarts: dict[str, int] = {}
-        self.last_exit: dict[str, str] = {}
-        self.faults = 0  # chaos fault actions that worked
-        self.actions: list[str] = []
-        self.hung_kills = 0
-        self.episodes: list[_Episode] = []
-        self._hid: object | None = None
-
-    def attach(self) -> _Watch:
-        self._hid = trellis.telemetry.attach(self._on_event, list(self.EVENTS))
-        return self
-
-    def detach(self) -> None:
-        if self._hid is not None:
-            trellis.telemetry.detach(self._hid)
-            self._hid = None
-
-    @property
-    def fallback(self) -> bool:
-        return bool(self.episodes) and self.episodes[-1].ended is None
-
-    def _on_event(self, event: dict[str, Any]) -> None:
-        name = event["event"]
-        t = float(event.get("time") or 0.0) - self.t0
-        if name == "operator.action":
-            if event.get("who") != "chaos":
-                return
-            action = str(event.get("action"))
-            if action.startswith("fault:") and event.get("result") == "ok":
-                self.faults += 1
-            self.actions.append(f"{t:6.1f}s {action} {event.get('target')} {event.get('result')}")
-            del self.actions[:-4]
-            return
-        if name == "market_data.gatekeeper.fallback":
-            if not self.fallback:
-                self.episodes.append(_Episode(t))
-            return
-        if name == "market_data.gatekeeper.restored":
-            self._end_episode(t, "returned to Redis")
-            return
-        if name == "market_data.sentinel.hung":
-            self.hung_kills += 1
-            return
-        path = f"{event.get('supervisor')}/{event.get('child_id')}"
-        if name == "child.exited":
-            self.last_exit[path] = reason_class(event.get("reason"))
-            if path == self.exchange_path:
-                self.exchange_down.append([t, None])
-            return
-        self.restarts[path] = self.restarts.get(path, 0) + 1
-        if path == self.exchange_path and self.exchange_down and self.exchange_down[-1][1] is None:
-            self.exchange_down[-1][1] = t
-        if path == self.gatekeeper_path:  # also when its rest_for_one sibling failed
-            self._end_episode(t, "gatekeeper restarted (the new one starts on Redis)")
-
-    def _end_episode(self, t: float, how: str) -> None:
-        if self.fallback:
-            self.episodes[-1].ended = t
-            self.episodes[-1].how = how
-
-
-async def _tree_rows(root: Any, timeout: float = 0.5) -> list[tuple[int, str, str, str, Any]]:
-    """``(depth, path, id, state, os_pid)`` of every node, parents first, start order."""
-    rows: list[tuple[int, str, str, str, Any]] = []
-
-    async def visit(sup: Any, path: str, depth: int) -> None:
-        try:
-            infos = await asyncio.wait_for(sup.which_children(), timeout)
-        except (trellis.TrellisError, TimeoutError):
-            rows.append((depth, path + "/…", "…", "busy", None))
-            return
-        for info in reversed(infos):  # newest first
-            child = f"{path}/{info.id}"
-            pid = info.pid
-            if isinstance(pid, trellis.Pid):
-                state = "running" if pid.alive else "stopped"
-            else:
-                state = "stopped" if pid is None else "restarting"
-            os_pid = getattr(pid, "os_pid", None) if isinstance(pid, trellis.Pid) else None
-            rows.append((depth, child, str(info.id), state, os_pid))
-            if str(info.type) == "supervisor" and isinstance(pid, trellis.Pid) and pid.alive:
-                await visit(pid, child, depth + 1)
-
-    if root is not None and root.alive:
-        rows.append((0, ROOT, ROOT, "running", None))
-        await visit(root, ROOT, 1)
-    else:
-        rows.append((0, ROOT, ROOT, "stopped", None))
-    return rows
-
-
-def _db_counts(db: str) -> tuple[int, int, int]:
-    """(ticks stored, gaps open, gaps closed), read in a thread."""
-    conn = sqlite3.connect(db, timeout=2.0)
-    try:
-        ticks = conn.execute("SELECT COUNT(*) FROM ticks").fetchone()[0]
-        open_, closed = conn.execute(
-            "SELECT COALESCE(SUM(done_at IS NULL), 0), COALESCE(SUM(done_at IS NOT NULL), 0) "
-            "FROM backfills"
-        ).fetchone()
-        return int(ticks), int(open_), int(closed)
-    except sqlite3.Error:
-        return -1, -1, -1
-    finally:
-        conn.close()
-
-
-@dataclass
-class _Snapshot:
-    elapsed: float
-    rows: list[tuple[int, str, str, str, Any]]
-    ticks: int
-    generated: int | None
-    open_gaps: int
-    closed_gaps: int
-    faults: int
-    planned: int
-    mode: str
-    hung_kills: int
-    actions: list[str]
-
-
-async def _snapshot(p: Pipeline, watch: _Watch, planned: int, redis: bool) -> _Snapshot:
-    loop = asyncio.get_running_loop()
-    rows = await _tree_rows(p.root)
-    ticks, open_gaps, closed = await asyncio.to_thread(_db_counts, p.db_path)
-    try:
-        stats = await http_json(p.exchange_url, "/stats", timeout=0.5)
-        generated: int | None = int(stats["ticks_total"])
-    except (OSError, TimeoutError, ValueError, KeyError):
-        generated = None
-    mode = ("FALLBACK (local limit)" if watch.fallback else "redis") if redis else "local"
-    return _Snapshot(
-        loop.time() - watch.t0,
-        rows,
-        ticks,
-        generated,
-        open_gaps,
-        closed,
-        watch.faults,
-        planned,
-        mode,
-        watch.hung_kills,
-        list(watch.actions),
-    )
-
-
-def _live_view(snap: _Snapshot, watch: _Watch, seconds: float, seed: int) -> RenderableType:
-    head = Text.assemble(
-        ("market-data main job", "bold"),
-        f"  seed {seed}  {snap.elapsed:5.1f}s of {seconds:g}s chaos  ",
-        (f"faults injected {snap.faults}", "yellow"),
-        f" ({snap.planned} planned steps)",
-    )
-    gen = "-" if snap.generated is None else str(snap.generated)
-    figures = Text(
-        f"ticks stored {snap.ticks} / generated {gen}   open gaps {snap.open_gaps} "
-        f"(closed {snap.closed_gaps})   gatekeeper {snap.mode}   sentinel hung kills "
-        f"{snap.hung_kills}"
-    )
-    t = Table(box=None, pad_edge=False, show_edge=False)
-    t.add_column("node")
-    t.add_column("state")
-    t.add_column("restarts", justify="right")
-    t.add_column("last exit")
-    t.add_column("os pid", justify="right")
-    colour = {"running": "green", "restarting": "yellow", "stopped": "red", "busy": "yellow"}
-    for depth, path, cid, state, os_pid in snap.rows:
-        t.add_row(
-            "  " * depth + cid,
-            Text(state, style=colour.get(state, "")),
-            str(watch.restarts.get(path, 0)),
-            watch.last_exit.get(path, ""),
-            "" if os_pid is None else str(os_pid),
-        )
-    recent = Text("\n".join(snap.actions) or "(no fault yet)", style="dim")
-    return Group(head, figures, t, Text("recent chaos actions:", style="bold"), recent)
-
-
-def _status_line(snap: _Snapshot, watch: _Watch) -> str:
-    down = [cid for _d, _p, cid, state, _o in snap.rows if state not in ("running",)]
-    gen = "-" if snap.generated is None else str(snap.generated)
-    restarts = sum(watch.restarts.values())
-    return (
-        f"[{snap.elapsed:6.1f}s] faults {snap.faults}/{snap.planned}  restarts {restarts}  "
-        f"ticks {snap.ticks}/{gen}  open gaps {snap.open_gaps}  gatekeeper {snap.mode}"
-        + (f"  not running: {', '.join(down)}" if down else "")
-    )
-
-
-# ---------------------------------------------------------------------------
 # The result
 # ---------------------------------------------------------------------------
 
@@ -457,288 +235,6 @@ class JobResult:
 
     def __post_init__(self) -> None:
         self.exit_code = 0 if self.ok else 1
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    return chaos.percentile(values, q)
-
-
-def _secs(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}s"
-
-
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x * 1000:.0f} ms"
-
-
-def _metrics_summary(metrics: Metrics) -> dict[str, Any]:
-    """Restart and exit counters (by exit class) from the Prometheus registry."""
-    out: dict[str, Any] = {"child_restarts_total": {}, "child_exits_total": {}}
-    for family in metrics.registry.collect():
-        for sample in family.samples:
-            for name in ("child_restarts_total", "child_exits_total"):
-                if sample.name == f"trellis_{name}":
-                    reason = sample.labels.get("reason", "?")
-                    out[name][reason] = out[name].get(reason, 0) + int(sample.value)
-    return out
-
-
-def _journal_figures(url: str, injected: list[chaos.FaultResult]) -> dict[str, Any]:
-    """``journal verify`` and the chaos actions the journal holds."""
-    result = verify(url)
-    faults: list[dict[str, Any]] = []
-    heals = 0
-    kinds: dict[str, int] = {}
-    for record in tail(url, since_seq=1):
-        kind = str(record["kind"])
-        kinds[kind] = kinds.get(kind, 0) + 1
-        data = record.get("data")
-        if kind != "operator.action" or not isinstance(data, dict) or data.get("who") != "chaos":
-            continue
-        action = str(data.get("action", ""))
-        if action.startswith("fault:"):
-            detail = data.get("detail") or {}
-            faults.append(
-                {
-                    "fault": detail.get("fault") if isinstance(detail, dict) else None,
-                    "action": action,
-                    "target": data.get("target"),
-                    "result": data.get("result"),
-                }
-            )
-        elif action.startswith("heal:"):
-            heals += 1
-    journaled = {(f["fault"], f["action"], f["target"]) for f in faults if f["result"] == "ok"}
-    unjournaled = [f.id for f in injected if (f.id, f"fault:{f.fault}", f.target) not in journaled]
-    return {
-        "url": url,
-        "ok": result.ok,
-        "records": result.records,
-        "problem": result.problem,
-        "first_bad_seq": result.first_bad_seq,
-        "chaos_faults": len(faults),
-        "chaos_heals": heals,
-        "injected_not_journaled": unjournaled,
-        "records_by_kind": dict(sorted(kinds.items())),
-    }
-
-
-def _build_report(
-    *,
-    opts: JobOptions,
-    seed: int,
-    plan: chaos.Plan,
-    workdir: Path,
-    creport: chaos.Report,
-    integrity: Integrity,
-    settled: bool,
-    recovery: dict[str, Any] | None,
-    gatekeeper: dict[str, Any] | None,
-    episodes: list[_Episode],
-    journal: dict[str, Any],
-    metrics: dict[str, Any],
-    hung_kills: int,
-    t0: float,
-    exchange_down: list[list[float | None]],
-) -> tuple[dict[str, Any], list[str]]:
-    summary = creport.summary()
-    delays = sorted(integrity.backfill_delays)
-    symbols = [
-        {
-            "symbol": s,
-            "expected": integrity.expected[s],
-            "stored": integrity.stored.get(s, 0),
-            "missing": len(integrity.missing.get(s, [])),
-        }
-        for s in integrity.expected
-    ]
-    failures = []
-    if integrity.missing_total:
-        failures.append(
-            f"{integrity.missing_total} ticks missing in {len(integrity.missing)} symbols"
-        )
-    if integrity.rejected_429 or integrity.exchange_rejected_429:
-        failures.append(
-            f"429s received: {integrity.rejected_429} (the exchange counted "
-            f"{integrity.exchange_rejected_429})"
-        )
-    if integrity.gaps_closed != integrity.gaps_opened:
-        failures.append(
-            f"{integrity.gaps_opened - integrity.gaps_closed} of {integrity.gaps_opened} gaps "
-            "not closed"
-        )
-    if not journal["ok"]:
-        failures.append(f"journal verify BROKEN: {journal['problem']}")
-    if journal["injected_not_journaled"]:
-        failures.append(f"faults not journaled: {', '.join(journal['injected_not_journaled'])}")
-    report = {
-        "seed": seed,
-        "seconds": opts.seconds,
-        "symbols": opts.symbols,
-        "groups": opts.groups,
-        "rate": opts.rate,
-        "redis": opts.redis,
-        "workdir": str(workdir),
-        "ok": not failures,
-        "failures": failures,
-        "settled": settled,
-        "chaos": creport.to_dict(),
-        "ticks": {
-            "expected": integrity.expected_total,
-            "stored": sum(integrity.stored.values()),
-            "missing": integrity.missing_total,
-            "symbols_checked": len(integrity.expected),
-            "per_symbol": symbols,
-            "missing_seqs": integrity.missing,
-        },
-        "gaps": {
-            "opened": integrity.gaps_opened,
-            "closed": integrity.gaps_closed,
-            "by_cause": integrity.gaps_by_cause,
-            "backfilled_ticks": integrity.backfilled_ticks,
-        },
-        "recover": {
-            "p50": summary["recover_p50"],
-            "p95": summary["recover_p95"],
-            "recovered": summary["recovered"],
-            "detect_p50": summary["detect_p50"],
-            "detect_p95": summary["detect_p95"],
-        },
-        "backfill_start_delay": {
-            "outages": len(delays),
-            "p50": _pct(delays, 50),
-            "max": delays[-1] if delays else None,
-            "target": BACKFILL_TARGET,
-            "met": all(d < BACKFILL_TARGET for d in delays),
-            "over_target": _slow_outages(recovery, t0, exchange_down),
-        },
-        "rate_limit": {
-            "history_requests": integrity.history_requests,
-            "rejected_429": integrity.rejected_429,
-            "exchange_rejected_429": integrity.exchange_rejected_429,
-        },
-        "fallback": {
-            "episodes": [asdict(e) for e in episodes],
-            "mode_at_end": gatekeeper["mode"] if gatekeeper is not None else None,
-        },
-        "gatekeeper": gatekeeper,
-        "sentinel_hung_kills": hung_kills,
-        "recovery": recovery,
-        "journal": journal,
-        "metrics": metrics,
-    }
-    return report, failures
-
-
-def _slow_outages(
-    recovery: dict[str, Any] | None, t0: float, exchange_down: list[list[float | None]]
-) -> list[dict[str, Any]]:
-    """The outages whose backfill started ``BACKFILL_TARGET`` or later after UP, and
-    whether the exchange was down meanwhile (a collector cannot resubscribe then)."""
-    out = []
-    for o in (recovery or {}).get("outages", []):
-        delay = o.get("start_delay")
-        if delay is None or delay < BACKFILL_TARGET or o.get("up_at") is None:
-            continue
-        up = o["up_at"] - t0
-        overlap = any(
-            a is not None and a < up + delay and (b is None or b > up) for a, b in exchange_down
-        )
-        out.append(
-            {
-                "collector": o["collector"],
-                "reason": o["reason"],
-                "up_at": up,
-                "delay": delay,
-                "exchange_down_meanwhile": overlap,
-            }
-        )
-    return out
-
-
-def _render_report(report: dict[str, Any], creport: chaos.Report, console: Console) -> None:
-    console.rule("chaos report")
-    console.print(creport.renderable())
-    ticks = report["ticks"]
-    console.rule("ticks: expected vs stored per symbol (every seq compared)")
-    t = Table(box=None, pad_edge=False)
-    for col in ("symbol", "expected", "stored", "missing"):
-        t.add_column(col, justify="left" if col == "symbol" else "right")
-    rows = ticks["per_symbol"]
-    shown = [r for i, r in enumerate(rows) if i < 10 or r["missing"]]
-    for r in shown:
-        t.add_row(r["symbol"], str(r["expected"]), str(r["stored"]), str(r["missing"]))
-    if len(rows) > len(shown):
-        rest = [r for r in rows if r not in shown]
-        complete = "all complete" if not any(r["missing"] for r in rest) else "SOME MISSING"
-        t.add_row(f"… {len(rest)} more", str(sum(r["expected"] for r in rest)),
-                  str(sum(r["stored"] for r in rest)), str(sum(r["missing"] for r in rest)),
-                  end_section=True)  # fmt: skip
-        t.add_row(Text(f"({complete})", style="dim"), "", "", "", end_section=True)
-    t.add_row("total", str(ticks["expected"]), str(ticks["stored"]), str(ticks["missing"]),
-              style="bold")  # fmt: skip
-    console.print(t)
-    console.print(
-        f"ticks expected {ticks['expected']}, stored {ticks['stored']}, missing "
-        f"{ticks['missing']} ({ticks['symbols_checked']} symbols, every seq 1..last compared)"
-    )
-    console.rule("recovery")
-    g = report["gaps"]
-    causes = ", ".join(f"{k} {v}" for k, v in sorted(g["by_cause"].items())) or "none"
-    console.print(
-        f"gaps opened {g['opened']}, closed {g['closed']} ({causes}); "
-        f"{g['backfilled_ticks']} ticks backfilled"
-    )
-    r = report["recover"]
-    console.print(
-        f"time to recover: p50 {_secs(r['p50'])}, p95 {_secs(r['p95'])} "
-        f"({r['recovered']} faults recovered)"
-    )
-    b = report["backfill_start_delay"]
-    met = "met" if b["met"] else "NOT met"
-    console.print(
-        f"backfill start delay after UP: p50 {_ms(b['p50'])}, max {_ms(b['max'])} over "
-        f"{b['outages']} outages (target < {b['target']:g} s: {met})"
-    )
-    for o in b["over_target"]:
-        why = " (the exchange was down meanwhile)" if o["exchange_down_meanwhile"] else ""
-        console.print(
-            f"  {o['collector']} ({o['reason']}) UP at {o['up_at']:.1f}s: first history "
-            f"request after {_ms(o['delay'])}{why}"
-        )
-    console.print(f"sentinel: {report['sentinel_hung_kills']} hung collectors killed")
-    rl = report["rate_limit"]
-    console.print(
-        f"429s received: {rl['rejected_429']} (history requests {rl['history_requests']}; the "
-        f"exchange counted {rl['exchange_rejected_429']} since it last started)"
-    )
-    if report["redis"] is not None:
-        eps = report["fallback"]["episodes"]
-        mode = report["fallback"]["mode_at_end"]
-        console.print(f"gatekeeper fallback episodes: {len(eps)} (mode at the end: {mode})")
-        for e in eps:
-            end = "-" if e["ended"] is None else f"{e['ended']:.1f}s"
-            console.print(f"  {e['started']:.1f}s -> {end}: {e['how']}")
-    console.rule("journal and metrics")
-    j = report["journal"]
-    state = "OK" if j["ok"] else f"BROKEN at seq {j['first_bad_seq']}: {j['problem']}"
-    console.print(f"journal verify: {state}, {j['records']} records ({j['url']})")
-    console.print(
-        f"journaled chaos actions: {j['chaos_faults']} faults, {j['chaos_heals']} heals "
-        f"(every injected fault journaled: {'yes' if not j['injected_not_journaled'] else 'NO'})"
-    )
-    m = report["metrics"]
-    restarts = m["child_restarts_total"]
-    console.print(
-        f"metrics: trellis_child_restarts_total {sum(restarts.values())} ("
-        + ", ".join(f"{k} {v}" for k, v in sorted(restarts.items()))
-        + ")"
-    )
-    console.rule()
-    if report["ok"]:
-        console.print("RESULT: OK (no tick missing, no 429, every gap closed, journal verified)")
-    else:
-        console.print("RESULT: FAILED: " + "; ".join(report["failures"]))
 
 
 # ---------------------------------------------------------------------------
@@ -842,7 +338,7 @@ async def run_job(
     metrics = Metrics(node="market-data")
     engine: chaos.Chaos | None = None
     p: Pipeline | None = None
-    watch: _Watch | None = None
+    watch: Watch | None = None
     try:
         redis_url = None
         if opts.redis is not None:
@@ -867,7 +363,7 @@ async def run_job(
             raise JobError(str(e)) from None
         await journal.start()  # before the tree starts: every event of it is journaled
         metrics.attach()
-        watch = _Watch(loop.time(), p.paths["gatekeeper"], p.paths["exchange"]).attach()
+        watch = Watch(loop.time(), p.paths["gatekeeper"], p.paths["exchange"]).attach()
         try:
             await p.start()
         except PipelineStartError as e:
@@ -894,7 +390,7 @@ async def run_job(
             raise JobError(f"the exchange stopped answering after the run: {e}", 1) from None
         recovery = await _ask(RECOVERY, "report")
         gate = await _ask(GATEKEEPER, "stats")
-        metrics_figures = _metrics_summary(metrics)
+        metrics_figures = metrics_summary(metrics)
     finally:
         if engine is not None:
             await engine.stop()
@@ -906,11 +402,10 @@ async def run_job(
             watch.detach()
         for proxy in proxies.values():
             await proxy.close()
-    journal_figures = await asyncio.to_thread(_journal_figures, journal_url, creport.injected)
-    report, failures = _build_report(
+    journaled = await asyncio.to_thread(journal_figures, journal_url, creport.injected)
+    report, failures = build_report(
         opts=opts,
         seed=seed,
-        plan=plan,
         workdir=workdir,
         creport=creport,
         integrity=integrity,
@@ -918,13 +413,13 @@ async def run_job(
         recovery=recovery,
         gatekeeper=asdict(gate) if gate is not None else None,
         episodes=watch.episodes,
-        journal=journal_figures,
+        journal=journaled,
         metrics=metrics_figures,
         hung_kills=watch.hung_kills,
         t0=watch.t0,
         exchange_down=watch.exchange_down,
     )
-    _render_report(report, creport, console)
+    render_report(report, creport, console)
     if json_path is not None:
         _write_json(json_path, report)
         console.print(f"report written to {json_path}")
@@ -934,7 +429,7 @@ async def run_job(
 async def _watch_run(
     engine: chaos.Chaos,
     p: Pipeline,
-    watch: _Watch,
+    watch: Watch,
     opts: JobOptions,
     seed: int,
     planned: int,
@@ -946,19 +441,19 @@ async def _watch_run(
     redis = opts.redis is not None
     try:
         if live:
-            snap = await _snapshot(p, watch, planned, redis)
+            snap = await snapshot(p, watch, planned, redis)
             with Live(
-                _live_view(snap, watch, opts.seconds, seed), console=console, auto_refresh=False
+                live_view(snap, watch, opts.seconds, seed), console=console, auto_refresh=False
             ) as view:
                 while not done.done():
                     await asyncio.wait([done], timeout=0.5)
-                    snap = await _snapshot(p, watch, planned, redis)
-                    view.update(_live_view(snap, watch, opts.seconds, seed), refresh=True)
+                    snap = await snapshot(p, watch, planned, redis)
+                    view.update(live_view(snap, watch, opts.seconds, seed), refresh=True)
         else:
             while not done.done():
                 await asyncio.wait([done], timeout=opts.status_every)
-                snap = await _snapshot(p, watch, planned, redis)
-                console.print(_status_line(snap, watch), markup=False, highlight=False)
+                snap = await snapshot(p, watch, planned, redis)
+                console.print(status_line(snap, watch), markup=False, highlight=False)
         return await done
     finally:
         if not done.done():
