@@ -140,6 +140,8 @@ def build_report(
         failures.append(f"journal verify BROKEN: {journal['problem']}")
     if journal["injected_not_journaled"]:
         failures.append(f"faults not journaled: {', '.join(journal['injected_not_journaled'])}")
+    if journal.get("dropped"):
+        failures.append(f"the journal dropped {journal['dropped']} events (buffer full)")
     report = {
         "seed": seed,
         "seconds": opts.seconds,
@@ -293,6 +295,8 @@ def render_report(report: dict[str, Any], creport: chaos.Report, console: Consol
     j = report["journal"]
     state = "OK" if j["ok"] else f"BROKEN at seq {j['first_bad_seq']}: {j['problem']}"
     console.print(f"journal verify: {state}, {j['records']} records ({j['url']})")
+    if "written" in j:
+        console.print(f"journal writer: {j['written']} records written, {j['dropped']} dropped")
     console.print(
         f"journaled chaos actions: {j['chaos_faults']} faults, {j['chaos_heals']} heals "
         f"(every injected fault journaled: {'yes' if not j['injected_not_journaled'] else 'NO'})"

@@ -403,6 +403,8 @@ async def run_job(
         for proxy in proxies.values():
             await proxy.close()
     journaled = await asyncio.to_thread(journal_figures, journal_url, creport.injected)
+    stats = journal.statistics()
+    journaled.update(written=stats.written, dropped=stats.dropped)
     report, failures = build_report(
         opts=opts,
         seed=seed,

@@ -238,4 +238,9 @@ def test_main_job_command(tmp_path: Path) -> None:
     assert not journal["injected_not_journaled"]
     assert _figure(r"journal verify: (\w+), (\d+) records", rest) == ("OK", str(journal["records"]))
     assert journal["chaos_faults"] >= summary["injected"]
+    assert journal["written"] == journal["records"]  # every record written is intact
+    assert _figure(r"journal writer: (\d+) records written, (\d+) dropped", rest) == (
+        str(journal["written"]),
+        "0",
+    )
     assert "RESULT: OK" in rest
