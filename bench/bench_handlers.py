@@ -22,7 +22,7 @@ async def main():
 
     def bench(label, n=50000):
         t0 = time.perf_counter_ns()
-        for i in range(n):
+        for _ in range(n):
             _telemetry.emit(
                 "child.exited",
                 supervisor="root",
