@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 from typing import Any, NoReturn
 
@@ -18,11 +17,11 @@ import click
 import structlog
 
 from . import __version__, telemetry
+from ._cli_load import load_tree
 from ._core._exceptions import FailedToStartChild, StartError
 from ._core._reasons import is_clean
 from ._operate import OperationsError, operations
 from ._run import run as run_tree
-from .config import ConfigError, TreeSpec, load
 
 __all__ = ["cli", "main"]
 
@@ -71,7 +70,7 @@ def check(trees: tuple[str, ...]) -> None:
     """Validate tree files: exit 0, or 2 with every error as FILE:LINE: KEY: MESSAGE."""
     code = 0
     for path in trees:
-        tree = _load(path)
+        tree = load_tree(path)
         if tree is None:
             code = _EXIT_BAD_FILE
             continue
@@ -136,7 +135,7 @@ def run(
 
     Every supervision event is journaled; `trellis status`, `events`, `restart` and
     `stop` talk to the control API on its Unix socket."""
-    tree = _load(tree_file)
+    tree = load_tree(tree_file)
     if tree is None:
         _exit(_EXIT_BAD_FILE)
     if journal_url is not None and no_journal:
@@ -197,21 +196,6 @@ def _parse_tcp(value: str) -> tuple[str, int]:
 def _exit(code: int) -> NoReturn:
     """End the command with ``code`` (click turns it into the process exit code)."""
     click.get_current_context().exit(code)
-
-
-def _load(path: str) -> TreeSpec | None:
-    """Load a tree file, printing its errors to stderr; None if it is invalid."""
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)  # like `python -m`: modules of the current directory import
-    try:
-        return load(path)
-    except ConfigError as e:
-        for issue in e.errors:
-            click.echo(issue.format(e.source), err=True)
-        n = len(e.errors)
-        click.echo(f"{e.source}: {n} error{'s' if n != 1 else ''}", err=True)
-        return None
 
 
 def _start_failure(e: BaseException) -> tuple[str, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -20,8 +19,10 @@ from typing import Any, NoReturn
 
 import click
 
+from .._cli_load import load_tree
+from .._operate import OperationsError, operations
 from .._run import Extension, run_async
-from ..config import ConfigError, TreeSpec, load
+from ..config import TreeSpec
 from ._engine import Chaos
 from ._plan import ChaosSpecError, Plan, parse_fault
 from ._proxy import ChaosProxy
@@ -222,17 +223,10 @@ async def _run(
 
 
 def _load_tree(path: str) -> TreeSpec:
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)  # like `trellis run`: modules of the current directory import
-    try:
-        return load(path)
-    except ConfigError as e:
-        for issue in e.errors:
-            click.echo(issue.format(e.source), err=True)
-        n = len(e.errors)
-        click.echo(f"{e.source}: {n} error{'s' if n != 1 else ''}", err=True)
+    tree = load_tree(path)
+    if tree is None:
         _exit(_EXIT_BAD_INPUT)
+    return tree
 
 
 _PLAN_KEYS = ("seed", "duration", "max_concurrent", "proxies", "chaos")
@@ -343,16 +337,10 @@ def outline_nodes(tree: TreeSpec) -> list[tuple[str, str]]:
 def _operations(
     tree: TreeSpec, journal_url: str | None, no_journal: bool, no_control: bool
 ) -> list[Extension]:
-    """The journal and control API as `trellis run` sets them up (when available)."""
+    """The journal and control API as `trellis run` sets them up."""
     if journal_url is not None and no_journal:
         raise click.UsageError("give --journal or --no-journal, not both")
     if no_journal and no_control:
-        return []
-    try:
-        from .._operate import OperationsError, operations
-    except ImportError:
-        if journal_url is not None:
-            raise click.UsageError("--journal: journal support is not installed") from None
         return []
     try:
         ops = operations(
@@ -365,10 +353,6 @@ def _operations(
         return list(ops.extensions())
     except OperationsError as e:
         _fail_text(f"{tree.source}: {e}")
-    except ImportError as e:
-        if journal_url is not None:
-            raise click.UsageError(f"--journal: {e}") from None
-        return []
 
 
 def _configure_logging(level: str) -> None:
