@@ -359,7 +359,27 @@ class _SQLiteWriter:
         self.conn.close()
 
 
-class _SQLiteReader:
+class _Queries:
+    """The read queries both backends share; ``P`` is the driver's placeholder."""
+
+    P = "?"
+    conn: Any
+
+    def last_rows(self, n: int) -> list[Row]:
+        cur = self.conn.execute(f"SELECT * FROM journal ORDER BY seq DESC LIMIT {self.P}", (n,))
+        return [_row(r) for r in reversed(cur.fetchall())]
+
+    def seq_of_hash(self, hash: str) -> int | None:
+        q = f"SELECT seq FROM journal WHERE hash = {self.P} LIMIT 1"
+        r = self.conn.execute(q, (hash,)).fetchone()
+        return None if r is None else int(r[0])
+
+    def checkpoints(self) -> list[Checkpoint]:
+        cur = self.conn.execute("SELECT seq, hash, hmac, utc FROM journal_checkpoints ORDER BY seq")
+        return [(int(r[0]), r[1], r[2], r[3]) for r in cur.fetchall()]
+
+
+class _SQLiteReader(_Queries):
     def __init__(self, target: Target) -> None:
         self.target = target
         if not os.path.exists(target.path):
@@ -388,18 +408,6 @@ class _SQLiteReader:
         cur = self.conn.execute("SELECT * FROM journal WHERE seq >= ? ORDER BY seq", (since_seq,))
         for r in cur:
             yield _row(r)
-
-    def last_rows(self, n: int) -> list[Row]:
-        cur = self.conn.execute("SELECT * FROM journal ORDER BY seq DESC LIMIT ?", (n,))
-        return [_row(r) for r in reversed(cur.fetchall())]
-
-    def seq_of_hash(self, hash: str) -> int | None:
-        r = self.conn.execute("SELECT seq FROM journal WHERE hash = ? LIMIT 1", (hash,)).fetchone()
-        return None if r is None else int(r[0])
-
-    def checkpoints(self) -> list[Checkpoint]:
-        cur = self.conn.execute("SELECT seq, hash, hmac, utc FROM journal_checkpoints ORDER BY seq")
-        return [(int(r[0]), r[1], r[2], r[3]) for r in cur]
 
     def close(self) -> None:
         self.conn.close()
@@ -542,7 +550,9 @@ class _PostgresWriter:
         self.conn.close()
 
 
-class _PostgresReader:
+class _PostgresReader(_Queries):
+    P = "%s"
+
     def __init__(self, target: Target) -> None:
         self.target = target
         self.conn = _pg_connect(target, autocommit=True)
@@ -576,18 +586,6 @@ class _PostgresReader:
             cur.execute("SELECT * FROM journal WHERE seq >= %s ORDER BY seq", (since_seq,))
             for r in cur:
                 yield _row(r)
-
-    def last_rows(self, n: int) -> list[Row]:
-        cur = self.conn.execute("SELECT * FROM journal ORDER BY seq DESC LIMIT %s", (n,))
-        return [_row(r) for r in reversed(cur.fetchall())]
-
-    def seq_of_hash(self, hash: str) -> int | None:
-        r = self.conn.execute("SELECT seq FROM journal WHERE hash = %s LIMIT 1", (hash,)).fetchone()
-        return None if r is None else int(r[0])
-
-    def checkpoints(self) -> list[Checkpoint]:
-        cur = self.conn.execute("SELECT seq, hash, hmac, utc FROM journal_checkpoints ORDER BY seq")
-        return [(int(r[0]), r[1], r[2], r[3]) for r in cur.fetchall()]
 
     def close(self) -> None:
         self.conn.close()
