@@ -22,6 +22,8 @@ from ._core._exceptions import FailedToStartChild, StartError
 from ._core._reasons import is_clean
 from ._operate import OperationsError, operations
 from ._run import run as run_tree
+from .control._errors import ControlError
+from .journal._errors import JournalError
 
 __all__ = ["cli", "main"]
 
@@ -165,6 +167,9 @@ def run(
         fields = {"child": child, "reason": reason}
         _cli_log.error("tree.start_failed", extra={"trellis": fields})
         code = 1
+    except (ControlError, JournalError) as e:  # an extension could not start
+        click.echo(f"{tree_file}: {e}", err=True)
+        code = _EXIT_BAD_FILE
     finally:
         telemetry.detach(hid)
     _cli_log.info("tree.stopped", extra={"trellis": {"exit_code": code}})
