@@ -144,10 +144,15 @@ def run(
         raise click.UsageError("give --journal or --no-journal, not both")
     if socket_path is not None and no_control:
         raise click.UsageError("give --socket or --no-control, not both")
+    if tcp is not None and no_control:
+        raise click.UsageError("give --tcp or --no-control, not both")
+    settings = dict(tree.settings)
+    if no_control:  # no control API at all: not the file's tcp either
+        settings["control"] = {"enabled": False}
     try:
         ops = operations(
             tree.name,
-            dict(tree.settings),
+            settings,
             journal=False if no_journal else journal_url,
             socket_path=False if no_control else socket_path,
             tcp=_parse_tcp(tcp) if tcp is not None else None,
