@@ -20,9 +20,12 @@ from typing import Any, NoReturn
 import click
 
 from .._cli_load import load_tree
+from .._core._exceptions import StartError
 from .._operate import OperationsError, operations
 from .._run import Extension, run_async
 from ..config import TreeSpec
+from ..control._errors import ControlError
+from ..journal._errors import JournalError
 from ._engine import Chaos
 from ._plan import ChaosSpecError, Plan, parse_fault
 from ._proxy import ChaosProxy
@@ -32,6 +35,10 @@ __all__ = ["chaos", "outline_nodes"]
 
 _EXIT_BAD_INPUT = 2
 DEFAULT_DURATION = 60.0
+
+
+class _ProxyError(Exception):
+    """A chaos proxy cannot listen (the message names it)."""
 
 
 @click.command("chaos")
@@ -157,9 +164,15 @@ def chaos(
 
     _configure_logging(log_level)
     extensions = _operations(tree, journal_url, no_journal, no_control)
-    code, report = asyncio.run(
-        _run(tree, plan, proxies, extensions, max_concurrent, settle, recover_timeout)
-    )
+    try:
+        code, report = asyncio.run(
+            _run(tree, plan, proxies, extensions, max_concurrent, settle, recover_timeout)
+        )
+    except StartError as e:
+        click.echo(f"{tree_file}: the tree did not start: {e}", err=True)
+        _exit(1)
+    except (ControlError, JournalError, _ProxyError) as e:  # could not start beside it
+        _fail_text(f"{tree_file}: {e}")
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 120)
@@ -184,7 +197,13 @@ async def _run(
     started: dict[str, ChaosProxy] = {}
     try:
         for name, (port, upstream) in proxies.items():
-            started[name] = await ChaosProxy(upstream, port=port, name=name).start()
+            proxy = ChaosProxy(upstream, port=port, name=name)
+            try:
+                started[name] = await proxy.start()
+            except OSError as e:
+                raise _ProxyError(
+                    f"proxy {name}: cannot listen on {proxy.host}:{port}: {e.strerror or e}"
+                ) from None
         engine = Chaos(
             None,
             plan,
@@ -342,10 +361,13 @@ def _operations(
         raise click.UsageError("give --journal or --no-journal, not both")
     if no_journal and no_control:
         return []
+    settings = dict(tree.settings)
+    if no_control:  # no control API at all: not the tree file's tcp either
+        settings["control"] = {"enabled": False}
     try:
         ops = operations(
             tree.name,
-            dict(tree.settings),
+            settings,
             journal=False if no_journal else journal_url,
             socket_path=False if no_control else None,
             metrics=False,
