@@ -28,7 +28,9 @@ class Extension(Protocol):
     """Something that runs beside a tree in the same event loop (journal, metrics,
     control API): ``start`` before the root starts, ``tree_started`` once it runs
     (``request_stop()`` then shuts the tree down as SIGTERM would), ``stop`` after the
-    tree has stopped (flush here). Extensions start in order and stop in reverse."""
+    tree has stopped (flush here). Extensions start in order and stop in reverse. An
+    extension may also define ``async tree_stopping()``, awaited (in reverse order)
+    just before a signal or ``request_stop()`` stops a running tree."""
 
     async def start(self) -> None: ...
 
@@ -217,6 +219,13 @@ async def run_async(
         ended = asyncio.ensure_future(pid.join())
         await asyncio.wait([ended, stop_requested], return_when=asyncio.FIRST_COMPLETED)
         if not ended.done():
+            for ext in reversed(started):
+                stopping = getattr(ext, "tree_stopping", None)
+                if stopping is not None:
+                    try:
+                        await stopping()
+                    except Exception:
+                        _log.exception("extension %r failed before the tree stopped", ext)
             try:
                 await stop(pid, SHUTDOWN, timeout=shutdown_timeout)
             except TimeoutError:

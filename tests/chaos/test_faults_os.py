@@ -189,3 +189,50 @@ async def watch(pid: int, seconds: float) -> str:
             seen += s
         await asyncio.sleep(0.01)
     return seen
+
+
+async def test_a_tree_stopped_mid_hang_resumes_its_processes_first() -> None:
+    """A signal (here request_stop) that stops the tree while a child is SIGSTOPped: the
+    chaos run ends first (SIGCONT), so the child stops politely on SIGTERM instead of
+    being killed after its whole shutdown budget."""
+    plan = Plan.from_spec(
+        {"fault": "hang", "target": "root/polite", "at": 0.2, "duration": 60},
+        seed=1,
+        duration=120,
+    )
+    engine = Chaos(None, plan, settle=0)
+    held = asyncio.Event()
+
+    class StopWhenHeld:
+        async def start(self) -> None:
+            pass
+
+        async def tree_started(self, root: Any, request_stop: Any) -> None:
+            async def later() -> None:
+                await held.wait()
+                request_stop()
+
+            self.task = asyncio.ensure_future(later())
+
+        async def stop(self) -> None:
+            await self.task
+
+    spec = Supervisor.child_spec(
+        [trellis.Command(argv(POLITE), id="polite", shutdown=30.0)], id="root", name="root"
+    )
+    with capture_telemetry(["operator.action", "child.terminated"]) as cap:
+        hid = trellis.telemetry.attach(
+            lambda e: held.set() if e.get("action") == "fault:hang" else None,
+            ["operator.action"],
+        )
+        try:
+            code = await asyncio.wait_for(
+                trellis.run_async(spec, extensions=[engine, StopWhenHeld()]), 20
+            )
+        finally:
+            trellis.telemetry.detach(hid)
+    assert code == 0
+    actions = [e["action"] for e in cap.named("operator.action")]
+    assert actions == ["fault:hang", "heal:hang"]
+    [terminated] = cap.named("child.terminated")
+    assert terminated["reason"] == trellis.SHUTDOWN

@@ -183,6 +183,11 @@ class Chaos:
         if self._request_stop is not None and self.stop_tree:
             self._request_stop()
 
+    async def tree_stopping(self) -> None:
+        """Extension hook: the tree is about to stop (a signal, or the end of the run):
+        end the run first, so no child is still stopped or held while it shuts down."""
+        await self.stop()
+
     async def stop(self) -> None:
         """End the run now: heal every fault, settle the rest, detach from telemetry."""
         task = self._task
