@@ -296,3 +296,25 @@ def test_kill_9_mid_storm_loses_at_most_the_documented_bound(tmp_path: Path) -> 
     lost = started - journaled - dropped
     # +1: the child may have written its line and been killed before the event was emitted
     assert -1 <= lost <= MAX_BUFFER + 1, (started, journaled, dropped)
+
+
+def test_a_journal_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
+    """The journal opens while the tree starts; if it cannot, the tree is stopped and
+    `trellis run` says why and exits 2 (no traceback)."""
+    tree = _tree(
+        tmp_path,
+        """
+        [supervisor]
+        name = "shop"
+        [[supervisor.children]]
+        id = "db"
+        server = "parts:Steady"
+        """,
+    )
+    (tmp_path / "a-directory.db").mkdir()
+    url = f"sqlite:///{tmp_path / 'a-directory.db'}"
+    proc = _start(tree, "--no-control", "--journal", url)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert f"cannot open journal {url}" in err
+    assert "Traceback" not in err

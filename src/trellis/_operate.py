@@ -48,7 +48,10 @@ class Operations:
         if self.journal_url is not None:
             from .journal import Journal
 
-            exts.append(Journal(self.journal_url, node=self.node, **self.journal_options))
+            journal = Journal(
+                self.journal_url, node=self.node, open_in_background=True, **self.journal_options
+            )
+            exts.append(journal)
         if self.socket is not None or self.tcp is not None:
             from .control import ControlServer
 

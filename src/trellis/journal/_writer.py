@@ -196,6 +196,7 @@ class Journal:
         exclude: Iterable[str] = ("process.output",),
         key: str | bytes | None = None,
         checkpoint_every: int = 1000,
+        open_in_background: bool = False,
     ) -> None:
         self.target: Target = parse_url(url)
         for name, value in (
@@ -218,6 +219,8 @@ class Journal:
         self.max_batch = max(max_batch, batch_size)
         self.exclude = frozenset(exclude)
         self.checkpoint_every = checkpoint_every
+        self.open_in_background = open_in_background
+        self._open_future: asyncio.Future[None] | None = None
         self._key = parse_key(key)
         self._skip = self.exclude | _OWN_EVENTS
 
@@ -266,20 +269,43 @@ class Journal:
 
     async def start(self) -> None:
         """Start the writer process, wait until it has opened the store, attach the handler.
-        Raises :class:`JournalError` if the journal cannot be opened."""
+        Raises :class:`JournalError` if the journal cannot be opened.
+
+        With ``open_in_background=True`` the handler is attached at once (events wait in
+        the buffer) and the open is awaited in :meth:`tree_started` instead, so a tree
+        starts without waiting for the writer process."""
+        await self._begin()
+        if self.open_in_background:
+            self._hid = _telemetry.attach(self._on_event)
+        else:
+            await self._opened()
+
+    async def _begin(self) -> None:
         loop = asyncio.get_running_loop()
-        opened: asyncio.Future[None] = loop.create_future()
+        self._open_future = opened = loop.create_future()
 
         def ready(err: BaseException | None) -> None:
             loop.call_soon_threadsafe(_settle, opened, err)
 
         self._loop = loop
         self._launch(ready)
-        await opened
-        self._hid = _telemetry.attach(self._on_event)
+
+    async def _opened(self) -> None:
+        fut, self._open_future = self._open_future, None
+        if fut is None:
+            return
+        try:
+            await fut
+        except BaseException:
+            self._detach()
+            raise
+        if self._hid is None:
+            self._hid = _telemetry.attach(self._on_event)
 
     async def tree_started(self, root: Pid, request_stop: Callable[[], None]) -> None:
-        """Nothing to do: events flow from the start."""
+        """With ``open_in_background``: wait until the store is open (raises
+        :class:`JournalError` if it cannot be); otherwise nothing to do."""
+        await self._opened()
 
     async def stop(self) -> None:
         """Detach, commit everything handed over, write the closing checkpoint, close."""
