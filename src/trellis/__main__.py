@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import sys
 from typing import Any, NoReturn
@@ -52,7 +53,35 @@ def main(argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """Commands from other packages are imported only when named (or listed in --help),
+    so `trellis run` does not pay for the client, journal and chaos commands."""
+
+    LAZY = {
+        "chaos": "trellis.chaos._cli:chaos",
+        "events": "trellis.control._cli:events",
+        "journal": "trellis.journal._cli:journal_group",
+        "restart": "trellis.control._cli:restart",
+        "start": "trellis.control._cli:start",
+        "status": "trellis.control._cli:status",
+        "stop": "trellis.control._cli:stop",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is not None or cmd_name not in self.LAZY:
+            return found
+        module, _, attr = self.LAZY[cmd_name].partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        self.add_command(command, cmd_name)
+        return command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="trellis", message="%(prog)s %(version)s")
 def cli() -> None:
     """Erlang/OTP supervision trees for Python services."""
@@ -179,21 +208,6 @@ def run(
         telemetry.detach(hid)
     _cli_log.info("tree.stopped", extra={"trellis": {"exit_code": code}})
     _exit(code)
-
-
-def _register_commands() -> None:
-    """The commands that talk to a running tree, read journals and run chaos."""
-    from .chaos._cli import chaos
-    from .control._cli import COMMANDS
-    from .journal._cli import journal_group
-
-    for command in COMMANDS:
-        cli.add_command(command)
-    cli.add_command(journal_group)
-    cli.add_command(chaos)
-
-
-_register_commands()
 
 
 def _parse_tcp(value: str) -> tuple[str, int]:

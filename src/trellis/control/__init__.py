@@ -18,23 +18,27 @@ Endpoints: ``GET /v1/tree``, ``GET /v1/events`` (Server-Sent Events),
 
 from typing import TYPE_CHECKING, Any
 
-from ._client import ControlClient as ControlClient
-from ._client import ControlClientError as ControlClientError
-from ._client import NotRunning as NotRunning
-from ._client import Refused as Refused
 from ._errors import ControlError as ControlError
 from ._paths import default_socket_path as default_socket_path
 from ._paths import socket_dir as socket_dir
 
 if TYPE_CHECKING:
+    from ._client import ControlClient as ControlClient
+    from ._client import ControlClientError as ControlClientError
+    from ._client import NotRunning as NotRunning
+    from ._client import Refused as Refused
     from ._listen import Peer as Peer
     from ._openapi import openapi as openapi
     from ._server import ControlServer as ControlServer
     from ._server import MetricsSource as MetricsSource
 
-# The server side (starlette, uvicorn) is imported on first use: the CLI client
-# does not need it.
+# The server side (starlette, uvicorn) and the client (httpx) are imported on first
+# use: the client does not need the server, and `trellis run` needs neither at start.
 _LAZY = {
+    "ControlClient": "._client",
+    "ControlClientError": "._client",
+    "NotRunning": "._client",
+    "Refused": "._client",
     "ControlServer": "._server",
     "MetricsSource": "._server",
     "Peer": "._listen",
