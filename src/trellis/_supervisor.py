@@ -259,6 +259,7 @@ class _SupervisorServer(Server):
                     self.children.append(child)
             else:
                 _log.error("start_error: supervisor=%s child=%r reason=%r", self.path, s.id, val)
+                self._event("child.start_failed", child_id=s.id, reason=val)
                 await self._terminate_all()
                 err = FailedToStartChild(s.id, val)
                 if isinstance(val, BaseException):

@@ -39,3 +39,24 @@ async def test_a_failed_open_is_raised_from_tree_started(tmp_path: Path) -> None
         await journal.tree_started(sup, lambda: None)
     await sup.stop()
     await journal.stop()  # returns: nothing to flush
+
+
+async def test_a_tree_that_never_started_is_still_journaled(tmp_path: Path) -> None:
+    """The root failed to start, so tree_started never came: stop() still opens the
+    journal and commits what was emitted (the start failure is what an audit needs)."""
+
+    class Broken(trellis.Server):
+        async def init(self) -> None:
+            raise RuntimeError("no config")
+
+    url = f"sqlite:///{tmp_path / 'j.db'}"
+    journal = Journal(url, open_in_background=True)
+    await journal.start()
+    with pytest.raises(trellis.FailedToStartChild):
+        await trellis.Supervisor.start(([Broken.child_spec(id="b")]), name="never")
+    await journal.stop()
+    assert verify(url).ok
+    from trellis.journal import tail
+
+    kinds = [r["kind"] for r in tail(url, n=100)]
+    assert kinds == ["child.start_failed"]

@@ -271,13 +271,14 @@ class Journal:
         """Start the writer process, wait until it has opened the store, attach the handler.
         Raises :class:`JournalError` if the journal cannot be opened.
 
-        With ``open_in_background=True`` the handler is attached at once (events wait in
-        the buffer) and the open is awaited in :meth:`tree_started` instead, so a tree
-        starts without waiting for the writer process."""
-        await self._begin()
+        With ``open_in_background=True`` only the handler is attached here (events wait
+        in the buffer); the writer process is started and the open awaited in
+        :meth:`tree_started`, so a tree starts without waiting for (or sharing the CPU
+        with) the writer's start."""
         if self.open_in_background:
             self._hid = _telemetry.attach(self._on_event)
         else:
+            await self._begin()
             await self._opened()
 
     async def _begin(self) -> None:
@@ -303,12 +304,24 @@ class Journal:
             self._hid = _telemetry.attach(self._on_event)
 
     async def tree_started(self, root: Pid, request_stop: Callable[[], None]) -> None:
-        """With ``open_in_background``: wait until the store is open (raises
-        :class:`JournalError` if it cannot be); otherwise nothing to do."""
+        """With ``open_in_background``: start the writer and wait until the store is
+        open (raises :class:`JournalError` if it cannot be); otherwise nothing to do."""
+        if self.open_in_background and self._thread is None:
+            await self._begin()
         await self._opened()
 
     async def stop(self) -> None:
         """Detach, commit everything handed over, write the closing checkpoint, close."""
+        if self._thread is None and self._hid is not None and not self._closed:
+            # open_in_background and the tree never got going (e.g. its start failed):
+            # what it emitted is still journaled
+            await self._begin()
+            try:
+                await self._opened()
+            except JournalError:
+                _log.exception("journal %s could not be opened", self.target.shown)
+                self._closed = True
+                return
         if self._thread is None or self._closed:
             return
         self._detach()
