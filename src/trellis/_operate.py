@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._core import _telemetry
 from ._core._exceptions import TrellisError
 from ._run import Extension
 from ._tree import Tracker
@@ -53,19 +54,16 @@ class Operations:
             )
             exts.append(journal)
         if self.socket is not None or self.tcp is not None:
-            from .control import ControlServer
-
             tcp = f"{self.tcp[0]}:{self.tcp[1]}" if self.tcp is not None else None
-            exts.append(
-                ControlServer(
-                    socket=self.socket,
-                    tcp=tcp,
-                    tokens=self.tokens or None,
-                    metrics=metrics,
-                    tracker=self.tracker,
-                    node=self.node,
-                )
-            )
+            kwargs = {
+                "socket": self.socket,
+                "tcp": tcp,
+                "tokens": self.tokens or None,
+                "metrics": metrics,
+                "tracker": self.tracker,
+                "node": self.node,
+            }
+            exts.append(_ControlOnceStarted(kwargs))
         return exts
 
 
@@ -83,6 +81,42 @@ class _TrackerExtension:
 
     async def stop(self) -> None:
         self.tracker.detach()
+
+
+class _ControlOnceStarted:
+    """The control API, imported and bound once the tree runs: the tree does not wait
+    for starlette's import (a socket in use still ends the run with a clear error)."""
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self.kwargs = kwargs
+        self.server: Any = None
+        self.early: list[dict[str, Any]] = []  # events of the start, for history replay
+        self.hid: object | None = None
+
+    async def start(self) -> None:
+        self.hid = _telemetry.attach(self.early.append)
+
+    async def tree_started(self, root: Any, request_stop: Any) -> None:
+        from .control import ControlServer
+
+        self._detach()
+        server = ControlServer(**self.kwargs)
+        for event in self.early[-(server._history.maxlen or 1) :]:
+            server._remember(event)
+        self.early.clear()
+        await server.start()
+        self.server = server
+        await server.tree_started(root, request_stop)
+
+    def _detach(self) -> None:
+        if self.hid is not None:
+            _telemetry.detach(self.hid)
+            self.hid = None
+
+    async def stop(self) -> None:
+        self._detach()
+        if self.server is not None:
+            await self.server.stop()
 
 
 def parse_tokens(value: str, source: str) -> dict[str, str]:
