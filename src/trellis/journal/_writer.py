@@ -839,7 +839,12 @@ class Journal:
     def _writer_lost(self) -> None:
         """The writer process died: start another and give it the batch in hand."""
         proc = self._proc
-        code = proc.poll() if proc is not None else None
+        code = None
+        if proc is not None:
+            try:  # its output ended: it has exited or is about to; reap it for the code
+                code = proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                code = None
         self._end_writer()
         frame = self._frame
         events = len(frame.items) if frame else 0
