@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 from .._childspec import Backoff, ChildSpec
 from .._core import _telemetry
-from .._core._clock import current_clock
+from .._core._clock import current_clock, sleep_on
 from .._core._exceptions import InvalidChildSpec, StartError
 from .._core._process import (
     ExitWith,
@@ -540,7 +540,7 @@ class _Runner:
     async def _health_loop(self, health: Health) -> None:
         failures = 0
         while self.status is None:
-            await _clock_sleep(self.clock, health.interval)
+            await sleep_on(self.clock, health.interval)
             try:
                 ok = await self._check(health)
             except Exception:
@@ -734,15 +734,6 @@ def _signame(sig: int) -> str:
 def _set_done(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-async def _clock_sleep(clock: Any, seconds: float) -> None:
-    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    handle = clock.call_later(seconds, _set_done, fut)
-    try:
-        await fut
-    finally:
-        handle.cancel()
 
 
 def _reap_blocking(os_pid: int, limit: float = 2.0) -> int | None:

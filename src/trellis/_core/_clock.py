@@ -147,10 +147,17 @@ def use_clock(clock: Clock) -> Iterator[Clock]:
 
 async def sleep(seconds: float) -> None:
     """Sleep ``seconds`` on the Trellis clock (virtual under :func:`use_clock`)."""
-    clock = current_clock()
+    await sleep_on(current_clock(), seconds)
+
+
+async def sleep_on(clock: Clock, seconds: float) -> None:
+    """Sleep ``seconds`` on ``clock``; a cancelled sleep cancels its timer."""
     if isinstance(clock, LoopClock):
         await asyncio.sleep(seconds)
         return
     fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    clock.call_later(seconds, _resolve, fut)
-    await fut
+    handle = clock.call_later(seconds, _resolve, fut)
+    try:
+        await fut
+    finally:
+        handle.cancel()

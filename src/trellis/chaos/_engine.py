@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._core import _telemetry
-from .._core._clock import Clock, TimerHandle, current_clock
+from .._core._clock import Clock, TimerHandle, current_clock, sleep_on
 from .._core._process import Pid
 from .._tree import Node, classify, event_path, reason_text, walk
 from ._inject import Healer, Target, Unsupported, inject, kind_of
@@ -265,12 +265,7 @@ class Chaos:
         if delay <= 0:
             await asyncio.sleep(0)
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        handle = clock.call_later(delay, _resolve, fut)
-        try:
-            await fut
-        finally:
-            handle.cancel()
+        await sleep_on(clock, delay)
 
     async def _walk(self) -> Node | None:
         root = self.root

@@ -22,7 +22,7 @@ from itertools import chain
 from typing import Any, SupportsIndex
 
 from .._children import CommandPid
-from .._core._clock import Clock, TimerHandle
+from .._core._clock import Clock, TimerHandle, sleep_on
 from .._core._process import Pid, _kill, exit
 from .._core._reasons import KILL, NORMAL
 from .._server import _StopRequest
@@ -167,25 +167,11 @@ async def _duty_cycle(os_pid: int, delay: float, clock: Clock) -> None:
     try:
         while True:
             _signal_group(os_pid, signal.SIGSTOP)
-            await _sleep(clock, delay)
+            await sleep_on(clock, delay)
             _signal_group(os_pid, signal.SIGCONT)
-            await _sleep(clock, delay)
+            await sleep_on(clock, delay)
     except ProcessLookupError:
         return
-
-
-async def _sleep(clock: Clock, seconds: float) -> None:
-    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    handle = clock.call_later(seconds, _resolve, fut)
-    try:
-        await fut
-    finally:
-        handle.cancel()
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 # ---------------------------------------------------------------------------
