@@ -175,15 +175,13 @@ def run(
         raise click.UsageError("give --socket or --no-control, not both")
     if tcp is not None and no_control:
         raise click.UsageError("give --tcp or --no-control, not both")
-    settings = dict(tree.settings)
-    if no_control:  # no control API at all: not the file's tcp either
-        settings["control"] = {"enabled": False}
     try:
         ops = operations(
             tree.name,
-            settings,
+            dict(tree.settings),
             journal=False if no_journal else journal_url,
-            socket_path=False if no_control else socket_path,
+            control=False if no_control else None,
+            socket_path=socket_path,
             tcp=_parse_tcp(tcp) if tcp is not None else None,
             metrics=False if no_metrics else None,
             node=node,

@@ -149,6 +149,7 @@ def operations(
     settings: dict[str, Any],
     *,
     journal: str | bool | None = None,
+    control: bool | None = None,
     socket_path: str | bool | None = None,
     tcp: tuple[str, int] | None = None,
     metrics: bool | None = None,
@@ -156,7 +157,8 @@ def operations(
     environ: dict[str, str] | None = None,
 ) -> Operations:
     """Resolve the tree file's ``settings`` and command-line overrides (``None`` = not
-    given; ``False`` = off) into :class:`Operations`.
+    given; ``False`` = off) into :class:`Operations`. ``control=False`` turns the whole
+    control API off (the file's ``tcp`` too); ``socket_path=False`` only its socket.
 
     Example::
 
@@ -194,13 +196,13 @@ def operations(
             except OSError as e:
                 raise OperationsError(f"journal: cannot create {db.parent}: {e}") from None
 
-    cset = dict(settings.get("control", {}))
-    c_enabled = cset.get("enabled", True)
-    if socket_path is False or (socket_path is None and not c_enabled):
+    cset = settings.get("control", {})
+    enabled = control is not False and (control is True or cset.get("enabled", True))
+    if control is False or socket_path is False:
         ops.socket = None
     elif isinstance(socket_path, str):
         ops.socket = socket_path
-    else:
+    elif enabled:
         sock = cset.get("socket", True)
         if sock is True:
             from .control import default_socket_path
@@ -208,8 +210,9 @@ def operations(
             ops.socket = str(default_socket_path(name))
         elif isinstance(sock, str):
             ops.socket = sock
-    ops.tcp = tcp if tcp is not None else cset.get("tcp")
-    if ops.tcp is not None and (c_enabled or tcp is not None):
+    if control is not False:  # a --tcp given explicitly serves even if the file says off
+        ops.tcp = tcp if tcp is not None else cset.get("tcp") if enabled else None
+    if ops.tcp is not None:
         token_env = cset.get("token_env", DEFAULT_TOKEN_ENV)
         value = env.get(token_env)
         if not value:
@@ -218,8 +221,6 @@ def operations(
                 f"set {token_env} (a token of 16+ characters, or name:token,...)"
             )
         ops.tokens = parse_tokens(value, token_env)
-    elif not c_enabled:
-        ops.tcp = None
 
     mset = settings.get("metrics", {})
     ops.metrics = metrics if metrics is not None else bool(mset.get("enabled", True))

@@ -361,15 +361,12 @@ def _operations(
         raise click.UsageError("give --journal or --no-journal, not both")
     if no_journal and no_control:
         return []
-    settings = dict(tree.settings)
-    if no_control:  # no control API at all: not the tree file's tcp either
-        settings["control"] = {"enabled": False}
     try:
         ops = operations(
             tree.name,
-            settings,
+            dict(tree.settings),
             journal=False if no_journal else journal_url,
-            socket_path=False if no_control else None,
+            control=False if no_control else None,
             metrics=False,
         )
         return list(ops.extensions())
