@@ -29,8 +29,6 @@ import asyncio
 import gc
 import json
 import os
-import platform
-import shlex
 import shutil
 import sqlite3
 import statistics
@@ -43,6 +41,9 @@ from typing import Any
 
 import trellis
 from trellis.journal import Journal, verify
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_core
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -165,21 +166,8 @@ def fsync_probe(directory: Path, n: int = 200) -> float:
 
 
 def environment(argv: list[str]) -> dict[str, Any]:
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return {
-        "command": shlex.join(argv),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "python": sys.version.split()[0],
-        "sqlite": sqlite3.sqlite_version,
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-    }
+    """bench_core's record of the machine, plus the SQLite version."""
+    return {**bench_core.environment(argv), "sqlite": sqlite3.sqlite_version}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
