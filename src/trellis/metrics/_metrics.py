@@ -584,7 +584,9 @@ class Metrics:
             "trellis_child_exits", "Child exits by exit class.", labels=[*L, "reason"]
         )
         failures = CounterMetricFamily(
-            "trellis_child_start_failures", "Restarts whose start function failed.", labels=L
+            "trellis_child_start_failures",
+            "Starts (first or restart) whose start function failed.",
+            labels=L,
         )
         start_time = GaugeMetricFamily(
             "trellis_child_start_time_seconds",
