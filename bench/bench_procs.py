@@ -775,7 +775,7 @@ class Trellis(Peer):
 
 class TrellisToml(Trellis):
     key, label = "trellis-toml", "Trellis (`trellis run tree.toml`)"
-    warm_modules = "asyncio, trellis, trellis.config, trellis.__main__"
+    warm_modules = "asyncio, trellis, trellis.config, trellis.cli"
 
     def missing(self) -> str | None:
         if err := super().missing():
@@ -785,7 +785,7 @@ class TrellisToml(Trellis):
                 sys.executable,
                 "-c",
                 "import sys; sys.path.insert(0, sys.argv[1]); import trellis.config, "
-                "trellis.__main__; trellis.config.load",
+                "trellis.cli; trellis.config.load",
                 str(SRC),
             ]
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from trellis.__main__ import cli, main
+from trellis.cli import cli, main
 
 ROOT = Path(__file__).resolve().parents[1]
 TREES = ROOT / "examples" / "trees"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from trellis.__main__ import cli
+from trellis.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k != "TRELLIS_CONTROL_TOKEN"}

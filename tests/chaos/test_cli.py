@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from trellis.chaos._cli import chaos
+from trellis.cli.chaos import chaos
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -171,7 +171,7 @@ def test_a_short_run_prints_actions_and_the_report(tree: Path, tmp_path: Path) -
         "hang:root/feed:at=0.2,duration=0.4",
         "raise:root/feed:at=0.8",
     ]
-    argv = [sys.executable, "-c", "from trellis.chaos._cli import chaos; chaos()", str(tree)]
+    argv = [sys.executable, "-c", "from trellis.cli.chaos import chaos; chaos()", str(tree)]
     for f in faults:
         argv += ["--fault", f]
     argv += ["--seed", "3", "--duration", "1.2", "--settle", "3", "--no-journal", "--no-control"]

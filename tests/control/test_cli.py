@@ -18,8 +18,8 @@ from click.testing import CliRunner, Result
 
 import trellis
 from control._ctlenv import TOKEN, Env, start_env, stop_env
+from trellis.cli.control import COMMANDS, events, restart, start, status, stop
 from trellis.control import ControlServer, default_socket_path
-from trellis.control._cli import COMMANDS, events, restart, start, status, stop
 from trellis.testing import capture_telemetry, wait_restarted
 
 NO_ENV: dict[str, str | None] = {

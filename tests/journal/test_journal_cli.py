@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 import trellis
+from trellis.cli.journal import journal_group
 from trellis.journal import Journal
-from trellis.journal._cli import journal_group
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "0123456789abcdef0123456789abcdef"
@@ -150,7 +150,7 @@ def test_tail_follow_prints_new_records_until_interrupted(tmp_path: Path) -> Non
     with Journal(url) as journal:
         trellis.telemetry.emit("first.event", time=0.0)
         journal.flush()
-        code = "import sys; from trellis.journal._cli import journal_group; journal_group()"
+        code = "import sys; from trellis.cli.journal import journal_group; journal_group()"
         proc = subprocess.Popen(
             [sys.executable, "-c", code, "tail", "-f", "--json", url],
             stdout=subprocess.PIPE,

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .config import ConfigError, TreeSpec, load
+from ..config import ConfigError, TreeSpec, load
 
 __all__ = ["load_tree"]
 

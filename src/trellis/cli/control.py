@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.text import Text
 from rich.tree import Tree
 
-from ._client import ControlClient, ControlClientError
+from ..control._client import ControlClient, ControlClientError
 
 __all__ = ["COMMANDS", "events", "restart", "start", "status", "stop"]
 

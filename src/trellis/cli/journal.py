@@ -20,10 +20,10 @@ import click
 from rich.console import Console
 from rich.text import Text
 
-from ._errors import JournalError
-from ._format import KEY_ENV
-from ._paths import journal_dir
-from ._read import VerifyResult, export, tail, verify
+from ..journal._errors import JournalError
+from ..journal._format import KEY_ENV
+from ..journal._paths import journal_dir
+from ..journal._read import VerifyResult, export, tail, verify
 
 __all__ = ["journal_group"]
 

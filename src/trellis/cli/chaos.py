@@ -19,17 +19,17 @@ from typing import Any, NoReturn
 
 import click
 
-from .._cli_load import load_tree
 from .._core._exceptions import StartError
 from .._operate import OperationsError, operations
 from .._run import Extension, run_async
+from ..chaos._engine import Chaos
+from ..chaos._plan import ChaosSpecError, Plan, parse_fault
+from ..chaos._proxy import ChaosProxy
+from ..chaos._report import Report
 from ..config import TreeSpec
 from ..control._errors import ControlError
 from ..journal._errors import JournalError
-from ._engine import Chaos
-from ._plan import ChaosSpecError, Plan, parse_fault
-from ._proxy import ChaosProxy
-from ._report import Report
+from ._load import load_tree
 
 __all__ = ["chaos", "outline_nodes"]
 

@@ -1,0 +1,78 @@
+"""The ``trellis`` command line: one module per command group (``tree``: check/run/demo;
+``control``: status/events/restart/stop/start; ``journal``; ``chaos``).
+
+Example::
+
+    $ trellis check tree.toml
+    $ trellis run tree.toml --log-format json
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from .. import __version__
+from ._logging import configure_logging
+from .tree import check, demo, run
+
+__all__ = ["cli", "configure_logging", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``trellis`` command line with ``argv`` (default ``sys.argv[1:]``); returns the
+    exit code.
+
+    Example::
+
+        code = main(["check", "tree.toml"])
+    """
+    try:
+        result = cli.main(args=argv, prog_name="trellis", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+class _LazyGroup(click.Group):
+    """Commands from other packages are imported only when named (or listed in --help),
+    so `trellis run` does not pay for the client, journal and chaos commands."""
+
+    LAZY = {
+        "chaos": "trellis.cli.chaos:chaos",
+        "events": "trellis.cli.control:events",
+        "journal": "trellis.cli.journal:journal_group",
+        "restart": "trellis.cli.control:restart",
+        "start": "trellis.cli.control:start",
+        "status": "trellis.cli.control:status",
+        "stop": "trellis.cli.control:stop",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is not None or cmd_name not in self.LAZY:
+            return found
+        module, _, attr = self.LAZY[cmd_name].partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        self.add_command(command, cmd_name)
+        return command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="trellis", message="%(prog)s %(version)s")
+def cli() -> None:
+    """Erlang/OTP supervision trees for Python services."""
+
+
+cli.add_command(check)
+cli.add_command(demo)
+cli.add_command(run)
