@@ -38,6 +38,7 @@ from .._core._exceptions import (
 
 __all__ = [
     "CHILD_KINDS",
+    "SLI_KINDS",
     "BackoffModel",
     "CommandChild",
     "ControlModel",
@@ -50,9 +51,11 @@ __all__ = [
     "ReadyModel",
     "RootSupervisor",
     "ServerChild",
+    "SloModel",
     "SupervisorChild",
     "WorkerChild",
     "fail",
+    "parse_duration",
     "parse_size",
     "suggest",
 ]
@@ -339,7 +342,67 @@ class LogsModel(_Model):
     telemetry: bool | None = None
 
 
-class _Child(_Model):
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number of seconds or a string such as ``"30d"``, ``"4w"``,
+    ``"6h"``, ``"90m"`` or ``"45s"``.
+
+    Example::
+
+        assert parse_duration("30d") == 30 * 86400 and parse_duration(60) == 60.0
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m and float(m.group(1)) > 0:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    fail(f"invalid duration {value!r}: use seconds > 0 or a string such as '30d', '6h', '90m'")
+
+
+def _check_objective(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1:
+        return float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool) and 1 < value < 100:
+        pct = round(value / 100, 10)
+        fail(f"objective {value!r} is a fraction in (0, 1): write {pct!r} for {value}%")
+    fail(f"objective is a fraction in (0, 1) such as 0.999, got {value!r}")
+
+
+SLI_KINDS = ("up", "calls")
+
+
+def _check_sli(value: object) -> str:
+    if isinstance(value, str) and value in SLI_KINDS:
+        return value
+    hint = suggest(value, SLI_KINDS) if isinstance(value, str) else ""
+    fail(f"unknown sli {value!r}: use 'up' (the fraction of time up) or 'calls'{hint}")
+
+
+class SloModel(_Model):
+    """``slo = { objective = 0.999, window = "30d", sli = "up" }`` on a child or supervisor."""
+
+    what = "slo"
+    objective: Annotated[float, PlainValidator(_check_objective)]
+    window: Annotated[float, PlainValidator(parse_duration)] | None = None
+    sli: Annotated[str, PlainValidator(_check_sli)] | None = None
+
+
+class _Sre(_Model):
+    """The SRE keys every child and supervisor takes (read by ``trellis slo``)."""
+
+    slo: SloModel | None = None
+    runbook: Url | None = None
+    owner: NonEmpty | None = None
+
+
+_SRE_KEYS = ("slo", "runbook", "owner")
+
+
+class _Child(_Sre):
     id: NonEmpty | None = None
     restart: Restart | None = None
     shutdown: Shutdown | None = None
@@ -390,14 +453,16 @@ class _Flags(_Model):
 
     def flags(self) -> dict[str, Any]:
         """The supervisor flags the file set."""
-        return self.given("name", "children", "id", "restart", "shutdown", "significant", "backoff")
+        return self.given(
+            "name", "children", "id", "restart", "shutdown", "significant", "backoff", *_SRE_KEYS
+        )
 
 
 class SupervisorChild(_Child, _Flags):
     what = "a supervisor child"
 
 
-class RootSupervisor(_Flags):
+class RootSupervisor(_Flags, _Sre):
     what = "the root supervisor"
 
 

@@ -41,6 +41,7 @@ from ._models import (
     WorkerChild,
     _Child,
     _Model,
+    _Sre,
     suggest,
 )
 
@@ -96,6 +97,8 @@ class _Walker:
         self.base_dir = base_dir
         self.issue = issue
         self.failed = False
+        self.ids: dict[KeyPath, str | None] = {}  # key path of a child -> its id
+        self.sre: dict[KeyPath, dict[str, Any]] = {}  # key path -> slo/runbook/owner
 
     def error(self, path: KeyPath, message: str) -> None:
         self.failed = True
@@ -163,6 +166,8 @@ class _Walker:
             return None
         path: KeyPath = ("supervisor",)
         root = self.validate(RootSupervisor, doc.supervisor, path)
+        if root is not None:
+            self.note_sre(root, path)
         raw_children = doc.supervisor.get("children")
         auto = (root.auto_shutdown or "never") if root is not None else None
         built = self.children(raw_children, (*path, "children"), auto)
@@ -171,13 +176,42 @@ class _Walker:
         self.check_flags(root, path, len(built))
         if self.failed:
             return None
+        settings = self.settings(doc)
+        if self.sre:
+            settings["slo"] = self.sre_settings(root.name or "root")
         return Tree(
             name=root.name or "root",
             flags=root.flags(),
             children=tuple(b.spec for b in built if b.spec is not None),
             outline=tuple(b.node for b in built if b.node is not None),
-            settings=self.settings(doc),
+            settings=settings,
         )
+
+    def note_sre(self, model: _Sre, path: KeyPath) -> None:
+        """Remember a child's or supervisor's ``slo``, ``runbook`` and ``owner``."""
+        given = model.given("id")
+        entry: dict[str, Any] = {k: given[k] for k in ("runbook", "owner") if k in given}
+        if model.slo is not None:
+            slo = model.slo.given()
+            if slo.get("sli") == "calls" and not isinstance(model, ServerChild):
+                self.error(
+                    (*path, "slo", "sli"),
+                    "sli = 'calls' needs a server child (calls are what a server answers); "
+                    "use sli = 'up'",
+                )
+            entry["slo"] = slo
+        if entry:
+            self.sre[path] = entry
+
+    def sre_settings(self, root: str) -> dict[str, dict[str, Any]]:
+        """``{tree path: {"slo": {...}, "runbook": ..., "owner": ...}}``."""
+        out: dict[str, dict[str, Any]] = {}
+        for path, entry in self.sre.items():
+            parts = [root]
+            for n in range(3, len(path) + 1, 2):
+                parts.append(str(self.ids.get(path[:n])))
+            out["/".join(parts)] = entry
+        return out
 
     def settings(self, doc: Document) -> dict[str, Any]:
         """How to operate the tree: ``node``, ``journal``, ``control``, ``metrics`` and
@@ -215,6 +249,8 @@ class _Walker:
         if not isinstance(raw, list):
             return []  # absent, or already reported by the parent's model
         built = [self.child(item, (*path, i), auto_shutdown) for i, item in enumerate(raw)]
+        for i, b in enumerate(built):
+            self.ids[(*path, i)] = b.id
         seen: dict[str, KeyPath] = {}
         for i, b in enumerate(built):
             if b.id is None:
@@ -255,6 +291,8 @@ class _Walker:
             return _Built(None, None, None)
         kind = kinds[0]
         model = self.validate(CHILD_KINDS[kind], data, path)
+        if model is not None:
+            self.note_sre(model, path)
         if kind == "supervisor":
             auto = (model.auto_shutdown or "never") if isinstance(model, SupervisorChild) else None
             built = self.children(data.get("children"), (*path, "children"), auto)
