@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -117,26 +118,41 @@ class Backoff:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not _is_number(self.min) or self.min < 0:
-            raise InvalidChildSpec(self.min, "Backoff.min must be >= 0", field="backoff.min")
-        if not _is_number(self.max) or self.max < self.min:
-            raise InvalidChildSpec(self.max, "Backoff.max must be >= min", field="backoff.max")
-        if not _is_number(self.factor) or self.factor < 1:
+        if not _is_finite(self.min) or self.min < 0:
             raise InvalidChildSpec(
-                self.factor, "Backoff.factor must be >= 1", field="backoff.factor"
+                self.min, "Backoff.min must be a finite number >= 0", field="backoff.min"
             )
-        if not _is_number(self.jitter) or not 0 <= self.jitter <= 1:
+        if not _is_finite(self.max) or self.max < self.min:
+            raise InvalidChildSpec(
+                self.max, "Backoff.max must be a finite number >= min", field="backoff.max"
+            )
+        if not _is_finite(self.factor) or self.factor < 1:
+            raise InvalidChildSpec(
+                self.factor, "Backoff.factor must be a finite number >= 1", field="backoff.factor"
+            )
+        if not _is_finite(self.jitter) or not 0 <= self.jitter <= 1:
             raise InvalidChildSpec(
                 self.jitter, "Backoff.jitter must be in [0, 1]", field="backoff.jitter"
             )
         if self.reset_after is not None and (
-            not _is_number(self.reset_after) or self.reset_after <= 0
+            not _is_finite(self.reset_after) or self.reset_after <= 0
         ):
-            raise InvalidChildSpec(self.reset_after, "must be > 0", field="backoff.reset_after")
+            raise InvalidChildSpec(
+                self.reset_after, "must be a finite number > 0", field="backoff.reset_after"
+            )
 
     def delay(self, n: int, rng: random.Random | None = None) -> float:
-        """The wait before restart number ``n`` (1-based)."""
-        base: float = min(self.max, self.min * self.factor ** (n - 1))
+        """The wait before restart number ``n`` (1-based); from the restart where the
+        delay reaches ``max`` on, every restart waits ``max`` (however large ``n`` grows)."""
+        k = n - 1
+        base: float = self.min
+        if k > 0 and self.factor > 1 and self.min < self.max:
+            if self.min <= 0:
+                base = 0.0
+            elif k >= math.log(self.max / self.min) / math.log(self.factor):
+                base = self.max  # the exponent is capped: factor**k would overflow a float
+            else:
+                base = min(self.max, self.min * self.factor**k)
         if self.jitter:
             r = rng if rng is not None else random
             base *= 1.0 + self.jitter * (2.0 * r.random() - 1.0)
@@ -145,6 +161,11 @@ class Backoff:
 
 def _is_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _is_finite(x: object) -> bool:
+    """A number that is neither infinite nor NaN."""
+    return _is_number(x) and math.isfinite(x)  # type: ignore[arg-type]
 
 
 _NO_DEFAULT: Any = object()
