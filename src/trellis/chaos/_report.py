@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._plan import Plan
 
 if TYPE_CHECKING:
-    from rich.console import Console, Group
+    from rich.console import Console, ConsoleOptions, Group, RenderResult
     from rich.table import Table
 
 __all__ = ["FaultResult", "Report", "percentile"]
@@ -136,17 +136,33 @@ class Report:
         return json.dumps(self.to_dict(), indent=indent, default=str)
 
     # -- rendering --------------------------------------------------------------
-    def table(self) -> Table:
-        """The faults as a rich table."""
+    def table(self, width: int | None = None) -> Table:
+        """The faults as a rich table. Below 120 columns (``width``) the times and the
+        counts share a column each, so ``target`` and ``result`` keep room to wrap."""
         from rich import box
         from rich.table import Table
 
         t = Table(title=f"chaos report: seed {self.seed}", title_justify="left", box=box.SIMPLE)
         t.add_column("id", no_wrap=True)
         t.add_column("fault", no_wrap=True)
-        t.add_column("target", overflow="fold", min_width=12)
+        t.add_column("target", overflow="fold", min_width=12, ratio=3)
+        if width is not None and width < _WIDE:
+            t.add_column("result", overflow="fold", min_width=8, ratio=2)
+            t.add_column("times", no_wrap=True)
+            t.add_column("outcome", no_wrap=True)
+            for f in self.faults:
+                times = (
+                    f"at {_secs(f.at)}\ndet {_secs(f.detect)}\n"
+                    f"rec {_secs(f.recover)}\nheal {_secs(f.healed)}"
+                )
+                counts = f"{f.restarts} rest.\n{f.escalations} esc.\nexit {f.exit_class or '-'}"
+                t.add_row(
+                    f.id, f.fault, f.target, f.result, times, counts,
+                    style=None if f.injected else "dim",
+                )  # fmt: skip
+            return t
         t.add_column("at", justify="right", no_wrap=True)
-        t.add_column("result", overflow="fold", min_width=6)
+        t.add_column("result", overflow="fold", min_width=6, ratio=2)
         for name in ("detect", "recover", "healed", "rest.", "esc."):
             t.add_column(name, justify="right", no_wrap=True)
         t.add_column("exit", no_wrap=True)
@@ -186,7 +202,7 @@ class Report:
         if self.integrity is not None:
             lines.append("integrity: " + ", ".join(f"{k}={v}" for k, v in self.integrity.items()))
         lines.extend(self.notes)
-        return Group(self.table(), *(Text(line) for line in lines))
+        return Group(_FaultTable(self), *(Text(line) for line in lines))
 
     def render(self, console: Console | None = None) -> None:
         """Print the report (to ``console``, default stdout)."""
@@ -202,6 +218,19 @@ class Report:
         out = console.file
         assert isinstance(out, io.StringIO)
         return out.getvalue()
+
+
+_WIDE = 120  # columns from which every figure gets a column of its own
+
+
+class _FaultTable:
+    """The fault table laid out for the width it is printed at."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.report.table(options.max_width)
 
 
 def _secs(x: float | None) -> str:
