@@ -261,6 +261,15 @@ def render_report(report: dict[str, Any], creport: chaos.Report, console: Consol
         f"gaps opened {g['opened']}, closed {g['closed']} ({causes}); "
         f"{g['backfilled_ticks']} ticks backfilled"
     )
+    console.print(
+        Text(
+            "  (by cause: 'outage' = ticks missed while a collector was down; 'start' = "
+            "ticks the exchange sent before a collector's first subscription; 'reconnect' "
+            "= a collector resubscribed with no outage seen, e.g. after the exchange "
+            "restarted)",
+            style="dim",
+        )
+    )
     r = report["recover"]
     console.print(
         f"time to recover: p50 {_secs(r['p50'])}, p95 {_secs(r['p95'])} "

@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -97,6 +98,7 @@ class JobOptions:
     rate: float = 200.0
     redis: str | None = None
     workdir: str | None = None
+    keep: bool = False
     settle: float = 60.0
     max_concurrent: int = 3
     silence: float = 2.0
@@ -478,31 +480,55 @@ def _parser() -> argparse.ArgumentParser:
         "no 429 came back, every gap closed and the journal verifies.",
     )
     d = JobOptions()
-    ap.add_argument("--seconds", type=float, default=d.seconds, help="chaos duration (60)")
-    ap.add_argument("--seed", type=int, default=None, help="fixes the run (default: random)")
-    ap.add_argument("--symbols", type=int, default=d.symbols)
-    ap.add_argument("--groups", type=int, default=d.groups, help="collectors")
-    ap.add_argument("--rate", type=float, default=d.rate, help="ticks/s over all symbols")
-    ap.add_argument(
-        "--redis",
-        metavar="URL",
-        help="Redis store buffer and gatekeeper behind a ChaosProxy, with a Redis outage",
-    )
-    ap.add_argument("--json", dest="json_path", metavar="FILE", help="write the report as JSON")
-    ap.add_argument("--workdir", help="where the database, journal and logs go (default: new)")
-    ap.add_argument("--settle", type=float, default=d.settle, help="backfill wait after chaos")
-    ap.add_argument("--max-concurrent", type=int, default=d.max_concurrent)
-    ap.add_argument("--silence", type=float, default=d.silence, help="sentinel's hang limit")
-    ap.add_argument("--heartbeat", type=float, default=d.heartbeat)
-    ap.add_argument("--exchange-watchdog", type=float, default=d.exchange_watchdog)
+    # fmt: off
+    ap.add_argument("--seconds", type=float, default=d.seconds,
+                    help="how long the chaos schedule runs, in seconds (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="fixes the whole run: exchange data and fault plan (default: random; "
+                    "the seed is printed so a run can be repeated exactly)")
+    ap.add_argument("--symbols", type=int, default=d.symbols,
+                    help="how many symbols the simulated exchange streams (default: %(default)s)")
+    ap.add_argument("--groups", type=int, default=d.groups,
+                    help="how many collectors share the symbols (default: %(default)s)")
+    ap.add_argument("--rate", type=float, default=d.rate,
+                    help="ticks per second over all symbols (default: %(default)s)")
+    ap.add_argument("--redis", metavar="URL",
+                    help="also use Redis (redis://HOST:PORT/DB) as the store's buffer and the "
+                    "gatekeeper's shared bucket, behind a ChaosProxy, and add a Redis outage")
+    ap.add_argument("--json", dest="json_path", metavar="FILE",
+                    help="also write the report as JSON to FILE")
+    ap.add_argument("--workdir", metavar="DIR",
+                    help="where the tick database, journal and logs go; kept after the run "
+                    "(default: a new temporary directory, removed at exit unless --keep)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the temporary work directory (to run `trellis journal verify` "
+                    "or look at the logs afterwards)")
+    ap.add_argument("--settle", type=float, default=d.settle,
+                    help="after the chaos, how long to wait for the backfill to close every "
+                    "gap, in seconds (default: %(default)s)")
+    ap.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
+                    help="at most this many faults active at once (default: %(default)s)")
+    ap.add_argument("--silence", type=float, default=d.silence,
+                    help="the sentinel kills a collector silent this long, in seconds, as "
+                    "hung (default: %(default)s)")
+    ap.add_argument("--heartbeat", type=float, default=d.heartbeat,
+                    help="seconds between the exchange feed's heartbeats (default: %(default)s)")
+    ap.add_argument("--exchange-watchdog", type=float, default=d.exchange_watchdog,
+                    help="the exchange process's sd_notify watchdog, in seconds: Trellis kills "
+                    "it as hung when its heartbeats stop this long (default: %(default)s)")
     ap.add_argument("--status-every", type=float, default=d.status_every,
-                    help="seconds between status lines when stdout is not a terminal")  # fmt: skip
+                    help="seconds between status lines when stdout is not a terminal "
+                    "(default: %(default)s)")
     live = ap.add_mutually_exclusive_group()
-    live.add_argument("--live", dest="live", action="store_true", default=None)
-    live.add_argument("--no-live", dest="live", action="store_false")
+    live.add_argument("--live", dest="live", action="store_true", default=None,
+                      help="a live status panel (default when stdout is a terminal)")
+    live.add_argument("--no-live", dest="live", action="store_false",
+                      help="plain status lines instead of the live panel")
     levels = ["debug", "info", "warning", "error", "critical"]
     ap.add_argument("--log-level", default="critical", choices=levels,
-                    help="the tree's logs on stderr (crashes are normal under chaos)")  # fmt: skip
+                    help="the tree's logs on stderr (crashes are normal under chaos; "
+                    "default: %(default)s)")
+    # fmt: on
     return ap
 
 
@@ -518,6 +544,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             rate=args.rate,
             redis=args.redis,
             workdir=args.workdir,
+            keep=args.keep,
             settle=args.settle,
             max_concurrent=args.max_concurrent,
             silence=args.silence,
@@ -532,13 +559,24 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
         return 2
     if console is None:
         console = Console() if sys.stdout.isatty() else Console(width=140)
-    with _quiet_logs(args.log_level):
-        try:
-            result = asyncio.run(run_job(opts, console, json_path=args.json_path))
-        except JobError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return e.code
-        except KeyboardInterrupt:  # the faults were healed and the tree stopped
-            print("interrupted: the tree was stopped, no report", file=sys.stderr)
-            return 130
+    temporary = None
+    if opts.workdir is None:  # ours: removed at exit unless --keep
+        temporary = tempfile.mkdtemp(prefix="market-data-chaos-")
+        opts = replace(opts, workdir=temporary)
+    try:
+        with _quiet_logs(args.log_level):
+            try:
+                result = asyncio.run(run_job(opts, console, json_path=args.json_path))
+            except JobError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return e.code
+            except KeyboardInterrupt:  # the faults were healed and the tree stopped
+                print("interrupted: the tree was stopped, no report", file=sys.stderr)
+                return 130
+    finally:
+        if temporary is not None:
+            if opts.keep:
+                print(f"work directory kept: {temporary}", file=sys.stderr)
+            else:
+                shutil.rmtree(temporary, ignore_errors=True)
     return result.exit_code

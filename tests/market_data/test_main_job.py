@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from examples.market_data._common import ROOT
-from examples.market_data.main_job import JobOptions, job_plan, run_job
+from examples.market_data.main_job import JobOptions, _parser, job_plan, run_job
 from examples.market_data.pipeline import Pipeline
 from rich.console import Console
 
@@ -167,19 +168,30 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1000:.0f} ms"
 
 
+def test_every_option_of_the_main_job_has_help() -> None:
+    """``scripts/main-job --help`` documents every option it takes."""
+    for action in _parser()._actions:
+        assert action.help, f"{action.option_strings} has no help text"
+
+
 def test_main_job_command(tmp_path: Path) -> None:
     """``python -m examples.market_data chaos`` prints the seed and the plan first, then
     status lines, then the report; it exits 0, and every figure it prints is the JSON
-    report's. Its faults hit the targets the seed picks."""
+    report's. Its faults hit the targets the seed picks. Its temporary work directory is
+    gone afterwards."""
     report_path = tmp_path / "report.json"
     argv = [sys.executable, "-m", "examples.market_data", "chaos", "--seconds", "8"]
-    argv += ["--seed", "22", "--workdir", str(tmp_path / "run"), "--json", str(report_path)]
+    argv += ["--seed", "22", "--json", str(report_path)]
     argv += ["--status-every", "2"]
     for key, value in SMALL.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=150)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=150, env=env)
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
+    assert not list(temp.glob("market-data-chaos-*")), "the temporary work directory was kept"
     report = json.loads(report_path.read_text("utf-8"))
     plan = job_plan(JobOptions(seconds=8, seed=22, **SMALL))
 
