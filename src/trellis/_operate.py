@@ -36,6 +36,8 @@ class Operations:
     tokens: dict[str, str] = field(default_factory=dict)
     metrics: bool = True
     tracker: Tracker = field(default_factory=Tracker)
+    reloader: Any = None
+    """The tree file's reloader (``trellis run`` sets it): SIGHUP and POST /v1/reload."""
 
     def extensions(self) -> list[Extension]:
         """The extensions, in start order: tracker, metrics, journal, control API."""
@@ -53,6 +55,8 @@ class Operations:
                 self.journal_url, node=self.node, open_in_background=True, **self.journal_options
             )
             exts.append(journal)
+        if self.reloader is not None:
+            exts.append(self.reloader)
         if self.socket is not None or self.tcp is not None:
             tcp = f"{self.tcp[0]}:{self.tcp[1]}" if self.tcp is not None else None
             kwargs = {
@@ -63,7 +67,7 @@ class Operations:
                 "tracker": self.tracker,
                 "node": self.node,
             }
-            exts.append(_ControlOnceStarted(kwargs))
+            exts.append(_ControlOnceStarted(kwargs, self.reloader))
         return exts
 
 
@@ -87,8 +91,9 @@ class _ControlOnceStarted:
     """The control API, imported and bound once the tree runs: the tree does not wait
     for starlette's import (a socket in use still ends the run with a clear error)."""
 
-    def __init__(self, kwargs: dict[str, Any]) -> None:
+    def __init__(self, kwargs: dict[str, Any], reloader: Any = None) -> None:
         self.kwargs = kwargs
+        self.reloader = reloader
         self.server: Any = None
         self.early: list[dict[str, Any]] = []  # events of the start, for history replay
         self.hid: object | None = None
@@ -101,6 +106,7 @@ class _ControlOnceStarted:
 
         self._detach()
         server = ControlServer(**self.kwargs)
+        server.reloader = self.reloader
         for event in self.early[-(server._history.maxlen or 1) :]:
             server._remember(event)
         self.early.clear()

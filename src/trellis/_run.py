@@ -30,7 +30,8 @@ class Extension(Protocol):
     (``request_stop()`` then shuts the tree down as SIGTERM would), ``stop`` after the
     tree has stopped (flush here). Extensions start in order and stop in reverse. An
     extension may also define ``async tree_stopping()``, awaited (in reverse order)
-    just before a signal or ``request_stop()`` stops a running tree."""
+    just before a signal or ``request_stop()`` stops a running tree, and ``async
+    sighup()``, called on SIGHUP (without one, SIGHUP is logged and ignored)."""
 
     async def start(self) -> None: ...
 
@@ -197,13 +198,40 @@ async def run_async(
             _watchdog.on_signal()
         loop.call_soon_threadsafe(_on_signal, signum)
 
+    started: list[Extension] = []
+    hup_tasks: set[asyncio.Future[Any]] = set()
+
+    def _on_hup() -> None:
+        # SIGHUP reloads (an extension with ``async sighup()``, as trellis run's
+        # reloader); it never stops the tree.
+        handlers = [h for h in (getattr(e, "sighup", None) for e in started) if h is not None]
+        if not handlers:
+            _log.warning("received SIGHUP: nothing to reload here; ignored")
+            _telemetry.emit(
+                "operator.action",
+                who="signal:SIGHUP",
+                action="reload",
+                target=None,
+                source="signal",
+                result="ignored: no tree file to reload",
+            )
+            return
+        _log.info("received SIGHUP: reloading")
+        for handler in handlers:
+            task = asyncio.ensure_future(handler())
+            hup_tasks.add(task)
+            task.add_done_callback(hup_tasks.discard)
+
+    def _raw_hup(signum: int, _frame: object) -> None:
+        loop.call_soon_threadsafe(_on_hup)
+
     installed: list[tuple[int, Any]] = []
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             installed.append((sig, signal.signal(sig, _raw_handler)))
+        installed.append((signal.SIGHUP, signal.signal(signal.SIGHUP, _raw_hup)))
     if _watchdog is not None:
         _watchdog.start(loop)
-    started: list[Extension] = []
 
     def _request_stop() -> None:
         if not stop_requested.done():

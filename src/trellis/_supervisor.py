@@ -787,6 +787,29 @@ class _SupervisorServer(Server):
             return child.spec
         return self._find_static(id).spec
 
+    # -- reload (trellis reload): change a running static supervisor in place ----------
+    async def _op_replace_childspec(self, arg: Any) -> None:
+        """A new spec for the static child of the same id, which keeps running: its
+        next (re)start uses the new spec."""
+        spec = ChildSpec.coerce(arg)
+        child = self._find_static(spec.id)
+        self._check_significant(spec)
+        child.spec, child.args = spec, spec.args
+
+    async def _op_set_flags(self, arg: Any) -> None:
+        """New ``(intensity, period)``; the restarts already counted still count."""
+        intensity, period = arg
+        self.intensity, self.period = check_intensity(intensity), check_period(period)
+
+    async def _op_reorder(self, ids: Any) -> None:
+        """Put the static children in the order of ``ids`` (start order: rest_for_one
+        groups and shutdown order follow it); children not named keep their order after."""
+        if self.mode != _STATIC:
+            raise SimpleOneForOne("not available on a dynamic supervisor")
+        rank = {_hashable(i): n for n, i in enumerate(ids)}
+        self.children.sort(key=lambda c: rank.get(_hashable(c.spec.id), len(rank)))
+        self._event("supervisor.reordered", children=[c.spec.id for c in self.children])
+
 
 def _info(c: _Child, id: Any) -> ChildInfo:
     return ChildInfo(id, c.pid, ChildType(c.spec.type), c.spec.modules)

@@ -310,7 +310,7 @@ async def test_finds_the_only_tree_socket_in_the_default_directory(
 
 
 def test_commands_are_exported_for_the_main_group() -> None:
-    assert [c.name for c in COMMANDS] == ["status", "events", "restart", "stop", "start"]
+    assert [c.name for c in COMMANDS] == ["status", "events", "restart", "stop", "start", "reload"]
     for cmd in COMMANDS:
         names = {p.name for p in cmd.params}
         assert {"socket_path", "url", "token", "as_json"} <= names

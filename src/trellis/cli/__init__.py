@@ -1,5 +1,5 @@
 """The ``trellis`` command line: one module per command group (``tree``: check/run/demo;
-``control``: status/events/restart/stop/start; ``journal``; ``chaos``).
+``control``: status/events/restart/stop/start/reload; ``journal``; ``chaos``).
 
 Example::
 
@@ -47,6 +47,7 @@ class _LazyGroup(click.Group):
         "chaos": "trellis.cli.chaos:chaos",
         "events": "trellis.cli.control:events",
         "journal": "trellis.cli.journal:journal_group",
+        "reload": "trellis.cli.control:reload",
         "restart": "trellis.cli.control:restart",
         "start": "trellis.cli.control:start",
         "status": "trellis.cli.control:status",

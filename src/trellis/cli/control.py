@@ -26,9 +26,9 @@ from rich.console import Console
 from rich.text import Text
 from rich.tree import Tree
 
-from ..control._client import ControlClient, ControlClientError
+from ..control._client import ControlClient, ControlClientError, Refused
 
-__all__ = ["COMMANDS", "events", "restart", "start", "status", "stop"]
+__all__ = ["COMMANDS", "events", "reload", "restart", "start", "status", "stop"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -294,5 +294,41 @@ def start(
     _act("start", path, reason, socket_path, url, token, as_json)
 
 
+@click.command()
+@_reason_option
+@_connection_options
+@_handle_errors
+def reload(
+    reason: str | None,
+    socket_path: str | None,
+    url: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Re-read the tree file the tree was started from and apply only what changed:
+    start added children, stop removed ones, restart changed ones; the rest keep
+    running untouched. An invalid file changes nothing (exit 2, errors printed)."""
+    with _client(socket_path, url, token) as c:
+        try:
+            data = c.post("/v1/reload", {"reason": reason} if reason else None)
+        except Refused as e:
+            if e.status != 422:
+                raise
+            if as_json:
+                click.echo(json.dumps({"error": str(e)}))
+            click.echo(str(e), err=True)
+            click.get_current_context().exit(2)
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    changes = data.get("changes") or []
+    click.echo(f"reloaded {data.get('file')}: {len(changes) or 'no'} change(s)")
+    for ch in changes:
+        keys = f" ({', '.join(ch['keys'])})" if ch.get("keys") else ""
+        click.echo(f"  {ch['change']} {ch['path']}{keys}")
+    for note in data.get("notes") or []:
+        click.echo(f"  note: {note}")
+
+
 #: The commands to register on the ``trellis`` group.
-COMMANDS = (status, events, restart, stop, start)
+COMMANDS = (status, events, restart, stop, start, reload)

@@ -14,7 +14,7 @@ from .._operate import OperationsError, operations
 from .._run import run as run_tree
 from ..control._errors import ControlError
 from ..journal._errors import JournalError
-from ._load import load_tree
+from ._load import load_tree, load_tree_file
 from ._logging import configure_logging, log_event
 
 __all__ = ["check", "demo", "run"]
@@ -102,9 +102,10 @@ def run(
 
     Every supervision event is journaled; `trellis status`, `events`, `restart` and
     `stop` talk to the control API on its Unix socket."""
-    tree = load_tree(tree_file)
-    if tree is None:
+    loaded = load_tree_file(tree_file)
+    if loaded is None:
         _exit(_EXIT_BAD_FILE)
+    tree, raw = loaded
     if journal_url is not None and no_journal:
         raise click.UsageError("give --journal or --no-journal, not both")
     if socket_path is not None and no_control:
@@ -125,6 +126,9 @@ def run(
     except OperationsError as e:
         click.echo(f"{tree_file}: {e}", err=True)
         _exit(_EXIT_BAD_FILE)
+    from .._reload import Reloader
+
+    ops.reloader = Reloader(tree_file, tree, raw)
     configure_logging(log_format, log_level)
     hid = telemetry.attach(log_event)
     _cli_log.info("tree.starting", extra={"trellis": {"file": tree_file, "root": tree.name}})

@@ -205,6 +205,28 @@ _SPEC: dict[str, Any] = {
                 },
             }
         },
+        "/v1/reload": {
+            "post": {
+                "operationId": "reloadTree",
+                "summary": "Re-read the tree file and apply only what changed (operator action)",
+                "requestBody": _ACTION_BODY,
+                "responses": {
+                    "200": _json("Reloaded", "Applied: the changes made (maybe none)."),
+                    "400": _json("Error", "The body is not JSON."),
+                    "404": _json("Error", "The tree was not started from a tree file."),
+                    "409": _json(
+                        "Error", "Some changes failed, or the tree is starting or stopping."
+                    ),
+                    "413": _json("Error", "The body is too large."),
+                    "422": _json(
+                        "Error",
+                        "The tree file is invalid (or changes the root's name, strategy or "
+                        "auto_shutdown): nothing changed; `error` lists every problem.",
+                    ),
+                    **_AUTH,
+                },
+            }
+        },
         "/metrics": {
             "get": {
                 "operationId": "getMetrics",
@@ -304,6 +326,38 @@ _SPEC: dict[str, Any] = {
                 "properties": {
                     "action": {"type": "string", "const": "stop_tree"},
                     "result": {"type": "string", "const": "stopping"},
+                },
+            },
+            "Reloaded": {
+                "type": "object",
+                "required": ["action", "file", "result", "changes", "errors", "notes"],
+                "properties": {
+                    "action": {"type": "string", "const": "reload"},
+                    "file": {"type": "string"},
+                    "result": {"type": "string", "enum": ["ok", "invalid", "refused", "failed"]},
+                    "changes": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["change", "path"],
+                            "properties": {
+                                "change": {
+                                    "type": "string",
+                                    "enum": [
+                                        "added",
+                                        "removed",
+                                        "restarted",
+                                        "updated",
+                                        "reordered",
+                                    ],
+                                },
+                                "path": {"type": "string"},
+                                "keys": {"type": "array", "items": {"type": "string"}},
+                            },
+                        },
+                    },
+                    "errors": {"type": "array", "items": {"type": "string"}},
+                    "notes": {"type": "array", "items": {"type": "string"}},
                 },
             },
             "Health": {

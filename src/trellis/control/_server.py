@@ -201,6 +201,8 @@ class ControlServer:
         self._grace = grace
         self._allowed_uids = frozenset({os.getuid(), 0})
         self.root: Pid | None = None
+        # ``trellis run`` sets this to its tree file's reloader (POST /v1/reload)
+        self.reloader: Any = None
         self._request_stop: Callable[[], None] | None = None
         self._root_since: float | None = None
         self._http: HttpServer | None = None
@@ -349,6 +351,7 @@ class ControlServer:
             Route("/v1/children/{path:path}/stop", self._stop_child, methods=["POST"]),
             Route("/v1/children/{path:path}/start", self._start_child, methods=["POST"]),
             Route("/v1/stop", self._stop_tree, methods=["POST"]),
+            Route("/v1/reload", self._reload, methods=["POST"]),  # operator action
             Route("/metrics", self._metrics, methods=["GET"]),
             Route("/healthz", self._healthz, methods=["GET"]),
             Route("/readyz", self._readyz, methods=["GET"]),
@@ -516,6 +519,26 @@ class ControlServer:
         self._operator(request, "stop_tree", None, "ok", body.get("reason"))
         self._request_stop()
         return JSONResponse({"action": "stop_tree", "result": "stopping"}, status_code=202)
+
+    async def _reload(self, request: Request) -> Response:
+        """Re-read the tree file and apply the difference (the reloader journals it)."""
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        if self.reloader is None:
+            return _error(404, "this tree was not started from a tree file: nothing to reload")
+        result = await self.reloader.reload(
+            who=request.scope.get("trellis.who", "unknown"),
+            source=request.scope.get("trellis.source", "unknown"),
+            reason=body.get("reason"),
+        )
+        data = result.as_dict()
+        if result.ok:
+            return JSONResponse(data)
+        status = 422 if result.result == "invalid" else 409
+        head = "nothing changed" if result.result in ("invalid", "refused") else "reload failed"
+        error = f"{result.file}: {head}:\n" + "\n".join(result.errors)
+        return JSONResponse({"error": error, **data}, status_code=status)
 
     async def _restart(self, request: Request) -> Response:
         return await self._act(request, "restart")
