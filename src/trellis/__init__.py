@@ -137,9 +137,23 @@ from ._worker import worker as worker
 
 __version__ = "0.1.0.dev0"
 
-__all__ = sorted(name for name in dir() if not name.startswith("_") and name not in {"annotations"})
+#: Exported names whose modules are imported on first use (they pull in heavy
+#: dependencies that `trellis run` does not need before the root is up).
+_LAZY = {
+    "Isolated": "._isolated",
+    "IsolatedExit": "._isolated",
+    "UnsupportedMessage": "._isolated",
+    "message_type": "._isolated",
+}
+
+__all__ = sorted(
+    [name for name in dir() if not name.startswith("_") and name not in {"annotations"}]
+    + list(_LAZY)
+)
 
 for _name in __all__:
+    if _name in _LAZY:
+        continue
     _obj = globals()[_name]
     if getattr(_obj, "__module__", "").startswith("trellis._"):
         try:
@@ -147,3 +161,16 @@ for _name in __all__:
         except (AttributeError, TypeError):
             pass
 del _name, _obj
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trellis' has no attribute {name!r}")
+    import importlib
+
+    obj = getattr(importlib.import_module(module, __name__), name)
+    if isinstance(obj, type) and obj.__module__.startswith("trellis._"):
+        obj.__module__ = "trellis"
+    globals()[name] = obj
+    return obj
