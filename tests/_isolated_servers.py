@@ -67,7 +67,7 @@ class Counter(trellis.Server):
                 await asyncio.sleep(seconds)
                 return "slept"
             case "hang":
-                time.sleep(3600)  # blocks the interpreter's event loop
+                time.sleep(3600)  # noqa: ASYNC251 - blocks the interpreter's event loop
             case ("alloc", mib):
                 hog = bytearray(mib * 1024 * 1024)
                 return len(hog)

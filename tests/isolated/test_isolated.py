@@ -11,9 +11,9 @@ import time
 from typing import Any
 
 import pytest
-from _isolated_servers import Counter, FailsInit, Order, Plain
 
 import trellis
+from _isolated_servers import Counter, FailsInit, Order, Plain
 from trellis._tree import classify
 from trellis.testing import capture_telemetry
 
