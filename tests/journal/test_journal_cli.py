@@ -60,6 +60,9 @@ def test_verify_ok(journal_url: str) -> None:
         "signed": True,
         "last_checkpoint_seq": 40,
         "last_seq": 40,
+        "anchor": journal_url[len("sqlite:///") :] + ".anchor",
+        "anchor_seq": 40,
+        "journal": journal_url,
     }
 
 

@@ -99,14 +99,14 @@ def test_a_resent_batch_that_had_committed_is_not_written_twice(tmp_path: Path) 
     batch = [(1000.0 + i, {"event": "work.item", "time": float(i), "i": i}) for i in range(5)]
     wire = [dump_wire(batch)]
     proc, reader = _writer(url)
-    assert _next(reader) == ("ready", 0)
+    assert _next(reader) == ("ready", 0, None, [])
     assert proc.stdin is not None
     send(proc.stdin.fileno(), ("batch", wire, False, None))
     assert _next(reader)[:2] == ("ack", 5)
     assert _end(proc) == 0
 
     proc, reader = _writer(url)
-    assert _next(reader) == ("ready", 5)
+    assert _next(reader) == ("ready", 5, None, [])
     assert proc.stdin is not None
     send(proc.stdin.fileno(), ("batch", wire, False, 0))  # resend after seq 0
     ack = _next(reader)

@@ -3,6 +3,7 @@
 Example::
 
     $ trellis journal verify sqlite:///journal.db      # exit 0 ok, 1 broken, 2 bad input
+    $ trellis journal verify ./journal.db --anchor /backup/journal.db.anchor
     $ trellis journal tail -f -n 50                    # URL from $TRELLIS_JOURNAL
     $ trellis journal export sqlite:///journal.db -o journal.jsonl
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -23,7 +25,8 @@ from rich.text import Text
 from ..journal._errors import JournalError
 from ..journal._format import KEY_ENV
 from ..journal._paths import journal_dir
-from ..journal._read import VerifyResult, export, tail, verify
+from ..journal._read import DEFAULT_MAX_UNSIGNED, VerifyResult, export, tail, verify
+from ..journal._store import parse_url
 
 __all__ = ["journal_group"]
 
@@ -42,29 +45,60 @@ def _url_arguments(fn: _F) -> _F:
         "--journal",
         "journal_opt",
         metavar="URL",
-        help=f"The journal URL (instead of the URL argument; default ${URL_ENV}).",
+        help=f"The journal URL or file path (instead of the URL argument; default ${URL_ENV}).",
     )(fn)
-    return click.argument("url", required=False, metavar="[URL]")(fn)
+    return click.argument("url", required=False, metavar="[URL|PATH]")(fn)
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def as_url(text: str) -> str:
+    """A journal URL from what the user typed: a URL (``sqlite:///...``,
+    ``postgresql://...``) as it is, anything without a ``scheme:`` prefix as the path
+    of a SQLite file (``journal.db`` -> ``sqlite:///journal.db``, ``/var/j.db`` ->
+    ``sqlite:////var/j.db``). A path that contains a colon is taken as a path when
+    the file exists."""
+    if _SCHEME.match(text) and not os.path.exists(text):
+        return text
+    return f"sqlite:///{text}"
 
 
 def _resolve(url: str | None, journal_opt: str | None) -> str:
     if url and journal_opt and url != journal_opt:
         raise BadInput(f"two journal URLs given: {url!r} and --journal {journal_opt!r}")
-    chosen = url or journal_opt or os.environ.get(URL_ENV)
-    if chosen:
-        return chosen
-    found = sorted(journal_dir().glob("*.journal.db"))
-    if len(found) == 1:
-        return f"sqlite:///{found[0]}"
-    where = (
-        f"; {journal_dir()} holds {', '.join(p.name for p in found)}"
-        if found
-        else f"; no journal in {journal_dir()}"
-    )
-    raise BadInput(
-        f"no journal URL: give URL (sqlite:///PATH or postgresql://...), --journal URL, "
-        f"or set ${URL_ENV}{where}"
-    )
+    if url or journal_opt:
+        chosen = as_url(url or journal_opt or "")
+        source = "the argument" if url else "--journal"
+    elif os.environ.get(URL_ENV):
+        chosen, source = as_url(os.environ[URL_ENV]), f"${URL_ENV}"
+    else:
+        found = sorted(journal_dir().glob("*.journal.db"))
+        if len(found) != 1:
+            where = (
+                f"; {journal_dir()} holds {', '.join(p.name for p in found)}"
+                if found
+                else f"; no journal in {journal_dir()}"
+            )
+            raise BadInput(
+                f"no journal URL: give URL (sqlite:///PATH or postgresql://...) or a file "
+                f"path, --journal URL, or set ${URL_ENV}{where}"
+            )
+        chosen, source = f"sqlite:///{found[0]}", f"the only journal in {journal_dir()}"
+    _say_which(chosen, source)
+    return chosen
+
+
+def _say_which(url: str, source: str) -> None:
+    """Tell the user (on stderr) which journal is read, and where the name came from."""
+    try:
+        target = parse_url(url)
+    except JournalError:
+        return  # the command reports the bad URL
+    where = ""
+    if target.backend == "sqlite":
+        where = f" (file {os.path.abspath(target.path)})"
+    click.echo(f"journal: {target.shown}{where}, from {source}", err=True)
 
 
 @click.group("journal")
@@ -76,17 +110,54 @@ def journal_group() -> None:
 @journal_group.command("verify")
 @_url_arguments
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def verify_cmd(url: str | None, journal_opt: str | None, as_json: bool) -> None:
+@click.option(
+    "--anchor",
+    "anchor",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The anchor file the writer mirrors its last checkpoint to: the journal must "
+    "still hold that checkpoint (default: <db>.anchor beside a SQLite journal, when it "
+    "exists and a key is set).",
+)
+@click.option("--no-anchor", is_flag=True, help="Do not compare with any anchor file.")
+@click.option(
+    "--max-unsigned",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="With a key: the most records allowed after the last checkpoint (default: the "
+    f"anchor's, else {DEFAULT_MAX_UNSIGNED} = the default checkpoint_every + max_batch).",
+)
+def verify_cmd(
+    url: str | None,
+    journal_opt: str | None,
+    as_json: bool,
+    anchor: str | None,
+    no_anchor: bool,
+    max_unsigned: int | None,
+) -> None:
     """Check the hash chain and the signed checkpoints (key from $TRELLIS_JOURNAL_KEY).
 
+    With a key, the journal must also end signed (no more than --max-unsigned records
+    after its last checkpoint) and, with an anchor, still hold the anchor's checkpoint.
+
     Exit 0 when intact, 1 when broken (naming the first bad seq), 2 for bad input."""
+    if anchor is not None and no_anchor:
+        raise BadInput("--anchor and --no-anchor: give one")
     target = _resolve(url, journal_opt)
     try:
-        result = verify(target)
+        result = verify(
+            target,
+            anchor=False if no_anchor else anchor,
+            max_unsigned=max_unsigned,
+        )
     except (JournalError, ValueError) as e:
         raise BadInput(str(e)) from None
     if as_json:
-        click.echo(json.dumps(dataclasses.asdict(result)))
+        out = dataclasses.asdict(result)
+        out["journal"] = parse_url(target).shown
+        click.echo(json.dumps(out))
     else:
         click.echo(_describe(result))
     click.get_current_context().exit(0 if result.ok else 1)
@@ -109,6 +180,8 @@ def _describe(r: VerifyResult) -> str:
             )
     elif r.signed and r.records:
         lines.append("no signed checkpoints: the records rest on the hash chain alone")
+    if r.anchor:
+        lines.append(f"anchor {r.anchor}: the journal holds its checkpoint at seq {r.anchor_seq}")
     return "\n".join(lines)
 
 

@@ -7,13 +7,16 @@ tree. It loads only the standard library and the journal's ``_chain``, ``_store`
 
 Protocol: length-prefixed pickles (:func:`send`, :class:`Reader`) of tuples of
 primitives. Parent to child: ``("config", url, node, key, checkpoint_every,
-busy_timeout)`` first, then ``("batch", chunks, close, resend_after)`` (one at a time:
-the next only after the ack; ``chunks`` are pickled lists of wire tuples, see
-``_chain.item_of_wire``; with ``resend_after``, records already committed after that
-seq are recognised and skipped) and ``("stopping",)``. Child to parent: ``("ready",
-seq)`` or ``("open_error", class name, message)``; per batch ``("ack", records,
+busy_timeout, anchor_path, max_unsigned)`` first, then ``("batch", chunks, close,
+resend_after)`` (one at a time: the next only after the ack; ``chunks`` are pickled
+lists of wire tuples, see ``_chain.item_of_wire``; with ``resend_after``, records
+already committed after that seq are recognised and skipped) and ``("stopping",)``.
+Child to parent: ``("ready", seq, problem, tightened)`` (``problem``: why it will
+not sign on top of this journal, or None; ``tightened``: files whose mode it made
+0600) or ``("open_error", class name, message)``; per batch ``("ack", records,
 seconds, seq, checkpointed, lost)``; ``("error", text, events)`` when a commit
-attempt failed (it is retried).
+attempt failed (it is retried); ``("foreign_head", problem)`` when it found rows at
+the head it had not written.
 
 The child never stops on a signal meant for the tree (SIGINT, SIGTERM): it ends when
 told to close, or at end of input after committing everything it has received, so
@@ -122,17 +125,131 @@ class _Writer:
     def __init__(self, out: int, config: tuple[Any, ...]) -> None:
         from trellis.journal import _store
 
-        _, url, self.node, self.key, self.checkpoint_every, busy = config
+        _, url, self.node, self.key, self.checkpoint_every, busy, *rest = config
+        self.anchor_path: str | None = rest[0] if rest else None
+        self.max_unsigned: int = rest[1] if len(rest) > 1 else self.checkpoint_every
         _store.SQLITE_BUSY_TIMEOUT = busy
         self.out = out
         self.store = _store.open_writer(_store.parse_url(url))
+        self.tightened: list[str] = list(getattr(self.store, "tightened", []))
+        #: the last checkpoint (seq, hash, hmac, utc) and the HMAC before it
+        self.cp: tuple[int, str, str, str] | None = None
+        self.cp_prev_mac = ""
+        self.problem: str | None = None
         try:
-            self.seq, _ = self.store.begin()
+            self.seq, self.hash = self.store.begin()
             self.cp_seq = self.store.last_checkpoint()[0]
+            if self.key is not None:
+                self.problem = self.check_head()
         finally:
             self.store.rollback()
+        #: whether this writer signs: a key, and a head it could check (see check_head)
+        self.signing = self.key is not None and self.problem is None
+        self.pending_problem = self.problem  # journaled with the first commit
         self.shown = _store.Target(url, "").shown
         self.inbox: _Inbox | None = None
+        if self.signing and self.cp is not None:
+            self.write_anchor(closed=False)
+
+    def check_head(self) -> str | None:
+        """Before signing on top of the journal: its checkpoints' HMAC chain verifies,
+        the last one matches its record, the records after it chain from it (at most
+        ``max_unsigned`` of them, none of them a ``journal.foreign_head``), and the
+        anchor file (if any) names a checkpoint the journal still holds. The problem
+        found, or None."""
+        import hmac
+
+        from trellis.journal._anchor import anchor_problem, read_anchor
+        from trellis.journal._chain import GENESIS, checkpoint_mac, record_hash
+
+        key = self.key
+        assert key is not None
+        store = self.store
+        cps = store.checkpoints()
+        prev_mac = ""
+        for seq, h, mac, utc in cps:
+            if not hmac.compare_digest(str(mac), checkpoint_mac(key, seq, h, utc, prev_mac)):
+                return (
+                    f"the checkpoint at seq {seq} has a bad HMAC (forged or edited, one "
+                    "before it removed, or another key)"
+                )
+            self.cp_prev_mac = prev_mac
+            prev_mac = mac
+        head = self.seq
+        if cps:
+            self.cp = cps[-1]
+            cp_seq, cp_hash = cps[-1][0], cps[-1][1]
+            if cp_seq > head:
+                return (
+                    f"the journal ends at seq {head} but a checkpoint covers seq {cp_seq}: "
+                    "records deleted"
+                )
+            if head - cp_seq > self.max_unsigned:
+                return (
+                    f"{head - cp_seq} records after the last checkpoint (seq {cp_seq}); a "
+                    f"writer leaves at most {self.max_unsigned}"
+                )
+            tail = store.rows_from(cp_seq)
+            if not tail or tail[0][0] != cp_seq or tail[0][8] != cp_hash:
+                return f"the record at seq {cp_seq} does not match its checkpoint"
+            prev, expected = cp_hash, cp_seq + 1
+            tail = tail[1:]
+        else:
+            if head > self.max_unsigned:
+                return (
+                    f"{head} records and no signed checkpoint; a writer leaves at most "
+                    f"{self.max_unsigned} unsigned"
+                )
+            tail = store.rows_from(1) if head else []
+            prev, expected = GENESIS, 1
+        for seq, utc, mono, node, path, kind, data, row_prev, row_hash in tail:
+            if seq != expected or row_prev != prev:
+                return f"the records after the last checkpoint do not chain (seq {seq})"
+            if record_hash(row_prev, seq, utc, mono, node, path, kind, data) != row_hash:
+                return f"the record at seq {seq} does not match its hash (edited)"
+            if kind == "journal.foreign_head":
+                return (
+                    f"seq {seq} records that a writer found rows it had not written; "
+                    "not signed since"
+                )
+            prev, expected = row_hash, seq + 1
+        path_ = self.anchor_path
+        if path_ is None or not os.path.exists(path_):
+            return None
+        try:
+            anchor = read_anchor(path_)
+        except (OSError, ValueError) as e:
+            return f"anchor {path_}: {e}"
+        why = anchor_problem(anchor, key)
+        if why is not None:
+            return f"anchor {path_}: {why}"
+        a_seq = anchor["seq"]
+        if a_seq > head:
+            return (
+                f"the anchor {path_} covers seq {a_seq} but the journal ends at seq {head}: "
+                "truncated"
+            )
+        if not any(c[0] == a_seq and c[2] == anchor["hmac"] for c in cps):
+            return f"the anchor's checkpoint at seq {a_seq} is not in the journal: rewritten"
+        if anchor["closed"] and head > a_seq:
+            return (
+                f"seq {a_seq + 1}..{head} were added after the writer closed at seq {a_seq} "
+                "(rows it did not write)"
+            )
+        return None
+
+    def write_anchor(self, closed: bool) -> None:
+        from trellis.journal._anchor import make_anchor, write_anchor
+
+        if self.anchor_path is None or self.cp is None or self.key is None:
+            return
+        try:
+            write_anchor(
+                self.anchor_path,
+                make_anchor(self.key, self.cp, self.cp_prev_mac, self.max_unsigned, closed),
+            )
+        except OSError as e:
+            self.tell(("error", f"cannot write the anchor {self.anchor_path}: {e}", 0, 0))
 
     def tell(self, msg: Any) -> None:
         try:
@@ -191,9 +308,30 @@ class _Writer:
         lost = 0
         seconds = 0.0
         checkpointed = False
-        if contents or (close and self.key is not None):
+        if contents or (close and self.key is not None) or self.pending_problem:
             seconds, checkpointed, lost = self.commit(contents, close)
         self.tell(("ack", len(items) - lost, seconds, self.seq, checkpointed, lost))
+
+    def foreign_record(self, problem: str, seq: int, prev: str) -> Any:
+        """The ``journal.foreign_head`` record: this writer found a head it cannot sign
+        on top of (``problem``); it says so in the chain and signs nothing from then on."""
+        from trellis.journal._chain import data_text, utc_text
+
+        data = {
+            "problem": problem,
+            "expected_seq": self.seq,
+            "expected_hash": self.hash,
+            "found_seq": seq,
+            "found_hash": prev,
+        }
+        return (
+            utc_text(time.time()),
+            0.0,
+            self.node,
+            None,
+            "journal.foreign_head",
+            data_text(data),
+        )
 
     def commit(self, contents: list[Any], closing: bool) -> tuple[float, bool, int]:
         """Commit ``contents`` in one transaction, retrying on errors; while stopping,
@@ -204,6 +342,9 @@ class _Writer:
         attempt = 0
         delay = 0.05
         last_hash: str | None = None  # of the previous attempt: did it commit after all?
+        cp: tuple[int, str, str, str] | None = None
+        cp_prev = ""
+        problem = self.pending_problem
         while True:
             t0 = time.perf_counter()
             checkpointed = False
@@ -212,18 +353,35 @@ class _Writer:
                 if last_hash is not None and prev == last_hash:
                     store.rollback()  # the failed attempt committed (lost acknowledgement)
                     break
-                rows = chain(seq, prev, contents)
+                if problem is None and self.signing and (seq, prev) != (self.seq, self.hash):
+                    problem = (
+                        f"the head is seq {seq}, not seq {self.seq} that this writer "
+                        "committed last: rows it did not write"
+                        if seq != self.seq
+                        else f"the record at seq {seq} is not the one this writer committed"
+                    )
+                todo = contents
+                if problem is not None:
+                    todo = [self.foreign_record(problem, seq, prev), *contents]
+                rows = chain(seq, prev, todo)
                 if rows:
                     store.insert(rows)
                     seq, prev = rows[-1][0], rows[-1][8]
                     last_hash = prev
                 key = self.key
-                if key is not None and (closing or seq - self.cp_seq >= self.checkpoint_every):
+                if (
+                    key is not None
+                    and self.signing
+                    and problem is None
+                    and (closing or seq - self.cp_seq >= self.checkpoint_every)
+                ):
                     cp_seq, prev_mac = store.last_checkpoint()
                     if cp_seq < seq:
                         utc = utc_text(time.time())
                         mac = checkpoint_mac(key, seq, prev, utc, prev_mac)
-                        store.insert_checkpoint((seq, prev, mac, utc))
+                        cp = (seq, prev, mac, utc)
+                        cp_prev = prev_mac
+                        store.insert_checkpoint(cp)
                         checkpointed = True
                 store.commit()
                 break
@@ -243,9 +401,18 @@ class _Writer:
                     store.reconnect()
                 except Exception as e2:
                     self.tell(("error", f"reconnect failed: {type(e2).__name__}: {e2}", 0, 0))
-        self.seq = seq
-        if checkpointed:
+        if problem is not None and self.key is not None:
+            if self.signing and self.pending_problem is None:  # found now, not at open
+                self.tell(("foreign_head", problem))
+            self.signing = False
+        self.pending_problem = None
+        self.seq, self.hash = seq, prev
+        if checkpointed and cp is not None:
             self.cp_seq = seq
+            self.cp, self.cp_prev_mac = cp, cp_prev
+            self.write_anchor(closed=closing)
+        elif closing and self.signing and self.cp is not None and self.cp[0] == seq:
+            self.write_anchor(closed=True)  # nothing new since the last checkpoint
         return time.perf_counter() - t0, checkpointed, 0
 
 
@@ -290,7 +457,7 @@ def main() -> int:
     except BaseException as e:
         send(out, ("open_error", type(e).__name__, str(e)))
         return 1
-    writer.tell(("ready", writer.seq))
+    writer.tell(("ready", writer.seq, writer.problem, writer.tightened))
     inbox = _Inbox(reader, msgs[1:])
     try:
         writer.serve(inbox)

@@ -3,6 +3,7 @@ Readers open the store read-only and never create a journal."""
 
 from __future__ import annotations
 
+import dataclasses
 import hmac as _hmac
 import json
 import os
@@ -11,10 +12,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
+from ._anchor import anchor_problem, default_anchor_path, read_anchor
+from ._errors import JournalError
 from ._format import GENESIS, Row, checkpoint_mac, parse_key, record_hash
 from ._store import COLUMNS, Checkpoint, ReadStore, open_reader, parse_url
 
-__all__ = ["VerifyResult", "export", "record_dict", "tail", "verify"]
+__all__ = ["DEFAULT_MAX_UNSIGNED", "VerifyResult", "export", "record_dict", "tail", "verify"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +31,8 @@ class VerifyResult:
     ``checkpoints`` counts the checkpoints that matched the chain, ``signed`` says
     whether their HMACs were checked (a key was available), and
     ``last_checkpoint_seq`` is the last record they cover: records after it rest on
-    the hash chain alone.
+    the hash chain alone. ``anchor``/``anchor_seq`` name the anchor file compared with
+    the journal and the checkpoint it holds.
     """
 
     ok: bool
@@ -39,39 +43,177 @@ class VerifyResult:
     signed: bool = False
     last_checkpoint_seq: int = 0
     last_seq: int = 0
+    #: the anchor file compared with the journal ("" when none was used)
+    anchor: str = ""
+    #: the seq of the anchor's checkpoint (0 when no anchor was used)
+    anchor_seq: int = 0
 
 
-def verify(url: str, key: str | bytes | None = None) -> VerifyResult:
+#: ``max_unsigned`` when neither the caller nor an anchor gives it: the default
+#: ``checkpoint_every + max_batch`` of :class:`~trellis.journal.Journal`.
+DEFAULT_MAX_UNSIGNED = 1000 + 10_000
+
+
+def verify(
+    url: str,
+    key: str | bytes | None = None,
+    *,
+    anchor: str | os.PathLike[str] | bool | None = None,
+    max_unsigned: int | None = None,
+) -> VerifyResult:
     """Check the journal at ``url``: seqs gapless from 1, every hash recomputed, every
     ``prev_hash`` linking to the record before, and every checkpoint matching the chain
-    (its HMAC too, with ``key`` or ``$TRELLIS_JOURNAL_KEY``).
+    (its HMAC too, with ``key`` or ``$TRELLIS_JOURNAL_KEY``). A ``journal.foreign_head``
+    record (a writer found rows at the head it had not written) is a failure.
+
+    With a key, a signed journal must also *end* signed: no records at all, no
+    checkpoint at all, or more than ``max_unsigned`` records after the last checkpoint
+    (the writer checkpoints every ``checkpoint_every`` records and when it closes, so
+    even a writer killed with -9 leaves at most ``checkpoint_every + max_batch``) are
+    failures. ``max_unsigned`` defaults to the anchor's, else
+    :data:`DEFAULT_MAX_UNSIGNED`.
+
+    ``anchor`` is the file the writer mirrors its last checkpoint to (``Journal(...,
+    anchor=)``): the journal must still hold that checkpoint, so truncating it back
+    to an earlier checkpoint, or emptying it, is caught. ``None`` uses the default
+    anchor beside a SQLite journal when a key is given and the file exists; ``False``
+    uses none; a path must exist.
 
     Raises :class:`JournalURLError`, :class:`JournalNotFound` or :class:`NotAJournal`
-    when there is nothing to verify; a broken journal is a result, not an error.
+    when there is nothing to verify, :class:`JournalError` when the anchor file cannot
+    be read; a broken journal is a result, not an error.
 
     Example::
 
-        result = verify("sqlite:///journal.db")
+        result = verify("sqlite:///journal.db", anchor="/backup/journal.db.anchor")
         if not result.ok:
             print(f"broken at seq {result.first_bad_seq}: {result.problem}")
     """
     target = parse_url(url)
     secret = parse_key(key)
+    if max_unsigned is not None and (
+        not isinstance(max_unsigned, int) or isinstance(max_unsigned, bool) or max_unsigned < 0
+    ):
+        raise ValueError(f"verify max_unsigned: {max_unsigned!r} is not an int >= 0")
+    anchor_path: str | None = None
+    if anchor is None or anchor is True:
+        default = default_anchor_path(target.backend, target.path)
+        if default is not None and (anchor is True or (secret and os.path.exists(default))):
+            anchor_path = default
+    elif anchor is not False:
+        anchor_path = os.fspath(anchor)
+    found: dict[str, Any] | None = None
+    if anchor_path is not None:
+        try:
+            found = read_anchor(anchor_path)
+        except FileNotFoundError:
+            raise JournalError(f"anchor {anchor_path!r} does not exist") from None
+        except OSError as e:
+            raise JournalError(f"cannot read anchor {anchor_path!r}: {e.strerror or e}") from None
+        except ValueError as e:
+            found = {"unreadable": str(e)}
     reader = open_reader(target)
     try:
         reader.snapshot()
         try:
-            return _verify(reader, secret)
+            result = _verify(reader, secret)
+            cps = reader.checkpoints() if found is not None else []
         finally:
             reader.end()
     finally:
         reader.close()
+    if found is not None:
+        result = _check_anchor(result, found, anchor_path or "", secret, cps)
+    if result.ok and secret is not None:
+        bound = max_unsigned
+        if bound is None:
+            bound = DEFAULT_MAX_UNSIGNED
+            if found is not None:
+                bound = int(found["max_unsigned"])
+        result = _signed_to_the_end(result, bound)
+    return result
+
+
+def _fail(r: VerifyResult, seq: int, problem: str) -> VerifyResult:
+    return dataclasses.replace(
+        r, ok=False, first_bad_seq=seq, problem=problem, records=min(r.records, seq - 1)
+    )
+
+
+def _signed_to_the_end(r: VerifyResult, bound: int) -> VerifyResult:
+    """With a key: the journal holds signed records, and few unsigned ones after them."""
+    if r.last_seq == 0:
+        return _fail(
+            r,
+            1,
+            "the journal is empty, but a key was given: a signed journal holds at least one "
+            "signed checkpoint (every record and checkpoint deleted?)",
+        )
+    if r.checkpoints == 0:
+        return _fail(
+            r,
+            1,
+            f"no signed checkpoint covers seq 1..{r.last_seq} (every checkpoint deleted, "
+            "written without the key, or its only writer was killed before its first "
+            "checkpoint)",
+        )
+    unsigned = r.last_seq - r.last_checkpoint_seq
+    if unsigned > bound:
+        return _fail(
+            r,
+            r.last_checkpoint_seq + 1,
+            f"{unsigned} records after the last checkpoint (seq {r.last_checkpoint_seq}); a "
+            f"writer leaves at most {bound} unsigned: checkpoints deleted, or the records "
+            "added by someone without the key",
+        )
+    return r
+
+
+def _check_anchor(
+    r: VerifyResult, anchor: dict[str, Any], path: str, key: bytes | None, cps: list[Checkpoint]
+) -> VerifyResult:
+    """Compare the journal with its anchor (after the chain was checked)."""
+    if "unreadable" in anchor:
+        return _fail(r, 1, f"{anchor['unreadable']}")
+    a_seq = int(anchor["seq"])
+    r = dataclasses.replace(r, anchor=path, anchor_seq=a_seq)
+    if not r.ok:
+        return r
+    why = anchor_problem(anchor, key)
+    if why is not None:
+        return _fail(r, 1, f"anchor {path}: {why}")
+    if a_seq > r.last_seq:
+        first = r.last_seq + 1
+        what = "every record deleted" if r.last_seq == 0 else f"seq {first}..{a_seq} deleted"
+        return _fail(
+            r,
+            first,
+            f"the journal ends at seq {r.last_seq} but the anchor covers seq {a_seq}: "
+            f"truncated ({what})",
+        )
+    match = [c for c in cps if c[0] == a_seq]
+    if not match or match[0][1] != anchor["hash"] or match[0][2] != anchor["hmac"]:
+        return _fail(
+            r,
+            min(a_seq, r.last_checkpoint_seq + 1),
+            f"the anchor's checkpoint at seq {a_seq} is not in the journal (its records "
+            "rewritten and the checkpoints after the edit deleted?)",
+        )
+    if anchor["closed"] and r.last_seq > a_seq:
+        return _fail(
+            r,
+            a_seq + 1,
+            f"seq {a_seq + 1}..{r.last_seq} follow the checkpoint the writer closed with "
+            f"(seq {a_seq}) and no writer signed them: added by someone else",
+        )
+    return r
 
 
 def _verify(reader: ReadStore, key: bytes | None) -> VerifyResult:
     cps = reader.checkpoints()
     bad_mac = _first_bad_mac(cps, key) if key is not None else None
     signed = key is not None
+    foreign: tuple[int, str] | None = None  # the first journal.foreign_head record
     good_cp = 0  # seq of the last checkpoint that matched
     n_cp = 0
     j = 0
@@ -116,6 +258,8 @@ def _verify(reader: ReadStore, key: bytes | None) -> VerifyResult:
             )
         if h != row_hash:
             return broken(seq, f"hash mismatch at seq {seq} (record edited)")
+        if kind == "journal.foreign_head" and foreign is None:
+            foreign = (seq, data)
         while j < len(cps) and cps[j][0] <= seq:
             cp_seq, cp_hash = cps[j][0], cps[j][1]
             if cp_seq < seq or cp_seq < 1:
@@ -150,6 +294,19 @@ def _verify(reader: ReadStore, key: bytes | None) -> VerifyResult:
             last + 1,
             f"the journal ends at seq {last} but a checkpoint covers seq {cp_seq}: "
             f"seq {last + 1}..{cp_seq} deleted",
+        )
+    if foreign is not None:
+        at, text = foreign
+        try:
+            found = json.loads(text)
+            problem = str(found["problem"])
+            bad = min(int(found["expected_seq"]) + 1, at)
+        except (ValueError, KeyError, TypeError):
+            problem, bad = text, at
+        return broken(
+            bad,
+            f"a writer found rows at the head it had not written and stopped signing "
+            f"(journal.foreign_head at seq {at}: {problem})",
         )
     return VerifyResult(
         ok=True,

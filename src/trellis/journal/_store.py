@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -45,6 +46,7 @@ __all__ = [
     "open_reader",
     "open_writer",
     "parse_url",
+    "private_files",
 ]
 
 COLUMNS = ("seq", "utc", "mono", "node", "path", "kind", "data", "prev_hash", "hash")
@@ -173,6 +175,10 @@ class WriteStore(Protocol):
         """``(utc, mono, kind)`` of the records after ``seq`` written for ``node``."""
         ...
 
+    def checkpoints(self) -> list[Checkpoint]: ...
+
+    def rows_from(self, seq: int) -> list[Row]: ...
+
     def commit(self) -> None: ...
 
     def rollback(self) -> None: ...
@@ -254,6 +260,40 @@ _LAST_CP = "SELECT seq, hmac FROM journal_checkpoints ORDER BY seq DESC LIMIT 1"
 _KEYS_AFTER = "SELECT utc, mono, kind FROM journal WHERE seq > %s AND node = %s"
 
 
+#: The files of a SQLite journal: the database, its write-ahead log and shared memory.
+SQLITE_SUFFIXES = ("", "-wal", "-shm")
+
+
+def private_files(path: str) -> list[str]:
+    """Create the database file at ``path`` with mode 0600 if it is missing (SQLite
+    gives its ``-wal`` and ``-shm`` files the database file's mode), and take group and
+    other access away from the existing ones we own; the files it had to tighten.
+    A file owned by someone else is left alone (SQLite reports what it cannot open)."""
+    tightened: list[str] = []
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        pass
+    except OSError:
+        return tightened  # a missing directory, say: sqlite3.connect names it
+    else:
+        os.close(fd)
+        return tightened
+    for suffix in SQLITE_SUFFIXES:
+        name = path + suffix
+        try:
+            st = os.stat(name)
+        except OSError:
+            continue
+        if st.st_uid == os.getuid() and st.st_mode & 0o077 and stat.S_ISREG(st.st_mode):
+            try:
+                os.chmod(name, 0o600)
+            except OSError:
+                continue
+            tightened.append(name)
+    return tightened
+
+
 def _sqlite_schema(conn: sqlite3.Connection, target: Target) -> bool:
     """Whether the journal tables exist with the expected columns (False: neither
     exists); raises NotAJournal for anything else."""
@@ -285,10 +325,36 @@ def _schema_state(target: Target, found: dict[str, tuple[str, ...]]) -> bool:
     return True
 
 
-class _SQLiteWriter:
+class _Queries:
+    """The read queries both backends share; ``P`` is the driver's placeholder."""
+
+    P = "?"
+    conn: Any
+
+    def last_rows(self, n: int) -> list[Row]:
+        cur = self.conn.execute(f"SELECT * FROM journal ORDER BY seq DESC LIMIT {self.P}", (n,))
+        return [_row(r) for r in reversed(cur.fetchall())]
+
+    def seq_of_hash(self, hash: str) -> int | None:
+        q = f"SELECT seq FROM journal WHERE hash = {self.P} LIMIT 1"
+        r = self.conn.execute(q, (hash,)).fetchone()
+        return None if r is None else int(r[0])
+
+    def rows_from(self, seq: int) -> list[Row]:
+        """Every record from ``seq`` on, oldest first."""
+        q = f"SELECT * FROM journal WHERE seq >= {self.P} ORDER BY seq"
+        return [_row(r) for r in self.conn.execute(q, (seq,)).fetchall()]
+
+    def checkpoints(self) -> list[Checkpoint]:
+        cur = self.conn.execute("SELECT seq, hash, hmac, utc FROM journal_checkpoints ORDER BY seq")
+        return [(int(r[0]), r[1], r[2], r[3]) for r in cur.fetchall()]
+
+
+class _SQLiteWriter(_Queries):
     def __init__(self, target: Target) -> None:
         self.target = target
         self.busy_timeout = SQLITE_BUSY_TIMEOUT
+        self.tightened: list[str] = []
         self.conn = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
@@ -298,6 +364,7 @@ class _SQLiteWriter:
             raise JournalError(
                 f"cannot open journal {t.shown}: directory {parent!r} does not exist"
             )
+        self.tightened = private_files(t.path)
         try:
             conn = sqlite3.connect(t.path, timeout=self.busy_timeout, isolation_level=None)
         except sqlite3.Error as e:
@@ -357,26 +424,6 @@ class _SQLiteWriter:
 
     def close(self) -> None:
         self.conn.close()
-
-
-class _Queries:
-    """The read queries both backends share; ``P`` is the driver's placeholder."""
-
-    P = "?"
-    conn: Any
-
-    def last_rows(self, n: int) -> list[Row]:
-        cur = self.conn.execute(f"SELECT * FROM journal ORDER BY seq DESC LIMIT {self.P}", (n,))
-        return [_row(r) for r in reversed(cur.fetchall())]
-
-    def seq_of_hash(self, hash: str) -> int | None:
-        q = f"SELECT seq FROM journal WHERE hash = {self.P} LIMIT 1"
-        r = self.conn.execute(q, (hash,)).fetchone()
-        return None if r is None else int(r[0])
-
-    def checkpoints(self) -> list[Checkpoint]:
-        cur = self.conn.execute("SELECT seq, hash, hmac, utc FROM journal_checkpoints ORDER BY seq")
-        return [(int(r[0]), r[1], r[2], r[3]) for r in cur.fetchall()]
 
 
 class _SQLiteReader(_Queries):
@@ -481,7 +528,9 @@ def _pg_schema_ok(conn: psycopg.Connection[Any], target: Target) -> bool:
     return _schema_state(target, found)
 
 
-class _PostgresWriter:
+class _PostgresWriter(_Queries):
+    P = "%s"
+
     def __init__(self, target: Target) -> None:
         self.target = target
         self.conn = self._connect()

@@ -32,6 +32,7 @@ from trellis import Pid
 from trellis._core import _telemetry
 
 from . import _errors, _store
+from ._anchor import default_anchor_path
 from ._errors import JournalError
 from ._format import drop_item, dump_wire, parse_key
 from ._proc import CLOSE_ATTEMPTS, Reader, send
@@ -41,7 +42,9 @@ __all__ = ["Journal", "JournalStatistics"]
 
 _log = logging.getLogger("trellis.journal")
 _NEVER = 1 << 62
-_OWN_EVENTS = frozenset({"journal.batch", "journal.dropped", "journal.error"})
+_OWN_EVENTS = frozenset(
+    {"journal.batch", "journal.dropped", "journal.error", "journal.foreign_head"}
+)
 _PROC_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_proc.py")
 _OPEN_TIMEOUT = 120.0  # seconds for a writer process to open the store, or it is an error
 _CLOSE_TIMEOUT = 60.0  # seconds stop()/close() waits for an unresponsive writer process
@@ -141,6 +144,19 @@ class Journal:
             With a key, an HMAC-signed checkpoint of the chain head is written every
             ``checkpoint_every`` records and on close.
         checkpoint_every: records between signed checkpoints (only with a key).
+        anchor: where the last signed checkpoint is mirrored, outside the database
+            (see :mod:`trellis.journal._anchor`): a file path, ``False`` for none, or
+            ``None``/``True`` for the default: ``<database>.anchor`` beside a SQLite
+            journal when a key is set (PostgreSQL has no default: give a path).
+
+    **Signing only its own head.** With a key, the writer process checks the journal
+    before it signs anything on top of it: the checkpoints' HMAC chain, the records
+    after the last checkpoint (chained from it, at most ``checkpoint_every +
+    max_batch``), and the anchor. Afterwards it signs only on top of the head it
+    committed itself. When either check fails it records a ``journal.foreign_head``
+    record (``problem``, the head it expected and the one it found), logs an error,
+    emits ``journal.foreign_head`` telemetry, sets :attr:`foreign_head` and signs
+    nothing more; ``trellis journal verify`` then reports the journal as broken.
 
     It is a :class:`trellis.Extension` (``await start()`` / ``await stop()``), and has
     sync ``open()`` / ``close()`` and context-manager forms. While it runs, it emits
@@ -197,6 +213,7 @@ class Journal:
         key: str | bytes | None = None,
         checkpoint_every: int = 1000,
         open_in_background: bool = False,
+        anchor: str | os.PathLike[str] | bool | None = None,
     ) -> None:
         self.target: Target = parse_url(url)
         for name, value in (
@@ -222,6 +239,26 @@ class Journal:
         self.open_in_background = open_in_background
         self._open_future: asyncio.Future[None] | None = None
         self._key = parse_key(key)
+        #: the most records the journal holds after its last checkpoint while this
+        #: journal writes it (``checkpoint_every + max_batch``)
+        self.max_unsigned = checkpoint_every + self.max_batch
+        #: where the signed anchor is mirrored (None: nowhere); see ``anchor``
+        self.anchor_path: str | None = None
+        if anchor is not None and not isinstance(anchor, bool | str | os.PathLike):
+            raise ValueError(f"Journal anchor: {anchor!r} is not a path, True, False or None")
+        if anchor is None or anchor is True:
+            if self._key is not None:
+                self.anchor_path = default_anchor_path(self.target.backend, self.target.path)
+            if anchor is True and self.anchor_path is None:
+                raise ValueError(
+                    "Journal anchor=True: a PostgreSQL journal has no default anchor file "
+                    "(give a path), and without a key nothing is signed"
+                )
+        elif anchor is not False:
+            self.anchor_path = os.fspath(anchor)
+        #: why this journal's writer does not sign (rows it had not written at the head,
+        #: a checkpoint that does not verify, a truncated journal); None while it signs
+        self.foreign_head: str | None = None
         self._skip = self.exclude | _OWN_EVENTS
 
         self.written = 0
@@ -628,6 +665,8 @@ class Journal:
                     self._key,
                     self.checkpoint_every,
                     _store.SQLITE_BUSY_TIMEOUT,
+                    self.anchor_path,
+                    self.max_unsigned,
                 ),
             )
             deadline = time.monotonic() + _OPEN_TIMEOUT
@@ -644,7 +683,16 @@ class Journal:
             self._end_writer(kill=True)
             raise
         if msgs and msgs[0][0] == "ready":
-            return int(msgs[0][1])
+            _, seq, problem, tightened = msgs[0]
+            for name in tightened:
+                _log.warning(
+                    "journal %s: %s was readable by others; its mode is now 0600",
+                    self.target.shown,
+                    name,
+                )
+            if problem is not None:
+                self._foreign(problem)
+            return int(seq)
         self._end_writer(kill=not status.eof)
         if msgs and msgs[0][0] == "open_error":
             cls = getattr(_errors, msgs[0][1], None)
@@ -816,6 +864,8 @@ class Journal:
             frame, self._frame = self._frame, None
             if frame is not None:
                 self._finish(frame)
+        elif kind == "foreign_head":
+            self._foreign(msg[1])
         elif kind == "error":
             _, text, events, attempt = msg
             _log.error(
@@ -826,6 +876,17 @@ class Journal:
                 text,
             )
             self._emit("journal.error", error=text, events=events)
+
+    def _foreign(self, problem: str) -> None:
+        """The writer will not sign: say so loudly (it journals it too)."""
+        self.foreign_head = problem
+        _log.error(
+            "journal %s: not signing any more: %s (journal.foreign_head recorded; "
+            "run `trellis journal verify`)",
+            self.target.shown,
+            problem,
+        )
+        self._emit("journal.foreign_head", problem=problem)
 
     def _finish(self, frame: _Frame) -> None:
         self._in_flight = 0
