@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ._childspec import ChildSpec
-from ._core import _telemetry
+from ._core import _stopping, _telemetry
 from ._core._process import Pid, kill_and_wait, live_processes
 from ._core._reasons import SHUTDOWN, is_clean
 from ._server import stop
@@ -166,6 +166,39 @@ async def _start_root(root: Any) -> Pid:
     return r
 
 
+async def _start_unless_stopped(root: Any, stop_requested: asyncio.Future[int]) -> Pid | None:
+    """Start the root; None if a stop request ended the start first. Supervisors see the
+    tree stopping: they cancel the start in progress, start no more children and stop
+    those started, in reverse order. Any other root's start is cancelled."""
+    start = asyncio.ensure_future(_start_root(root))
+    try:
+        await asyncio.wait((start, stop_requested), return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():
+            if not _cancels_own_start(root):
+                start.cancel()
+            await asyncio.wait((start,))
+    except BaseException:
+        start.cancel()
+        raise
+    if stop_requested.done() and (start.cancelled() or start.exception() is not None):
+        _log.info("stopped while starting: children not yet started were never started")
+        return None
+    return start.result()
+
+
+def _cancels_own_start(root: Any) -> bool:
+    """Whether ``root`` (maybe) starts supervisors, which cancel their own starts in
+    order; cancelling them from outside would kill their children abruptly."""
+    from ._childspec import ChildType
+    from ._supervisor import DynamicSupervisor, Supervisor
+
+    if isinstance(root, ChildSpec):
+        return ChildType(root.type) is ChildType.SUPERVISOR
+    if inspect.isclass(root):
+        return issubclass(root, Supervisor | DynamicSupervisor)
+    return True  # a callable: whatever it starts, supervisors inside cancel their starts
+
+
 async def run_async(
     root: Any,
     *,
@@ -177,10 +210,14 @@ async def run_async(
     (signal handling, no watchdog thread)."""
     loop = asyncio.get_running_loop()
     stop_requested: asyncio.Future[int] = loop.create_future()
+    # Supervisors consult it: once a stop is requested nothing restarts, and pending
+    # starts are cancelled (see _core/_stopping.py).
+    tree_stop = _stopping.arm(loop)
 
     def _on_signal(signum: int) -> None:
         name = signal.Signals(signum).name
         _log.info("received %s: shutting down", name)
+        tree_stop.request()
         if not stop_requested.done():
             _telemetry.emit(
                 "operator.action",
@@ -194,6 +231,7 @@ async def run_async(
 
     def _raw_handler(signum: int, _frame: object) -> None:
         # A plain handler runs between bytecodes even while a task blocks the loop.
+        tree_stop.requested = True  # before any child exit this signal causes is handled
         if _watchdog is not None:
             _watchdog.on_signal()
         loop.call_soon_threadsafe(_on_signal, signum)
@@ -234,6 +272,7 @@ async def run_async(
         _watchdog.start(loop)
 
     def _request_stop() -> None:
+        tree_stop.request()
         if not stop_requested.done():
             stop_requested.set_result(0)
 
@@ -241,7 +280,9 @@ async def run_async(
         for ext in extensions:
             await ext.start()
             started.append(ext)
-        pid = await _start_root(root)
+        pid = await _start_unless_stopped(root, stop_requested)
+        if pid is None:
+            return 0  # stopped during the start: what had started is stopped
         for ext in extensions:
             await ext.tree_started(pid, _request_stop)
         ended = asyncio.ensure_future(pid.join())
@@ -271,6 +312,7 @@ async def run_async(
                 _log.error("root %r ended with %r (gave_up=%s)", pid, reason, gave_up)
         return code
     finally:
+        _stopping.disarm(loop, tree_stop)
         for signum, previous in installed:
             signal.signal(signum, previous)
         for leftover in live_processes():

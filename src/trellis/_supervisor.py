@@ -44,7 +44,7 @@ from ._childspec import (
     check_intensity,
     check_period,
 )
-from ._core import _telemetry
+from ._core import _stopping, _telemetry
 from ._core._clock import LoopClock, TimerHandle, current_clock
 from ._core._exceptions import (
     AlreadyPresent,
@@ -249,14 +249,19 @@ class _SupervisorServer(Server):
         specs = check_childspecs(spec.children)
         for s in specs:
             self._check_significant(s)
+        tree_stop = _stopping.get(self.pid._loop)
         for s in specs:
+            if tree_stop is not None and tree_stop.requested:
+                return await self._cancel_start(s.id)
             child = _Child(s)
-            kind, val, _info = await self._invoke(child)
+            kind, val, _info = await self._invoke(child, tree_stop=tree_stop)
             if kind == "ok":
                 self.children.append(child)
             elif kind == "ignore":
                 if s.restart is not RestartType.TEMPORARY:
                     self.children.append(child)
+            elif tree_stop is not None and tree_stop.requested:
+                return await self._cancel_start(s.id)  # cancelled (or failed) as the tree stops
             else:
                 _log.error("start_error: supervisor=%s child=%r reason=%r", self.path, s.id, val)
                 self._event("child.start_failed", child_id=s.id, reason=val)
@@ -267,6 +272,21 @@ class _SupervisorServer(Server):
                 raise err
         self._started()
         return None
+
+    async def _cancel_start(self, child_id: Any) -> Any:
+        """The tree is stopping while this supervisor starts its children: start no more,
+        stop those started (reverse order) and end the start with ``SHUTDOWN``."""
+        _log.info(
+            "start_cancelled: supervisor=%s child=%r (the tree is stopping)", self.path, child_id
+        )
+        self._event("supervisor.start_cancelled", child_id=child_id)
+        await self._terminate_all()
+        return _stop_shutdown()
+
+    def _tree_stopping(self) -> bool:
+        """Whether the tree this supervisor belongs to is stopping (nothing restarts)."""
+        tree_stop = _stopping.get(self.pid._loop)
+        return tree_stop is not None and tree_stop.requested
 
     def _event(self, name: str, **fields: Any) -> None:
         """Emit a telemetry event stamped with this supervisor's path and pid."""
@@ -283,7 +303,14 @@ class _SupervisorServer(Server):
             )
 
     # -- starting one child ------------------------------------------------------
-    async def _invoke(self, child: _Child, event: str = "child.started") -> tuple[str, Any, Any]:
+    async def _invoke(
+        self,
+        child: _Child,
+        event: str = "child.started",
+        tree_stop: _stopping.TreeStop | None = None,
+    ) -> tuple[str, Any, Any]:
+        """Start one child. With ``tree_stop``, a worker's start is cancelled as soon as
+        the tree is asked to stop (a child supervisor cancels its own starts instead)."""
         spec = child.spec
         # a child supervisor learns its tree path from this context variable
         token = (
@@ -294,7 +321,10 @@ class _SupervisorServer(Server):
         try:
             r = spec.start(*child.args, **spec.kwargs)
             if type(r) is CoroutineType or inspect.isawaitable(r):
-                r = await r
+                if tree_stop is not None and spec.type is ChildType.WORKER:
+                    r = await _unless_stopped(r, tree_stop)
+                else:
+                    r = await r
         except AlreadyStarted as e:
             return "error", e, None
         except StartError as e:
@@ -360,6 +390,9 @@ class _SupervisorServer(Server):
             child.timer = None
             child.delayed = None
             if child.pid is RESTARTING and self._has(child):
+                if self._tree_stopping():
+                    child.pid = None
+                    return None
                 return await self._start_group(child)
             return None
         _log.warning("supervisor %s got an unexpected message: %r", self.path, msg)
@@ -385,6 +418,8 @@ class _SupervisorServer(Server):
         restart = restart_type is RestartType.PERMANENT or (
             restart_type is RestartType.TRANSIENT and not is_clean(reason)
         )
+        if restart and self._tree_stopping():
+            restart = False  # the tree is stopping: recorded, never restarted
         child.pid = None
         if child.started_at is not None:
             child.uptime = self.now() - child.started_at
@@ -436,6 +471,11 @@ class _SupervisorServer(Server):
         return len(rs) <= self.intensity
 
     async def _restart(self, child: _Child) -> Any:
+        if self._tree_stopping():  # a retry or delayed restart due after the stop request
+            if child.pid is RESTARTING:
+                child.pid = None
+            child.cancel_timer()
+            return None
         if not self._add_restart():
             _log.error(
                 "reached_max_restart_intensity: supervisor=%s intensity=%d period=%s child=%r",
@@ -809,6 +849,23 @@ class _SupervisorServer(Server):
         rank = {_hashable(i): n for n, i in enumerate(ids)}
         self.children.sort(key=lambda c: rank.get(_hashable(c.spec.id), len(rank)))
         self._event("supervisor.reordered", children=[c.spec.id for c in self.children])
+
+
+async def _unless_stopped(start: Any, tree_stop: _stopping.TreeStop) -> Any:
+    """Await a child's start, or cancel it as soon as the tree is asked to stop (a
+    half-started child is killed by its start's own cancellation handling)."""
+    task = asyncio.ensure_future(start)
+    try:
+        await asyncio.wait((task, tree_stop.waiter()), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))
+    except BaseException:  # we are being killed: the start must not live on
+        task.cancel()
+        raise
+    if task.cancelled():
+        raise StartError(SHUTDOWN, "start cancelled: the tree is stopping")
+    return task.result()  # started (or failed) before the cancellation took effect
 
 
 def _info(c: _Child, id: Any) -> ChildInfo:

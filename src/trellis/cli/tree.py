@@ -10,7 +10,7 @@ import click
 
 from .. import telemetry
 from .._core._exceptions import FailedToStartChild, StartError
-from .._operate import OperationsError, operations
+from .._operate import OperationsError, lock_tree, operations
 from .._run import run as run_tree
 from ..control._errors import ControlError
 from ..journal._errors import JournalError
@@ -126,14 +126,27 @@ def run(
     except OperationsError as e:
         click.echo(f"{tree_file}: {e}", err=True)
         _exit(_EXIT_BAD_FILE)
+    try:  # before anything is started or journaled; held until the process exits
+        tree_lock = lock_tree(ops)
+    except OperationsError as e:
+        click.echo(f"trellis run: {e}", err=True)
+        _exit(_EXIT_BAD_FILE)
     from .._reload import Reloader
 
     ops.reloader = Reloader(tree_file, tree, raw)
+    from .._sdnotify import SdNotify
+
+    try:
+        notifier = SdNotify.from_environment(tree.name)
+    except ValueError as e:
+        click.echo(f"trellis: {e}", err=True)
+        _exit(_EXIT_BAD_FILE)
+    notify = [notifier] if notifier is not None else []
     configure_logging(log_format, log_level)
     hid = telemetry.attach(log_event)
     _cli_log.info("tree.starting", extra={"trellis": {"file": tree_file, "root": tree.name}})
     try:
-        code = run_tree(tree.child_spec(), extensions=ops.extensions())
+        code = run_tree(tree.child_spec(), extensions=[*ops.extensions(), *notify])
     except StartError as e:
         child, reason = _start_failure(e)
         fields = {"child": child, "reason": reason}
@@ -145,6 +158,7 @@ def run(
     finally:
         telemetry.detach(hid)
     _cli_log.info("tree.stopped", extra={"trellis": {"exit_code": code}})
+    tree_lock.release()  # everything is stopped and journaled
     _exit(code)
 
 
