@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
 import trellis
+from trellis._core import _stopping
 from trellis.testing import VirtualClock, capture_telemetry
 
 
@@ -25,6 +27,15 @@ async def crash_at_once() -> None:
 
 async def wait_forever() -> None:
     await asyncio.Event().wait()
+
+
+async def until(cond: Callable[[], bool]) -> None:
+    """Yield to the loop until ``cond()`` holds (bounded)."""
+    for _ in range(100_000):
+        if cond():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
 
 
 # ---------------------------------------------------------------------------
@@ -101,3 +112,123 @@ async def test_supervisor_keeps_retrying_at_max_after_1100_backoff_restarts(
             assert cap.named("supervisor.gave_up") == []
         finally:
             await sup.stop()
+
+
+# ---------------------------------------------------------------------------
+# A stopping tree: nothing restarts, pending starts are cancelled
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def tree_stop() -> AsyncIterator[_stopping.TreeStop]:
+    """The stop flag trellis.run arms for its loop."""
+    loop = asyncio.get_running_loop()
+    stop = _stopping.arm(loop)
+    try:
+        yield stop
+    finally:
+        _stopping.disarm(loop, stop)
+
+
+class Slow(trellis.Server):
+    """A server whose init records its start and then waits until released."""
+
+    async def init(self, log: list[str], name: str, gate: asyncio.Event | None) -> None:
+        log.append(f"start {name}")
+        if gate is not None:
+            await gate.wait()
+
+
+def slow_spec(log: list[str], name: str, gate: asyncio.Event | None = None) -> trellis.ChildSpec:
+    return trellis.ChildSpec(name, Slow.start_link, args=(log, name, gate))
+
+
+async def test_a_stopping_tree_records_exits_and_restarts_nothing(
+    tree_stop: _stopping.TreeStop,
+) -> None:
+    """Once the tree is stopping, every child exit is recorded with restart=False and
+    nothing restarts: five crashes at once (over intensity 3) make no gave_up."""
+    with capture_telemetry() as cap:
+        sup = await trellis.Supervisor.start(
+            [trellis.worker(f"w{i}", wait_forever) for i in range(5)], intensity=3, period=5.0
+        )
+        try:
+            pids = [c.pid for c in await sup.which_children()]
+            tree_stop.request()
+            for pid in pids:
+                trellis.exit(pid, Boom("SIGTERM"))
+            for _ in range(50):
+                await asyncio.sleep(0)
+            assert sup.alive
+            exited = cap.named("child.exited")
+            assert len(exited) == 5
+            assert all(e["restart"] is False for e in exited)
+            assert cap.named("child.restarted") == []
+            assert cap.named("supervisor.gave_up") == []
+            counts = await sup.count_children()
+            assert (counts.specs, counts.active) == (5, 0)
+        finally:
+            await sup.stop()
+
+
+async def test_a_stopping_tree_drops_pending_backoff_restarts(
+    clock: VirtualClock, tree_stop: _stopping.TreeStop
+) -> None:
+    """A restart waiting on its backoff when the stop comes never happens."""
+    backoff = trellis.Backoff(min=1.0, max=1.0)
+    with capture_telemetry() as cap:
+        sup = await trellis.Supervisor.start([trellis.worker("w", wait_forever, backoff=backoff)])
+        try:
+            trellis.exit((await sup.which_child("w")).pid, Boom("crash"))
+            await cap.wait_for("child.backoff")
+            tree_stop.request()
+            await clock.advance(5.0)
+            assert cap.named("child.restarted") == []
+            assert (await sup.which_child("w")).pid is None
+        finally:
+            await sup.stop()
+
+
+async def test_a_stop_during_the_start_cancels_it_and_stops_the_started_in_reverse(
+    tree_stop: _stopping.TreeStop,
+) -> None:
+    """A stop while a supervisor (and a supervisor inside it) start their children: the
+    start in progress is cancelled at once, no later child starts, and the children
+    started stop in reverse order; the start ends with SHUTDOWN."""
+    log: list[str] = []
+    never = asyncio.Event()
+    inner = trellis.Supervisor.child_spec(
+        [slow_spec(log, "i1"), slow_spec(log, "i2", never), slow_spec(log, "i3")], id="inner"
+    )
+    children = [slow_spec(log, "a"), slow_spec(log, "b"), inner, slow_spec(log, "c")]
+    with capture_telemetry() as cap:
+        start = asyncio.ensure_future(trellis.Supervisor.start(children, name="top"))
+        await until(lambda: "start i2" in log)
+        tree_stop.request()
+        async with asyncio.timeout(5):
+            with pytest.raises(trellis.StartError) as err:
+                await start
+    assert err.value.reason is trellis.SHUTDOWN
+    assert log == ["start a", "start b", "start i1", "start i2"]
+    stopped = [e["child_id"] for e in cap.named("child.terminated")]
+    assert stopped == ["i1", "b", "a"]
+    cancelled = [(e["supervisor"], e["child_id"]) for e in cap.named("supervisor.start_cancelled")]
+    assert cancelled == [("top/inner", "i2"), ("top", "inner")]
+    assert cap.named("child.started", child_id="c") == []
+
+
+async def test_without_a_tree_stop_a_start_is_not_cancelled() -> None:
+    """A loop that trellis.run did not arm keeps OTP's behaviour: starts run to the end."""
+    log: list[str] = []
+    gate = asyncio.Event()
+    start = asyncio.ensure_future(
+        trellis.Supervisor.start([slow_spec(log, "a", gate), slow_spec(log, "b")])
+    )
+    await until(lambda: "start a" in log)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not start.done()
+    gate.set()
+    sup = await start
+    assert log == ["start a", "start b"]
+    await sup.stop()

@@ -3,6 +3,7 @@ chosen from the tree file's settings and the command line."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 from dataclasses import dataclass, field
@@ -14,13 +15,30 @@ from ._core._exceptions import TrellisError
 from ._run import Extension
 from ._tree import Tracker
 
-__all__ = ["Operations", "OperationsError", "operations", "parse_tokens"]
+__all__ = [
+    "Operations",
+    "OperationsError",
+    "TreeLock",
+    "TreeLocked",
+    "lock_holder",
+    "lock_tree",
+    "operations",
+    "parse_tokens",
+]
 
 DEFAULT_TOKEN_ENV = "TRELLIS_CONTROL_TOKEN"
 
 
 class OperationsError(TrellisError, ValueError):
     """A journal, control or metrics setting that cannot be used (names which one)."""
+
+
+class TreeLocked(OperationsError):
+    """Another ``trellis run`` holds the tree's lock (its control socket or journal)."""
+
+    def __init__(self, message: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 @dataclass
@@ -231,3 +249,118 @@ def operations(
     mset = settings.get("metrics", {})
     ops.metrics = metrics if metrics is not None else bool(mset.get("enabled", True))
     return ops
+
+
+# ---------------------------------------------------------------------------
+# The tree's lock: one `trellis run` per control socket and per SQLite journal
+# ---------------------------------------------------------------------------
+
+
+class TreeLock:
+    """The lock files a running tree holds (``flock``, released when the process ends,
+    even by SIGKILL). :func:`lock_tree` takes them."""
+
+    def __init__(self, fds: list[int], paths: list[Path]) -> None:
+        self.fds = fds
+        self.paths = paths
+
+    def release(self) -> None:
+        """Unlock (closing the files); the lock files themselves stay."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
+
+
+def lock_paths(ops: Operations) -> list[tuple[Path, str]]:
+    """The lock files that guard ``ops``'s resources: ``<socket>.lock`` beside the
+    control socket and ``<db>.lock`` beside a SQLite journal, with what each guards."""
+    out: list[tuple[Path, str]] = []
+    if ops.socket is not None:
+        out.append((Path(ops.socket + ".lock"), f"control socket {ops.socket}"))
+    url = ops.journal_url
+    if url is not None and url.startswith("sqlite:///"):
+        db = url[len("sqlite:///") :].partition("?")[0]
+        out.append((Path(db + ".lock"), f"journal {db}"))
+    return out
+
+
+def lock_tree(ops: Operations) -> TreeLock:
+    """Take the tree's locks before anything is started or journaled; raises
+    :class:`TreeLocked` naming the running tree (and its pid) if another process holds
+    one, or :class:`OperationsError` if a lock file cannot be created.
+
+    Example::
+
+        lock = lock_tree(ops)   # held until the process exits (or lock.release())
+    """
+    fds: list[int] = []
+    paths: list[Path] = []
+    try:
+        for path, what in lock_paths(ops):
+            if what.startswith("control socket"):
+                from .control._errors import ControlError
+                from .control._paths import make_socket_dir, socket_dir
+
+                try:
+                    make_socket_dir(path.parent, private=path.parent == socket_dir())
+                except ControlError as e:
+                    raise OperationsError(str(e)) from None
+            fd = _open_lock(path)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                pid = f"pid {holder[0]}" if holder is not None else "pid unknown"
+                name = holder[1] if holder is not None and holder[1] else ops.name
+                raise TreeLocked(
+                    f"tree {name!r} is already running ({pid}): it holds the lock on its "
+                    f"{what} ({path}). Stop it first (trellis stop), or give this run "
+                    "another --socket and --journal",
+                    holder[0] if holder is not None else None,
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {ops.name}\n".encode(), 0)
+            paths.append(path)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return TreeLock(fds, paths)
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid of the live ``trellis run`` holding the lock file ``path`` (-1 if it has
+    not written its pid yet), else None (no such file, or nobody holds it: a socket
+    beside it is stale)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            return holder[0] if holder is not None else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _open_lock(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise OperationsError(f"cannot open the lock file {path}: {e.strerror or e}") from None
+
+
+def _read_holder(fd: int) -> tuple[int, str] | None:
+    """``(pid, tree name)`` as the holder wrote them, or None."""
+    try:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+    except OSError:
+        return None
+    pid, _, name = text.strip().partition(" ")
+    return (int(pid), name) if pid.isdigit() else None

@@ -1,0 +1,72 @@
+"""Whether the tree running in an event loop is stopping.
+
+``trellis.run`` arms a :class:`TreeStop` for its loop and sets it the moment a stop is
+requested (a signal, or the control API's stop). Supervisors consult it: once it is
+set, a child that exits is recorded and not restarted (a cgroup-wide SIGTERM reaches
+every child at once; restarting them would fight the shutdown), and a supervisor still
+starting its children cancels the start in progress and starts no more. A loop that no
+``trellis.run`` armed never stops this way (plain ``Supervisor.start_link`` keeps OTP's
+behaviour).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+
+__all__ = ["TreeStop", "arm", "disarm", "get"]
+
+
+class TreeStop:
+    """The stop flag of one loop's tree.
+
+    ``requested`` may be set from a signal handler (it is a plain attribute);
+    :meth:`request` also wakes the starts that wait on :meth:`waiter` (call it on the
+    loop's thread)."""
+
+    __slots__ = ("__weakref__", "_waiter", "loop", "requested")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.requested = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def request(self) -> None:
+        """Mark the tree as stopping and wake every start waiting on :meth:`waiter`."""
+        self.requested = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future done once a stop was requested (shared; never cancel it)."""
+        w = self._waiter
+        if w is None:
+            w = self._waiter = self.loop.create_future()
+            if self.requested:
+                w.set_result(None)
+        return w
+
+
+_armed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TreeStop] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def arm(loop: asyncio.AbstractEventLoop) -> TreeStop:
+    """Give ``loop`` a fresh stop flag (``trellis.run`` does this for its tree)."""
+    stop = _armed[loop] = TreeStop(loop)
+    return stop
+
+
+def disarm(loop: asyncio.AbstractEventLoop, stop: TreeStop) -> None:
+    """Forget ``loop``'s stop flag, if it is still ``stop``."""
+    if _armed.get(loop) is stop:
+        del _armed[loop]
+
+
+def get(loop: asyncio.AbstractEventLoop | None) -> TreeStop | None:
+    """The stop flag armed for ``loop``, or None."""
+    if loop is None or not _armed:
+        return None
+    return _armed.get(loop)
