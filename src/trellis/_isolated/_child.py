@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import importlib
 import logging
 import os
@@ -101,9 +100,8 @@ class _Link(asyncio.Protocol):
             kind = frame[0]
             server = self.server
             if kind == CALL:
-                fut = asyncio.get_running_loop().create_future()
-                fut.add_done_callback(functools.partial(self._reply, frame[1]))
-                server._deliver(Caller(frame[2], fut, None))
+                reply_to: Any = _ReplyTo(self, frame[1])  # duck-types the future
+                server._deliver(Caller(frame[2], reply_to, None))
             elif kind == CAST:
                 cast(server, frame[1])
             elif kind == INFO:
@@ -122,11 +120,9 @@ class _Link(asyncio.Protocol):
         if head and head[0] == CALL:
             self.send([REPLY_ERROR, head[1], why])
 
-    def _reply(self, ref: int, fut: asyncio.Future[Any]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            return  # the server died: its exit tells the parent
+    def reply(self, ref: int, value: Any) -> None:
         try:
-            self.send([REPLY, ref, fut.result()])
+            self.send([REPLY, ref, value])
         except UnsupportedMessage as e:
             self.send([REPLY_ERROR, ref, f"the reply cannot be sent back: {e}"])
 
@@ -140,6 +136,33 @@ class _Link(asyncio.Protocol):
                 self.done.set_result(None)
             return
         asyncio.get_running_loop().create_task(_stop(server, reason))
+
+
+class _ReplyTo:
+    """Stands where a call's future would: the server's reply is written to the parent in
+    the same step (no done-callback hop through the event loop). A failure (the server
+    died mid-call) is not sent: the server's exit reaches the parent as EXIT."""
+
+    __slots__ = ("link", "ref", "sent")
+
+    def __init__(self, link: _Link, ref: int) -> None:
+        self.link = link
+        self.ref = ref
+        self.sent = False
+
+    def done(self) -> bool:
+        return self.sent
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, value: Any) -> None:
+        if not self.sent:
+            self.sent = True
+            self.link.reply(self.ref, value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.sent = True
 
 
 async def _stop(server: Any, reason: Any) -> None:
