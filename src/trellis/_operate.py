@@ -298,13 +298,7 @@ def lock_tree(ops: Operations) -> TreeLock:
     try:
         for path, what in lock_paths(ops):
             if what.startswith("control socket"):
-                from .control._errors import ControlError
-                from .control._paths import make_socket_dir, socket_dir
-
-                try:
-                    make_socket_dir(path.parent, private=path.parent == socket_dir())
-                except ControlError as e:
-                    raise OperationsError(str(e)) from None
+                _make_dir(path.parent)  # closed (0700); the control API checks it again
             fd = _open_lock(path)
             fds.append(fd)
             try:
@@ -347,6 +341,24 @@ def lock_holder(path: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def _make_dir(directory: Path) -> None:
+    """Create ``directory`` with mode 0700 (its parents with the default mode)."""
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        try:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise OperationsError(f"cannot create {directory}: {e.strerror or e}") from None
+    except OSError as e:
+        raise OperationsError(f"cannot create {directory}: {e.strerror or e}") from None
 
 
 def _open_lock(path: Path) -> int:
