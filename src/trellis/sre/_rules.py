@@ -208,38 +208,38 @@ def prometheus_rules(tree: Any) -> str:
                 "labels": labels,
             }
         )
-        for severity, factor, long_w, short_w in ALERT_WINDOWS:
-            threshold = f"({factor!r} * {_budget(slo)})"
-            expr = (
-                f"trellis:slo_errors:ratio_rate{long_w}{sel} > {threshold}\n"
-                f"and\ntrellis:slo_errors:ratio_rate{short_w}{sel} > {threshold}"
-            )
-            alert_labels = {
-                "severity": severity,
-                "slo": slo.path,
-                "long_window": long_w,
-                "short_window": short_w,
-                "burn_rate": f"{factor:g}x",
-            }
+        for severity in ("page", "ticket"):
+            pairs = [(f, lw, sw) for sev, f, lw, sw in ALERT_WINDOWS if sev == severity]
+            clauses = []
+            for factor, long_w, short_w in pairs:
+                threshold = f"({factor!r} * {_budget(slo)})"
+                clauses.append(
+                    f"(\n  trellis:slo_errors:ratio_rate{long_w}{sel} > {threshold}\n"
+                    f"  and\n  trellis:slo_errors:ratio_rate{short_w}{sel} > {threshold}\n)"
+                )
+            alert_labels = {"severity": severity, "slo": slo.path}
             if slo.owner:
                 alert_labels["owner"] = slo.owner
             if slo.runbook:
                 alert_labels["runbook_url"] = slo.runbook
+            how = "; ".join(
+                f"{f:g}x over {lw} and {sw} spends "
+                f"{f * _hours(lw) / (slo.window / 3600) * 100:.3g}% of the budget in {lw}"
+                for f, lw, sw in pairs
+            )
             annotations = {
-                "summary": f"{slo.path}: error budget burning at {factor:g}x "
-                f"({long_w} and {short_w} windows)",
+                "summary": f"{slo.path} is burning its error budget too fast ({severity})",
                 "description": f"{'Subtree' if slo.subtree else 'Child'} {slo.path} "
-                f"(SLO {slo.objective * 100:g}% over {window}, sli {slo.sli}) is spending its "
-                f"error budget {factor:g} times faster than the SLO allows: at this rate "
-                f"{factor * _hours(long_w) / (slo.window / 3600) * 100:.3g}% of the "
-                f"{window} budget goes in {long_w}.",
+                f"(SLO {slo.objective * 100:g}% over {window}, sli {slo.sli}) on node "
+                "{{ $labels.node }} is spending its error budget too fast. "
+                f"Fires on: {how}.",
             }
             if slo.runbook:
                 annotations["runbook_url"] = slo.runbook
             rules.append(
                 {
                     "alert": "TrellisSLOErrorBudgetBurn",
-                    "expr": expr,
+                    "expr": "\nor\n".join(clauses),
                     "labels": alert_labels,
                     "annotations": annotations,
                 }
