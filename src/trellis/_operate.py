@@ -214,11 +214,14 @@ def operations(
             jset["key"] = key
         ops.journal_options = jset
         if ops.journal_url.startswith("sqlite:///"):
+            from .journal._errors import JournalError
+            from .journal._paths import journal_dir, private_dir
+
             db = Path(ops.journal_url[len("sqlite:///") :])
-            try:
-                db.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise OperationsError(f"journal: cannot create {db.parent}: {e}") from None
+            try:  # created 0700; the default state directory is checked too
+                private_dir(db.parent, check_existing=db.parent == journal_dir())
+            except JournalError as e:
+                raise OperationsError(str(e)) from None
 
     cset = settings.get("control", {})
     enabled = control is not False and (control is True or cset.get("enabled", True))

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import sqlite3
-import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -463,41 +462,3 @@ def test_row_dropping_the_tables_or_the_file(sqlite_db: Db) -> None:
     os.unlink(db.url[len("sqlite:///") :])
     with pytest.raises(JournalNotFound):
         check(db, anchor=False)
-
-
-# ---------------------------------------------------------------------------
-# File modes
-# ---------------------------------------------------------------------------
-
-
-def test_database_wal_shm_and_anchor_are_0600(tmp_path: Path) -> None:
-    old = os.umask(0o022)
-    try:
-        path = tmp_path / "j.db"
-        with Journal(f"sqlite:///{path}", key=KEY) as journal:
-            trellis.telemetry.emit("work.item", time=0.0)
-            journal.flush()
-            modes = {
-                p.name: stat.S_IMODE(p.stat().st_mode)
-                for p in tmp_path.iterdir()
-                if p.name.startswith("j.db")
-            }
-        anchor = stat.S_IMODE((tmp_path / "j.db.anchor").stat().st_mode)
-    finally:
-        os.umask(old)
-    assert {"j.db", "j.db-wal", "j.db-shm"} <= set(modes)
-    assert set(modes.values()) == {0o600}, modes
-    assert anchor == 0o600
-
-
-def test_an_existing_database_readable_by_others_is_made_0600(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    path = tmp_path / "j.db"
-    with Journal(f"sqlite:///{path}"):
-        pass
-    os.chmod(path, 0o644)
-    with Journal(f"sqlite:///{path}"):
-        pass
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert f"{path} was readable by others; its mode is now 0600" in caplog.text
