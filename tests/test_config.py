@@ -434,7 +434,7 @@ CASES: list[tuple[str, str, tuple[int, str, str]]] = [
             7,
             "supervisor.children[0].command",
             "conflicting kinds: 'server' and 'command'; a child is exactly one of command, server, "
-            "worker or children (a supervisor)",
+            "isolated, worker or children (a supervisor)",
         ),
     ),
     (
@@ -444,8 +444,7 @@ CASES: list[tuple[str, str, tuple[int, str, str]]] = [
             6,
             "supervisor.children[0].strategy",
             "conflicting kinds: 'worker' and 'strategy'; a child is exactly one of command, "
-            "server, "
-            "worker or children (a supervisor)",
+            "server, isolated, worker or children (a supervisor)",
         ),
     ),
     (
@@ -454,7 +453,7 @@ CASES: list[tuple[str, str, tuple[int, str, str]]] = [
         (
             4,
             "supervisor.children[0]",
-            "a child needs one of command, server, worker or children (a supervisor)",
+            "a child needs one of command, server, isolated, worker or children (a supervisor)",
         ),
     ),
     (
@@ -841,7 +840,7 @@ def test_unknown_key_in_a_child_without_kind() -> None:
         (
             4,
             "supervisor.children[0]",
-            "a child needs one of command, server, worker or children (a supervisor)",
+            "a child needs one of command, server, isolated, worker or children (a supervisor)",
         ),
         (6, "supervisor.children[0].comand", "unknown key 'comand' (did you mean 'command'?)"),
     ]

@@ -64,7 +64,7 @@ class Operations:
         if self.metrics:
             from .metrics import Metrics
 
-            metrics = Metrics(node=self.node)
+            metrics = Metrics(node=self.node, tracker=self.tracker)
             exts.append(metrics)
         if self.journal_url is not None:
             from .journal import Journal

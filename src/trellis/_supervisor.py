@@ -790,6 +790,7 @@ class _SupervisorServer(Server):
         if child.running():
             raise Running(f"child {id!r} is running")
         self._remove(child)
+        self._event("child.deleted", child_id=child.id)  # observers forget it
 
     async def _op_which_children(self, _: Any) -> list[ChildInfo]:
         if self.mode == _STATIC:

@@ -434,6 +434,20 @@ class ServerChild(_Child):
     name: NonEmpty | None = None
 
 
+class IsolatedChild(_Child):
+    what = "an isolated server child"
+    isolated: Ref
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
+    name: NonEmpty | None = None
+    limits: LimitsModel | None = None
+    python: NonEmpty | None = None
+    serializer: Literal["msgpack", "pickle"] | None = None
+    heartbeat: Seconds | None = None
+    env: dict[EnvVarName, EnvValue] | None = None
+    cwd: NonEmpty | None = None
+
+
 class WorkerChild(_Child):
     what = "a worker child"
     worker: Ref
@@ -532,6 +546,7 @@ class Document(_Model):
 CHILD_KINDS: dict[str, type[_Child]] = {
     "command": CommandChild,
     "server": ServerChild,
+    "isolated": IsolatedChild,
     "worker": WorkerChild,
     "supervisor": SupervisorChild,
 }

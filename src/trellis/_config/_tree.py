@@ -34,6 +34,7 @@ from ._models import (
     CommandChild,
     Document,
     HealthModel,
+    IsolatedChild,
     ReadyModel,
     RootSupervisor,
     ServerChild,
@@ -50,6 +51,8 @@ __all__ = ["Node", "Tree", "walk"]
 M = TypeVar("M", bound=_Model)
 
 _SUPERVISOR_KEYS = ("children", "strategy", "intensity", "period", "auto_shutdown")
+#: The keys that name what a child runs (a supervisor is known by its own keys).
+_KIND_KEYS = ("command", "server", "isolated", "worker")
 _SPEC_OPTIONS = frozenset({"id", "restart", "shutdown", "significant", "backoff", "name"})
 
 
@@ -268,12 +271,12 @@ class _Walker:
         if not isinstance(data, dict):
             self.error(path, f"a child is a table, got {data!r}")
             return _Built(None, None, None)
-        kinds = [k for k in ("command", "server", "worker") if k in data]
+        kinds = [k for k in _KIND_KEYS if k in data]
         sup_keys = [k for k in data if k in _SUPERVISOR_KEYS]
         if sup_keys:
             kinds.append("supervisor")
         if len(kinds) != 1:
-            keys = [k for k in data if k in ("command", "server", "worker") or k in sup_keys]
+            keys = [k for k in data if k in _KIND_KEYS or k in sup_keys]
             if keys:
                 names = " and ".join(repr(k) for k in keys)
                 msg = f"conflicting kinds: {names}; a child is exactly one of"
@@ -285,7 +288,9 @@ class _Walker:
                 for key in data:
                     if key not in known:
                         self.error((*path, key), f"unknown key {key!r}{suggest(key, known)}")
-            self.error(where, f"{msg} command, server, worker or children (a supervisor)")
+            self.error(
+                where, f"{msg} command, server, isolated, worker or children (a supervisor)"
+            )
             if "children" in data:
                 self.children(data["children"], (*path, "children"), None)
             return _Built(None, None, None)
@@ -311,6 +316,8 @@ class _Walker:
                 result = self.command(model, path)
             elif isinstance(model, ServerChild):
                 result = self.server(model, path)
+            elif isinstance(model, IsolatedChild):
+                result = self.isolated(model, path)
             else:
                 assert isinstance(model, WorkerChild)
                 result = self.worker(model, path)
@@ -421,7 +428,7 @@ class _Walker:
         fn: Callable[..., Any],
         bind: Callable[[inspect.Signature], object],
         shown: str,
-        model: ServerChild | WorkerChild,
+        model: ServerChild | IsolatedChild | WorkerChild,
         path: KeyPath,
     ) -> None:
         try:
@@ -432,11 +439,19 @@ class _Walker:
             bind(sig)
         except TypeError as e:
             key = "args" if model.args is not None else "kwargs" if model.kwargs else None
-            kind = "server" if isinstance(model, ServerChild) else "worker"
+            kind = (
+                "server"
+                if isinstance(model, ServerChild)
+                else "isolated"
+                if isinstance(model, IsolatedChild)
+                else "worker"
+            )
             where: KeyPath = (*path, key) if key else (*path, kind)
             self.error(where, f"arguments do not match {shown}: {e}")
 
-    def check_kwargs(self, model: ServerChild | WorkerChild, path: KeyPath) -> bool:
+    def check_kwargs(
+        self, model: ServerChild | IsolatedChild | WorkerChild, path: KeyPath
+    ) -> bool:
         clash = sorted(_SPEC_OPTIONS.intersection(model.kwargs or {}))
         for key in clash:
             self.error(
@@ -465,6 +480,43 @@ class _Walker:
         name: dict[str, Any] = {"name": model.name} if model.name else {}
         spec = self.make(path, lambda: cls.child_spec(*args, id=cid, **opts, **name, **kwargs))
         node = Node(cid, "server", model.server)
+        return _Built(spec, cid, node if spec is not None else None)
+
+    def isolated(self, model: IsolatedChild, path: KeyPath) -> _Built:
+        """A server in an interpreter of its own: the class is imported here to check it
+        (and its init's arguments); the new interpreter imports it again by name."""
+        cls = self.import_ref(model.isolated, (*path, "isolated"))
+        opts = self.options(model, path)
+        if cls is None or not self.check_kwargs(model, path):
+            return _Built(None, model.id, None)
+        if not (inspect.isclass(cls) and issubclass(cls, Server)):
+            self.error(
+                (*path, "isolated"),
+                f"{model.isolated!r} is not a trellis.Server subclass (got {_describe(cls)})",
+            )
+            return _Built(None, model.id, None)
+        args, kwargs = list(model.args or ()), dict(model.kwargs or {})
+        shown = f"{cls.__name__}.init{_plain_signature(cls.init, skip=1)}"
+        self.check_arguments(cls.init, lambda s: s.bind(None, *args, **kwargs), shown, model, path)
+        cwd = self.directory(model.cwd, (*path, "cwd")) if model.cwd is not None else None
+        cid = model.id or cls.__name__
+        if opts is None or self.failed:
+            return _Built(None, cid, None)
+        extra: dict[str, Any] = {
+            key: getattr(model, key)
+            for key in ("name", "python", "serializer", "heartbeat", "env")
+            if getattr(model, key) is not None
+        }
+        if model.limits is not None:
+            extra["limits"] = Limits(**model.limits.given())
+        if cwd is not None:
+            extra["cwd"] = str(cwd)
+        from .._isolated import Isolated  # msgspec is imported only for trees that need it
+
+        spec = self.make(
+            path, lambda: Isolated(model.isolated, *args, id=cid, **opts, **extra, **kwargs)
+        )
+        node = Node(cid, "isolated", model.isolated)
         return _Built(spec, cid, node if spec is not None else None)
 
     def worker(self, model: WorkerChild, path: KeyPath) -> _Built:

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
+import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -32,7 +35,27 @@ __all__ = ["COMMANDS", "events", "reload", "restart", "start", "status", "stop"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_STATE_STYLE = {"running": "green", "restarting": "yellow", "stopped": "red"}
+_STATE_STYLE = {"running": "green", "starting": "cyan", "restarting": "yellow", "stopped": "red"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: How many of a crashed child's last stderr lines ``status`` shows.
+STDERR_LINES = 5
+
+
+def _safe(text: object) -> str:
+    """``text`` with control characters shown as ``\\xNN``: a child's output must not
+    drive the operator's terminal (OSC title changes, CSI cursor moves, bells)."""
+    s = str(text)
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", s) if _CONTROL.search(s) else s
+
+
+def _age(iso: object) -> float | None:
+    """Seconds since an ISO 8601 time (the API's ``since``), or None."""
+    if not isinstance(iso, str):
+        return None
+    try:
+        return max(0.0, time.time() - datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return None
 _QUIET_FIELDS = frozenset({"event", "path", "time", "utc", "supervisor", "sup_pid", "child_id"})
 
 
@@ -117,12 +140,19 @@ def _duration(seconds: float | None) -> str:
 
 def _label(node: dict[str, Any]) -> Text:
     text = Text()
-    text.append(str(node.get("id")), style="bold")
+    text.append(_safe(node.get("id")), style="bold")
     if node.get("type") == "supervisor":
         text.append(" (supervisor)", style="dim")
     state = str(node.get("state"))
     text.append("  ")
-    text.append(state, style=_STATE_STYLE.get(state, ""))
+    text.append(_safe(state), style=_STATE_STYLE.get(state, ""))
+    if state != "running" and node.get("since"):
+        age = _age(node["since"])
+        text.append(f" since {str(node['since'])[11:19]}")
+        if age is not None:
+            text.append(f" ({_duration(age)})")
+    if node.get("retry_in_s") is not None:
+        text.append(f"  next attempt in {_duration(node['retry_in_s'])}")
     if node.get("pid"):
         text.append(f"  {node['pid']}", style="dim")
     if node.get("os_pid") is not None:
@@ -132,9 +162,13 @@ def _label(node: dict[str, Any]) -> Text:
     restarts = node.get("restarts") or 0
     text.append(f"  restarts {restarts}", style="yellow" if restarts else "")
     if node.get("last_exit"):
-        text.append(f"  last exit: {node['last_exit']}", style="dim")
+        text.append(f"  last exit: {_safe(node['last_exit'])}", style="dim")
         if node.get("last_class"):
-            text.append(f" ({node['last_class']})", style="dim")
+            text.append(f" ({_safe(node['last_class'])})", style="dim")
+    stderr = [o for o in node.get("last_output") or [] if o.get("stream") == "stderr"]
+    for o in stderr[-STDERR_LINES:]:
+        text.append("\n  stderr| ", style="dim")
+        text.append(_safe(o.get("line", "")), style="red")
     return text
 
 
@@ -147,7 +181,8 @@ def _add(tree: Tree, node: dict[str, Any]) -> None:
 @_connection_options
 @_handle_errors
 def status(socket_path: str | None, url: str | None, token: str | None, as_json: bool) -> None:
-    """Show the running tree: state, pids, uptime, restarts, last exit."""
+    """Show the running tree: state (and since when, if not running), pids, uptime,
+    restarts, last exit, and the last stderr lines of a child that exited abnormally."""
     with _client(socket_path, url, token) as c:
         data = c.get("/v1/tree")
     if as_json:
@@ -169,7 +204,7 @@ def _event_line(name: str, data: dict[str, Any]) -> str:
     fields = " ".join(
         f"{k}={v}" for k, v in data.items() if k not in _QUIET_FIELDS and v is not None
     )
-    return f"{when} {name:<18} {data.get('path') or '-'} {fields}".rstrip()
+    return _safe(f"{when} {name:<18} {data.get('path') or '-'} {fields}".rstrip())
 
 
 @click.command()

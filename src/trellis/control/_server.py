@@ -97,6 +97,41 @@ def _utc(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
 
 
+def _root_name(root: Pid) -> str:
+    return str(root.name) if root.name is not None else "root"
+
+
+def _view_json(n: dict[str, Any], root_since: float | None) -> dict[str, Any]:
+    """A tracker snapshot node as ``/v1/tree`` shows it."""
+    state = n["state"]
+    root = n["supervisor"] is None
+    since = root_since if root and root_since is not None else n["since"]
+    pid = n["pid"]
+    out = {
+        "path": n["path"],
+        "id": _json_id(n["id"]),
+        "type": n["type"],
+        "state": state,
+        "since": _utc(since) if since is not None else None,
+        "restart": n["restart"],
+        "pid": _pid_text(pid) if pid is not None else None,
+        "os_pid": n["os_pid"],
+        "uptime_s": round(max(0.0, time.time() - since), 3)
+        if state == "running" and since is not None
+        else None,
+        "retry_in_s": round(n["retry_in"], 3) if n["retry_in"] is not None else None,
+        "restarts": n["restarts"],
+        "last_exit": n["last_exit"],
+        "last_class": n["last_class"],
+        # the last lines of a child that exited abnormally (why it crashed)
+        "last_output": [{"stream": st, "line": line} for st, line in n["output"]]
+        if n["last_class"] not in (None, "normal", "shutdown")
+        else [],
+        "children": [_view_json(c, None) for c in n["children"]],
+    }
+    return out
+
+
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
@@ -418,30 +453,26 @@ class ControlServer:
             if child.type == "supervisor":
                 await self._fill(sub, _event_prefix(child.pid, sub.path))
 
-    def _node_json(self, e: _Entry) -> dict[str, Any]:
-        node = e.node
-        running = node.state == "running"
-        stats = self.tracker.stats.get(e.stats_key) if self.tracker is not None else None
-        os_pid = node.os_pid
-        if os_pid is None and running and stats is not None:
-            os_pid = stats.os_pid
-        since = None
-        if running:
-            since = self._root_since if e.parent is None else getattr(stats, "started_wall", None)
-        return {
-            "path": e.path,
-            "id": _json_id(node.id if not e.dynamic else e.stats_key.rsplit("/", 1)[-1]),
-            "type": node.type,
-            "state": node.state,
-            "restart": e.restart,
-            "pid": _pid_text(node.pid) if node.pid is not None else None,
-            "os_pid": os_pid,
-            "uptime_s": round(max(0.0, time.time() - since), 3) if since is not None else None,
-            "restarts": stats.restarts if stats is not None else 0,
-            "last_exit": stats.last_exit if stats is not None else None,
-            "last_class": stats.last_class if stats is not None else None,
-            "children": [self._node_json(c) for c in e.children],
-        }
+    def _root_key(self) -> str | None:
+        """The root supervisor's event path (what the tracker knows it by)."""
+        return None if self.root is None else _event_prefix(self.root, _root_name(self.root))
+
+    def _view(self) -> dict[str, Any] | None:
+        """The tree as the tracker knows it (no supervisor is asked anything): cheap
+        enough for the loop in small trees, and safe to call from a thread."""
+        tracker, key = self.tracker, self._root_key()
+        if tracker is None or key is None:
+            return None
+        return tracker.snapshot(key)
+
+    def _tree_body(self) -> bytes | None:
+        """The ``/v1/tree`` answer, built off the loop (large trees take milliseconds)."""
+        view = self._view()
+        if view is None:
+            return None
+        root = _view_json(view, self._root_since)
+        body = {"node": self.node, "time": _utc(time.time()), "root": root}
+        return json.dumps(body, default=repr).encode()
 
     @staticmethod
     def _find(tree: _Entry, path: str) -> _Entry | None:
@@ -458,17 +489,20 @@ class ControlServer:
 
     # -- Endpoints ------------------------------------------------------------------------
     async def _tree(self, request: Request) -> Response:
-        snap = await self._snapshot()
-        if snap is None:
+        if self.root is None:
             return self._not_started()
-        return JSONResponse(
-            {"node": self.node, "time": _utc(time.time()), "root": self._node_json(snap)}
-        )
+        body = await asyncio.to_thread(self._tree_body)
+        if body is None:
+            return _error(503, "the tree tracker has not seen the root supervisor start")
+        return Response(body, media_type="application/json")
 
     async def _healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "node": self.node, "os_pid": os.getpid()})
 
     async def _readyz(self, request: Request) -> Response:
+        """Ready when the root runs and every child that should run runs, as telemetry
+        showed it (never asking a supervisor, which may be busy): fails closed when the
+        tracker is unsure or a child is starting, restarting or down."""
         root = self.root
         if root is None:
             return JSONResponse(
@@ -480,20 +514,28 @@ class ControlServer:
                 {"ready": False, "reason": "the root supervisor is not running", "not_ready": []},
                 status_code=503,
             )
-        snap = await self._snapshot()
-        assert snap is not None
-        bad = [
-            e
-            for e in snap.flat()[1:]
-            if e.node.state == "restarting"
-            or (e.node.state != "running" and e.restart == "permanent")
-        ]
-        if bad:
-            down = [{"path": e.path, "state": e.node.state, "restart": e.restart} for e in bad]
-            names = ", ".join(e.path for e in bad)
+        from .._children import guardian_status
+
+        guard = guardian_status()
+        if not guard["ok"]:  # a kill -9 of Trellis would orphan the OS-process children
             return JSONResponse(
-                {"ready": False, "reason": f"not running: {names}", "not_ready": down},
+                {
+                    "ready": False,
+                    "reason": f"degraded: {guard['detail']}",
+                    "guardian": guard,
+                    "not_ready": [],
+                },
                 status_code=503,
+            )
+        if self.tracker is None:
+            reason: str | None = "no tree tracker"
+            bad: list[dict[str, Any]] = []
+        else:
+            reason, bad = await asyncio.to_thread(self.tracker.not_ready, self._root_key())
+        if reason is not None:
+            down = [{"path": n["path"], "state": n["state"], "restart": n["restart"]} for n in bad]
+            return JSONResponse(
+                {"ready": False, "reason": reason, "not_ready": down}, status_code=503
             )
         return JSONResponse({"ready": True, "not_ready": []})
 

@@ -14,7 +14,6 @@ import math
 import re
 import socket
 import time
-import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -33,8 +32,7 @@ from prometheus_client.utils import floatToGoString
 from .._children import ProcessExitReason
 from .._core import _telemetry
 from .._core._process import Pid
-from .._supervisor import _AdminPid
-from .._tree import Node, classify, walk
+from .._tree import CLASSES, Tracker, classify, flat
 
 __all__ = ["Metrics"]
 
@@ -65,9 +63,9 @@ EVENTS = (
 )
 
 _CLEAN = frozenset(("normal", "shutdown"))
-_STATES = ("running", "restarting", "stopped")
+_STATES = ("running", "starting", "restarting", "stopped")
+_STATE_INDEX = {st: i for i, st in enumerate(_STATES)}
 _MAX_LABEL = 120
-_UNKNOWN = object()
 
 # Exception types whose class does not depend on the instance: classified once per type
 # (classify() costs ~0.8 us for a plain exception). OS-process reasons carry the code,
@@ -184,8 +182,9 @@ class _ChildStats:
         self.sup = sup
         self.child = child
         self.starts = 0
-        self.restarts: dict[str, int] = {}
-        self.exits: dict[str, int] = {}
+        # every class from the first sight, at 0: increase() sees the first restart
+        self.restarts: dict[str, int] = dict.fromkeys(CLASSES, 0)
+        self.exits: dict[str, int] = dict.fromkeys(CLASSES, 0)
         self.start_failures = 0
         self.start_wall: float | None = None  # time.time() of the last start
         self.started_at: float | None = None  # Trellis clock of the last start, while up
@@ -213,9 +212,12 @@ class Metrics:
     """Prometheus metrics for supervision trees, as a ``trellis.run`` extension.
 
     Counters and histograms come from telemetry (attached by :meth:`attach` or
-    :meth:`start`); the ``up``, ``state`` and ``mailbox_length`` gauges come from a
-    walk of the tree whose root was given to :meth:`tree_started` (or :meth:`track`),
-    done by :meth:`render` at each scrape. Every series has the labels ``node``,
+    :meth:`start`); the ``up``, ``state`` and ``mailbox_length`` gauges come from the
+    :class:`~trellis._tree.Tracker` (the tree's shape and states as telemetry showed
+    them) for the tree whose root was given to :meth:`tree_started` (or :meth:`track`),
+    read at each scrape: a scrape never waits for a supervisor (one that waits for a
+    child's readiness cannot answer), and is rendered in a worker thread so that the
+    tree's loop is never held by a large tree. Every series has the labels ``node``,
     ``supervisor`` (tree path) and ``child`` (child id) where they apply, never a pid
     or a free-text reason; ``reason`` is an exit class from
     ``normal, shutdown, crash, hung, killed, oom, timeout``.
@@ -223,7 +225,8 @@ class Metrics:
     Metrics (all prefixed ``trellis_``): ``child_starts_total``,
     ``child_restarts_total{reason}`` (class of the exit that caused the restart),
     ``child_exits_total{reason}``, ``child_start_failures_total``, ``child_up``,
-    ``child_state{state}`` (running, restarting, stopped), ``child_start_time_seconds``,
+    ``child_state{state}`` (running, starting, restarting, stopped),
+    ``child_start_time_seconds``,
     ``child_recovery_seconds`` (abnormal exit to the next start, Trellis clock),
     ``child_run_seconds`` (start to the next abnormal exit), ``child_mailbox_length``,
     ``supervisor_intensity_exceeded_total``, ``journal_write_seconds``,
@@ -233,20 +236,24 @@ class Metrics:
 
     Children of a ``DynamicSupervisor`` or ``simple_one_for_one`` supervisor that share
     a spec id share one label set: ``child_state`` then counts them and ``child_up`` is
-    1 only while all of them run. A child the walk no longer finds (a temporary child
-    that ended, a deleted child, a dynamic child that was terminated, a subtree that
-    is gone) keeps its series for one more scrape, then they are removed; so do the
-    series of supervisors outside the tracked tree. Telemetry alone cannot tell this
-    (``delete_child`` emits nothing, and a terminated static child keeps its spec), so
-    the walk decides. Children of a supervisor that is restarting or does not answer
-    within ``walk_timeout`` keep their series. ``child_exits_total`` counts the exits
-    the supervisor reacted to (``child.exited``), not the children it stopped itself.
+    1 only while all of them run. A child the tracker forgets (a temporary child that
+    ended, a deleted child, a dynamic child that was terminated, a subtree that is
+    gone) keeps its series for one more scrape, then they are removed; so do the
+    series of supervisors outside the tracked tree. Children of a supervisor that is
+    restarting keep their series, with ``up`` 0 and their state (``restarting``).
+    ``child_restarts_total`` and ``child_exits_total`` have a series at 0 for every
+    reason class from the child's first start, so ``increase()`` sees the first one.
+    ``child_exits_total`` counts the exits the supervisor reacted to
+    (``child.exited``), not the children it stopped itself.
 
     Args:
         node: The ``node`` label (default: the host name).
         registry: The prometheus_client registry to register in (default: a new one,
             in :attr:`registry`).
-        walk_timeout: How long a scrape waits for each supervisor to answer.
+        walk_timeout: Kept for compatibility: scrapes no longer ask supervisors.
+        tracker: The :class:`~trellis._tree.Tracker` to read the tree from (``trellis
+            run`` shares one); without one, a tracker of its own follows telemetry
+            while the metrics are attached.
 
     Example::
 
@@ -262,6 +269,7 @@ class Metrics:
         node: str | None = None,
         registry: CollectorRegistry | None = None,
         walk_timeout: float = 2.0,
+        tracker: Tracker | None = None,
     ) -> None:
         if node is None:
             node = socket.gethostname()
@@ -292,7 +300,8 @@ class Metrics:
         self._errors = 0
         self._root: Pid | None = None
         self._live: dict[tuple[str, str], list[int]] = {}
-        self._spec_ids: weakref.WeakKeyDictionary[Pid, Any] = weakref.WeakKeyDictionary()
+        self._own_tracker = tracker is None
+        self.tracker = Tracker() if tracker is None else tracker
         self._hid: object | None = None
         try:
             self.registry.register(_Collector(self))
@@ -305,6 +314,8 @@ class Metrics:
     def attach(self) -> Metrics:
         """Start counting telemetry events (idempotent); returns ``self``."""
         if self._hid is None:
+            if self._own_tracker:
+                self.tracker.attach()
             self._hid = _telemetry.attach(self._handle, EVENTS)
         return self
 
@@ -313,6 +324,8 @@ class Metrics:
         if self._hid is not None:
             _telemetry.detach(self._hid)
             self._hid = None
+            if self._own_tracker:
+                self.tracker.detach()
 
     @property
     def attached(self) -> bool:
@@ -320,7 +333,8 @@ class Metrics:
         return self._hid is not None
 
     def track(self, root: Pid | None) -> None:
-        """Walk the tree under ``root`` at each :meth:`render` (``None``: walk nothing).
+        """Export the ``up``/``state`` gauges of the tree under ``root`` at each
+        :meth:`render` (``None``: of no tree).
 
         :meth:`tree_started` does this under ``trellis.run``; a program that starts its
         tree itself calls it.
@@ -334,13 +348,15 @@ class Metrics:
         if root is not None and not isinstance(root, Pid):
             raise TypeError(f"Metrics.track(root) takes a supervisor pid, not {root!r}")
         self._root = root
+        if root is not None:
+            self.tracker.pin(root)
 
     async def start(self) -> None:
         """Extension hook: attach to telemetry before the root starts."""
         self.attach()
 
     async def tree_started(self, root: Pid, request_stop: Callable[[], None]) -> None:
-        """Extension hook: remember the root for the scrape-time walk."""
+        """Extension hook: remember the root for the scrape-time gauges."""
         self.track(root)
 
     async def stop(self) -> None:
@@ -349,7 +365,9 @@ class Metrics:
 
     # -- scraping ------------------------------------------------------------------
     async def render(self, accept: str | None = None) -> tuple[bytes, str]:
-        """Walk the tree for the scrape-time gauges, then encode the registry.
+        """The exposition of the registry, rendered in a worker thread: the tree's loop
+        is never held for more than a moment, however large the tree (its state comes
+        from the tracker, which no supervisor has to answer for).
 
         ``accept`` is the scraper's ``Accept`` header: OpenMetrics when it asks for it,
         the Prometheus text format 0.0.4 otherwise. Returns ``(body, content_type)``.
@@ -358,94 +376,42 @@ class Metrics:
 
             body, content_type = await metrics.render(request.headers.get("accept"))
         """
-        await self.refresh()
+        return await asyncio.to_thread(self.render_now, accept)
+
+    def render_now(self, accept: str | None = None) -> tuple[bytes, str]:
+        """:meth:`render` in the calling thread (safe from any thread)."""
+        self.refresh_now()
         if accept is None:
             return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
     async def refresh(self) -> None:
-        """Walk the tracked tree: update the ``up``/``state``/``mailbox_length`` gauges
-        and drop the series of children no longer in it (see the class docstring)."""
+        """Update the ``up``/``state``/``mailbox_length`` gauges from the tracker and
+        drop the series of children no longer in the tree (see the class docstring)."""
+        await asyncio.to_thread(self.refresh_now)
+
+    def refresh_now(self) -> None:
+        """:meth:`refresh` in the calling thread."""
         root = self._root
         if root is None:
             self._live = {}
             return
-        tree = await walk(root, timeout=self.walk_timeout)
+        tree = self.tracker.snapshot(root)
+        if tree is None:  # not seen yet (or already stopped): nothing is known to be gone
+            self._live = {}
+            return
         live: dict[tuple[str, str], list[int]] = {}
         sups: set[str] = set()
-        protected: list[str] = []
-        root_label = _label(_own_path(tree, tree.path))
+        root_label = _label(tree["path"])
         _count(live, ("", root_label), tree)
-        await self._visit(tree, root_label, live, sups, protected)
+        sups.add(root_label)
+        for n in flat(tree)[1:]:
+            _count(live, (_label(n["supervisor"]), _label(n["id"])), n)
+            if n["type"] == "supervisor":
+                sups.add(_label(f"{n['supervisor']}/{n['id']}"))
         self._live = live
-        self._sweep(live, sups, protected)
-
-    async def _visit(
-        self,
-        node: Node,
-        label: str,
-        live: dict[tuple[str, str], list[int]],
-        sups: set[str],
-        protected: list[str],
-    ) -> None:
-        """Count the children of the supervisor ``node`` (labelled ``label``), and theirs."""
-        sups.add(label)
-        if node.state == "restarting" or (
-            node.state == "running" and not node.children and not await self._empty(node.pid)
-        ):
-            protected.append(label)  # its children are unknown now, not gone
-        sup_pid = node.pid
-        own = _own_path(node, node.path)
-        template: Any = None  # for dynamic children: _UNKNOWN, ("id",) or None (unasked)
-        for ch in node.children:
-            cid: Any = ch.id
-            if cid is None:  # DynamicSupervisor / simple_one_for_one: ids are spec ids
-                if template is None:
-                    template = await self._template(sup_pid)
-                cid = template[0] if type(template) is tuple else await self._spec_id(sup_pid, ch)
-                if cid is _UNKNOWN:
-                    protected.append(label)
-                    continue
-            _count(live, (label, _label(cid)), ch)
-            if ch.type == "supervisor":
-                child_label = _label(_own_path(ch, f"{own}/{cid}"))
-                await self._visit(ch, child_label, live, sups, protected)
-
-    async def _template(self, sup: Pid | None) -> Any:
-        """``(id,)`` for a simple_one_for_one supervisor, ``_UNKNOWN`` otherwise."""
-        if not isinstance(sup, _AdminPid):
-            return _UNKNOWN
-        try:
-            spec = await asyncio.wait_for(_get_childspec(sup, None), self.walk_timeout)
-        except Exception:  # a DynamicSupervisor (NotFound), or it did not answer
-            return _UNKNOWN
-        return (spec.id,)
-
-    async def _spec_id(self, sup: Pid | None, child: Node) -> Any:
-        pid = child.pid
-        if pid is None or not isinstance(sup, _AdminPid):
-            return _UNKNOWN  # restarting: no pid to ask about
-        cid = self._spec_ids.get(pid, _UNKNOWN)
-        if cid is not _UNKNOWN:
-            return cid
-        try:
-            spec = await asyncio.wait_for(_get_childspec(sup, pid), self.walk_timeout)
-        except Exception:  # gone meanwhile (NotFound), or the supervisor did not answer
-            return _UNKNOWN
-        self._spec_ids[pid] = spec.id
-        return spec.id
-
-    async def _empty(self, sup: Pid | None) -> bool:
-        """Whether a supervisor that showed no children really has none (it may have not
-        answered the walk in time)."""
-        if not isinstance(sup, _AdminPid):
-            return True
-        try:
-            c = await asyncio.wait_for(sup.count_children(), self.walk_timeout)
-        except Exception:
-            return False
-        return bool(c.supervisors + c.workers == 0)
+        self._sweep(live, sups, [])
 
     def _sweep(
         self, live: dict[tuple[str, str], list[int]], sups: set[str], protected: list[str]
@@ -688,21 +654,22 @@ class Metrics:
         for (sup, child), m in merged.items():
             labels = [node, sup, child]
             starts.add_metric(labels, m.starts)
-            for cls, n in sorted(m.restarts.items()):
+            for cls, n in m.restarts.items():
                 restarts.add_metric([*labels, cls], n)
-            for cls, n in sorted(m.exits.items()):
+            for cls, n in m.exits.items():
                 exits.add_metric([*labels, cls], n)
             failures.add_metric(labels, m.start_failures)
             if m.start_wall is not None:
                 start_time.add_metric(labels, m.start_wall)
             recovery.add_metric(labels, m.recovery.buckets(), m.recovery.sum)
             run.add_metric(labels, m.run.buckets(), m.run.sum)
-        for (sup, child), (n_run, n_restarting, n_stopped, mbox) in list(self._live.items()):
+        for (sup, child), row in list(self._live.items()):
             labels = [node, sup, child]
-            up.add_metric(labels, 1 if n_run and not n_restarting and not n_stopped else 0)
-            for st, n in zip(_STATES, (n_run, n_restarting, n_stopped), strict=True):
-                state.add_metric([*labels, st], n)
-            mailbox.add_metric(labels, mbox)
+            n_run = row[0]
+            up.add_metric(labels, 1 if n_run and n_run == row[0] + row[1] + row[2] + row[3] else 0)
+            for i, st in enumerate(_STATES):
+                state.add_metric([*labels, st], row[i])
+            mailbox.add_metric(labels, row[4])
         sup_gave_up: dict[str, int] = {}
         for path, s in list(self._sups.items()):
             label = _label(path)
@@ -724,26 +691,16 @@ def _add_counts(into: dict[str, int], other: dict[str, int]) -> None:
         into[k] = into.get(k, 0) + n
 
 
-def _own_path(node: Node, default: str) -> str:
-    """A supervisor's own path (what its telemetry events carry), else ``default``."""
-    server = getattr(node.pid, "_server", None) if node.pid is not None else None
-    p = getattr(server, "path", None)
-    return p if isinstance(p, str) else default
-
-
-def _count(live: dict[tuple[str, str], list[int]], key: tuple[str, str], node: Node) -> None:
+def _count(
+    live: dict[tuple[str, str], list[int]], key: tuple[str, str], node: dict[str, Any]
+) -> None:
     row = live.get(key)
     if row is None:
-        row = live[key] = [0, 0, 0, 0]
-    row[_STATES.index(node.state)] += 1
-    pid = node.pid
+        row = live[key] = [0, 0, 0, 0, 0]
+    row[_STATE_INDEX[node["state"]]] += 1
+    pid = node["pid"]
     if pid is not None and pid.alive:
-        row[3] += pid.message_queue_len
-
-
-async def _get_childspec(sup: _AdminPid, id: Any) -> Any:
-    # DynamicSupervisorPid has no public get_childspec; its server answers it by pid.
-    return await sup._admin("get_childspec", id)
+        row[4] += pid.message_queue_len
 
 
 class _Collector(Collector):
