@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from ._children import _orphans
 from ._childspec import ChildSpec
 from ._core import _stopping, _telemetry
 from ._core._process import Pid, kill_and_wait, live_processes
@@ -210,6 +211,9 @@ async def run_async(
     (signal handling, no watchdog thread)."""
     loop = asyncio.get_running_loop()
     stop_requested: asyncio.Future[int] = loop.create_future()
+    # run() owns the process: adopt escaped descendants (setsid, daemons) and reap
+    # orphans, as PID 1 too (see _children/_orphans.py)
+    adopting = _watchdog is not None and _orphans.enable(loop)
     # Supervisors consult it: once a stop is requested nothing restarts, and pending
     # starts are cancelled (see _core/_stopping.py).
     tree_stop = _stopping.arm(loop)
@@ -317,6 +321,8 @@ async def run_async(
             signal.signal(signum, previous)
         for leftover in live_processes():
             await kill_and_wait(leftover)
+        if adopting:
+            _orphans.disable()
         for ext in reversed(started):
             try:
                 await ext.stop()

@@ -1,6 +1,8 @@
 """Children that are not coroutines: OS processes (``Command``)."""
 
 from ._command import Command, CommandPid
+from ._guardian import guardian_status
+from ._output import recent_output
 from ._types import (
     ExitCode,
     Health,
@@ -27,4 +29,6 @@ __all__ = [
     "Ready",
     "ReadyTimeout",
     "Signaled",
+    "guardian_status",
+    "recent_output",
 ]

@@ -49,9 +49,9 @@ from .._core._process import (
     _start_task,
 )
 from .._core._reasons import KILLED, NORMAL, Exit, is_clean
-from . import _guardian
+from . import _guardian, _orphans
 from ._notify import NotifySocket
-from ._output import LineProtocol, RotatingFile
+from ._output import LineProtocol, RotatingFile, ring_for
 from ._types import (
     ExitCode,
     Health,
@@ -79,11 +79,30 @@ _FILE_ERRORS = rb"Too many open files|EMFILE"
 class CommandPid(Pid):
     """The Trellis process that owns an OS-process child; ``os_pid`` is the OS pid."""
 
-    __slots__ = ("os_pid",)
+    __slots__ = ("_runner", "os_pid")
 
     def __init__(self) -> None:
         super().__init__()
         self.os_pid: int | None = None
+        self._runner: _Runner | None = None
+
+    def send_signal(self, sig: int | str, group: bool = False) -> int:
+        """Send ``sig`` to the OS process (``group=True``: to its whole process group);
+        returns the OS pid signalled. Raises ``ProcessLookupError`` when it is not running.
+
+        Example::
+
+            pid.send_signal("HUP")  # nginx: reload its configuration
+        """
+        runner = self._runner
+        if runner is None or runner.os_pid is None or runner.status is not None:
+            raise ProcessLookupError("the OS process is not running")
+        num = signal_number(sig)
+        if group:
+            os.killpg(runner.pgid or runner.os_pid, num)
+        else:
+            os.kill(runner.os_pid, num)
+        return runner.os_pid
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +119,7 @@ class _Config:
     health: Health | None
     limits: Limits | None
     logs: Logs | None
+    pidfile: str | None = None
 
 
 def Command(
@@ -117,6 +137,7 @@ def Command(
     health: Health | None = None,
     limits: Limits | None = None,
     logs: Logs | None = None,
+    pidfile: str | os.PathLike[str] | None = None,
     restart: str = "permanent",
     shutdown: Any = 5.0,
     significant: bool = False,
@@ -126,7 +147,16 @@ def Command(
 
     ``argv`` is a list (no shell). A string is accepted only with ``shell=True``.
     The environment is explicit: only the names in ``inherit_env`` are taken from
-    ours (``True`` means all of them), and ``env`` is added on top.
+    ours (``True`` means all of them), and ``env`` is added on top. Every OS child
+    also gets ``TRELLIS_TAG`` (how Trellis finds its descendants that leave its group).
+
+    ``user`` runs it as that user: uid, the user's group and supplementary groups
+    (initgroups), and ``HOME``/``USER``/``LOGNAME``/``SHELL`` from its passwd entry (as
+    systemd ``User=`` does; ``env`` still wins).
+
+    ``pidfile`` is for programs that daemonize (systemd ``Type=forking``): the
+    process Trellis starts must exit 0 after forking, and the daemon's pid is then
+    read from ``pidfile``; Trellis follows that process from there on.
 
     Example::
 
@@ -153,6 +183,8 @@ def Command(
         not isinstance(watchdog, int | float) or isinstance(watchdog, bool) or watchdog <= 0
     ):
         raise InvalidChildSpec(watchdog, "must be seconds > 0", field="watchdog")
+    if pidfile is not None and not isinstance(pidfile, str | os.PathLike):
+        raise InvalidChildSpec(pidfile, "must be a path", field="pidfile")
     inherit = inherit_env if isinstance(inherit_env, bool) else tuple(inherit_env)
     cfg = _Config(
         id=id if id is not None else os.path.basename(args[0] if not shell else "sh"),
@@ -167,6 +199,7 @@ def Command(
         health=health,
         limits=limits if limits else None,
         logs=logs,
+        pidfile=os.fspath(pidfile) if pidfile is not None else None,
     )
     return ChildSpec(
         id=cfg.id,
@@ -190,7 +223,8 @@ async def _start_command(cfg: _Config) -> CommandPid:
     if parent is not None:
         _link_pair(parent, pid)
     runner = _Runner(pid, cfg)
-    if cfg.ready.kind == "started":
+    pid._runner = runner
+    if cfg.ready.kind == "started" and cfg.pidfile is None:
         # Ready as soon as it is spawned: spawn right here, and leave only the watching to
         # the owner process (no loop turn per child, so a big tree starts at once).
         try:
@@ -232,6 +266,10 @@ class _Runner:
         self.loop = asyncio.get_running_loop()
         self.clock = current_clock()
         self.os_pid: int | None = None
+        self.pgid: int | None = None  # the group signalled (a followed daemon's own)
+        self.sid: int | None = None  # its session: who may talk on the notify socket
+        self.tag = _guardian.new_tag()
+        self.forking = cfg.pidfile is not None  # until the daemon's pid is known
         self.popen: subprocess.Popen[bytes] | None = None
         self.pidfd: int | None = None
         self.status: int | None = None
@@ -243,6 +281,8 @@ class _Runner:
         self.transports: list[Any] = []
         self.pipes_closed: list[asyncio.Future[None]] = []
         self.watchdog_timer: Any = None
+        self.watchdog_due = 0.0
+        self.main_exit: asyncio.Future[int] = self.loop.create_future()
         self.hung: Hung | None = None
         self.health_task: asyncio.Task[None] | None = None
         self._fds: list[int] = []
@@ -250,6 +290,7 @@ class _Runner:
         parent = pid._parent
         path = getattr(parent._server, "path", None) if parent is not None else None
         self.path = f"{path}/{cfg.id}" if path else cfg.id  # the child's path in the tree
+        self.ring = ring_for(self.path)
 
     # -- the process body ----------------------------------------------------------
     async def run(self, spawned: bool = False) -> ExitWith:
@@ -258,6 +299,8 @@ class _Runner:
             if not spawned:
                 try:
                     self.spawn()
+                    if self.forking:
+                        await self._follow_pidfile()
                     await self._wait_ready()
                 except Exception as e:
                     self.close_fds()
@@ -336,7 +379,10 @@ class _Runner:
             env = {}
         else:
             env = {k: os.environ[k] for k in inherit if k in os.environ}
+        if self.cfg.user is not None:
+            env.update(_user_env(self.cfg.user))
         env.update(self.cfg.env)
+        env[_guardian.TAG_VAR] = self.tag
         return env
 
     def spawn(self) -> None:
@@ -344,51 +390,26 @@ class _Runner:
         cfg = self.cfg
         env = self._environ()
         if cfg.ready.kind == "notify" or cfg.watchdog is not None:
-            self.notify = NotifySocket(self.loop, self._on_notify)
+            self.notify = NotifySocket(self.loop, self._on_notify, self._notify_allowed)
             env["NOTIFY_SOCKET"] = self.notify.address
             if cfg.watchdog is not None:
                 env["WATCHDOG_USEC"] = str(int(cfg.watchdog * 1_000_000))
-        exe = _which(cfg.argv[0], env.get("PATH", os.defpath))
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         self._fds = [out_r, err_r]
         try:
-            if cfg.cwd is None and cfg.user is None and cfg.limits is None:
-                # posix_spawn returns once the child has exec'd (vfork): ~0.1 ms
-                self.os_pid = os.posix_spawn(
-                    exe,
-                    list(cfg.argv),
-                    env,
-                    file_actions=[
-                        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                        (os.POSIX_SPAWN_DUP2, out_w, 1),
-                        (os.POSIX_SPAWN_DUP2, err_w, 2),
-                    ],
-                    setsid=True,
-                )
-            else:
-                # cwd/user/limits need a fork with a pre-exec step (a few ms)
-                import subprocess  # only this path needs it
-
-                self.popen = subprocess.Popen(
-                    [exe, *cfg.argv[1:]],
-                    env=env,
-                    cwd=cfg.cwd,
-                    user=cfg.user,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out_w,
-                    stderr=err_w,
-                    start_new_session=True,
-                    preexec_fn=_rlimits(cfg.limits) if cfg.limits is not None else None,
-                )
-                self.os_pid = self.popen.pid
+            self.os_pid, self.popen = _spawn_os(cfg, cfg.argv, env, out_w, err_w)
         finally:
             os.close(out_w)
             os.close(err_w)
         self._fds = []  # the readers own them from here on
         assert self.os_pid is not None
         self.pid.os_pid = self.os_pid
+        self.pgid = self.sid = self.os_pid  # setsid: it leads its own session and group
+        # known to the guardian before spawn returns (and tagged before that, in case
+        # Trellis dies in between); its owner reaps it, not the orphan sweep
         _guardian.register(self.os_pid)
+        _orphans.claim(self.os_pid, self.tag)
         self.pidfd = os.pidfd_open(self.os_pid)
         self.loop.add_reader(self.pidfd, self._on_pidfd)
         self._read_pipe("stdout", out_r)
@@ -407,7 +428,8 @@ class _Runner:
         log = None
         logs = self.cfg.logs
         if logs is not None:
-            os.makedirs(logs.dir, exist_ok=True)
+            if not os.path.isdir(logs.dir):
+                os.makedirs(logs.dir, mode=0o700, exist_ok=True)  # the logs are ours only
             suffix = "out" if stream == "stdout" else "err"
             log = RotatingFile(
                 os.path.join(logs.dir, f"{self.cfg.id}.{suffix}.log"), logs.max_bytes, logs.backups
@@ -433,8 +455,10 @@ class _Runner:
         if self.os_pid is None or self.status is not None:
             return
         # The leader is a zombie now, so its group id cannot have been reused: kill what
-        # is left of the group (grandchildren never outlive their child), then reap.
-        self._kill_group(signal.SIGKILL)
+        # is left of the group (grandchildren never outlive their child), then reap. A
+        # daemonizer's main process is let go alone: its daemon may share its group.
+        if not self.forking:
+            self._kill_group(signal.SIGKILL)
         try:
             got, status = os.waitpid(self.os_pid, os.WNOHANG)
         except ChildProcessError:
@@ -450,13 +474,103 @@ class _Runner:
         if self.pidfd is not None:
             with contextlib.suppress(ValueError, RuntimeError):
                 self.loop.remove_reader(self.pidfd)
-        if self.os_pid is not None:
-            _guardian.unregister(self.os_pid)
+        if self.pgid is not None:
+            _guardian.unregister(self.pgid)
+        if self.forking:  # the daemonizer's main process: _follow_pidfile takes over
+            if not self.main_exit.done():
+                self.main_exit.set_result(status)
+            return
+        assert self.os_pid is not None
+        if _orphans.is_active():
+            left = _orphans.left_behind(self.tag)
+            _orphans.release(self.os_pid, self.tag)
+            if left:
+                self._daemonized(left)
+            _orphans.sweep()  # what it left behind (setsid, daemons) dies with it
         if not self.exited.done():
             self.exited.set_result(status)
         self.pid._deliver(_EXITED)
 
+    def _daemonized(self, left: list[int]) -> None:
+        what = ", ".join(f"{p} ({_orphans.cmdline(p)[:80]})" for p in left[:3])
+        _log.warning(
+            "%s: its main process exited and left %d process(es) running: %s. It "
+            "daemonized (or started a background process); Trellis killed them so "
+            "nothing is orphaned. Run the program in the foreground (e.g. redis-server "
+            "--daemonize no, nginx -g 'daemon off;'), or set pidfile = \"...\" so "
+            "Trellis follows the daemon (like systemd Type=forking).",
+            self.path,
+            len(left),
+            what,
+        )
+        _telemetry.emit(
+            "process.daemonized",
+            path=self.path,
+            child_id=self.cfg.id,
+            os_pid=self.os_pid,
+            left=left,
+        )
+
+    async def _follow_pidfile(self) -> None:
+        """systemd ``Type=forking``: the main process must exit 0, then the pidfile names
+        the daemon (a live process of ours, not a stale file), which we follow."""
+        cfg = self.cfg
+        assert cfg.pidfile is not None
+        _orphans.enable()  # the daemon is re-parented to us, so we can reap it
+        timeout = cfg.ready.timeout
+        deadline = self.clock.now() + timeout
+        expire: asyncio.Future[None] = self.loop.create_future()
+        handle = self.clock.call_later(timeout, _set_done, expire)
+        try:
+            waiting: list[asyncio.Future[Any]] = [self.main_exit, expire]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            handle.cancel()
+        if not self.main_exit.done():
+            raise ReadyTimeout("pidfile: the main process did not exit", timeout)
+        code = os.waitstatus_to_exitcode(self.main_exit.result())
+        if code != 0:
+            await self._drain_pipes()
+            raise _as_exception(self._exit_reason())
+        delay = 0.002
+        while True:
+            daemon = _read_pidfile(cfg.pidfile)
+            if daemon is not None and (
+                _orphans.tag_of(daemon) == self.tag or daemon in _orphans.direct_children()
+            ):
+                break
+            if self.clock.now() >= deadline:
+                raise ReadyTimeout(f"pidfile {cfg.pidfile} naming a live daemon", timeout)
+            await sleep_on(self.clock, delay)
+            delay = min(delay * 2, 0.1)
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        main = self.os_pid
+        self.forking = False
+        self.status = None
+        self.exited = self.loop.create_future()
+        self.os_pid = self.pid.os_pid = daemon
+        st = _orphans.stat(daemon)
+        self.sid = st[2] if st is not None else daemon
+        self.pgid = st[1] if st is not None and st[1] != os.getpgrp() else None
+        if self.pgid is not None:
+            _guardian.register(self.pgid)
+        _orphans.adopt(daemon)
+        if main is not None:
+            _orphans.release(main, None)
+        self.pidfd = os.pidfd_open(daemon)
+        self.loop.add_reader(self.pidfd, self._on_pidfd)
+        _telemetry.emit(
+            "process.following",
+            path=self.path,
+            child_id=cfg.id,
+            os_pid=daemon,
+            pidfile=cfg.pidfile,
+        )
+
     def _on_line(self, stream: str, line: bytes) -> None:
+        self.ring.append(stream, self.os_pid, line)
         regex = self.ready_regex
         if (
             regex is not None
@@ -475,6 +589,15 @@ class _Runner:
                 line=line.decode("utf-8", "replace"),
             )
 
+    def _notify_allowed(self, sender: int) -> bool:
+        """Only the child's own processes may notify (systemd ``NotifyAccess=all`` with
+        the child's session standing in for its cgroup): the main process, or a process
+        in its session."""
+        if sender == self.os_pid:
+            return True
+        st = _orphans.stat(sender)
+        return st is not None and self.sid is not None and st[2] == self.sid
+
     def _on_notify(self, fields: dict[str, str]) -> None:
         if fields.get("READY") == "1" and not self.ready_event.done():
             self.ready_event.set_result(None)
@@ -487,9 +610,33 @@ class _Runner:
         if self.watchdog_timer is not None:
             self.watchdog_timer.cancel()
         assert self.cfg.watchdog is not None
-        self.watchdog_timer = self.clock.call_later(
-            self.cfg.watchdog, self._set_hung, f"no WATCHDOG=1 within {self.cfg.watchdog}s"
-        )
+        self.watchdog_due = self.clock.now() + self.cfg.watchdog
+        self.watchdog_timer = self.clock.call_later(self.cfg.watchdog, self._watchdog_expired)
+
+    def _watchdog_expired(self) -> None:
+        """The deadline passed. Heartbeats that are waiting in the socket count first
+        (after a SIGSTOP/SIGCONT or a paused container the timer and the datagrams are
+        ready together); and a deadline that passed while Trellis itself was not running
+        (the timer fired much later than due) is not judged: the child gets one more
+        full period from now."""
+        wd = self.cfg.watchdog
+        assert wd is not None
+        timer = self.watchdog_timer
+        if self.notify is not None:
+            self.notify.drain()
+            if self.watchdog_timer is not timer:
+                return  # a WATCHDOG=1 was waiting: re-armed
+        late = self.clock.now() - self.watchdog_due
+        if late > min(1.0, wd / 2):
+            _log.info(
+                "%s: watchdog deadline passed %.1fs ago while Trellis was not running "
+                "(stopped or frozen); waiting one more period",
+                self.path,
+                late,
+            )
+            self._arm_watchdog()
+            return
+        self._set_hung(f"no WATCHDOG=1 within {wd}s")
 
     def _set_hung(self, detail: str) -> None:
         if self.hung is None and self.status is None:
@@ -557,25 +704,57 @@ class _Runner:
             return await _tcp_ok(host, port, health.timeout)
         if health.kind == "http":
             return await _http_ok(health.target, health.timeout)
-        import subprocess
+        return await self._run_check(health)
 
+    async def _run_check(self, health: Health) -> bool:
+        """A health-check command: the child's environment (not Trellis's), its user and
+        cwd, its own process group (killed whole on timeout), known to the guardian."""
+        devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *health.target,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        except OSError:
-            return False
+            try:
+                env = self._environ()
+                os_pid, popen = _spawn_os(self.cfg, health.target, env, devnull, devnull)
+            except (OSError, LookupError) as e:
+                _log.warning("%s: health check %s cannot run: %s", self.path, health.target, e)
+                return False
+        finally:
+            os.close(devnull)
+        _guardian.register(os_pid)
+        _orphans.claim(os_pid, None)
+        loop = self.loop
+        fd = os.pidfd_open(os_pid)
+        done: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, _set_done, done)
+        expire: asyncio.Future[None] = loop.create_future()
+        handle = self.clock.call_later(health.timeout, _set_done, expire)
+        status: int | None = None
         try:
-            async with asyncio.timeout(health.timeout):
-                return await proc.wait() == 0
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            return False
+            await asyncio.wait([done, expire], return_when=asyncio.FIRST_COMPLETED)
+            timed_out = not done.done()
+            # the leader is unreaped, so its group id is still ours: kill the whole group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(os_pid, signal.SIGKILL)
+            if timed_out:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await done
+            got, st = os.waitpid(os_pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG
+            if got:
+                status = st
+            return not timed_out and status is not None and os.waitstatus_to_exitcode(status) == 0
+        finally:
+            handle.cancel()
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_reader(fd)
+            os.close(fd)
+            if status is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(os_pid, signal.SIGKILL)
+                status = _reap_blocking(os_pid)
+            if popen is not None:
+                popen.returncode = os.waitstatus_to_exitcode(status) if status is not None else -9
+            _guardian.unregister(os_pid)
+            _orphans.release(os_pid, None)
 
     # -- stopping and exit reasons ----------------------------------------------------
     def _kill_group(self, sig: int) -> None:
@@ -583,7 +762,10 @@ class _Runner:
         if self.os_pid is None or self.status is not None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.os_pid, sig)  # the child leads its own group (setsid)
+            if self.pgid is not None:
+                os.killpg(self.pgid, sig)  # the child leads its own group (setsid)
+            else:
+                os.kill(self.os_pid, sig)  # a followed daemon in no group of its own
 
     async def _stop_os_process(self, sig: int) -> None:
         if self.os_pid is None or self.status is not None:
@@ -646,6 +828,9 @@ class _Runner:
             self.pidfd = None
         if self.notify is not None:
             self.notify.close()
+        if self.os_pid is not None:
+            _orphans.release(self.os_pid, self.tag)
+            _orphans.sweep()
         # The pipes reach EOF on their own now that the group is dead, delivering the
         # last lines and closing the log files; a grandchild that escaped the group could
         # hold them open, so close them anyway after a while.
@@ -752,6 +937,82 @@ def _reap_blocking(os_pid: int, limit: float = 2.0) -> int | None:
             return None
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
+
+
+def _passwd(user: str | int) -> Any:
+    import pwd
+
+    try:
+        return pwd.getpwnam(user) if isinstance(user, str) else pwd.getpwuid(user)
+    except KeyError:
+        raise LookupError(f"unknown user {user!r}") from None
+
+
+def _user_env(user: str | int) -> dict[str, str]:
+    """What systemd ``User=`` sets: HOME, USER, LOGNAME, SHELL from the passwd entry."""
+    pw = _passwd(user)
+    return {
+        "HOME": pw.pw_dir,
+        "USER": pw.pw_name,
+        "LOGNAME": pw.pw_name,
+        "SHELL": pw.pw_shell or "/bin/sh",
+    }
+
+
+def _spawn_os(
+    cfg: _Config, argv: Sequence[str], env: dict[str, str], out_fd: int, err_fd: int
+) -> tuple[int, subprocess.Popen[bytes] | None]:
+    """Spawn ``argv`` in its own session with ``cfg``'s cwd, user and limits."""
+    exe = _which(argv[0], env.get("PATH", os.defpath))
+    if cfg.cwd is None and cfg.user is None and cfg.limits is None:
+        # posix_spawn returns once the child has exec'd (vfork): ~0.1 ms
+        os_pid = os.posix_spawn(
+            exe,
+            list(argv),
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_fd, 1),
+                (os.POSIX_SPAWN_DUP2, err_fd, 2),
+            ],
+            setsid=True,
+        )
+        return os_pid, None
+    # cwd/user/limits need a fork with a pre-exec step (a few ms)
+    import subprocess  # only this path needs it
+
+    ids: dict[str, Any] = {}
+    if cfg.user is not None:
+        pw = _passwd(cfg.user)
+        ids["user"] = pw.pw_uid
+        if os.geteuid() == 0:  # the user's group and supplementary groups (initgroups)
+            ids["group"] = pw.pw_gid
+            ids["extra_groups"] = os.getgrouplist(pw.pw_name, pw.pw_gid)
+    popen = subprocess.Popen(
+        [exe, *argv[1:]],
+        env=env,
+        cwd=cfg.cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=out_fd,
+        stderr=err_fd,
+        start_new_session=True,
+        preexec_fn=_rlimits(cfg.limits) if cfg.limits is not None else None,
+        **ids,
+    )
+    return popen.pid, popen
+
+
+def _read_pidfile(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            text = f.read(64).strip()
+    except OSError:
+        return None
+    try:
+        pid = int(text.split()[0]) if text else 0
+    except ValueError:
+        return None
+    return pid if pid > 1 else None
 
 
 def _rlimits(limits: Limits) -> Any:

@@ -4,28 +4,47 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import socket
+import struct
+import time
 from collections.abc import Callable
 
 __all__ = ["NotifySocket"]
 
+_log = logging.getLogger("trellis")
 _ids = itertools.count(1)
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_CMSG_SPACE = socket.CMSG_SPACE(_UCRED.size)
 
 
 class NotifySocket:
     """An abstract-namespace unix datagram socket; each datagram's ``KEY=VALUE`` lines
-    are passed to ``on_message`` as a dict."""
+    are passed to ``on_message`` as a dict, if ``allowed(sender_pid)`` says the sender
+    may speak for the child.
+
+    The abstract namespace has no permissions, so any local process can send to it.
+    The kernel attaches each sender's credentials (``SO_PASSCRED``; a process cannot
+    forge them without CAP_SYS_ADMIN), and datagrams from processes that are not the
+    child's own are dropped, as systemd's ``NotifyAccess=`` does."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, on_message: Callable[[dict[str, str]], None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_message: Callable[[dict[str, str]], None],
+        allowed: Callable[[int], bool] | None = None,
     ) -> None:
         self.name = f"trellis-notify-{os.getpid()}-{next(_ids)}"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._sock.bind("\0" + self.name)
         self._sock.setblocking(False)
         self._loop = loop
         self._on_message = on_message
+        self._allowed = allowed
+        self._refused_logged = 0.0
+        self.refused = 0
         loop.add_reader(self._sock.fileno(), self._read)
 
     @property
@@ -33,14 +52,36 @@ class NotifySocket:
         """The value for ``NOTIFY_SOCKET`` (``@`` marks the abstract namespace)."""
         return "@" + self.name
 
+    def drain(self) -> None:
+        """Read every datagram waiting now (before a deadline is judged)."""
+        if self._sock.fileno() >= 0:
+            self._read()
+
     def _read(self) -> None:
         while True:
             try:
-                data = self._sock.recv(4096)
+                data, anc, _flags, _addr = self._sock.recvmsg(4096, _CMSG_SPACE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
+            sender = None
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    sender = _UCRED.unpack(payload[: _UCRED.size])[0]
+            if self._allowed is not None and (sender is None or not self._allowed(sender)):
+                self.refused += 1
+                now = time.monotonic()
+                if now - self._refused_logged > 10.0:
+                    self._refused_logged = now
+                    _log.warning(
+                        "notify socket %s: ignored a message from pid %s, which is not "
+                        "one of the child's processes (%d so far)",
+                        self.address,
+                        sender,
+                        self.refused,
+                    )
+                continue
             fields: dict[str, str] = {}
             for line in data.decode("utf-8", "replace").splitlines():
                 key, sep, value = line.partition("=")

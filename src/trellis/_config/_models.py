@@ -424,6 +424,7 @@ class CommandChild(_Child):
     health: HealthModel | None = None
     limits: LimitsModel | None = None
     logs: LogsModel | None = None
+    pidfile: NonEmpty | None = None
 
 
 class ServerChild(_Child):

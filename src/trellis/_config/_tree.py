@@ -584,6 +584,8 @@ class _Walker:
             kwargs["limits"] = model.limits.given()
         if model.logs is not None:
             kwargs["logs"] = {**model.logs.given(), "dir": str(logs_dir)}
+        if model.pidfile is not None:  # relative to the tree file, like cwd and logs.dir
+            kwargs["pidfile"] = str(self.base_dir / model.pidfile)
         spec = self.make(path, lambda: _command(argv, cid, model, kwargs), {"argv": "command"})
         shown = argv if isinstance(argv, str) else shlex.join(argv)
         node = Node(cid, "command", shown)
