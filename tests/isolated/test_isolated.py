@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -248,3 +249,61 @@ import msgspec  # noqa: E402
 
 class _Unregistered(msgspec.Struct):
     name: str
+
+
+def test_tree_file_isolated_child(tmp_path: Path) -> None:
+    """``isolated = "module:Class"`` in a tree file: checked like a server child (import,
+    subclass, init arguments), run in its own interpreter."""
+    from trellis.config import ConfigError, loads
+
+    good = loads(
+        """
+        [supervisor]
+        name = "iso"
+        [[supervisor.children]]
+        id = "counter"
+        isolated = "_isolated_servers:Counter"
+        args = [5]
+        name = "iso-counter"
+        heartbeat = 2.0
+        limits = { memory = "512MiB" }
+        """
+    )
+    spec = good.child_spec()
+    assert "isolated" in good.describe()
+
+    async def run() -> None:
+        sup = await trellis.Supervisor.start_link(*spec.args, **spec.kwargs)
+        try:
+            assert await trellis.call("iso-counter", "get") == 5
+            assert await trellis.call("iso-counter", "os_pid") != os.getpid()
+        finally:
+            await sup.stop()
+
+    asyncio.run(run())
+
+    bad = """
+        [supervisor]
+        name = "iso"
+        [[supervisor.children]]
+        id = "a"
+        isolated = "_isolated_servers:Plain"
+        [[supervisor.children]]
+        id = "b"
+        isolated = "_isolated_servers:Counter"
+        args = [1, 2, 3]
+        [[supervisor.children]]
+        id = "c"
+        isolated = "_isolated_servers:Counter"
+        serializer = "json"
+        [[supervisor.children]]
+        id = "d"
+        isolated = "no_such_module_xyz:Thing"
+        """
+    with pytest.raises(ConfigError) as e:
+        loads(bad)
+    text = str(e.value)
+    assert ":6: supervisor.children[0].isolated: '_isolated_servers:Plain' is not a" in text
+    assert "supervisor.children[1].args: arguments do not match Counter.init" in text
+    assert "supervisor.children[2].serializer" in text
+    assert "supervisor.children[3].isolated: cannot import" in text
