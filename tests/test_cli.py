@@ -216,11 +216,20 @@ def test_run_stops_in_reverse_order_on_a_signal(sig: int) -> None:
         "stop store",
         "stop db",
     ]
+    # text logs: "shop/web stopped (shutdown) [child.terminated]"
     terminated = [
-        line.split("child_id=")[1].split()[0] for line in run.err if "child.terminated" in line
+        line.split("] ", 1)[1].split(" stopped")[0]
+        for line in run.err
+        if "child.terminated" in line
     ]
-    assert terminated == ["web", "warmer", "store", "cache", "db"]
-    assert "exit_code=0" in run.err[-1]
+    assert terminated == [
+        "shop/web",
+        "shop/cache/warmer",
+        "shop/cache/store",
+        "shop/cache",
+        "shop/db",
+    ]
+    assert "tree stopped: exit code 0" in run.err[-1]
 
 
 def test_run_exits_1_when_the_root_gives_up() -> None:

@@ -13,14 +13,22 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from trellis import chaos
+from trellis import chaos, sre
 from trellis.journal import tail, verify
 from trellis.metrics import Metrics
 
 if TYPE_CHECKING:
     from examples.market_data.main_job import JobOptions
 
-__all__ = ["BACKFILL_TARGET", "build_report", "journal_figures", "metrics_summary", "render_report"]
+__all__ = [
+    "BACKFILL_TARGET",
+    "build_report",
+    "journal_figures",
+    "metrics_summary",
+    "render_report",
+    "slo_figures",
+    "slo_summary",
+]
 
 #: Backfills should start this soon after a collector is UP again (the seed user's was 5 min).
 BACKFILL_TARGET = 1.0
@@ -48,6 +56,20 @@ def metrics_summary(metrics: Metrics) -> dict[str, Any]:
                     reason = sample.labels.get("reason", "?")
                     out[name][reason] = out[name].get(reason, 0) + int(sample.value)
     return out
+
+
+def slo_figures(url: str, tree: Any = None) -> dict[str, Any]:
+    """The SRE report of the run (``trellis slo report``) from its journal alone: per
+    child and subtree availability, MTBF, MTTR, incidents and error budget."""
+    info = sre.tree_info(tree) if tree is not None else None
+    return sre.report(sre.read_records(url), tree=info, journal=url)
+
+
+def slo_summary(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` without its timelines and marks (the HTML page has those): what the JSON
+    report keeps."""
+    entities = [{k: v for k, v in e.items() if k != "timeline"} for e in doc["entities"]]
+    return {**{k: v for k, v in doc.items() if k != "marks"}, "entities": entities}
 
 
 def journal_figures(url: str, injected: list[chaos.FaultResult]) -> dict[str, Any]:
@@ -322,3 +344,6 @@ def render_report(report: dict[str, Any], creport: chaos.Report, console: Consol
         console.print("RESULT: OK (no tick missing, no 429, every gap closed, journal verified)")
     else:
         console.print("RESULT: FAILED: " + "; ".join(report["failures"]))
+    if report.get("slo") is not None:
+        console.rule("service levels for the run (from the journal; trellis slo report)")
+        console.print(sre.rich_table(report["slo"], compact=True))

@@ -55,6 +55,8 @@ from examples.market_data.job_report import (
     journal_figures,
     metrics_summary,
     render_report,
+    slo_figures,
+    slo_summary,
 )
 from examples.market_data.job_status import Watch, live_view, snapshot, status_line
 from examples.market_data.pipeline import Integrity, Pipeline, PipelineStartError
@@ -62,7 +64,7 @@ from rich.console import Console
 from rich.live import Live
 
 import trellis
-from trellis import chaos
+from trellis import chaos, sre
 from trellis.journal import Journal
 from trellis.metrics import Metrics
 
@@ -308,15 +310,21 @@ def _write_json(path: str | os.PathLike[str], report: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n", "utf-8")
 
 
+def _write_html(path: str | os.PathLike[str], page: str) -> None:
+    Path(path).write_text(page, "utf-8")
+
+
 async def run_job(
     opts: JobOptions,
     console: Console | None = None,
     *,
     json_path: str | os.PathLike[str] | None = None,
+    html_path: str | os.PathLike[str] | None = None,
 ) -> JobResult:
     """Run the main job with ``opts``, printing to ``console`` (default stdout); the
-    report also goes to ``json_path`` as JSON. Raises :class:`JobError` when it cannot
-    run at all.
+    report also goes to ``json_path`` as JSON, and the SRE report of the run (``trellis
+    slo report --html``: timelines, restarts, budgets) to ``html_path``. Raises
+    :class:`JobError` when it cannot run at all.
 
     Example::
 
@@ -407,6 +415,12 @@ async def run_job(
     journaled = await asyncio.to_thread(journal_figures, journal_url, creport.injected)
     stats = journal.statistics()
     journaled.update(written=stats.written, dropped=stats.dropped)
+    slo_tree = (
+        trellis.config.loads(p.tree_text(), source=str(workdir / "tree.toml"))
+        if p is not None
+        else None
+    )
+    slo_doc = await asyncio.to_thread(slo_figures, journal_url, slo_tree)
     report, failures = build_report(
         opts=opts,
         seed=seed,
@@ -423,7 +437,11 @@ async def run_job(
         t0=watch.t0,
         exchange_down=watch.exchange_down,
     )
+    report["slo"] = slo_summary(slo_doc)
     render_report(report, creport, console)
+    if html_path is not None:
+        _write_html(html_path, sre.html_page(slo_doc))
+        console.print(f"SRE report written to {html_path}")
     if json_path is not None:
         _write_json(json_path, report)
         console.print(f"report written to {json_path}")
@@ -497,6 +515,9 @@ def _parser() -> argparse.ArgumentParser:
                     "gatekeeper's shared bucket, behind a ChaosProxy, and add a Redis outage")
     ap.add_argument("--json", dest="json_path", metavar="FILE",
                     help="also write the report as JSON to FILE")
+    ap.add_argument("--html", dest="html_path", metavar="FILE",
+                    help="also write the SRE report of the run (availability, MTBF, MTTR, "
+                    "error budget per child; up/down timelines) as a self-contained HTML page")
     ap.add_argument("--workdir", metavar="DIR",
                     help="where the tick database, journal and logs go; kept after the run "
                     "(default: a new temporary directory, removed at exit unless --keep)")
@@ -566,7 +587,9 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     try:
         with _quiet_logs(args.log_level):
             try:
-                result = asyncio.run(run_job(opts, console, json_path=args.json_path))
+                result = asyncio.run(
+                    run_job(opts, console, json_path=args.json_path, html_path=args.html_path)
+                )
             except JobError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return e.code

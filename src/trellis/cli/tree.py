@@ -69,6 +69,14 @@ def check(trees: tuple[str, ...]) -> None:
     "default: the tree file's [journal] url, else NAME.journal.db in "
     "$TRELLIS_STATE_DIR or $XDG_STATE_HOME/trellis or ~/.local/state/trellis.",
 )
+@click.option(
+    "--child-stderr-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="Level of a child's stderr lines that declare no level of their own "
+    "(a line starting ERROR, [warn], level=error, <3>, or JSON with a level keeps it).",
+)
 @click.option("--no-journal", is_flag=True, help="Run without a journal.")
 @click.option(
     "--socket",
@@ -89,6 +97,7 @@ def run(
     tree_file: str,
     log_format: str,
     log_level: str,
+    child_stderr_level: str,
     journal_url: str | None,
     no_journal: bool,
     socket_path: str | None,
@@ -142,7 +151,7 @@ def run(
         click.echo(f"trellis: {e}", err=True)
         _exit(_EXIT_BAD_FILE)
     notify = [notifier] if notifier is not None else []
-    configure_logging(log_format, log_level)
+    configure_logging(log_format, log_level, child_stderr_level)
     hid = telemetry.attach(log_event)
     _cli_log.info("tree.starting", extra={"trellis": {"file": tree_file, "root": tree.name}})
     try:

@@ -18,6 +18,10 @@ def duration(seconds: float | None) -> str:
     s = float(seconds)
     if s < 0:
         return "-" + duration(-s)
+    if s == 0:
+        return "0s"
+    if s < 1:
+        return f"{s * 1000:.3g}ms"
     if s < 10:
         return f"{s:.3g}s"
     if s < 60:
@@ -91,17 +95,26 @@ HEADERS = [
 ]
 
 
-def rich_table(doc: dict[str, Any]) -> Any:
-    """A ``rich.table.Table`` of the report."""
+#: The columns of the compact table (for 80-140 column terminals).
+COMPACT = (0, 2, 4, 5, 6, 7, 8, 9)
+
+
+def rich_table(doc: dict[str, Any], compact: bool = False) -> Any:
+    """A ``rich.table.Table`` of the report (``compact``: availability, MTBF, MTTR,
+    restarts, incidents, budget left and the 1h burn rate only)."""
     from rich.table import Table
 
     table = Table(
         title=f"SLO report {doc['since']} .. {doc['until']}",
         caption="* default SLO (none in the tree file); burn 1x spends the budget over its window",
     )
-    for i, h in enumerate(HEADERS):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
-    for e, row in zip(doc["entities"], slo_rows(doc), strict=True):
+    cols = COMPACT if compact else tuple(range(len(HEADERS)))
+    for i in cols:
+        table.add_column(HEADERS[i], justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for e, full in zip(doc["entities"], slo_rows(doc), strict=True):
+        row = [full[i] for i in cols]
+        if compact:
+            row[cols.index(8)] = pct(e["budget"]["remaining_ratio"], 1)
         style = None
         if e["exhaustion"]["exhausted"]:
             style = "red"

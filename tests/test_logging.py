@@ -1,0 +1,142 @@
+"""`trellis run`'s logs: sentences people can read, decoded wait statuses, the give-up
+line, child output at its own level, JSON with `event` and `message`, each operator
+action once, journal batches at debug."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from trellis.cli._logging import decode_wait_status, output_level
+
+CRASH = """
+[supervisor]
+name = "cr"
+intensity = 2
+period = 30.0
+
+[[supervisor.children]]
+id = "ok"
+command = ["sleep", "60"]
+
+[[supervisor.children]]
+id = "bad"
+command = ["sh", "-c", "echo 'ERROR: cannot bind port 80' >&2; echo 'plain' >&2; exit 3"]
+"""
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="trg-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _run(d: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    (d / "tree.toml").write_text(CRASH)
+    return subprocess.run(
+        [sys.executable, "-m", "trellis", "run", "tree.toml", "--no-control", *args],
+        cwd=d,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_wait_statuses_and_declared_levels() -> None:
+    assert decode_wait_status(768) == "exit 3"
+    assert decode_wait_status(9) == "killed by SIGKILL"
+    assert decode_wait_status(0) == "exit 0"
+    assert output_level("ERROR: no", "stdout") == 40
+    assert output_level("2024-01-01 12:00:00 [warn] slow", "stdout") == 30
+    assert output_level('{"level": "error", "msg": "x"}', "stdout") == 40
+    assert output_level("ts=1 level=warning msg=x", "stdout") == 30
+    assert output_level("<3>broken", "stdout") == 40
+    assert output_level("no errors found", "stderr") == 20  # not a level prefix
+    assert output_level("information", "stdout") == 20
+
+
+def test_warning_level_still_shows_why_a_child_crashed(short_tmp: Path) -> None:
+    """--log-level warning: the child's declared ERROR line, its plain stderr (at
+    --child-stderr-level warning), the decoded exits and a give-up line naming the
+    child, the intensity and the last exits."""
+    r = _run(short_tmp, "--no-journal", "--log-level", "warning", "--child-stderr-level", "warning")
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.splitlines()
+    assert any("[error" in ln and "cr/bad stderr: ERROR: cannot bind port 80" in ln for ln in lines)
+    assert any("[warning" in ln and "cr/bad stderr: plain" in ln for ln in lines)
+    assert any("cr/bad exited: exit code 3; restarting" in ln for ln in lines)
+    [gave_up] = [ln for ln in lines if "gave up" in ln]
+    assert "supervisor cr gave up: more than 2 restarts in 30.0s" in gave_up
+    assert "intensity 2" in gave_up
+    assert "the last was of bad" in gave_up
+    assert "last exits: bad: exit code 3" in gave_up
+    assert "status=768" not in r.stderr
+
+
+def test_json_has_event_and_message_and_batches_at_debug(short_tmp: Path) -> None:
+    db = short_tmp / "j.db"
+    r = _run(short_tmp, "--journal", f"sqlite:///{db}", "--log-format", "json")
+    assert r.returncode == 1, r.stderr
+    records = [json.loads(ln) for ln in r.stderr.splitlines()]
+    exited = [x for x in records if x["event"] == "process.exited" and x["child_id"] == "bad"]
+    assert exited
+    assert exited[0]["status"] == 768  # the raw field is kept for machines
+    assert exited[0]["message"].endswith("exited: exit 3")
+    assert all("message" in x for x in records)
+    assert not [x for x in records if x["event"] == "journal.batch"]  # debug only
+    r = _run(
+        short_tmp, "--journal", f"sqlite:///{db}", "--log-format", "json", "--log-level", "debug"
+    )
+    records = [json.loads(ln) for ln in r.stderr.splitlines()]
+    batches = [x for x in records if x["event"] == "journal.batch"]
+    assert batches
+    assert batches[0]["level"] == "debug"
+    assert batches[0]["message"].startswith("journal: wrote ")
+
+
+def test_operator_action_is_logged_once_as_text(short_tmp: Path) -> None:
+    (short_tmp / "tree.toml").write_text(CRASH.replace("exit 3", "sleep 60"))
+    sock = short_tmp / "c.sock"
+    cmd = [sys.executable, "-m", "trellis", "run", "tree.toml", "--no-journal"]
+    with open(short_tmp / "err.log", "w") as err:
+        proc = subprocess.Popen([*cmd, "--socket", str(sock)], cwd=short_tmp, stderr=err)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "trellis",
+                "restart",
+                "cr/ok",
+                "--socket",
+                str(sock),
+                "--reason",
+                "testing",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    text = (short_tmp / "err.log").read_text()
+    actions = [ln for ln in text.splitlines() if "restart cr/ok" in ln]
+    assert len(actions) == 1, text
+    assert "via unix:" in actions[0]
+    assert ": ok (reason: testing)" in actions[0]
