@@ -634,3 +634,80 @@ async def test_started_supervisor_is_linked_to_its_trapping_caller() -> None:
 
     await _in_trapping_process(body)
     await assert_no_processes()
+
+
+# ---------------------------------------------------------------------------
+# What a spec accepts, a supervisor can run
+
+
+@pytest.mark.parametrize("bad", ["a/b", "../x", "/", "x\x00y", ("grp", "a/b")])
+def test_child_id_cannot_hold_a_slash_or_nul(bad: Any) -> None:
+    """An id is one segment of the child's path (root/parent/child, resolved by the
+    control API) and of its log file names: '/' (or NUL) in it is refused at once."""
+    with pytest.raises(trellis.InvalidChildSpec) as err:
+        trellis.ChildSpec(bad, start_idle)
+    assert err.value.field == "id"
+    assert err.value.value == bad
+    with pytest.raises(trellis.InvalidChildSpec):
+        trellis.worker(bad, idle)
+    with pytest.raises(trellis.InvalidChildSpec):
+        trellis.Supervisor.child_spec([], id=bad)
+
+
+@pytest.mark.parametrize("ok", ["a.b", "a-b", "a b", 7, ("grp", 1), "ünïcode"])
+def test_other_child_ids_are_fine(ok: Any) -> None:
+    assert trellis.ChildSpec(ok, start_idle).id == ok
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"argv": ["sh", "-c", "echo \x00"]}, "argv"),
+        ({"argv": ["/bin/s\x00h"]}, "argv"),
+        ({"argv": ["sh"], "env": {"A=B": "x"}}, "env"),
+        ({"argv": ["sh"], "env": {"": "x"}}, "env"),
+        ({"argv": ["sh"], "env": {"A\x00": "x"}}, "env"),
+        ({"argv": ["sh"], "env": {"A": "x\x00"}}, "env"),
+        ({"argv": ["sh"], "watchdog": float("inf")}, "watchdog"),
+        ({"argv": ["sh"], "watchdog": float("nan")}, "watchdog"),
+        ({"argv": ["sh"], "id": "web/1"}, "id"),
+        ({"argv": ["sh"], "shutdown": float("inf")}, "shutdown"),
+    ],
+)
+def test_command_refuses_what_execve_cannot_take(kwargs: dict[str, Any], field: str) -> None:
+    """NUL bytes in arguments or the environment, '=' or nothing as an environment name,
+    a non-finite watchdog: refused when the spec is made, not when the child starts."""
+    argv = kwargs.pop("argv")
+    with pytest.raises(trellis.ChildSpecError) as err:
+        trellis.Command(argv, **kwargs)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: trellis.Limits(memory=4096), "limits.memory"),
+        (lambda: trellis.Limits(memory=2**60), "limits.memory"),
+        (lambda: trellis.Limits(open_files=2**63), "limits.open_files"),
+        (lambda: trellis.Limits(cpu=2**64), "limits.cpu"),
+        (lambda: trellis.Logs(dir="/tmp", backups=5_000_000), "logs.backups"),
+    ],
+)
+def test_absurd_limits_and_backups_are_refused(make: Callable[[], Any], field: str) -> None:
+    with pytest.raises(trellis.ChildSpecError) as err:
+        make()
+    assert err.value.field == field
+
+
+def test_sane_limits_and_backups_are_kept() -> None:
+    limits = trellis.Limits(memory=2**20, open_files=1024, cpu=3600)
+    assert (limits.memory, limits.open_files, limits.cpu) == (2**20, 1024, 3600)
+    assert trellis.Logs(dir="/tmp", backups=1000).backups == 1000
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+async def test_non_finite_period_is_refused(bad: float) -> None:
+    with pytest.raises(trellis.InvalidPeriod):
+        trellis.SupervisorSpec([], period=bad)
+    with pytest.raises(trellis.InvalidPeriod):
+        await trellis.DynamicSupervisor.start_link(period=bad)

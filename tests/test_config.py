@@ -1097,3 +1097,326 @@ def test_operating_settings_errors_name_key_and_line() -> None:
     ]
     assert "invalid journal URL 'mysql://x'" in errors(text)[0][2]
     assert "bool" in errors(text)[5][2]
+
+
+# ---------------------------------------------------------------------------
+# What `trellis check` accepts, `trellis run` can run
+# ---------------------------------------------------------------------------
+
+CMD = f'command = ["{PY}"]\n'
+
+RUNNABLE_CASES = [
+    (
+        "infinite watchdog",
+        HEAD + CMD + "watchdog = inf\n",
+        (6, "supervisor.children[0].watchdog", "input should be a finite number, got inf"),
+    ),
+    (
+        "NaN ready timeout",
+        HEAD + CMD + "ready = { notify = true, timeout = nan }\n",
+        (6, "supervisor.children[0].ready.timeout", "input should be a finite number, got nan"),
+    ),
+    (
+        "a timeout over a year",
+        HEAD + CMD + "health = { tcp = 9000, interval = 1e300 }\n",
+        (
+            6,
+            "supervisor.children[0].health.interval",
+            "input should be less than or equal to 31536000, got 1e+300",
+        ),
+    ),
+    (
+        "NaN period",
+        '[supervisor]\nname = "t"\nperiod = nan\n',
+        (3, "supervisor.period", "invalid period: nan (must be a finite number of seconds)"),
+    ),
+    (
+        "infinite period of a nested supervisor",
+        HEAD + 'id = "inner"\nperiod = inf\nchildren = []\n',
+        (
+            6,
+            "supervisor.children[0].period",
+            "invalid period: inf (must be a finite number of seconds)",
+        ),
+    ),
+    (
+        "a period over a year",
+        "[supervisor]\nperiod = 1e12\n",
+        (
+            2,
+            "supervisor.period",
+            "1000000000000.0 seconds is more than a year (31536000): use a shorter time",
+        ),
+    ),
+    (
+        "infinite shutdown",
+        HEAD + CMD + "shutdown = inf\n",
+        (
+            6,
+            "supervisor.children[0].shutdown",
+            "invalid shutdown: inf (use 'infinity' to wait without a limit)",
+        ),
+    ),
+    (
+        "NaN shutdown",
+        HEAD + CMD + "shutdown = nan\n",
+        (
+            6,
+            "supervisor.children[0].shutdown",
+            "invalid shutdown: nan (use seconds >= 0, 'brutal_kill' or 'infinity')",
+        ),
+    ),
+    (
+        "infinite backoff max",
+        HEAD + CMD + "backoff = { max = inf }\n",
+        (
+            6,
+            "supervisor.children[0].backoff.max",
+            "input should be less than or equal to 31536000, got inf",
+        ),
+    ),
+    (
+        "NaN backoff factor",
+        HEAD + CMD + "backoff = { factor = nan }\n",
+        (
+            6,
+            "supervisor.children[0].backoff.factor",
+            "invalid backoff.factor: nan (Backoff.factor must be a finite number)",
+        ),
+    ),
+    (
+        "NUL in an argument",
+        HEAD + f'command = ["{PY}", "-c", "print(1)\\u0000"]\n',
+        (
+            5,
+            "supervisor.children[0].command",
+            "command argument 'print(1)\\x00' contains a NUL byte (\\u0000)",
+        ),
+    ),
+    (
+        "NUL in the program",
+        HEAD + 'command = ["/bin/s\\u0000h"]\n',
+        (
+            5,
+            "supervisor.children[0].command",
+            "command argument '/bin/s\\x00h' contains a NUL byte (\\u0000)",
+        ),
+    ),
+    (
+        "NUL in a shell command",
+        HEAD + 'command = "echo \\u0000"\nshell = true\n',
+        (
+            5,
+            "supervisor.children[0].command",
+            "command argument 'echo \\x00' contains a NUL byte (\\u0000)",
+        ),
+    ),
+    (
+        "NUL in an environment value",
+        HEAD + CMD + 'env = { A = "x\\u0000y" }\n',
+        (
+            6,
+            "supervisor.children[0].env.A",
+            "environment value 'x\\x00y' contains a NUL byte (\\u0000)",
+        ),
+    ),
+    (
+        "= in an environment name",
+        HEAD + CMD + 'env = { "A=B" = "x" }\n',
+        (
+            6,
+            'supervisor.children[0].env."A=B"',
+            "invalid environment variable name 'A=B': a name cannot contain '='",
+        ),
+    ),
+    (
+        "an empty environment name",
+        HEAD + CMD + 'env = { "" = "x" }\n',
+        (
+            6,
+            'supervisor.children[0].env.""',
+            "an environment variable name is a non-empty string, got ''",
+        ),
+    ),
+    (
+        "NUL in an environment name",
+        HEAD + CMD + 'env = { "A\\u0000" = "x" }\n',
+        (
+            6,
+            'supervisor.children[0].env."A\\u0000"',
+            "'A\\x00' contains a NUL byte (\\u0000): no path or name can hold one",
+        ),
+    ),
+    (
+        "= in an inherited name",
+        HEAD + CMD + 'inherit_env = ["PATH", "A=B"]\n',
+        (
+            6,
+            "supervisor.children[0].inherit_env",
+            "invalid environment variable name 'A=B': a name cannot contain '='",
+        ),
+    ),
+    (
+        "NUL in cwd",
+        HEAD + CMD + 'cwd = "/tmp\\u0000"\n',
+        (
+            6,
+            "supervisor.children[0].cwd",
+            "'/tmp\\x00' contains a NUL byte (\\u0000): no path or name can hold one",
+        ),
+    ),
+    (
+        "NUL in logs.dir",
+        HEAD + CMD + 'logs = { dir = "lo\\u0000gs" }\n',
+        (
+            6,
+            "supervisor.children[0].logs.dir",
+            "'lo\\x00gs' contains a NUL byte (\\u0000): no path or name can hold one",
+        ),
+    ),
+    (
+        "NUL in a user name",
+        HEAD + CMD + 'user = "ro\\u0000ot"\n',
+        (
+            6,
+            "supervisor.children[0].user",
+            "'ro\\x00ot' contains a NUL byte (\\u0000): no path or name can hold one",
+        ),
+    ),
+    (
+        "a memory limit too small to exec anything",
+        HEAD + CMD + "limits = { memory = 4096 }\n",
+        (
+            6,
+            "supervisor.children[0].limits.memory",
+            "limits.memory 4096 is out of range: use 1MiB to 1PiB (it limits the child's "
+            "address space)",
+        ),
+    ),
+    (
+        "an absurd memory limit",
+        HEAD + CMD + 'limits = { memory = "4096TiB" }\n',
+        (
+            6,
+            "supervisor.children[0].limits.memory",
+            "limits.memory 4503599627370496 is out of range: use 1MiB to 1PiB (it limits the "
+            "child's address space)",
+        ),
+    ),
+    (
+        "more open files than the kernel allows",
+        HEAD + CMD + "limits = { open_files = 4294967296 }\n",
+        (
+            6,
+            "supervisor.children[0].limits.open_files",
+            f"open_files 4294967296 is above the kernel's maximum (fs.nr_open = "
+            f"{Path('/proc/sys/fs/nr_open').read_text().strip()})",
+        ),
+    ),
+    (
+        "backups in the millions",
+        HEAD + CMD + "logs = { backups = 5000000 }\n",
+        (
+            6,
+            "supervisor.children[0].logs.backups",
+            "input should be less than or equal to 1000, got 5000000",
+        ),
+    ),
+    (
+        "a child id with a slash",
+        HEAD + 'id = "a/b"\n' + CMD,
+        (
+            5,
+            "supervisor.children[0].id",
+            "child id 'a/b' contains '/': an id is one segment of a child's path "
+            "(root/parent/child) and of its log file names; use '-', '_' or '.' instead",
+        ),
+    ),
+    (
+        "a supervisor id that climbs out of the logs dir",
+        HEAD + 'id = "../x"\nchildren = []\n',
+        (
+            5,
+            "supervisor.children[0].id",
+            "child id '../x' contains '/': an id is one segment of a child's path "
+            "(root/parent/child) and of its log file names; use '-', '_' or '.' instead",
+        ),
+    ),
+    (
+        "a supervisor named with a slash (its name is its id)",
+        HEAD + 'name = "a/b"\nchildren = []\n',
+        (
+            4,
+            "supervisor.children[0].id",
+            "invalid id: 'a/b' (a child id cannot contain '/': it is one segment of the "
+            "child's path (root/parent/child) and of its log file names)",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [c[1:] for c in RUNNABLE_CASES], ids=[c[0] for c in RUNNABLE_CASES]
+)
+def test_check_rejects_what_run_cannot_run(text: str, expected: tuple[int, str, str]) -> None:
+    """Non-finite or absurd durations, NUL bytes, bad environment names, absurd limits and
+    ids with '/': each is one issue with its key path and line, never a traceback."""
+    assert one_error(text) == expected
+
+
+@pytest.mark.parametrize("depth", [65, 500, 5000])
+@pytest.mark.parametrize("bracket", ["[", "{a="])
+def test_deeply_nested_values_are_an_error_with_a_line(depth: int, bracket: str) -> None:
+    """5,000 nested brackets made tomllib raise RecursionError (a traceback): now the
+    file is refused with the line where the nesting goes too deep."""
+    closing = "]" if bracket == "[" else "}"
+    value = bracket * depth + ("" if bracket == "[" else "1") + closing * depth
+    text = f'{HEAD}worker = "tree_parts:ticker"\n\nargs = [{value}]\n'
+    assert errors(text) == [
+        (
+            7,
+            "",
+            "arrays and inline tables nested more than 64 levels deep (a tree file never needs "
+            "that many)",
+        )
+    ]
+
+
+def test_nesting_within_the_limit_and_brackets_in_strings_are_fine() -> None:
+    """Brackets in strings and comments do not count; 60 levels of arrays load."""
+    text = toml(
+        f'''
+        [supervisor]
+        name = "t"  # [[[[ {"[" * 100}
+        [[supervisor.children]]
+        worker = "tree_parts:ticker"
+        args = [{"[" * 60}"{"[" * 100}", """{"{" * 100}""", '{"[" * 100}'{"]" * 60}]
+        '''
+    )
+    tree = loads(text)
+    assert tree.name == "t"
+
+
+def test_trellis_check_reports_deep_nesting_with_the_file_and_line(tmp_path: Path) -> None:
+    """The CLI: exit 2, FILE:LINE: message, no traceback."""
+    import subprocess
+
+    path = tmp_path / "deep.toml"
+    path.write_text(
+        '[supervisor]\n[[supervisor.children]]\nworker = "x:y"\nargs = '
+        + "[" * 5000
+        + "]" * 5000
+        + "\n"
+    )
+    done = subprocess.run(
+        [PY, "-m", "trellis", "check", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"{path}:4: " in done.stderr
+    assert "nested more than 64 levels" in done.stderr
+    assert "Traceback" not in done.stderr

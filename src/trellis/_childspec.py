@@ -118,28 +118,28 @@ class Backoff:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not _is_finite(self.min) or self.min < 0:
+        for name in ("min", "max", "factor", "jitter", "reset_after"):
+            value = getattr(self, name)
+            if _is_number(value) and not math.isfinite(value):
+                raise InvalidChildSpec(
+                    value, f"Backoff.{name} must be a finite number", field=f"backoff.{name}"
+                )
+        if not _is_number(self.min) or self.min < 0:
+            raise InvalidChildSpec(self.min, "Backoff.min must be >= 0", field="backoff.min")
+        if not _is_number(self.max) or self.max < self.min:
+            raise InvalidChildSpec(self.max, "Backoff.max must be >= min", field="backoff.max")
+        if not _is_number(self.factor) or self.factor < 1:
             raise InvalidChildSpec(
-                self.min, "Backoff.min must be a finite number >= 0", field="backoff.min"
+                self.factor, "Backoff.factor must be >= 1", field="backoff.factor"
             )
-        if not _is_finite(self.max) or self.max < self.min:
-            raise InvalidChildSpec(
-                self.max, "Backoff.max must be a finite number >= min", field="backoff.max"
-            )
-        if not _is_finite(self.factor) or self.factor < 1:
-            raise InvalidChildSpec(
-                self.factor, "Backoff.factor must be a finite number >= 1", field="backoff.factor"
-            )
-        if not _is_finite(self.jitter) or not 0 <= self.jitter <= 1:
+        if not _is_number(self.jitter) or not 0 <= self.jitter <= 1:
             raise InvalidChildSpec(
                 self.jitter, "Backoff.jitter must be in [0, 1]", field="backoff.jitter"
             )
         if self.reset_after is not None and (
-            not _is_finite(self.reset_after) or self.reset_after <= 0
+            not _is_number(self.reset_after) or self.reset_after <= 0
         ):
-            raise InvalidChildSpec(
-                self.reset_after, "must be a finite number > 0", field="backoff.reset_after"
-            )
+            raise InvalidChildSpec(self.reset_after, "must be > 0", field="backoff.reset_after")
 
     def delay(self, n: int, rng: random.Random | None = None) -> float:
         """The wait before restart number ``n`` (1-based); from the restart where the
@@ -169,6 +169,22 @@ def _is_finite(x: object) -> bool:
 
 
 _NO_DEFAULT: Any = object()
+
+
+def _check_id(id: object) -> None:
+    """A child id is one segment of the child's path (``root/parent/child``, which the
+    control API resolves) and of its log file names: no ``/`` and no NUL in it."""
+    if isinstance(id, int):
+        return
+    text = id if isinstance(id, str) else str(id)
+    if "/" in text or "\x00" in text:
+        bad = "'/'" if "/" in text else "a NUL byte"
+        raise InvalidChildSpec(
+            id,
+            f"a child id cannot contain {bad}: it is one segment of the child's path "
+            "(root/parent/child) and of its log file names",
+            field="id",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +219,7 @@ class ChildSpec:
         # OTP's check order: id, start, restart, significant, type, shutdown, modules.
         if self.id is None:
             raise MissingId()
+        _check_id(self.id)
         if self.start is None:
             raise MissingStart()
         if not callable(self.start):
@@ -243,6 +260,8 @@ class ChildSpec:
             except ValueError:
                 raise InvalidShutdown(value, "use seconds, 'brutal_kill' or 'infinity'") from None
         if _is_number(value) and value >= 0:  # type: ignore[operator]
+            if math.isinf(value):  # type: ignore[arg-type]
+                raise InvalidShutdown(value, "use 'infinity' to wait without a limit")
             return float(value)  # type: ignore[arg-type]
         raise InvalidShutdown(value, "use seconds >= 0, 'brutal_kill' or 'infinity'")
 
@@ -362,4 +381,6 @@ def check_intensity(value: object) -> int:
 def check_period(value: object) -> float:
     if not _is_number(value) or value <= 0:  # type: ignore[operator]
         raise InvalidPeriod(value, "must be a number of seconds > 0")
+    if not math.isfinite(value):  # type: ignore[arg-type]
+        raise InvalidPeriod(value, "must be a finite number of seconds")
     return float(value)  # type: ignore[arg-type]

@@ -189,11 +189,24 @@ def loads(text: str, source: str = "<string>") -> TreeSpec:
     return _loads(text, source, Path.cwd())
 
 
+MAX_NESTING = 64
+"""How deeply arrays and inline tables may nest in a tree file."""
+
+
 def _loads(text: str, source: str, base_dir: Path) -> TreeSpec:
+    deep = _too_deep(text, MAX_NESTING)
+    if deep is not None:
+        message = (
+            f"arrays and inline tables nested more than {MAX_NESTING} levels deep "
+            "(a tree file never needs that many)"
+        )
+        raise ConfigError([ConfigIssue("", deep, message)], source)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([_syntax_issue(e, text)], source) from None
+    except RecursionError:  # pragma: no cover - _too_deep catches what tomllib cannot parse
+        raise ConfigError([ConfigIssue("", 1, "nested too deeply to parse")], source) from None
     locator = Locator(text)
     issues: list[ConfigIssue] = []
 
@@ -201,11 +214,53 @@ def _loads(text: str, source: str, base_dir: Path) -> TreeSpec:
         line = locator.line(path)
         issues.append(ConfigIssue(format_path(path), line if line is not None else 1, message))
 
-    tree = walk(data, base_dir, issue)
+    try:
+        tree = walk(data, base_dir, issue)
+    except RecursionError:  # pragma: no cover - a value nested within MAX_NESTING is fine
+        raise ConfigError([ConfigIssue("", 1, "nested too deeply to check")], source) from None
     if issues or tree is None:
         issues.sort(key=lambda i: i.line or 0)
         raise ConfigError(issues or [ConfigIssue("", 1, "invalid tree file")], source)
     return TreeSpec(tree.name, tree.flags, tree.children, source, tree.outline, tree.settings)
+
+
+def _too_deep(text: str, limit: int) -> int | None:
+    """The line where arrays/inline tables first nest deeper than ``limit``, else None
+    (``tomllib`` recurses once per level and fails with a RecursionError near 500).
+    Strings and comments are skipped; invalid TOML is left to ``tomllib``."""
+    depth = 0
+    line = 1
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            line += 1
+        elif c == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif c in "\"'":
+            triple = text.startswith(c * 3, i)
+            quote = c * 3 if triple else c
+            j = i + len(quote)
+            while j < n and not text.startswith(quote, j):
+                if text[j] == "\\" and c == '"':
+                    j += 1
+                elif text[j] == "\n":
+                    if not triple:
+                        break
+                    line += 1
+                j += 1
+            i = j + len(quote) if text.startswith(quote, j) else j
+            continue
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                return line
+        elif c in "]}":
+            depth = max(0, depth - 1)
+        i += 1
+    return None
 
 
 def _syntax_issue(e: tomllib.TOMLDecodeError, text: str) -> ConfigIssue:

@@ -62,6 +62,7 @@ from ._types import (
     Ready,
     ReadyTimeout,
     Signaled,
+    check_argv_env,
     signal_number,
 )
 
@@ -179,8 +180,11 @@ def Command(
         isinstance(k, str) and isinstance(v, str) for k, v in env.items()
     ):
         raise InvalidChildSpec(env, "env must map str to str", field="env")
+    check_argv_env(args, env)
     if watchdog is not None and (
-        not isinstance(watchdog, int | float) or isinstance(watchdog, bool) or watchdog <= 0
+        not isinstance(watchdog, int | float)
+        or isinstance(watchdog, bool)
+        or not 0 < watchdog < float("inf")
     ):
         raise InvalidChildSpec(watchdog, "must be seconds > 0", field="watchdog")
     if pidfile is not None and not isinstance(pidfile, str | os.PathLike):

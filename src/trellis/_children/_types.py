@@ -254,9 +254,36 @@ class Limits:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise InvalidChildSpec(v, "must be an int > 0", field=f"limits.{name}")
+        if self.memory is not None and not 2**20 <= self.memory <= 2**50:
+            raise InvalidChildSpec(
+                self.memory, "must be from 1 MiB to 1 PiB (bytes)", field="limits.memory"
+            )
+        for name in ("open_files", "cpu"):
+            v = getattr(self, name)
+            if v is not None and v >= 2**62:
+                raise InvalidChildSpec(v, "is too large for an rlimit", field=f"limits.{name}")
 
     def __bool__(self) -> bool:
         return any(v is not None for v in (self.memory, self.open_files, self.cpu))
+
+
+MAX_BACKUPS = 1000
+"""The most rotated files :class:`Logs` keeps (each rotation renames every one)."""
+
+
+def check_argv_env(argv: Sequence[str], env: Any) -> None:
+    """What ``execve`` cannot take: a NUL byte in an argument, an environment name or
+    value; ``=`` in a name or an empty name."""
+    for arg in argv:
+        if "\x00" in arg:
+            raise InvalidChildSpec(arg, "an argument cannot contain a NUL byte", field="argv")
+    for name, value in (env or {}).items():
+        if not name or "=" in name or "\x00" in name:
+            raise InvalidChildSpec(
+                name, "an environment name must be non-empty, without '=' or NUL", field="env"
+            )
+        if "\x00" in value:
+            raise InvalidChildSpec(value, "an environment value cannot contain NUL", field="env")
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,3 +301,7 @@ class Logs:
             raise InvalidChildSpec(self.max_bytes, "must be an int > 0", field="logs.max_bytes")
         if not isinstance(self.backups, int) or self.backups < 0:
             raise InvalidChildSpec(self.backups, "must be an int >= 0", field="logs.backups")
+        if self.backups > MAX_BACKUPS:
+            raise InvalidChildSpec(
+                self.backups, f"must be at most {MAX_BACKUPS}", field="logs.backups"
+            )

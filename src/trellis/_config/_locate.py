@@ -9,6 +9,7 @@ and array element starts. Paths are tuples such as
 from __future__ import annotations
 
 import bisect
+import json
 import tomllib
 
 __all__ = ["KeyPath", "Locator", "format_path"]
@@ -26,9 +27,14 @@ def format_path(path: KeyPath) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            key = part if part and all(c in _BARE for c in part) else f'"{part}"'
+            key = part if part and all(c in _BARE for c in part) else _quoted(part)
             out += f".{key}" if out else key
     return out
+
+
+def _quoted(key: str) -> str:
+    """``key`` as a TOML basic string (control characters escaped, never raw)."""
+    return json.dumps(key, ensure_ascii=False)
 
 
 class Locator:

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import difflib
 import enum
+import math
+import os
 import re
+import resource
 import signal
 import urllib.parse
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal, NoReturn
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from .._childspec import (
@@ -106,7 +117,15 @@ def _check_shutdown(value: object) -> float | str:
         result = ChildSpec._check_shutdown(value, ChildType.WORKER)
     except ChildSpecError as e:
         fail(str(e))
-    return result if isinstance(result, float) else str(result.value)
+    if isinstance(result, float):
+        return _max_seconds(result)
+    return str(result.value)
+
+
+def _max_seconds(value: float) -> float:
+    if value > MAX_SECONDS:
+        fail(f"{value!r} seconds is more than a year ({MAX_SECONDS}): use a shorter time")
+    return value
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
@@ -169,9 +188,91 @@ def _check_port(value: object) -> int:
     fail(f"invalid port {value!r}: use 1-65535")
 
 
+MAX_SECONDS = 365 * 86400
+"""The longest duration a tree file takes anywhere (timeouts, periods, backoff): a year."""
+MIN_MEMORY = 2**20
+"""The smallest ``limits.memory`` (1 MiB): below it no program can even be executed."""
+MAX_MEMORY = 2**50
+"""The largest ``limits.memory`` (1 PiB), far above any machine's address space."""
+MAX_BACKUPS = 1000
+"""The most rotated log files ``logs.backups`` keeps (each rotation renames them all)."""
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        fail(f"{_short(value)} contains a NUL byte (\\u0000): no path or name can hold one")
+    return value
+
+
+def _short(value: str) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _check_child_id(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        fail(f"id is a non-empty string, got {value!r}")
+    _no_nul(value)
+    if "/" in value:
+        fail(
+            f"child id {value!r} contains '/': an id is one segment of a child's path "
+            "(root/parent/child) and of its log file names; use '-', '_' or '.' instead"
+        )
+    return value
+
+
+def _check_env_var(value: object) -> str:
+    """An environment variable name a process can be given: not empty, no '=' or NUL."""
+    if not isinstance(value, str) or not value:
+        fail(f"an environment variable name is a non-empty string, got {value!r}")
+    _no_nul(value)
+    if "=" in value:
+        fail(f"invalid environment variable name {value!r}: a name cannot contain '='")
+    return value
+
+
+def _rlimit_check(res: int, what: str, extra: int = 0) -> Callable[[int], int]:
+    """``value`` must fit under our hard limit ``res``: a child cannot raise it (only
+    root can), so the start would fail at run time."""
+
+    def check(value: int) -> int:
+        if os.geteuid() == 0:
+            return value
+        hard = resource.getrlimit(res)[1]
+        if hard != resource.RLIM_INFINITY and value + extra > hard:
+            fail(
+                f"{what} {value} is above this process's hard limit ({hard}); "
+                "only root can raise it"
+            )
+        return value
+
+    return check
+
+
+def _check_open_files(value: int) -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            nr_open = int(f.read())
+    except (OSError, ValueError):
+        nr_open = 2**20
+    if value > nr_open:
+        fail(f"open_files {value} is above the kernel's maximum (fs.nr_open = {nr_open})")
+    return _rlimit_check(resource.RLIMIT_NOFILE, "open_files")(value)
+
+
+def _check_memory(value: int) -> int:
+    if not MIN_MEMORY <= value <= MAX_MEMORY:
+        fail(
+            f"limits.memory {value} is out of range: use 1MiB to 1PiB "
+            "(it limits the child's address space)"
+        )
+    return _rlimit_check(resource.RLIMIT_AS, "memory")(value)
+
+
 def _check_tcp(value: object) -> tuple[str, int]:
     """``9000`` -> ``("127.0.0.1", 9000)``; ``"host:9000"`` -> ``("host", 9000)``."""
     if isinstance(value, str):
+        _no_nul(value)
         host, sep, port = value.rpartition(":")
         if sep and host and port.isdigit():
             return host.strip("[]"), _check_port(int(port))
@@ -181,6 +282,7 @@ def _check_tcp(value: object) -> tuple[str, int]:
 
 def _check_url(value: object) -> str:
     if isinstance(value, str):
+        _no_nul(value)
         parts = urllib.parse.urlsplit(value)
         if parts.scheme in ("http", "https") and parts.netloc:
             return value
@@ -204,6 +306,9 @@ def _check_ref(value: object) -> str:
 
 
 def _check_argv(value: object) -> list[str] | str:
+    for arg in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+        if isinstance(arg, str) and "\x00" in arg:
+            fail(f"command argument {_short(arg)} contains a NUL byte (\\u0000)")
     if isinstance(value, str) and value.strip():
         return value
     if isinstance(value, list) and value and all(isinstance(a, str) for a in value) and value[0]:
@@ -213,6 +318,8 @@ def _check_argv(value: object) -> list[str] | str:
 
 def _check_env_value(value: object) -> str:
     if isinstance(value, str):
+        if "\x00" in value:
+            fail(f"environment value {_short(value)} contains a NUL byte (\\u0000)")
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
@@ -223,13 +330,15 @@ def _check_inherit_env(value: object) -> bool | list[str]:
     if isinstance(value, bool):
         return value
     if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        for name in value:
+            _check_env_var(name)
         return value
     fail(f"inherit_env is true, false or a list of variable names, got {value!r}")
 
 
 def _check_user(value: object) -> str | int:
     if isinstance(value, str) and value:
-        return value
+        return _no_nul(value)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     fail(f"user is a user name or a uid, got {value!r}")
@@ -239,14 +348,18 @@ Restart = Annotated[str, PlainValidator(_core_enum(RestartType, InvalidRestartTy
 StrategyName = Annotated[str, PlainValidator(_core_enum(Strategy, InvalidStrategy))]
 AutoShutdownName = Annotated[str, PlainValidator(_core_enum(AutoShutdown, InvalidAutoShutdown))]
 Intensity = Annotated[int, PlainValidator(_core_check(check_intensity))]
-Period = Annotated[float, PlainValidator(_core_check(check_period))]
+Period = Annotated[float, PlainValidator(_core_check(check_period)), AfterValidator(_max_seconds)]
 Shutdown = Annotated[float | str, PlainValidator(_check_shutdown)]
 Size = Annotated[int, PlainValidator(parse_size)]
-Seconds = Annotated[float, Field(gt=0)]
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
 Tcp = Annotated[tuple[str, int], PlainValidator(_check_tcp)]
 Url = Annotated[str, PlainValidator(_check_url)]
 Ref = Annotated[str, PlainValidator(_check_ref)]
-NonEmpty = Annotated[str, Field(min_length=1)]
+NonEmpty = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
+ChildId = Annotated[str, PlainValidator(_check_child_id)]
+EnvVarName = Annotated[str, PlainValidator(_check_env_var)]
+EnvValue = Annotated[str, PlainValidator(_check_env_value)]
+Bounded = Annotated[float, Field(le=MAX_SECONDS)]
 
 
 # ---------------------------------------------------------------------------
@@ -269,11 +382,11 @@ class _Model(BaseModel):
 
 class BackoffModel(_Model):
     what = "backoff"
-    min: float | None = None
-    max: float | None = None
+    min: Bounded | None = None
+    max: Bounded | None = None
     factor: float | None = None
     jitter: float | None = None
-    reset_after: float | None = None
+    reset_after: Bounded | None = None
     seed: int | None = None
 
 
@@ -329,16 +442,23 @@ class HealthModel(_Model):
 
 class LimitsModel(_Model):
     what = "limits"
-    memory: Size | None = None
-    open_files: Annotated[int, Field(gt=0)] | None = None
-    cpu: Annotated[int, Field(gt=0)] | None = None
+    memory: Annotated[int, PlainValidator(parse_size), AfterValidator(_check_memory)] | None = None
+    open_files: Annotated[int, Field(gt=0), AfterValidator(_check_open_files)] | None = None
+    cpu: (
+        Annotated[
+            int,
+            Field(gt=0, le=MAX_SECONDS),
+            AfterValidator(_rlimit_check(resource.RLIMIT_CPU, "cpu", extra=1)),
+        ]
+        | None
+    ) = None
 
 
 class LogsModel(_Model):
     what = "logs"
     dir: NonEmpty | None = None
     max_bytes: Size | None = None
-    backups: Annotated[int, Field(ge=0)] | None = None
+    backups: Annotated[int, Field(ge=0, le=MAX_BACKUPS)] | None = None
     telemetry: bool | None = None
 
 
@@ -354,7 +474,7 @@ def parse_duration(value: object) -> float:
 
         assert parse_duration("30d") == 30 * 86400 and parse_duration(60) == 60.0
     """
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf:
         return float(value)
     if isinstance(value, str):
         m = _DURATION.match(value)
@@ -403,7 +523,7 @@ _SRE_KEYS = ("slo", "runbook", "owner")
 
 
 class _Child(_Sre):
-    id: NonEmpty | None = None
+    id: ChildId | None = None
     restart: Restart | None = None
     shutdown: Shutdown | None = None
     significant: bool | None = None
@@ -413,7 +533,7 @@ class _Child(_Sre):
 class CommandChild(_Child):
     what = "a command child"
     command: Annotated[list[str] | str, PlainValidator(_check_argv)]
-    env: dict[str, Annotated[str, PlainValidator(_check_env_value)]] | None = None
+    env: dict[EnvVarName, EnvValue] | None = None
     inherit_env: Annotated[bool | list[str], PlainValidator(_check_inherit_env)] | None = None
     cwd: NonEmpty | None = None
     user: Annotated[str | int, PlainValidator(_check_user)] | None = None

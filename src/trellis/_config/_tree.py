@@ -130,6 +130,8 @@ class _Walker:
 
     def _pydantic_error(self, cls: type[_Model], path: KeyPath, err: dict[str, Any]) -> None:
         loc: KeyPath = tuple(err["loc"])
+        if loc and loc[-1] == "[key]":  # a table's key itself is wrong (e.g. an env name)
+            loc = loc[:-1]
         kind = err["type"]
         if kind == "extra_forbidden":
             model = _model_at(cls, loc[:-1])
