@@ -563,6 +563,9 @@ class _Walker:
             )
         cwd = self.directory(model.cwd, (*path, "cwd")) if model.cwd is not None else None
         if isinstance(argv, list):
+            if argv and "/" in argv[0] and not os.path.isabs(argv[0]):
+                # one rule for relative paths (command, cwd, logs.dir): the tree file's dir
+                argv = [str(self.base_dir / argv[0]), *argv[1:]]
             self.check_executable(argv[0], (*path, "command"), cwd, model)
         if model.user is not None:
             self.check_user(model.user, (*path, "user"))
