@@ -1355,6 +1355,47 @@ RUNNABLE_CASES = [
 ]
 
 
+RUNNABLE_CASES += [
+    (
+        "NUL in the journal URL",
+        '[journal]\nurl = "sqlite:///j\\u0000.db"\n[supervisor]\n',
+        (
+            2,
+            "journal.url",
+            "'sqlite:///j\\x00.db' contains a NUL byte (\\u0000): no path or name can hold one",
+        ),
+    ),
+    (
+        "NUL in the control socket",
+        '[control]\nsocket = "s\\u0000.sock"\n[supervisor]\n',
+        (
+            2,
+            "control.socket",
+            "'s\\x00.sock' contains a NUL byte (\\u0000): no path or name can hold one",
+        ),
+    ),
+    (
+        "a control socket path too long for a Unix socket",
+        '[control]\nsocket = "/tmp/' + "s" * 100 + '.sock"\n[supervisor]\n',
+        (
+            2,
+            "control.socket",
+            "socket path '/tmp/" + "s" * 51 + "... is 110 "
+            "bytes: a Unix socket path has at most 107; choose a shorter one",
+        ),
+    ),
+    (
+        "an infinite SLO window",
+        HEAD + CMD + "slo = { objective = 0.999, window = inf }\n",
+        (
+            6,
+            "supervisor.children[0].slo.window",
+            "invalid duration inf: use seconds > 0 or a string such as '30d', '6h', '90m'",
+        ),
+    ),
+]
+
+
 @pytest.mark.parametrize(
     ("text", "expected"), [c[1:] for c in RUNNABLE_CASES], ids=[c[0] for c in RUNNABLE_CASES]
 )

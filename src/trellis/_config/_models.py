@@ -603,6 +603,7 @@ class RootSupervisor(_Flags, _Sre):
 
 def _check_journal_url(value: object) -> str:
     if isinstance(value, str):
+        _no_nul(value)
         scheme = value.partition("://")[0]
         if scheme == "sqlite" and value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
             return value
@@ -620,7 +621,18 @@ def _check_env_name(value: object) -> str:
     fail(f"invalid environment variable name {value!r}")
 
 
+MAX_SOCKET_PATH = 107
+"""The longest Unix socket path Linux takes (``sun_path`` is 108 bytes with the NUL)."""
+
+
 def _check_socket(value: object) -> str | bool:
+    if isinstance(value, str) and value:
+        _no_nul(value)
+        if len(value.encode()) > MAX_SOCKET_PATH:
+            fail(
+                f"socket path {_short(value)} is {len(value.encode())} bytes: a Unix socket "
+                f"path has at most {MAX_SOCKET_PATH}; choose a shorter one"
+            )
     if isinstance(value, bool) or (isinstance(value, str) and value):
         return value
     fail(f"socket is a path or true/false, got {value!r}")
