@@ -20,7 +20,7 @@ from ._core._process import Pid, kill_and_wait, live_processes
 from ._core._reasons import SHUTDOWN, is_clean
 from ._server import stop
 
-__all__ = ["Extension", "run", "run_async"]
+__all__ = ["LOOPS", "Extension", "loop_factory", "run", "run_async"]
 
 _log = logging.getLogger("trellis")
 
@@ -48,6 +48,7 @@ def run(
     hard_exit_after: float = 30.0,
     blocked_warning: float = 5.0,
     extensions: Sequence[Extension] = (),
+    loop: str = "asyncio",
 ) -> int:
     """Run ``root`` until it ends or SIGTERM/SIGINT arrives; returns the exit code.
 
@@ -62,23 +63,54 @@ def run(
 
     ``extensions`` (see :class:`Extension`) run beside the tree in its event loop.
 
+    ``loop`` is ``"asyncio"`` (the standard library's) or ``"uvloop"`` (the optional
+    ``uvloop`` package: ``pip install 'trellis-otp[uvloop]'``); :func:`loop_factory`
+    raises ``ValueError`` for another name or a missing package.
+
     Example::
 
         import sys, trellis
         sys.exit(trellis.run(lambda: trellis.Supervisor.start_link(children)))
     """
+    factory = loop_factory(loop)
     watchdog = _Watchdog(hard_exit_after, blocked_warning)
     try:
-        return asyncio.run(
-            run_async(
-                root,
-                shutdown_timeout=shutdown_timeout,
-                extensions=extensions,
-                _watchdog=watchdog,
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(
+                run_async(
+                    root,
+                    shutdown_timeout=shutdown_timeout,
+                    extensions=extensions,
+                    _watchdog=watchdog,
+                )
             )
-        )
     finally:
         watchdog.close()
+
+
+#: The event loops ``trellis run --loop`` and ``trellis.run(loop=...)`` know.
+LOOPS = ("asyncio", "uvloop")
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event-loop factory for ``name`` (None: the standard library's default).
+
+    Example::
+
+        with asyncio.Runner(loop_factory=loop_factory("uvloop")) as runner: ...
+    """
+    if name == "asyncio":
+        return None
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ValueError(
+                "loop 'uvloop' needs the uvloop package: pip install 'trellis-otp[uvloop]'"
+            ) from None
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+        return factory
+    raise ValueError(f"unknown event loop {name!r}: use one of {', '.join(LOOPS)}")
 
 
 class _Watchdog:

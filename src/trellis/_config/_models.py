@@ -666,10 +666,16 @@ class MetricsModel(_Model):
     enabled: bool | None = None
 
 
+class RunModel(_Model):
+    what = "run"
+    loop: Literal["asyncio", "uvloop"] | None = None
+
+
 class Document(_Model):
     what = "the tree file"
     supervisor: dict[str, Any]
     node: NonEmpty | None = None
+    run: RunModel | None = None
     journal: JournalModel | None = None
     control: ControlModel | None = None
     metrics: MetricsModel | None = None

@@ -225,7 +225,7 @@ class _Walker:
         out: dict[str, Any] = {}
         if doc.node is not None:
             out["node"] = doc.node
-        for key in ("journal", "control", "metrics"):
+        for key in ("journal", "control", "metrics", "run"):
             model = getattr(doc, key)
             if model is not None:
                 out[key] = model.given()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any, NoReturn
 
 import click
@@ -11,6 +12,7 @@ import click
 from .. import telemetry
 from .._core._exceptions import FailedToStartChild, StartError
 from .._operate import OperationsError, lock_tree, operations
+from .._run import loop_factory
 from .._run import run as run_tree
 from ..control._errors import ControlError
 from ..journal._errors import JournalError
@@ -20,6 +22,7 @@ from ._logging import configure_logging, log_event
 __all__ = ["check", "demo", "run"]
 
 _EXIT_BAD_FILE = 2
+LOOP_ENV = "TRELLIS_LOOP"  # the event loop when neither --loop nor [run] loop names one
 _cli_log = logging.getLogger("trellis.cli")
 
 
@@ -93,6 +96,14 @@ def check(trees: tuple[str, ...]) -> None:
 )
 @click.option("--no-metrics", is_flag=True, help="Run without Prometheus metrics.")
 @click.option("--node", metavar="NAME", help="Node name in the journal and metrics.")
+@click.option(
+    "--loop",
+    "loop_name",
+    type=click.Choice(["asyncio", "uvloop"]),
+    default=None,
+    help="The event loop: asyncio (default) or uvloop (pip install 'trellis-otp[uvloop]'); "
+    "default: the tree file's [run] loop, else $TRELLIS_LOOP, else asyncio.",
+)
 def run(
     tree_file: str,
     log_format: str,
@@ -105,6 +116,7 @@ def run(
     tcp: str | None,
     no_metrics: bool,
     node: str | None,
+    loop_name: str | None,
 ) -> None:
     """Run a tree in the foreground until SIGTERM/SIGINT (exit 0) or until the root
     gives up (exit 1). Exit 2 for an invalid tree file or setting. Logs go to stderr.
@@ -121,6 +133,12 @@ def run(
         raise click.UsageError("give --socket or --no-control, not both")
     if tcp is not None and no_control:
         raise click.UsageError("give --tcp or --no-control, not both")
+    loop_name = loop_name or tree.settings.get("run", {}).get("loop") or os.environ.get(LOOP_ENV)
+    try:
+        loop_factory(loop_name or "asyncio")
+    except ValueError as e:
+        click.echo(f"trellis run: {e}", err=True)
+        _exit(_EXIT_BAD_FILE)
     try:
         ops = operations(
             tree.name,
@@ -155,7 +173,11 @@ def run(
     hid = telemetry.attach(log_event)
     _cli_log.info("tree.starting", extra={"trellis": {"file": tree_file, "root": tree.name}})
     try:
-        code = run_tree(tree.child_spec(), extensions=[*ops.extensions(), *notify])
+        code = run_tree(
+            tree.child_spec(),
+            extensions=[*ops.extensions(), *notify],
+            loop=loop_name or "asyncio",
+        )
     except StartError as e:
         child, reason = _start_failure(e)
         fields = {"child": child, "reason": reason}
