@@ -52,6 +52,7 @@ class Operations:
     socket: str | None = None
     tcp: tuple[str, int] | None = None
     tokens: dict[str, str] = field(default_factory=dict)
+    control_options: dict[str, Any] = field(default_factory=dict)
     metrics: bool = True
     tracker: Tracker = field(default_factory=Tracker)
     reloader: Any = None
@@ -84,6 +85,7 @@ class Operations:
                 "metrics": metrics,
                 "tracker": self.tracker,
                 "node": self.node,
+                **self.control_options,
             }
             exts.append(_ControlOnceStarted(kwargs, self.reloader))
         return exts
@@ -237,6 +239,9 @@ def operations(
             ops.socket = str(default_socket_path(name))
         elif isinstance(sock, str):
             ops.socket = sock
+    for key in ("idle_timeout", "max_connections"):
+        if cset.get(key) is not None:
+            ops.control_options[key] = cset[key]
     if control is not False:  # a --tcp given explicitly serves even if the file says off
         ops.tcp = tcp if tcp is not None else cset.get("tcp") if enabled else None
     if ops.tcp is not None:

@@ -659,6 +659,8 @@ class ControlModel(_Model):
     socket: Annotated[str | bool, PlainValidator(_check_socket)] | None = None
     tcp: Tcp | None = None
     token_env: EnvName | None = None
+    idle_timeout: Seconds | None = None
+    max_connections: Annotated[int, Field(gt=0)] | None = None
 
 
 class MetricsModel(_Model):

@@ -11,13 +11,13 @@ connection is made and hands the application a :class:`Peer`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from ._errors import ControlError
-from ._paths import MAX_SOCKET_PATH, socket_dir
+from ._paths import MAX_SOCKET_PATH, make_socket_dir, socket_dir
 
 __all__ = ["ControlError", "HttpServer", "Peer", "bind_tcp", "bind_unix", "parse_tcp"]
 
@@ -97,24 +97,14 @@ def _is_live(path: Path) -> bool:
     return True
 
 
-def _check_private_dir(directory: Path) -> None:
-    """Refuse the default socket directory (``/tmp/trellis-<uid>`` is guessable: anyone
-    could have made it first) unless it is ours and closed to others."""
-    st = directory.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise ControlError(
-            f"socket: {directory} must be owned by uid {os.getuid()} with mode 0700 "
-            f"(it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); fix or remove it"
-        )
-
-
 def bind_unix(path: Path, backlog: int = 128) -> tuple[socket.socket, os.stat_result]:
     """A listening Unix socket at ``path`` with mode 0600; returns it and its file's stat
     (to remove only our own file later).
 
-    The parent directory is created with mode 0700 if missing. A stale socket file
-    (nobody listening) is replaced; a live one, or a file that is not a socket, is an
-    error.
+    The parent directory is created with mode 0700 if missing, and must be safe (see
+    :func:`check_socket_dir`: the default directory ours and 0700, another one ours or
+    root's and not open to writing by others). A stale socket file (nobody listening)
+    is replaced; a live one, or a file that is not a socket, is an error.
     """
     raw = os.fsencode(path)
     if len(raw) > MAX_SOCKET_PATH:
@@ -122,12 +112,7 @@ def bind_unix(path: Path, backlog: int = 128) -> tuple[socket.socket, os.stat_re
             f"socket: {path} is {len(raw)} bytes long; Unix socket paths are limited to "
             f"{MAX_SOCKET_PATH} bytes (choose a shorter path)"
         )
-    parent = path.parent
-    if not parent.exists():
-        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(parent, 0o700)
-    elif parent == socket_dir():
-        _check_private_dir(parent)
+    make_socket_dir(path.parent, private=path.parent == socket_dir())
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -143,8 +128,14 @@ def bind_unix(path: Path, backlog: int = 128) -> tuple[socket.socket, os.stat_re
                 "(is the tree already running?)"
             )
         _log.info("removing stale control socket %s", path)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise ControlError(
+                f"socket: cannot remove the stale socket {path}: {e.strerror or e}"
+            ) from e
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(str(path))
@@ -207,6 +198,79 @@ def _tcp_peer(transport: asyncio.BaseTransport) -> Peer:
 
 
 # ---------------------------------------------------------------------------
+# Connection budget
+# ---------------------------------------------------------------------------
+
+#: Scope key the application sets once a request is authorised; a connection whose
+#: last request carried it is "authenticated" (evicted only after the others).
+AUTHENTICATED = "trellis.who"
+
+
+def default_max_connections() -> int:
+    """Connections each listener (the Unix socket, TCP) keeps open at most, from the
+    process's descriptor limit: an eighth of ``RLIMIT_NOFILE``'s soft limit, between 8
+    and 512. Both listeners together use at most a quarter of the descriptors; the rest
+    stays for children's pipes, log files and the journal.
+
+    Example::
+
+        # ulimit -n 1024  ->  128 on the socket + 128 on TCP, 768 left for the tree
+        assert 8 <= default_max_connections() <= 512
+    """
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 16
+    except (ImportError, OSError, ValueError):
+        soft = 1024
+    return max(8, min(512, soft // 8))
+
+
+class _Listener:
+    """The open connections of one listening socket, oldest first, and its budget."""
+
+    def __init__(self, kind: str, source: str, cap: int) -> None:
+        self.kind = kind
+        self.source = source
+        self.cap = cap
+        self.conns: dict[_Protocol, None] = {}  # insertion order = connection order
+        self._warned = 0.0
+
+    def admit(self, new: _Protocol) -> bool:
+        """Make room for ``new``: when the budget is spent, close the idle connection
+        that has waited longest, preferring one that never made an authorised request.
+        False (``new`` is closed) when every connection is busy with a request."""
+        if len(self.conns) >= self.cap:
+            victim = self._victim()
+            if victim is None:
+                self._warn(f"all {self.cap} connections are busy: refused a new one")
+                return False
+            self._warn(f"{self.cap} connections open (the limit): closed the longest idle one")
+            victim.evict()
+        self.conns[new] = None
+        return True
+
+    def _victim(self) -> _Protocol | None:
+        best: _Protocol | None = None
+        best_key: tuple[bool, float] | None = None
+        for conn in self.conns:
+            if conn.idle_since is None:
+                continue
+            key = (conn.authenticated, conn.idle_since)
+            if best_key is None or key < best_key:
+                best, best_key = conn, key
+        return best
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned >= 10.0:  # a flood must not flood the log too
+            self._warned = now
+            _log.warning("control API on %s: %s", self.source, message)
+
+
+# ---------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------
 
@@ -217,35 +281,124 @@ async def _never_called(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 class _Protocol(H11Protocol):
-    """uvicorn's h11 protocol, with the application chosen per connection from its peer."""
+    """uvicorn's h11 protocol, with the application chosen per connection from its peer,
+    a place in its listener's budget, and an idle timeout: a connection must complete a
+    request's headers within ``idle_timeout`` of connecting or of its last response
+    (data trickling in does not reset the clock), else it is closed."""
 
     def __init__(
         self,
         config: uvicorn.Config,
         server_state: ServerState,
         app_for: Callable[[Peer], ASGIApp],
-        kind: str,
-        source: str,
+        listener: _Listener,
+        idle_timeout: float,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         super().__init__(config, server_state, {}, loop)
         self.access_log = False  # operator actions are journaled; requests are not logged
         self._app_for = app_for
-        self._kind = kind
-        self._source = source
+        self._listener = listener
+        self._idle_timeout = idle_timeout
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since: float | None = None  # monotonic; None while a request runs
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether this connection's last request was authorised."""
+        scope = self.scope
+        return scope is not None and AUTHENTICATED in scope
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        unix = self._kind == "unix"
-        peer = _unix_peer(transport, self._source) if unix else _tcp_peer(transport)
+        listener = self._listener
+        if not listener.admit(self):
+            transport.abort()
+            return
+        unix = listener.kind == "unix"
+        peer = _unix_peer(transport, listener.source) if unix else _tcp_peer(transport)
         self.app = self._app_for(peer)
+        self._sync()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._listener.conns.pop(self, None)
+        self._disarm()
+        self.idle_since = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._sync()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._sync()
+
+    def evict(self) -> None:
+        """Close this idle connection to make room for a new one."""
+        self._listener.conns.pop(self, None)
+        self._disarm()
+        self.idle_since = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+    # -- idle timeout ---------------------------------------------------------------
+    def _sync(self) -> None:
+        """Busy while a request runs (its headers complete, its response not); idle
+        otherwise, with the timer armed from the moment it became idle."""
+        if self.transport is None or self.transport.is_closing():
+            self._disarm()
+            return
+        busy = self.cycle is not None and not self.cycle.response_complete
+        if busy:
+            self._disarm()
+            self.idle_since = None
+        elif self.idle_since is None:
+            self.idle_since = time.monotonic()
+            self._idle_timer = self.loop.call_later(self._idle_timeout, self._on_idle)
+
+    def _disarm(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _on_idle(self) -> None:
+        self._idle_timer = None
+        if self.idle_since is None:
+            return
+        self._listener.conns.pop(self, None)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
 
 
 class HttpServer:
-    """Serves ``app_for(peer)`` over HTTP/1.1 on listening sockets in the running loop."""
+    """Serves ``app_for(peer)`` over HTTP/1.1 on listening sockets in the running loop.
 
-    def __init__(self, app_for: Callable[[Peer], ASGIApp], *, max_connections: int = 256) -> None:
+    Args:
+        max_connections: connections each listener keeps open at most (default
+            :func:`default_max_connections`, from ``RLIMIT_NOFILE``); when full, a new
+            connection evicts the longest idle one, so an operator is never locked out
+            by idle connections.
+        idle_timeout: seconds a connection may take to send a request's headers, after
+            connecting or after its last response; then it is closed.
+    """
+
+    def __init__(
+        self,
+        app_for: Callable[[Peer], ASGIApp],
+        *,
+        max_connections: int | None = None,
+        idle_timeout: float = 10.0,
+    ) -> None:
+        if max_connections is not None and max_connections < 1:
+            raise ControlError(f"max_connections must be at least 1, not {max_connections}")
+        if not idle_timeout > 0:
+            raise ControlError(f"idle_timeout must be more than 0 seconds, not {idle_timeout}")
         self._app_for = app_for
+        self.max_connections = (
+            max_connections if max_connections is not None else default_max_connections()
+        )
+        self.idle_timeout = idle_timeout
         self.config = uvicorn.Config(
             _never_called,
             interface="asgi3",
@@ -255,21 +408,31 @@ class HttpServer:
             proxy_headers=False,  # the peer address is the socket's, never a header's
             server_header=False,
             date_header=False,
-            limit_concurrency=max_connections,
-            timeout_keep_alive=5,
+            limit_concurrency=None,  # each listener has its own budget (see _Listener)
+            timeout_keep_alive=max(1, int(idle_timeout)),
         )
         self.config.load()
         self.state = ServerState()
         self._servers: list[asyncio.Server] = []
+        self.listeners: list[_Listener] = []
 
     async def serve(self, sock: socket.socket, kind: str, source: str) -> None:
-        """Start accepting connections on ``sock`` (``kind``: ``"unix"`` or ``"tcp"``)."""
+        """Start accepting connections on ``sock`` (``kind``: ``"unix"`` or ``"tcp"``),
+        with its own budget of ``max_connections``."""
         loop = asyncio.get_running_loop()
+        listener = _Listener(kind, source, self.max_connections)
+        self.listeners.append(listener)
 
         def factory() -> asyncio.Protocol:
-            return _Protocol(self.config, self.state, self._app_for, kind, source, loop)
+            return _Protocol(
+                self.config, self.state, self._app_for, listener, self.idle_timeout, loop
+            )
 
-        server = await loop.create_server(factory, sock=sock, backlog=128)
+        # asyncio accepts up to `backlog` connections per wake-up before any of them is
+        # admitted (or evicted): keep that burst small, so a flood never holds more than
+        # about 1.5 budgets of descriptors on this listener.
+        backlog = max(8, min(128, self.max_connections // 2))
+        server = await loop.create_server(factory, sock=sock, backlog=backlog)
         self._servers.append(server)
 
     async def close(self, grace: float) -> None:

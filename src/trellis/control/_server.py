@@ -184,6 +184,13 @@ class ControlServer:
         history: how many recent events ``/v1/events?history=N`` can replay.
         sse_buffer: per-client event buffer; a client that falls further behind loses
             the oldest events (counted and reported to it), never slowing the tree.
+        max_connections: connections the Unix socket and TCP each keep open at most
+            (separate budgets); default an eighth of ``RLIMIT_NOFILE`` (8..512), so a
+            flood of connections cannot take the descriptors children need. When full,
+            a new connection closes the longest idle one (one that never made an
+            authorised request first): an operator always gets in.
+        idle_timeout: seconds a connection may take to send a request's headers, after
+            connecting or after its last response, before it is closed.
 
     Example::
 
@@ -205,6 +212,8 @@ class ControlServer:
         keepalive: float = 15.0,
         max_body: int = 64 * 1024,
         grace: float = 5.0,
+        max_connections: int | None = None,
+        idle_timeout: float = 10.0,
     ) -> None:
         if socket is None:
             socket = tcp is None
@@ -234,6 +243,12 @@ class ControlServer:
         self._keepalive = keepalive
         self._max_body = max_body
         self._grace = grace
+        if max_connections is not None and max_connections < 1:
+            raise ControlError(f"max_connections must be at least 1, not {max_connections}")
+        if not idle_timeout > 0:
+            raise ControlError(f"idle_timeout must be more than 0 seconds, not {idle_timeout}")
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout
         self._allowed_uids = frozenset({os.getuid(), 0})
         self.root: Pid | None = None
         # ``trellis run`` sets this to its tree file's reloader (POST /v1/reload)
@@ -256,7 +271,9 @@ class ControlServer:
             self.tracker = Tracker()
         if self._own_tracker:
             self.tracker.attach()
-        http = HttpServer(self._gate)
+        http = HttpServer(
+            self._gate, max_connections=self._max_connections, idle_timeout=self._idle_timeout
+        )
         try:
             if self.socket_path is not None:
                 sock, self._socket_stat = bind_unix(self.socket_path)
@@ -385,6 +402,10 @@ class ControlServer:
             Route("/v1/children/{path:path}/restart", self._restart, methods=["POST"]),
             Route("/v1/children/{path:path}/stop", self._stop_child, methods=["POST"]),
             Route("/v1/children/{path:path}/start", self._start_child, methods=["POST"]),
+            # operator action (journaled like restart): signal an OS-process child
+            Route("/v1/children/{path:path}/signal", self._signal_child, methods=["POST"]),
+            # read-only: a child's recent output (the ring), ?follow=true streams it
+            Route("/v1/logs/{path:path}", self._logs, methods=["GET"]),
             Route("/v1/stop", self._stop_tree, methods=["POST"]),
             Route("/v1/reload", self._reload, methods=["POST"]),  # operator action
             Route("/metrics", self._metrics, methods=["GET"]),
@@ -590,6 +611,16 @@ class ControlServer:
 
     async def _start_child(self, request: Request) -> Response:
         return await self._act(request, "start")
+
+    async def _signal_child(self, request: Request) -> Response:
+        from ._childio import send_signal
+
+        return await send_signal(self, request)
+
+    async def _logs(self, request: Request) -> Response:
+        from ._childio import logs
+
+        return await logs(self, request)
 
     # -- Actions ----------------------------------------------------------------------------
     async def _body(self, request: Request) -> dict[str, Any] | Response:
