@@ -241,6 +241,18 @@ _SPEC: dict[str, Any] = {
                 },
             }
         },
+        "/": {
+            "get": {
+                "operationId": "getDashboard",
+                "summary": "The dashboard page (HTML; no data, served without a token)",
+                "responses": {
+                    "200": {
+                        "description": "The page; it reads the API with the caller's token.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "operationId": "getHealth",

@@ -30,6 +30,7 @@ from .._core._exceptions import NotFound, TrellisError
 from .._core._process import Pid
 from .._supervisor import DynamicSupervisorPid, _AdminPid
 from .._tree import Node, Tracker, jsonable, reason_text, walk
+from ._dashboard import PUBLIC_PATHS, dashboard_routes
 from ._listen import (
     ASGIApp,
     ControlError,
@@ -369,6 +370,10 @@ class ControlServer:
             scope["trellis.who"] = f"uid:{peer.uid}"
             scope["trellis.source"] = peer.source
             return None
+        if scope.get("path") in PUBLIC_PATHS and scope.get("method") in ("GET", "HEAD"):
+            scope["trellis.who"] = "anonymous"  # the dashboard page: it holds no data
+            scope["trellis.source"] = peer.source
+            return None
         header = b""
         for key, value in scope.get("headers", ()):
             if key == b"authorization":
@@ -412,6 +417,7 @@ class ControlServer:
             Route("/healthz", self._healthz, methods=["GET"]),
             Route("/readyz", self._readyz, methods=["GET"]),
             Route("/openapi.json", self._openapi, methods=["GET"]),
+            *dashboard_routes(self),  # GET /: the dashboard page (no data; see _dashboard)
         ]
         return Starlette(
             routes=routes,
