@@ -190,6 +190,8 @@ def test_cli_drives_a_running_tree_and_the_journal_records_it(
     assert actions[1]["result"] != "ok"
     assert all(a["source"] == f"unix:{sock}" for a in actions)
     kinds = [r["kind"] for r in _rows(db)]
+    assert (kinds[0], kinds[-1]) == ("run.started", "run.stopped")  # the run's boundaries
+    kinds = kinds[1:-1]
     assert kinds[0] in ("child.started", "supervisor.started")
     assert kinds[-1] == "supervisor.stopped"
     sleeper = [

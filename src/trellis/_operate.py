@@ -29,6 +29,15 @@ __all__ = [
 DEFAULT_TOKEN_ENV = "TRELLIS_CONTROL_TOKEN"
 
 
+def new_run_id() -> str:
+    """A new run id: UTC start time and 8 random hex digits, ``20261207T184512Z-3f2a9c01``
+    (sorts by start time, unique across runs and nodes)."""
+    import secrets
+    import time
+
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
 class OperationsError(TrellisError, ValueError):
     """A journal, control or metrics setting that cannot be used (names which one)."""
 
@@ -56,6 +65,8 @@ class Operations:
     metrics: bool = True
     tracker: Tracker = field(default_factory=Tracker)
     reloader: Any = None
+    #: this run's id: journal records carry it (``run.started`` ... ``run.stopped``)
+    run_id: str = field(default_factory=lambda: new_run_id())
     """The tree file's reloader (``trellis run`` sets it): SIGHUP and POST /v1/reload."""
 
     def extensions(self) -> list[Extension]:
@@ -71,7 +82,11 @@ class Operations:
             from .journal import Journal
 
             journal = Journal(
-                self.journal_url, node=self.node, open_in_background=True, **self.journal_options
+                self.journal_url,
+                node=self.node,
+                open_in_background=True,
+                run_id=self.run_id,
+                **self.journal_options,
             )
             exts.append(journal)
         if self.reloader is not None:

@@ -54,10 +54,19 @@ def private_dir(directory: Path, *, check_existing: bool = True) -> None:
     """
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise JournalError(
+            f"journal: cannot create {directory.parent}: {e.strerror or e}"
+        ) from None
+    try:
         os.mkdir(directory, 0o700)
         return
     except FileExistsError:
         if not check_existing:
+            if not directory.is_dir():
+                raise JournalError(
+                    f"journal: cannot create {directory}: it exists and is not a directory"
+                ) from None
             return
     except OSError as e:
         raise JournalError(f"journal: cannot create {directory}: {e.strerror or e}") from None

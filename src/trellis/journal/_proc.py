@@ -7,7 +7,7 @@ tree. It loads only the standard library and the journal's ``_chain``, ``_store`
 
 Protocol: length-prefixed pickles (:func:`send`, :class:`Reader`) of tuples of
 primitives. Parent to child: ``("config", url, node, key, checkpoint_every,
-busy_timeout, anchor_path, max_unsigned)`` first, then ``("batch", chunks, close,
+busy_timeout, anchor_path, max_unsigned, run_id, run_start)`` first, then ``("batch", chunks, close,
 resend_after)`` (one at a time: the next only after the ack; ``chunks`` are pickled
 lists of wire tuples, see ``_chain.item_of_wire``; with ``resend_after``, records
 already committed after that seq are recognised and skipped) and ``("stopping",)``.
@@ -25,6 +25,7 @@ a kill -9 of the parent loses nothing that was already handed to the child.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import struct
@@ -128,6 +129,11 @@ class _Writer:
         _, url, self.node, self.key, self.checkpoint_every, busy, *rest = config
         self.anchor_path: str | None = rest[0] if rest else None
         self.max_unsigned: int = rest[1] if len(rest) > 1 else self.checkpoint_every
+        #: the run every record belongs to (``trellis run``), and whether this writer
+        #: process opens it (the first of the run) with ``run.started``
+        self.run_id: str | None = rest[2] if len(rest) > 2 else None
+        run_start = bool(rest[3]) if len(rest) > 3 else False
+        self.run_records: list[Any] = []  # run.unclean_end, run.started: the first commit
         _store.SQLITE_BUSY_TIMEOUT = busy
         self.out = out
         self.store = _store.open_writer(_store.parse_url(url))
@@ -148,6 +154,8 @@ class _Writer:
         self.pending_problem = self.problem  # journaled with the first commit
         self.shown = _store.Target(url, "").shown
         self.inbox: _Inbox | None = None
+        if self.run_id is not None and run_start:
+            self.run_records = self.run_boundary()
         if self.signing and self.cp is not None:
             self.write_anchor(closed=False)
 
@@ -238,6 +246,42 @@ class _Writer:
             )
         return None
 
+    def run_boundary(self) -> list[Any]:
+        """The records that open this run: ``run.unclean_end`` when the last run in the
+        journal has no ``run.stopped`` (it was killed, or the machine went down), then
+        ``run.started``."""
+        from trellis.journal._chain import data_text, utc_text
+
+        now = utc_text(time.time())
+        out = []
+        try:
+            self.store.begin()
+            last = self.store.last_run()
+            head = self.store.last_rows(1)
+        finally:
+            self.store.rollback()
+        previous = None
+        if last is not None:
+            try:
+                previous = json.loads(last[2]).get("run_id")
+            except (ValueError, AttributeError):
+                previous = None
+            if last[1] == "run.started":
+                data = {
+                    "run_id": previous,
+                    "last_seq": head[0][0] if head else 0,
+                    "last_utc": head[0][1] if head else None,
+                    "detected_by": self.run_id,
+                }
+                out.append((now, 0.0, self.node, None, "run.unclean_end", data_text(data)))
+        data = {
+            "run_id": self.run_id,
+            "previous_run_id": previous,
+            "os_pid": os.getppid(),
+        }
+        out.append((now, 0.0, self.node, None, "run.started", data_text(data)))
+        return out
+
     def write_anchor(self, closed: bool) -> None:
         from trellis.journal._anchor import make_anchor, write_anchor
 
@@ -259,6 +303,8 @@ class _Writer:
 
     def serve(self, inbox: _Inbox) -> None:
         self.inbox = inbox
+        if self.run_records:  # the run's boundary is durable before any of its events
+            self.commit([], False)
         while True:
             msg = inbox.get()
             if msg is None:
@@ -294,6 +340,10 @@ class _Writer:
             finally:
                 self.store.rollback()
             todo = [it for it in items if (utc_text(it[0]), it[1], it[3]) not in done]
+        run_id = self.run_id
+        if run_id is not None:
+            for it in todo:
+                it[4]["run_id"] = run_id
         contents = []
         for it in todo:
             try:
@@ -308,7 +358,7 @@ class _Writer:
         lost = 0
         seconds = 0.0
         checkpointed = False
-        if contents or (close and self.key is not None) or self.pending_problem:
+        if contents or (close and (self.key or self.run_id)) or self.pending_problem:
             seconds, checkpointed, lost = self.commit(contents, close)
         self.tell(("ack", len(items) - lost, seconds, self.seq, checkpointed, lost))
 
@@ -332,6 +382,13 @@ class _Writer:
             "journal.foreign_head",
             data_text(data),
         )
+
+    def run_stopped(self) -> Any:
+        """The record of a clean end of the run."""
+        from trellis.journal._chain import data_text, utc_text
+
+        data = {"run_id": self.run_id}
+        return (utc_text(time.time()), 0.0, self.node, None, "run.stopped", data_text(data))
 
     def commit(self, contents: list[Any], closing: bool) -> tuple[float, bool, int]:
         """Commit ``contents`` in one transaction, retrying on errors; while stopping,
@@ -360,9 +417,11 @@ class _Writer:
                         if seq != self.seq
                         else f"the record at seq {seq} is not the one this writer committed"
                     )
-                todo = contents
+                todo = [*self.run_records, *contents]
                 if problem is not None:
-                    todo = [self.foreign_record(problem, seq, prev), *contents]
+                    todo = [self.foreign_record(problem, seq, prev), *todo]
+                if closing and self.run_id is not None:
+                    todo.append(self.run_stopped())
                 rows = chain(seq, prev, todo)
                 if rows:
                     store.insert(rows)
@@ -406,6 +465,7 @@ class _Writer:
                 self.tell(("foreign_head", problem))
             self.signing = False
         self.pending_problem = None
+        self.run_records = []
         self.seq, self.hash = seq, prev
         if checkpointed and cp is not None:
             self.cp_seq = seq

@@ -179,6 +179,10 @@ class WriteStore(Protocol):
 
     def rows_from(self, seq: int) -> list[Row]: ...
 
+    def last_rows(self, n: int) -> list[Row]: ...
+
+    def last_run(self) -> tuple[int, str, str] | None: ...
+
     def commit(self) -> None: ...
 
     def rollback(self) -> None: ...
@@ -344,6 +348,16 @@ class _Queries:
         """Every record from ``seq`` on, oldest first."""
         q = f"SELECT * FROM journal WHERE seq >= {self.P} ORDER BY seq"
         return [_row(r) for r in self.conn.execute(q, (seq,)).fetchall()]
+
+    def last_run(self) -> tuple[int, str, str] | None:
+        """``(seq, kind, data)`` of the last ``run.started`` or ``run.stopped`` record
+        (read backwards from the head: the cost is the length of the last run)."""
+        q = (
+            "SELECT seq, kind, data FROM journal WHERE kind IN ('run.started', "
+            "'run.stopped') ORDER BY seq DESC LIMIT 1"
+        )
+        r = self.conn.execute(q).fetchone()
+        return None if r is None else (int(r[0]), str(r[1]), str(r[2]))
 
     def checkpoints(self) -> list[Checkpoint]:
         cur = self.conn.execute("SELECT seq, hash, hmac, utc FROM journal_checkpoints ORDER BY seq")

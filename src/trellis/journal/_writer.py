@@ -144,6 +144,14 @@ class Journal:
             With a key, an HMAC-signed checkpoint of the chain head is written every
             ``checkpoint_every`` records and on close.
         checkpoint_every: records between signed checkpoints (only with a key).
+        run_id: the id of this run of the tree (``trellis run`` makes one per run). With
+            it, the journal opens the run with a ``run.started`` record (``run_id``,
+            ``previous_run_id``, ``os_pid`` of the process running the tree), preceded
+            by ``run.unclean_end`` (``run_id`` of the previous run, its ``last_seq`` and
+            ``last_utc``, ``detected_by``) when the previous run in the journal never
+            recorded its end; every record of the run carries ``run_id`` in its data (so
+            a pid, unique within a run, is unique across runs as ``(run_id, pid)``);
+            an orderly stop ends it with ``run.stopped``.
         anchor: where the last signed checkpoint is mirrored, outside the database
             (see :mod:`trellis.journal._anchor`): a file path, ``False`` for none, or
             ``None``/``True`` for the default: ``<database>.anchor`` beside a SQLite
@@ -214,6 +222,7 @@ class Journal:
         checkpoint_every: int = 1000,
         open_in_background: bool = False,
         anchor: str | os.PathLike[str] | bool | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.target: Target = parse_url(url)
         for name, value in (
@@ -256,6 +265,11 @@ class Journal:
                 )
         elif anchor is not False:
             self.anchor_path = os.fspath(anchor)
+        if run_id is not None and (not isinstance(run_id, str) or not run_id):
+            raise ValueError(f"Journal run_id: {run_id!r} is not a non-empty string")
+        #: the run this journal records (``trellis run`` gives one; see ``run_id``)
+        self.run_id = run_id
+        self._run_opened = False  # run.started is written by the first writer process
         #: why this journal's writer does not sign (rows it had not written at the head,
         #: a checkpoint that does not verify, a truncated journal); None while it signs
         self.foreign_head: str | None = None
@@ -667,6 +681,8 @@ class Journal:
                     _store.SQLITE_BUSY_TIMEOUT,
                     self.anchor_path,
                     self.max_unsigned,
+                    self.run_id,
+                    not self._run_opened,
                 ),
             )
             deadline = time.monotonic() + _OPEN_TIMEOUT
@@ -692,6 +708,7 @@ class Journal:
                 )
             if problem is not None:
                 self._foreign(problem)
+            self._run_opened = True
             return int(seq)
         self._end_writer(kill=not status.eof)
         if msgs and msgs[0][0] == "open_error":
@@ -835,7 +852,7 @@ class Journal:
             sum(c.dropped for c in chunks),
             close,
         )
-        if not items and not (close and self._key is not None):
+        if not items and not (close and (self._key is not None or self.run_id is not None)):
             self._finish(frame)  # flush requests behind acknowledged batches only
             if close:
                 self._tell(("batch", [], True, None))
