@@ -1,5 +1,7 @@
 """``trellis journal verify|tail|export``: output, exit codes (0 ok, 1 broken, 2 bad
-input) and URL resolution (argument, --journal, $TRELLIS_JOURNAL)."""
+input), URL resolution (argument, --journal, $TRELLIS_JOURNAL, the state dir; plain
+file paths and the documented sqlite:// forms), the journal read named on stderr, and
+verify's anchor options."""
 
 from __future__ import annotations
 
@@ -179,3 +181,102 @@ def test_tail_follow_prints_new_records_until_interrupted(tmp_path: Path) -> Non
             out.close()
             assert proc.stderr is not None
             proc.stderr.close()
+
+
+# ---------------------------------------------------------------------------
+# Which journal: plain paths, URL forms, and saying which one was read
+# ---------------------------------------------------------------------------
+
+
+def test_a_plain_file_path_is_a_sqlite_journal(
+    journal_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = journal_url[len("sqlite:///") :]
+    r = run("verify", path)  # an absolute path
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("ok: 40 records")
+    assert r.stderr.splitlines()[0] == (
+        f"journal: sqlite:///{path} (file {path}), from the argument"
+    )
+    monkeypatch.chdir(tmp_path)
+    for given in ("j.db", "./j.db"):  # relative: to the working directory
+        r = run("tail", "-n", "1", given)
+        assert r.exit_code == 0, r.output
+        assert r.stderr.splitlines()[0] == (
+            f"journal: sqlite:///{given} (file {path}), from the argument"
+        )
+    r = run("export", "--journal", "j.db", "-o", str(tmp_path / "out.jsonl"))
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines()[0].endswith(", from --journal")
+    r = run("verify", env={"TRELLIS_JOURNAL": "j.db"})
+    assert r.exit_code == 0
+    assert r.stderr.splitlines()[0].endswith(", from $TRELLIS_JOURNAL")
+    r = run("verify", "missing.db")
+    assert r.exit_code == 2
+    assert "Error: no journal at sqlite:///missing.db: 'missing.db' does not exist" in r.stderr
+
+
+def test_sqlite_url_forms_as_documented(
+    journal_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/api.md: sqlite:///rel.db is relative to the working directory,
+    sqlite:////abs/path.db (four slashes) is absolute."""
+    path = journal_url[len("sqlite:///") :]
+    assert journal_url.startswith("sqlite:////")
+    monkeypatch.chdir(tmp_path.parent)
+    rel = f"{tmp_path.name}/j.db"
+    r = run("verify", f"sqlite:///{rel}")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines()[0] == (
+        f"journal: sqlite:///{rel} (file {path}), from the argument"
+    )
+    r = run("verify", "sqlite://j.db")
+    assert r.exit_code == 2
+    assert "three slashes before a relative path" in r.stderr
+
+
+def test_the_only_journal_in_the_state_dir_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    with Journal(f"sqlite:///{state}/shop.journal.db"):
+        trellis.telemetry.emit("work.item", time=0.0)
+    monkeypatch.setenv("TRELLIS_STATE_DIR", str(state))
+    r = run("tail", env={"TRELLIS_JOURNAL": ""})
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines()[0] == (
+        f"journal: sqlite:///{state}/shop.journal.db (file {state}/shop.journal.db), "
+        f"from the only journal in {state}"
+    )
+
+
+def test_verify_with_an_anchor(journal_url: str, tmp_path: Path) -> None:
+    path = journal_url[len("sqlite:///") :]
+    env = {"TRELLIS_JOURNAL_KEY": KEY}
+    r = run("verify", path, env=env)
+    assert r.exit_code == 0, r.output
+    assert f"anchor {path}.anchor: the journal holds its checkpoint at seq 40" in r.stdout
+    r = run("verify", path, "--no-anchor", env=env)
+    assert r.exit_code == 0
+    assert "anchor" not in r.stdout
+    r = run("verify", path, "--anchor", str(tmp_path / "none.anchor"), env=env)
+    assert r.exit_code == 2
+    assert f"Error: anchor '{tmp_path / 'none.anchor'}' does not exist" in r.stderr
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("DROP TRIGGER journal_no_delete")
+    conn.execute("DROP TRIGGER journal_checkpoints_no_delete")
+    conn.execute("DELETE FROM journal")
+    conn.execute("DELETE FROM journal_checkpoints")
+    conn.close()
+    r = run("verify", path, "--anchor", f"{path}.anchor", env=env)
+    assert r.exit_code == 1
+    assert r.stdout.splitlines()[0] == (
+        "BROKEN at seq 1: the journal ends at seq 0 but the anchor covers seq 40: "
+        "truncated (every record deleted)"
+    )
+    r = run("verify", path, "--no-anchor", env=env)
+    assert r.exit_code == 1
+    assert "the journal is empty, but a key was given" in r.stdout
+    r = run("verify", path, "--no-anchor", "--max-unsigned", "5", "--anchor", "x", env=env)
+    assert r.exit_code == 2
