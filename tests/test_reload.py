@@ -326,3 +326,34 @@ def test_sighup_reloads_and_never_kills(tree: Tree) -> None:
     assert [e["result"] for e in reloads] == ["ok", "invalid"]
     hups = [a for a in tree.journal("operator.action") if a["action"] == "reload"]
     assert [a["who"] for a in hups] == ["signal:SIGHUP", "signal:SIGHUP"]
+
+
+def test_a_restarted_supervisor_keeps_what_the_reload_gave_it(tree: Tree) -> None:
+    """After a reload changed grp's children, restarting grp starts the new set (its
+    parent holds the new spec), not the file it was first started from."""
+    tree.file.write_text(CHANGED)
+    assert tree.cli("reload").returncode == 0
+    r = tree.cli("restart", "rt/grp")
+    assert r.returncode == 0, r.stderr
+    pids = tree.os_pids()
+    assert sorted(p for p in pids if p.startswith("rt/grp/")) == ["rt/grp/y", "rt/grp/z"]
+
+
+def test_a_failed_change_is_reported_and_retried(tree: Tree) -> None:
+    """An added child that cannot start: the reload applies the rest, exits 1 naming
+    it, and the next reload (file fixed) adds it."""
+    broken = BASE.replace('id = "gone"', 'id = "late"\nready = { log = "^never$", timeout = 0.5 }')
+    tree.file.write_text(broken)
+    r = tree.cli("reload")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "rt/late: cannot start" in r.stderr
+    pids = tree.os_pids()
+    assert "rt/gone" not in pids  # the removal was applied
+    assert "rt/late" not in pids
+    tree.file.write_text(BASE.replace('id = "gone"', 'id = "late"'))
+    r = tree.cli("reload")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "added rt/late" in r.stdout
+    assert "rt/late" in tree.os_pids()
+    assert tree.stop() == 0
+    assert [e["result"] for e in tree.journal("tree.reloaded")] == ["failed", "ok"]

@@ -716,6 +716,9 @@ class _SupervisorServer(Server):
         if kind == "error":
             if isinstance(val, AlreadyStarted):
                 raise val
+            if self.mode == _STATIC:  # observers saw it spawn: it failed, and is not kept
+                self._event("child.start_failed", child_id=child.id, reason=val)
+                self._event("child.deleted", child_id=child.id)
             err = StartError(val, f"failed to start child {child.id!r}: {val!r}")
             if isinstance(val, BaseException):
                 err.__cause__ = val
