@@ -108,3 +108,74 @@ def test_flapping_child_within_half_a_point(tmp_path: Path) -> None:
     assert steady["availability"] == 1.0
     subtree = ents[("subtree", "flappy")]
     assert abs(subtree["availability"] - flapper["availability"]) < 1e-9
+
+
+TWO = """
+[supervisor]
+name = "two"
+
+[[supervisor.children]]
+id = "w"
+worker = "flapper:steady"
+"""
+
+
+def _run(tmp_path: Path, url: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "trellis", "run", "two.toml", "--journal", url, "--no-control"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _wait_for(url: str, kind: str, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if sum(1 for r in read_records(url) if r["kind"] == kind) >= count:
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"no {count} {kind} records in 30 s")
+
+
+def test_kill_9_between_runs_is_down(tmp_path: Path) -> None:
+    """A tree killed with -9 and started again: the time from the killed run's last
+    record to the next run's first is down; a clean stop ends the last run."""
+    (tmp_path / "flapper.py").write_text(textwrap.dedent(FLAPPER))
+    (tmp_path / "two.toml").write_text(TWO)
+    url = f"sqlite:///{tmp_path}/j.db"
+    first = _run(tmp_path, url)
+    try:
+        _wait_for(url, "supervisor.started", 1)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the tree and its journal writer
+        first.wait(timeout=30)
+    time.sleep(0.5)
+    second = _run(tmp_path, url)
+    try:
+        _wait_for(url, "supervisor.started", 2)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0
+    records = read_records(url)
+    kinds = [r["kind"] for r in records]
+    assert "run.unclean_end" in kinds
+    assert kinds[-1] == "run.stopped"
+    doc = report(records)
+    assert [r["end_how"] for r in doc["runs"]] == ["unclean", "clean"]
+    from trellis.sre._timeline import parse_utc
+
+    unclean = next(r for r in records if r["kind"] == "run.unclean_end")
+    killed_at = parse_utc(unclean["data"]["last_utc"])
+    i = records.index(unclean)
+    back_at = min(parse_utc(r["utc"]) for r in records[i:] if r["kind"] == "child.started")
+    w = {(e["kind"], e["path"]): e for e in doc["entities"]}[("child", "two/w")]
+    assert w["down_seconds"] == pytest.approx(back_at - killed_at, abs=1e-6)
+    assert w["failures"] == 1
+    assert w["up_seconds"] > 0

@@ -232,38 +232,44 @@ def test_since_until_clip_the_period(tmp_path: Path) -> None:
 
 
 def test_explicit_run_records(tmp_path: Path) -> None:
-    """run.started / run.stopped / run.unclean_end, when the journal has them, are the
-    run boundaries: a clean stop leaves the gap out, an unclean end makes it down."""
+    """run.started / run.stopped / run.unclean_end (as the journal writes them) are the
+    run boundaries: a clean stop leaves the gap out, an unclean end makes it down from
+    the last record of the killed run. run.* records are written when the writer opens,
+    possibly after the run's first events: the run starts at its first event."""
     url = f"sqlite:///{tmp_path}/j.db"
     write(
         url,
         "n3",
         [
-            (0, "run.started", {"run_id": "r1"}),
+            (0.5, "run.started", {"run_id": "r1"}),  # written after the first events
             started(0, "r", "y", 2),
             sup_started(0, "r"),
             (100, "run.stopped", {"run_id": "r1"}),
-            (200, "run.started", {"run_id": "r2"}),
+            (200, "run.started", {"run_id": "r2", "previous_run_id": "r1"}),
             started(200, "r", "y", 2),
             sup_started(200, "r"),
             exited(250, "r", "y", 2),
             restarted(260, "r", "y", 3),
-            # killed at some point after 300; the next run says so
-            (300, "run.heartbeat", {}),
-            (400, "run.started", {"run_id": "r3"}),
-            (400, "run.unclean_end", {"run_id": "r2"}),
+            # killed after 260 (its last record); the next run says so first
+            (
+                401,
+                "run.unclean_end",
+                {"run_id": "r2", "last_seq": 9, "last_utc": "2027-01-15T08:04:20.000000Z"},
+            ),
+            (401, "run.started", {"run_id": "r3", "previous_run_id": "r2"}),
             started(400, "r", "y", 2),
             sup_started(400, "r"),
         ],
     )
     doc = report(read_records(url), since=T0, until=T0 + 500)
     y = _by_path(doc)[("n3", "child", "r/y")]
-    # up [0,100], stopped [100,200], up [200,250], down [250,260], up [260,300],
-    # down [300,400] (unclean end), up [400,500]
-    assert y["up_seconds"] == pytest.approx(290.0)
-    assert y["down_seconds"] == pytest.approx(110.0)
+    # up [0,100], stopped [100,200], up [200,250], down [250,260], up: none after the
+    # restart is known, down [260,400] (unclean end), up [400,500]
+    assert y["up_seconds"] == pytest.approx(250.0)
+    assert y["down_seconds"] == pytest.approx(150.0)
     assert y["stopped_seconds"] == pytest.approx(100.0)
     assert [r["end_how"] for r in doc["runs"]] == ["clean", "unclean", "open"]
+    assert [r["start_ts"] - T0 for r in doc["runs"]] == pytest.approx([0, 200, 400])
 
 
 def test_root_gave_up_is_down_until_the_next_run(tmp_path: Path) -> None:

@@ -170,12 +170,8 @@ def build(records: Iterable[dict[str, Any]]) -> Timelines:
         n.records = 0
         marks.append(Mark(t, n.name, None, "run.start", "run started", seq))
 
-    for rec in records:
+    for rec, t in _times(records):
         kind = str(rec.get("kind"))
-        utc = rec.get("utc")
-        if not isinstance(utc, str):
-            continue
-        t = parse_utc(utc)
         name = str(rec.get("node") or "")
         path = rec.get("path")
         data = rec.get("data")
@@ -187,6 +183,8 @@ def build(records: Iterable[dict[str, Any]]) -> Timelines:
         n = nodes.get(name)
         if n is None:
             n = nodes[name] = _Node(name)
+        if n.last_t is not None and t < n.last_t:
+            t = n.last_t  # handed over a moment out of order: time never runs backwards
 
         # -- run boundaries ----------------------------------------------------------
         if kind == "run.started":
@@ -367,6 +365,28 @@ def build(records: Iterable[dict[str, Any]]) -> Timelines:
         last,
         any(r[2] is None for r in runs),
     )
+
+
+def _times(records: Iterable[dict[str, Any]]) -> list[tuple[dict[str, Any], float]]:
+    """Each record with its time. A ``run.*`` record is written when the journal's
+    writer opens, which may be after the run's first events were handed over (and
+    given their times): it takes the time of the node's next other record if that is
+    earlier, so a run starts no later than its first event."""
+    out: list[tuple[dict[str, Any], float]] = []
+    for rec in records:
+        utc = rec.get("utc")
+        if isinstance(utc, str):
+            out.append((rec, parse_utc(utc)))
+    nxt: dict[str, float] = {}
+    for i in range(len(out) - 1, -1, -1):
+        rec, t = out[i]
+        node = str(rec.get("node") or "")
+        if str(rec.get("kind")).startswith("run."):
+            if node in nxt and nxt[node] < t:
+                out[i] = (rec, nxt[node])
+        else:
+            nxt[node] = t
+    return out
 
 
 _PID_NUMBER = re.compile(r"<Pid (\d+)")
