@@ -88,6 +88,12 @@ def _journal_url(journal: str | None, tree: Any) -> str:
         url = tree.settings.get("journal", {}).get("url")
         if isinstance(url, str):
             return url
+        if not os.environ.get("TRELLIS_JOURNAL"):
+            from ..journal._paths import journal_dir
+
+            default = journal_dir() / f"{tree.name}.journal.db"
+            if default.exists():  # where `trellis run TREE` journals by default
+                return f"sqlite:///{default}"
     return _resolve(None, None)
 
 
