@@ -1461,3 +1461,70 @@ def test_trellis_check_reports_deep_nesting_with_the_file_and_line(tmp_path: Pat
     assert f"{path}:4: " in done.stderr
     assert "nested more than 64 levels" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_registered_name_used_twice_is_an_error() -> None:
+    """Two children registered under one name (or a child under the root's name): the
+    second could never start (AlreadyStarted at run time), so check refuses the file."""
+    text = toml(
+        """
+        [supervisor]
+        name = "shop"
+        [[supervisor.children]]
+        id = "a"
+        server = "tree_parts:Part"
+        args = ["a"]
+        name = "cache"
+        [[supervisor.children]]
+        id = "inner"
+        [[supervisor.children.children]]
+        id = "b"
+        server = "tree_parts:Part"
+        args = ["b"]
+        name = "cache"
+        [[supervisor.children.children]]
+        id = "c"
+        server = "tree_parts:Part"
+        args = ["c"]
+        name = "shop"
+        """
+    )
+    assert errors(text) == [
+        (
+            14,
+            "supervisor.children[1].children[0].name",
+            "name 'cache' is already registered by supervisor.children[0] (names are unique "
+            "in a running tree: the second could never start)",
+        ),
+        (
+            19,
+            "supervisor.children[1].children[1].name",
+            "name 'shop' is already registered by supervisor (names are unique in a running "
+            "tree: the second could never start)",
+        ),
+    ]
+
+
+def test_a_child_named_root_clashes_with_the_default_root_name() -> None:
+    text = (
+        HEAD.replace('name = "t"\n', "")
+        + 'server = "tree_parts:Part"\nargs = ["a"]\nname = "root"\n'
+    )
+    [(line, path, message)] = errors(text)
+    assert (line, path) == (6, "supervisor.children[0].name")
+    assert "already registered by supervisor" in message
+
+
+def test_a_health_command_that_does_not_exist_is_an_error() -> None:
+    """A health check whose program is missing would fail every probe and restart a
+    healthy child forever: check resolves it like the command itself."""
+    text = HEAD + CMD + 'health = { command = ["no-such-health-probe-xyz"], interval = 5 }\n'
+    assert errors(text) == [
+        (
+            6,
+            "supervisor.children[0].health.command",
+            "executable not found: 'no-such-health-probe-xyz' (not on PATH)",
+        )
+    ]
+    ok = HEAD + CMD + f'health = {{ command = "{PY} -c pass", interval = 5 }}\n'
+    assert loads(toml(ok)).children[0].id

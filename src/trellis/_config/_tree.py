@@ -102,6 +102,7 @@ class _Walker:
         self.failed = False
         self.ids: dict[KeyPath, str | None] = {}  # key path of a child -> its id
         self.sre: dict[KeyPath, dict[str, Any]] = {}  # key path -> slo/runbook/owner
+        self.names: dict[str, KeyPath] = {}  # registered name -> where it is given
 
     def error(self, path: KeyPath, message: str) -> None:
         self.failed = True
@@ -173,6 +174,7 @@ class _Walker:
         root = self.validate(RootSupervisor, doc.supervisor, path)
         if root is not None:
             self.note_sre(root, path)
+            self.register_name(root.name or "root", (*path, "name"))  # the root's own
         raw_children = doc.supervisor.get("children")
         auto = (root.auto_shutdown or "never") if root is not None else None
         built = self.children(raw_children, (*path, "children"), auto)
@@ -269,10 +271,24 @@ class _Walker:
                 seen[b.id] = (*path, i)
         return built
 
+    def register_name(self, name: object, path: KeyPath) -> None:
+        """A registered name is unique in the running system: a second process with the
+        same name cannot start (``AlreadyStarted``), so the file is refused."""
+        if not isinstance(name, str):
+            return
+        first = self.names.setdefault(name, path)
+        if first != path:
+            self.error(
+                path,
+                f"name {name!r} is already registered by {format_path(first[:-1])} (names "
+                "are unique in a running tree: the second could never start)",
+            )
+
     def child(self, data: object, path: KeyPath, auto_shutdown: str | None) -> _Built:
         if not isinstance(data, dict):
             self.error(path, f"a child is a table, got {data!r}")
             return _Built(None, None, None)
+        self.register_name(data.get("name"), (*path, "name"))
         kinds = [k for k in _KIND_KEYS if k in data]
         sup_keys = [k for k in data if k in _SUPERVISOR_KEYS]
         if sup_keys:
@@ -567,6 +583,10 @@ class _Walker:
                 # one rule for relative paths (command, cwd, logs.dir): the tree file's dir
                 argv = [str(self.base_dir / argv[0]), *argv[1:]]
             self.check_executable(argv[0], (*path, "command"), cwd, model)
+        health = model.health.command if model.health is not None else None
+        probe = shlex.split(health) if isinstance(health, str) else health
+        if probe and ("/" not in probe[0] or os.path.isabs(probe[0])):
+            self.check_executable(probe[0], (*path, "health", "command"), cwd, model)
         if model.user is not None:
             self.check_user(model.user, (*path, "user"))
         logs_dir = None
