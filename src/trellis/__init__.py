@@ -110,6 +110,7 @@ from ._core._reasons import ExitReason as ExitReason
 from ._core._reasons import Shutdown as Shutdown
 from ._core._reasons import is_clean as is_clean
 from ._partition import PartitionSupervisor as PartitionSupervisor
+from ._plugins._errors import PluginError as PluginError
 from ._registry import Registry as Registry
 from ._registry import RegistryPid as RegistryPid
 from ._run import run as run
@@ -144,6 +145,10 @@ _LAZY = {
     "IsolatedExit": "._isolated",
     "UnsupportedMessage": "._isolated",
     "message_type": "._isolated",
+    "Plugin": "._plugins",
+    "PluginHost": "._plugins",
+    "plugin_call": "._plugins",
+    "plugin_info": "._plugins",
 }
 
 __all__ = sorted(

@@ -65,6 +65,9 @@ def classify(reason: Any) -> str:
         return "normal" if reason.code == 0 else "crash"
     if isinstance(reason, str) and reason in CLASSES:
         return reason
+    declared = getattr(reason, "exit_class", None)  # e.g. PluginError: oom, timeout, crash
+    if isinstance(declared, str) and declared in CLASSES:
+        return declared
     return "crash"
 
 

@@ -29,6 +29,7 @@ from .._supervisor import Supervisor
 from .._worker import worker
 from ._locate import KeyPath, format_path
 from ._models import (
+    _SRE_KEYS,
     CHILD_KINDS,
     BackoffModel,
     CommandChild,
@@ -598,8 +599,9 @@ class _Walker:
         if opts is None or self.failed:
             return _Built(None, cid, None)
         kwargs = model.given(
-            "command", "id", "restart", "shutdown", "significant", "backoff", "ready", "health"
-        )
+            "command", "id", "restart", "shutdown", "significant", "backoff", "ready", "health",
+            *_SRE_KEYS,
+        )  # fmt: skip
         kwargs.update(opts)
         if cwd is not None:
             kwargs["cwd"] = str(cwd)

@@ -1,0 +1,486 @@
+"""One instance of a plugin module in its own wasmtime store, driven by one thread.
+
+An ``_Instance`` is created, called and dropped only by its worker thread. It links
+the module against what the spec grants and nothing else: the Extism ABI
+(``extism:host/env``: Trellis's kernel for memory, input and output, plus config,
+vars, log and, only with ``allowed_hosts``, HTTP), and WASI only with ``wasi=True``
+(preopened ``allowed_paths`` and nothing else: no environment, no arguments, no
+inherited stdio). Any other import makes the start fail with a message naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+import wasmtime
+from wasmtime import FuncType, ValType
+
+from . import _engine
+from ._errors import PluginError
+
+__all__ = ["EXTISM_ENV", "Grants", "Instance"]
+
+EXTISM_ENV = "extism:host/env"
+_WASI = "wasi_snapshot_preview1"
+_log = logging.getLogger("trellis.plugins")
+
+_kernel_wasm: bytes | None = None
+_kernel_lock = threading.Lock()
+
+# The Extism ABI functions the host (not the kernel) provides, with their types.
+_I64, _I32 = ValType.i64(), ValType.i32()
+_HOST_FUNCS: dict[str, tuple[list[ValType], list[ValType]]] = {
+    "config_get": ([_I64], [_I64]),
+    "var_get": ([_I64], [_I64]),
+    "var_set": ([_I64, _I64], []),
+    "http_request": ([_I64, _I64], [_I64]),
+    "http_status_code": ([], [_I32]),
+    "http_headers": ([], [_I64]),
+    "log_trace": ([_I64], []),
+    "log_debug": ([_I64], []),
+    "log_info": ([_I64], []),
+    "log_warn": ([_I64], []),
+    "log_error": ([_I64], []),
+    "get_log_level": ([], [_I32]),
+}
+_LEVELS = {
+    "log_trace": 5,
+    "log_debug": logging.DEBUG,
+    "log_info": logging.INFO,
+    "log_warn": logging.WARNING,
+    "log_error": logging.ERROR,
+}
+MAX_VAR_BYTES = 1 << 20
+
+
+def kernel_module(fuel: bool) -> wasmtime.Module:
+    """The compiled Extism kernel for the engine with this fuel setting."""
+    global _kernel_wasm
+    with _kernel_lock:
+        if _kernel_wasm is None:
+            text = resources.files(__package__).joinpath("_kernel.wat").read_text("utf-8")
+            _kernel_wasm = bytes(wasmtime.wat2wasm(text))
+    mod, _ = _engine.load_module(_kernel_wasm, fuel)
+    return mod
+
+
+@dataclass(frozen=True)
+class Grants:
+    """What of the host a plugin may reach (nothing by default)."""
+
+    wasi: bool = False
+    allowed_paths: Mapping[str, str] = field(default_factory=dict)  # host dir -> guest dir
+    allowed_hosts: tuple[str, ...] = ()
+
+
+class _HostFault(Exception):
+    """Raised inside a host function to trap the call; carries the real error."""
+
+    def __init__(self, owner: Instance, error: PluginError) -> None:
+        super().__init__(error.message)
+        self.owner = owner
+        self.error = error
+
+
+class Instance:
+    """A live instance: ``call(function, data) -> bytes`` or raise ``PluginError``."""
+
+    def __init__(
+        self,
+        module: wasmtime.Module,
+        *,
+        plugin: str,
+        memory: int,
+        timeout: float,
+        fuel: int | None,
+        config: Mapping[str, str],
+        grants: Grants,
+    ) -> None:
+        self.plugin = plugin
+        self.memory_cap = memory
+        self.timeout = timeout
+        self.fuel = fuel
+        self.config = dict(config)
+        self.grants = grants
+        self.vars: dict[str, bytes] = {}
+        self.fuel_used = 0
+        self.memory_high = 0
+        self._fault: PluginError | None = None
+        self._http_status = 0
+        eng = _engine.engine(fuel is not None)
+        store = self.store = wasmtime.Store(eng)
+        store.set_limits(memory_size=memory)
+        linker = wasmtime.Linker(eng)
+        imports = {(i.module, i.name) for i in module.imports}
+        self.extism = any(m == EXTISM_ENV for m, _ in imports)
+        for mod_name, name in sorted(imports):
+            if mod_name == EXTISM_ENV:
+                continue
+            if mod_name == _WASI:
+                if not grants.wasi:
+                    raise PluginError(
+                        "error",
+                        f"the module imports {mod_name}::{name}: WASI is not granted "
+                        "(wasi=True grants it)",
+                        plugin=plugin,
+                    )
+                continue
+            raise PluginError(
+                "error",
+                f"the module imports {mod_name}::{name}, which this host does not provide",
+                plugin=plugin,
+            )
+        if grants.wasi:
+            wasi = wasmtime.WasiConfig()
+            for host_dir, guest_dir in grants.allowed_paths.items():
+                wasi.preopen_dir(host_dir, guest_dir, False)
+            store.set_wasi(wasi)
+            linker.define_wasi()
+        self.kernel: Any = None
+        if self.extism:
+            kinst = wasmtime.Instance(store, kernel_module(fuel is not None), [])
+            kx = kinst.exports(store)
+            self.kernel = kx
+            kmem = kx["memory"]
+            assert isinstance(kmem, wasmtime.Memory)
+            self.kmem: wasmtime.Memory = kmem
+            self.k_alloc: Any = kx["alloc"]
+            self.k_length: Any = kx["length"]
+            self.k_reset: Any = kx["reset"]
+            linker.define_instance(store, EXTISM_ENV, kinst)
+            for fname, (params, results) in _HOST_FUNCS.items():
+                linker.define_func(
+                    EXTISM_ENV,
+                    fname,
+                    FuncType(params, results),
+                    self._host_func(fname),
+                    access_caller=True,
+                )
+        if fuel is not None:
+            store.set_fuel(fuel)
+        store.set_epoch_deadline(_engine.deadline_ticks(timeout))
+        try:
+            self.instance = linker.instantiate(store, module)
+        except wasmtime.WasmtimeError as e:
+            raise PluginError(
+                "error", f"cannot instantiate: {_first_line(e)}", plugin=plugin
+            ) from None
+        except wasmtime.Trap as e:
+            raise PluginError(
+                "trap", f"start function trapped: {_first_line(e)}", plugin=plugin
+            ) from None
+        exports = self.instance.exports(store)
+        self.exports = exports
+        mem = exports.get("memory") if hasattr(exports, "get") else None
+        self.memory: wasmtime.Memory | None = mem if isinstance(mem, wasmtime.Memory) else None
+        self._funcs: dict[str, tuple[wasmtime.Func, bool, list[ValType], list[ValType]]] = {}
+        for init in ("_initialize", "__wasm_call_ctors"):
+            f = _get(exports, init)
+            if isinstance(f, wasmtime.Func):
+                self._run(lambda f=f: f(store), init)  # type: ignore[misc]
+                break
+        self._measure()
+
+    # -- calling ------------------------------------------------------------------
+    def function(self, name: str) -> tuple[wasmtime.Func, bool, list[ValType], list[ValType]]:
+        entry = self._funcs.get(name)
+        if entry is None:
+            f = _get(self.exports, name)
+            if not isinstance(f, wasmtime.Func):
+                raise PluginError(
+                    "error", f"no exported function {name!r}", plugin=self.plugin, function=name
+                )
+            ty = f.type(self.store)
+            params, results = list(ty.params), list(ty.results)
+            extism_style = (
+                self.extism
+                and not params
+                and (not results or (len(results) == 1 and results[0] == _I32))
+            )
+            entry = self._funcs[name] = (f, extism_style, params, results)
+        return entry
+
+    def call(self, name: str, data: Any) -> bytes:
+        """Run export ``name`` on ``data``; raises ``PluginError``."""
+        f, extism_style, params, results = self.function(name)
+        out: bytes = self._run(
+            lambda: self._invoke(f, extism_style, params, results, name, data), name
+        )
+        return out
+
+    def _invoke(
+        self,
+        f: wasmtime.Func,
+        extism_style: bool,
+        params: list[ValType],
+        results: list[ValType],
+        name: str,
+        data: Any,
+    ) -> bytes:
+        store = self.store
+        if extism_style:
+            raw = bytes(data) if not isinstance(data, str) else data.encode()
+            self.k_reset(store)
+            off = self.k_alloc(store, len(raw))
+            if raw:
+                self.kmem.write(store, raw, off)
+            self.kernel["input_set"](store, off, len(raw))
+            rc = f(store)
+            err = self.kernel["error_get"](store)
+            if err and self.k_length(store, err):
+                raise PluginError(
+                    "error",
+                    self._read(store, err).decode("utf-8", "replace"),
+                    plugin=self.plugin,
+                    function=name,
+                )
+            if rc:
+                raise PluginError(
+                    "error", f"returned non-zero exit code: {rc}", plugin=self.plugin, function=name
+                )
+            out_off = self.kernel["output_offset"](store)
+            out_len = self.kernel["output_length"](store)
+            return bytes(self.kmem.read(store, out_off, out_off + out_len)) if out_len else b""
+        args = _numeric_args(data, params, self.plugin, name)
+        r = f(store, *args)
+        if not results:
+            return b""
+        return json.dumps(r, separators=(",", ":")).encode()
+
+    def _run(self, fn: Callable[[], Any], name: str) -> Any:
+        store = self.store
+        store.set_epoch_deadline(_engine.deadline_ticks(self.timeout))
+        if self.fuel is not None:
+            store.set_fuel(self.fuel)
+        self._fault = None
+        _engine.ticker.enter()
+        try:
+            return fn()
+        except (wasmtime.Trap, wasmtime.WasmtimeError, _HostFault) as e:
+            raise self._classify(e, name) from None
+        finally:
+            _engine.ticker.leave()
+            if self.fuel is not None:
+                try:
+                    self.fuel_used = self.fuel - store.get_fuel()
+                except wasmtime.WasmtimeError:
+                    self.fuel_used = self.fuel
+            self._measure()
+
+    def _classify(self, e: BaseException, name: str) -> PluginError:
+        if self._fault is not None:
+            fault, self._fault = self._fault, None
+            fault.function = name
+            return fault
+        if isinstance(e, _HostFault):  # another instance's fault seen by this thread
+            return PluginError("trap", "host function failed", plugin=self.plugin, function=name)
+        code = e.trap_code if isinstance(e, wasmtime.Trap) else None
+        msg = _first_line(e)
+        if code == wasmtime.TrapCode.INTERRUPT:
+            return PluginError(
+                "timeout",
+                f"deadline of {self.timeout}s exceeded",
+                plugin=self.plugin,
+                function=name,
+            )
+        if code == wasmtime.TrapCode.OUT_OF_FUEL:
+            return PluginError(
+                "fuel", f"fuel of {self.fuel} used up", plugin=self.plugin, function=name
+            )
+        if self._out_of_memory():
+            return PluginError(
+                "oom",
+                f"memory cap of {self.memory_cap} bytes reached ({msg})",
+                plugin=self.plugin,
+                function=name,
+            )
+        return PluginError("trap", msg, plugin=self.plugin, function=name)
+
+    def _out_of_memory(self) -> bool:
+        """Did the store refuse to grow a memory? The kernel flags its own refusals; for
+        the module's memory, a trap with under 1/16 of the cap (at least 1 MiB) left
+        counts as one (wasmtime-py does not report a refused ``memory.grow``)."""
+        try:
+            if self.kernel is not None and self.kernel["oom"](self.store):
+                return True
+        except Exception:
+            pass
+        used = self._measure()
+        return self.memory_cap - used < max(self.memory_cap // 16, 1 << 20)
+
+    def _measure(self) -> int:
+        store = self.store
+        used = self.memory.data_len(store) if self.memory is not None else 0
+        if self.kernel is not None:
+            used += self.kmem.data_len(store)
+        if used > self.memory_high:
+            self.memory_high = used
+        return used
+
+    # -- the Extism host functions -------------------------------------------------
+    def _read(self, store: Any, handle: int) -> bytes:
+        n = self.k_length(store, handle)
+        return bytes(self.kmem.read(store, handle, handle + n)) if n else b""
+
+    def _new(self, store: Any, value: bytes) -> int:
+        off: int = self.k_alloc(store, len(value))
+        if value:
+            self.kmem.write(store, value, off)
+        return off
+
+    def _trap(self, kind: str, message: str) -> _HostFault:
+        self._fault = PluginError(kind, message, plugin=self.plugin)
+        return _HostFault(self, self._fault)
+
+    def _host_func(self, name: str) -> Callable[..., Any]:
+        if name == "config_get":
+
+            def config_get(caller: Any, key: int) -> int:
+                v = self.config.get(self._read(caller, key).decode("utf-8", "replace"))
+                return 0 if v is None else self._new(caller, v.encode())
+
+            return config_get
+        if name == "var_get":
+
+            def var_get(caller: Any, key: int) -> int:
+                v = self.vars.get(self._read(caller, key).decode("utf-8", "replace"))
+                return 0 if v is None else self._new(caller, v)
+
+            return var_get
+        if name == "var_set":
+
+            def var_set(caller: Any, key: int, value: int) -> None:
+                k = self._read(caller, key).decode("utf-8", "replace")
+                if value == 0:
+                    self.vars.pop(k, None)
+                    return
+                v = self._read(caller, value)
+                size = (
+                    len(k) + len(v) + sum(len(a) + len(b) for a, b in self.vars.items() if a != k)
+                )
+                if size > MAX_VAR_BYTES:
+                    raise self._trap("error", f"variable store is full ({MAX_VAR_BYTES} bytes)")
+                self.vars[k] = v
+
+            return var_set
+        if name == "http_request":
+
+            def http_request(caller: Any, req: int, body: int) -> int:
+                return self._http(caller, req, body)
+
+            return http_request
+        if name == "http_status_code":
+            return lambda caller: self._http_status
+        if name == "http_headers":
+            return lambda caller: 0
+        if name == "get_log_level":
+
+            def get_log_level(caller: Any) -> int:
+                level = _log.getEffectiveLevel()
+                return (
+                    0
+                    if level <= 5
+                    else 1
+                    if level <= 10
+                    else 2
+                    if level <= 20
+                    else 3
+                    if level <= 30
+                    else 4
+                )
+
+            return get_log_level
+        level = _LEVELS[name]
+
+        def log(caller: Any, handle: int) -> None:
+            if _log.isEnabledFor(level):
+                text = self._read(caller, handle).decode("utf-8", "replace")
+                _log.log(level, "%s", text, extra={"plugin": self.plugin})
+
+        return log
+
+    def _http(self, caller: Any, req: int, body: int) -> int:
+        try:
+            spec = json.loads(self._read(caller, req))
+            url = str(spec["url"])
+        except (ValueError, KeyError, TypeError):
+            raise self._trap("error", "http_request: malformed request") from None
+        host = urlsplit(url).hostname or ""
+        if host not in self.grants.allowed_hosts and "*" not in self.grants.allowed_hosts:
+            raise self._trap("trap", f"http_request to {host!r} is not granted (allowed_hosts)")
+        import urllib.error
+        import urllib.request
+
+        data = self._read(caller, body) if body else None
+        request = urllib.request.Request(
+            url,
+            data=data,
+            method=str(spec.get("method", "GET")).upper(),
+            headers={str(k): str(v) for k, v in (spec.get("headers") or {}).items()},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                self._http_status = resp.status
+                payload = resp.read(self.memory_cap)
+        except urllib.error.HTTPError as e:
+            self._http_status = e.code
+            payload = e.read(self.memory_cap)
+        except OSError as e:
+            raise self._trap("error", f"http_request to {host!r} failed: {e}") from None
+        return self._new(caller, payload)
+
+
+def _get(exports: Any, name: str) -> Any:
+    try:
+        return exports[name]
+    except (KeyError, IndexError):
+        return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _numeric_args(data: Any, params: list[ValType], plugin: str, name: str) -> list[Any]:
+    """Arguments of a plain export: a sequence of numbers, or JSON array bytes."""
+    if isinstance(data, bytes | bytearray | memoryview | str):
+        text = bytes(data).decode() if not isinstance(data, str) else data
+        try:
+            values = json.loads(text) if text.strip() else []
+        except ValueError:
+            raise PluginError(
+                "error",
+                "arguments of a plain export are a JSON array of numbers",
+                plugin=plugin,
+                function=name,
+            ) from None
+    else:
+        values = data
+    if not isinstance(values, list | tuple):
+        values = [values]
+    if len(values) != len(params) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values
+    ):
+        raise PluginError(
+            "error",
+            f"{name} takes {len(params)} number(s), got {values!r}",
+            plugin=plugin,
+            function=name,
+        )
+    out: list[Any] = []
+    for v, t in zip(values, params, strict=True):
+        if t in (ValType.f32(), ValType.f64()):
+            out.append(float(v))
+        elif isinstance(v, float):
+            raise PluginError("error", f"{name} takes integers", plugin=plugin, function=name)
+        else:
+            out.append(v)
+    return out
