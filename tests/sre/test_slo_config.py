@@ -20,6 +20,12 @@ runbook = "https://runbooks.example/api"
 owner = "team-a"
 
 [[supervisor.children]]
+id = "job"
+command = ["true"]
+slo = { objective = 0.9 }
+owner = "team-ops"
+
+[[supervisor.children]]
 id = "sub"
 strategy = "one_for_all"
 slo = { objective = 0.99, window = 3600 }
@@ -41,11 +47,13 @@ def test_slo_keys_reach_the_settings_by_tree_path() -> None:
             "owner": "team-a",
             "slo": {"objective": 0.9995, "window": 7 * 86400.0, "sli": "calls"},
         },
+        "app/job": {"owner": "team-ops", "slo": {"objective": 0.9}},
         "app/sub": {"slo": {"objective": 0.99, "window": 3600.0}},
         "app/sub/tick": {"runbook": "https://runbooks.example/tick"},
     }
     assert tree.flags == {}  # the SRE keys are not supervisor flags
-    assert tree.children[1].kwargs == {"strategy": "one_for_all"}
+    assert tree.children[2].kwargs == {"strategy": "one_for_all"}  # no SRE keys
+    assert tree.children[1].id == "job"  # a command child takes them too
 
 
 def test_no_slo_no_setting() -> None:

@@ -376,7 +376,7 @@ def _members(
     """The children a subtree's SLI watches: its permanent children, nested ones
     included, and the supervisor itself when it is not the root."""
     prefix = sup + "/"
-    if tree is not None and sup.split("/", 1)[0] == tree.root:
+    if tree is not None and tree.permanent and sup.split("/", 1)[0] == tree.root:
         seen = set(paths)
         under = sorted(p for p in tree.permanent if p.startswith(prefix) and p in seen)
     else:
