@@ -126,7 +126,11 @@ class Tree:
         self.http = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(self.sock)), base_url="http://t", timeout=30
         )
-        self.wait_until(lambda: self._ready(), "the tree to start")
+        try:
+            self.wait_until(lambda: self._ready(), "the tree to start")
+        except BaseException:
+            self.stop()  # never leave a tree (and its children) behind
+            raise
 
     def _ready(self) -> bool:
         if not self.sock.exists():
@@ -357,3 +361,28 @@ def test_a_failed_change_is_reported_and_retried(tree: Tree) -> None:
     assert "rt/late" in tree.os_pids()
     assert tree.stop() == 0
     assert [e["result"] for e in tree.journal("tree.reloaded")] == ["failed", "ok"]
+
+
+def test_a_stop_during_a_reload_is_not_held_up(tree: Tree) -> None:
+    """SIGTERM while a reload waits for an added child's readiness (60 s): the start
+    is cancelled, the tree stops with exit 0 well before that, and the reload is
+    journaled as cancelled."""
+    tree.file.write_text(
+        BASE.replace('id = "gone"', 'id = "slow"\nready = { log = "^never$", timeout = 60 }')
+    )
+    reload = subprocess.Popen(
+        [sys.executable, "-m", "trellis", "reload", "--socket", str(tree.sock)],
+        cwd=tree.dir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        tree.wait_until(lambda: "rt/slow spawned" in tree.output(), "the slow child to spawn")
+        started = time.monotonic()
+        assert tree.stop() == 0
+        assert time.monotonic() - started < 30  # the readiness wait is 60 s
+    finally:
+        reload.wait(30)
+    [reloaded] = tree.journal("tree.reloaded")
+    assert reloaded["result"] == "failed"
+    assert any("cancelled" in e or "stopping" in e for e in reloaded["errors"]), reloaded

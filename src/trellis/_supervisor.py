@@ -712,7 +712,8 @@ class _SupervisorServer(Server):
                         raise AlreadyStarted(existing.pid)
                     raise AlreadyPresent(f"child {spec.id!r} exists but is not running")
                 child = _Child(spec)
-        kind, val, info = await self._invoke(child)
+        # an admin start (trellis reload, start) gives way to a stop as init's starts do
+        kind, val, info = await self._invoke(child, tree_stop=_stopping.get(self.pid._loop))
         if kind == "error":
             if isinstance(val, AlreadyStarted):
                 raise val
@@ -776,7 +777,8 @@ class _SupervisorServer(Server):
             raise Restarting(f"child {id!r} is restarting")
         if child.running():
             raise Running(f"child {id!r} is running")
-        kind, val, info = await self._invoke(child)
+        # an admin start (trellis reload, start) gives way to a stop as init's starts do
+        kind, val, info = await self._invoke(child, tree_stop=_stopping.get(self.pid._loop))
         if kind == "error":
             err = StartError(val, f"failed to restart child {id!r}: {val!r}")
             if isinstance(val, BaseException):
