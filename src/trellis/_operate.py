@@ -67,6 +67,8 @@ class Operations:
     reloader: Any = None
     #: this run's id: journal records carry it (``run.started`` ... ``run.stopped``)
     run_id: str = field(default_factory=lambda: new_run_id())
+    #: the tree file's ``slo``/``runbook``/``owner`` by tree path (the dashboard's budgets)
+    slo: dict[str, Any] = field(default_factory=dict)
     """The tree file's reloader (``trellis run`` sets it): SIGHUP and POST /v1/reload."""
 
     def extensions(self) -> list[Extension]:
@@ -102,7 +104,9 @@ class Operations:
                 "node": self.node,
                 **self.control_options,
             }
-            exts.append(_ControlOnceStarted(kwargs, self.reloader))
+            control = _ControlOnceStarted(kwargs, self.reloader)
+            control.slo_source = (self.journal_url, self.name, self.slo)
+            exts.append(control)
         return exts
 
 
@@ -132,6 +136,7 @@ class _ControlOnceStarted:
         self.server: Any = None
         self.early: list[dict[str, Any]] = []  # events of the start, for history replay
         self.hid: object | None = None
+        self.slo_source: Any = None  # (journal url, tree name, slo settings)
 
     async def start(self) -> None:
         self.hid = _telemetry.attach(self.early.append)
@@ -142,6 +147,7 @@ class _ControlOnceStarted:
         self._detach()
         server = ControlServer(**self.kwargs)
         server.reloader = self.reloader
+        server.slo_source = self.slo_source  # GET /v1/slo (the dashboard)
         for event in self.early[-(server._history.maxlen or 1) :]:
             server._remember(event)
         self.early.clear()
@@ -271,6 +277,7 @@ def operations(
 
     mset = settings.get("metrics", {})
     ops.metrics = metrics if metrics is not None else bool(mset.get("enabled", True))
+    ops.slo = dict(settings.get("slo", {}))
     return ops
 
 

@@ -50,6 +50,8 @@ period = 5.0
 [[supervisor.children]]
 id = "svc"
 command = ["{python}", "-c", "import time\\nwhile True: time.sleep(1)"]
+slo = {{ objective = 0.99, window = "1h" }}
+owner = "team-svc"
 
 [[supervisor.children]]
 id = "web"
@@ -111,7 +113,7 @@ def shop(tmp_path: Path) -> Iterator[dict[str, Any]]:
     env = {**os.environ, "TRELLIS_CONTROL_TOKEN": TOKEN, "PYTHONPATH": str(tmp_path)}
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "trellis", "run", "tree.toml", "--no-journal",
+            sys.executable, "-m", "trellis", "run", "tree.toml", "--journal", "sqlite:///j.db",
             "--tcp", f"127.0.0.1:{port}", "--socket", str(sock),
         ],
         cwd=tmp_path,
@@ -196,6 +198,21 @@ def test_dashboard_over_tcp(shop: dict[str, Any], browser: Any, tmp_path: Path) 
     assert shown_after < 1.5
     assert page.locator("#events").inner_text().count("child.exited") >= 1
     page.screenshot(path=str(tmp_path / "dashboard-killed.png"), full_page=True)
+
+    # the SLO budget, from the journal
+    slo = httpx.get(f"{url}/v1/slo", headers=auth, timeout=10.0).json()
+    (svc_slo,) = [s for s in slo["slos"] if s["path"] == "shop/svc"]
+    assert svc_slo["objective"] == 0.99
+    assert svc_slo["owner"] == "team-svc"
+    assert 0.5 < svc_slo["budget_remaining_ratio"] <= 1.0
+    assert httpx.get(f"{url}/v1/slo", timeout=5.0).status_code == 401
+    page.reload()
+    page.wait_for_function(
+        "() => { const e = document.querySelector('.child[data-path=\"shop/svc\"]');"
+        " return e && e.dataset.budget !== undefined; }",
+        timeout=15_000,
+    )
+    assert page.locator('.child[data-path="shop/svc"] .budget').inner_text().endswith("%")
 
     # the restart button, with the operator's token
     before = _tree(url, auth)["shop/web"]["pid"]

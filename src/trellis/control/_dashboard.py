@@ -16,14 +16,16 @@ a few hundred milliseconds. Every child's element carries ``data-path``,
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-__all__ = ["PAGE", "PUBLIC_PATHS", "dashboard_routes"]
+__all__ = ["PAGE", "PUBLIC_PATHS", "SLO_CACHE_SECONDS", "dashboard_routes", "slo_budgets"]
 
 #: Paths served without authorisation: the page only (it carries no data).
 PUBLIC_PATHS = frozenset({"/"})
@@ -50,7 +52,62 @@ def dashboard_routes(server: Any = None) -> list[Route]:
             },
         )
 
-    return [Route("/", page, methods=["GET", "HEAD"])]
+    cache: dict[str, Any] = {}
+
+    async def slo(request: Request) -> Response:
+        source = getattr(server, "slo_source", None)
+        if source is None or source[0] is None:
+            return JSONResponse(
+                {"error": "no journal: SLO budgets come from the journal (trellis run with it)"},
+                status_code=404,
+            )
+        now = time.monotonic()
+        if cache.get("at") is None or now - cache["at"] > SLO_CACHE_SECONDS:
+            try:
+                cache["body"] = await asyncio.to_thread(slo_budgets, *source)
+            except Exception as e:  # an unreadable journal: say so, do not crash
+                return JSONResponse({"error": f"cannot read the journal: {e}"}, status_code=503)
+            cache["at"] = now
+        return JSONResponse(cache["body"])
+
+    return [
+        Route("/", page, methods=["GET", "HEAD"]),
+        Route("/v1/slo", slo, methods=["GET"]),
+    ]
+
+
+#: How long a computed ``/v1/slo`` answer is reused (it reads the whole journal).
+SLO_CACHE_SECONDS = 10.0
+
+
+def slo_budgets(url: str, root: str, sre: dict[str, Any]) -> dict[str, Any]:
+    """Per child and subtree with an ``slo`` in the tree file: availability and error
+    budget left, from the journal (``trellis slo report``'s figures over the SLO
+    window up to now), for this tree's node(s)."""
+    from ..sre import TreeInfo, read_records, report
+
+    doc = report(read_records(url), tree=TreeInfo(root, frozenset(), sre))
+    out = []
+    for e in doc["entities"]:
+        if e["slo"]["source"] != "tree":
+            continue
+        b = e["budget"]
+        out.append(
+            {
+                "node": e["node"],
+                "path": e["path"],
+                "kind": e["kind"],
+                "objective": e["slo"]["objective"],
+                "window": e["slo"]["window"],
+                "availability": e["availability"],
+                "budget_remaining_ratio": b["remaining_ratio"],
+                "budget_remaining_seconds": b["remaining_seconds"],
+                "burn_1h": e["burn_rates"]["1h"],
+                "owner": e["owner"],
+                "runbook": e["runbook"],
+            }
+        )
+    return {"until": doc["until"], "slos": out}
 
 
 #: The page (``_dashboard.html`` beside this module).

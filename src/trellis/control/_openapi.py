@@ -253,6 +253,25 @@ _SPEC: dict[str, Any] = {
                 },
             }
         },
+        "/v1/slo": {
+            "get": {
+                "operationId": "getSloBudgets",
+                "summary": "Availability and error budget left per SLO of the tree file",
+                "description": "From the journal (the figures of `trellis slo report` over "
+                "each SLO window up to now), recomputed at most every 10 s. 404 without a "
+                "journal.",
+                "responses": {
+                    "200": {
+                        "description": "`{until, slos: [{node, path, kind, objective, window, "
+                        "availability, budget_remaining_ratio, budget_remaining_seconds, "
+                        "burn_1h, owner, runbook}]}`",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "404": {"description": "No journal to compute budgets from."},
+                    **_AUTH,
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "operationId": "getHealth",

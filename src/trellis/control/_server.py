@@ -254,6 +254,8 @@ class ControlServer:
         self.root: Pid | None = None
         # ``trellis run`` sets this to its tree file's reloader (POST /v1/reload)
         self.reloader: Any = None
+        # ``trellis run`` sets this to (journal url, tree name, slo settings): GET /v1/slo
+        self.slo_source: Any = None
         self._request_stop: Callable[[], None] | None = None
         self._root_since: float | None = None
         self._http: HttpServer | None = None
