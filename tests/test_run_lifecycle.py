@@ -344,9 +344,37 @@ def test_a_second_run_of_a_running_tree_fails_before_starting_anything(
     verify = _trellis("journal", "verify", f"sqlite:///{db}")
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
-    # once the first tree has stopped, the lock is free again
-    again = _start(tree, "--socket", str(sock), "--journal", f"sqlite:///{db}")
-    _wait_for(lambda: len(starts.read_text().split()) == 2 and sock.exists(), "the rerun", again)
-    again.send_signal(signal.SIGTERM)
-    code, err = _finish(again, timeout=30)
+
+def test_the_lock_of_a_killed_tree_is_free_at_once(tmp_path: Path, short_dir: Path) -> None:
+    """The lock is an flock: when the running tree dies, even by SIGKILL, the kernel
+    releases it, so the next run starts (its stale socket notwithstanding)."""
+    tree = _write_tree(
+        tmp_path,
+        """
+        [supervisor]
+        name = "killed"
+        [[supervisor.children]]
+        id = "app"
+        command = ["sh", "-c", "echo $$ >> starts; exec sleep 600"]
+        """,
+    )
+    starts = tmp_path / "starts"
+    sock = short_dir / "k.sock"
+    args = ("--socket", str(sock), "--journal", f"sqlite:///{tmp_path / 'journal.db'}")
+    first = _start(tree, *args)
+    _wait_for(lambda: sock.exists() and starts.exists(), "the first tree", first)
+    lock = Path(f"{sock}.lock")
+    assert lock.read_text().split() == [str(first.pid), "killed"]
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=30)
+    second = _start(tree, *args)
+    try:
+        _wait_for(lambda: len(starts.read_text().split()) == 2, "the second tree", second)
+        status = _trellis("status", "--socket", str(sock))
+        assert status.returncode == 0, status.stderr
+        assert lock.read_text().split() == [str(second.pid), "killed"]
+    finally:
+        if second.poll() is None:
+            second.send_signal(signal.SIGTERM)
+        code, err = _finish(second, timeout=30)
     assert code == 0, err
