@@ -241,6 +241,8 @@ def test_reload_applies_only_the_difference(tree: Tree) -> None:
         tree.wait_until(lambda pid=pid: not _alive(pid), f"{gone} to be stopped")
     assert _alive(before["rt/a"])
     assert _alive(before["rt/grp/y"])
+    # the tree as observers show it (the tracker) follows the file's order too
+    assert [c["id"] for c in tree.tree()["children"]] == ["a", "new", "b", "grp"]
     assert "added rt/new" in r.stdout
     assert "removed rt/gone" in r.stdout
     assert "restarted rt/b (command)" in r.stdout

@@ -325,6 +325,7 @@ class Tracker:
         "child.deleted",
         "supervisor.started",
         "supervisor.stopped",
+        "supervisor.reordered",
         "process.spawned",
         "process.output",
     )
@@ -613,6 +614,11 @@ class Tracker:
             for c in s.children.values():
                 if c.state != "stopped":
                     self._set(c, "stopped", t)
+        elif name == "supervisor.reordered" and not s.dynamic:  # trellis reload
+            ids = [i if i.__hash__ is not None else repr(i) for i in ev["children"]]
+            rank = {i: n for n, i in enumerate(ids)}
+            order = sorted(s.children, key=lambda k: rank.get(k, len(rank)))
+            s.children = {k: s.children[k] for k in order}
 
     def _descendants(self, c: _Child, sup_path: str, state: str, t: float) -> None:
         """Mark the children of the supervisor child ``c`` (and theirs) ``state``."""
