@@ -5,6 +5,7 @@ Run from the repository root:
 
     .venv/bin/python bench/bench_journal.py            # full run (~1 min)
     .venv/bin/python bench/bench_journal.py --quick    # smoke run (~15 s)
+    .venv/bin/python bench/bench_journal.py --signed   # with a key, anchor and run id
 
 Each repeat emits N synthetic supervision events (child.exited with an exception
 reason, child.restarted, child.started, each with real pids) at full speed through
@@ -63,9 +64,23 @@ async def _idle() -> None:
         await trellis.receive()
 
 
-async def journal_run(path: Path, n: int, chunk: int) -> dict[str, Any]:
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+def make_journal(path: Path, n: int, signed: bool) -> Journal:
+    """The journal under test; ``signed``: as `trellis run` makes it with a key (signed
+    checkpoints, the anchor file, a run id in every record)."""
+    if not signed:
+        return Journal(f"sqlite:///{path}", max_buffer=n + 1)
+    try:
+        return Journal(f"sqlite:///{path}", max_buffer=n + 1, key=KEY, run_id="bench-run")
+    except TypeError:  # a journal without runs: signed checkpoints only
+        return Journal(f"sqlite:///{path}", max_buffer=n + 1, key=KEY)
+
+
+async def journal_run(path: Path, n: int, chunk: int, signed: bool = False) -> dict[str, Any]:
     """Emit ``n`` events through a real Journal; the end-to-end committed rate."""
-    journal = Journal(f"sqlite:///{path}", max_buffer=n + 1)
+    journal = make_journal(path, n, signed)
     latencies: list[float] = []
     hid = trellis.telemetry.attach(lambda e: latencies.append(e["seconds"]), ["journal.batch"])
     await journal.start()
@@ -180,6 +195,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--dir", type=Path, help="where the databases go (default: a temp dir in bench/results/)"
     )
     p.add_argument("--json", type=Path, help="where to write the JSON (default bench/results/)")
+    p.add_argument(
+        "--signed",
+        action="store_true",
+        help="with a key and a run id, as `trellis run` with key_env: signed checkpoints "
+        "every 1,000 records, the anchor file, run_id in every record",
+    )
     cfg = p.parse_args(argv)
     if cfg.events is None:
         cfg.events = 60_000 if cfg.quick else 200_000
@@ -205,9 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"disk: one 512-byte write + fsync takes {fsync_s * 1e3:.2f} ms (median)")
         for r in range(cfg.repeats):
             jpath, bpath = work / f"journal-{r}.db", work / f"baseline-{r}.db"
-            j = asyncio.run(journal_run(jpath, cfg.events, cfg.chunk))
-            v = verify(f"sqlite:///{jpath}")
-            if not v.ok or v.records != cfg.events:
+            j = asyncio.run(journal_run(jpath, cfg.events, cfg.chunk, cfg.signed))
+            v = verify(f"sqlite:///{jpath}", key=KEY if cfg.signed else None)
+            extra = v.records - cfg.events  # run.started and run.stopped when signed
+            if not v.ok or extra not in ((0, 2) if cfg.signed else (0,)):
                 raise SystemExit(f"the benchmark journal does not verify: {v}")
             b = baseline_run(jpath, bpath, j["batches"])
             journal_runs.append(j)
@@ -218,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"baseline {b['rate']:,.0f}/s"
             )
             for p in (jpath, bpath):
-                for suffix in ("", "-wal", "-shm"):
+                for suffix in ("", "-wal", "-shm", ".anchor"):
                     Path(f"{p}{suffix}").unlink(missing_ok=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
