@@ -115,3 +115,22 @@ def test_a_directory_the_user_named_is_created_0700_and_otherwise_left_alone(
     shared.mkdir(mode=0o755)
     operations("shop", {}, journal=f"sqlite:///{shared}/j.db")
     assert mode(shared) == 0o755  # the user's choice; the journal's files are 0600
+
+
+def test_the_tree_file_names_the_anchor(tmp_path: Path) -> None:
+    """``[journal] anchor``: a path relative to the tree file, or false for none."""
+    from trellis.config import ConfigError, load
+
+    tree = tmp_path / "tree.toml"
+    body = '[supervisor]\nname = "t"\n[journal]\nkey_env = "K"\nanchor = "audit/t.anchor"\n'
+    tree.write_text(body)
+    ops = operations("t", load(tree).settings, environ={"K": KEY})
+    assert ops.journal_options["anchor"] == str(tmp_path / "audit" / "t.anchor")
+    journal = Journal(ops.journal_url or "", **ops.journal_options)
+    assert journal.anchor_path == str(tmp_path / "audit" / "t.anchor")
+    tree.write_text(body.replace('"audit/t.anchor"', "false"))
+    ops = operations("t", load(tree).settings, environ={"K": KEY})
+    assert Journal(ops.journal_url or "", **ops.journal_options).anchor_path is None
+    tree.write_text(body.replace('"audit/t.anchor"', "3"))
+    with pytest.raises(ConfigError, match="anchor is a file path or true/false, got 3"):
+        load(tree)

@@ -625,6 +625,12 @@ MAX_SOCKET_PATH = 107
 """The longest Unix socket path Linux takes (``sun_path`` is 108 bytes with the NUL)."""
 
 
+def _check_anchor(value: object) -> str | bool:
+    if isinstance(value, bool) or (isinstance(value, str) and value and "\0" not in value):
+        return value
+    fail(f"anchor is a file path or true/false, got {value!r}")
+
+
 def _check_socket(value: object) -> str | bool:
     if isinstance(value, str) and value:
         _no_nul(value)
@@ -651,6 +657,7 @@ class JournalModel(_Model):
     max_batch: Annotated[int, Field(gt=0)] | None = None
     flush_interval: Seconds | None = None
     checkpoint_every: Annotated[int, Field(gt=0)] | None = None
+    anchor: Annotated[str | bool, PlainValidator(_check_anchor)] | None = None
 
 
 class ControlModel(_Model):

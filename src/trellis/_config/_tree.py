@@ -239,6 +239,9 @@ class _Walker:
             and not url.startswith("sqlite:////")
         ):
             out["journal"]["url"] = "sqlite:///" + str(self.base_dir / url[len("sqlite:///") :])
+        anchor = out.get("journal", {}).get("anchor")
+        if isinstance(anchor, str) and not anchor.startswith("/"):
+            out["journal"]["anchor"] = str(self.base_dir / anchor)
         sock = out.get("control", {}).get("socket")
         if isinstance(sock, str) and not sock.startswith("/"):
             out["control"]["socket"] = str(self.base_dir / sock)
