@@ -578,6 +578,21 @@ class WorkerChild(_Child):
     trap_exits: bool | None = None
 
 
+class PluginChild(_Child):
+    what = "a plugin child"
+    plugin: NonEmpty  # a .wasm or .wat path, relative to the tree file
+    name: NonEmpty | None = None
+    memory: str | int
+    timeout: Seconds
+    fuel: Annotated[int, Field(gt=0)] | None = None
+    config: dict[str, str] | None = None
+    instances: Annotated[int, Field(ge=1, le=256)] | None = None
+    wasi: bool | None = None
+    allowed_paths: list[NonEmpty] | None = None
+    allowed_hosts: list[NonEmpty] | None = None
+    version: NonEmpty | None = None
+
+
 class _Flags(_Model):
     name: NonEmpty | None = None
     strategy: StrategyName | None = None
@@ -696,6 +711,7 @@ CHILD_KINDS: dict[str, type[_Child]] = {
     "server": ServerChild,
     "isolated": IsolatedChild,
     "worker": WorkerChild,
+    "plugin": PluginChild,
     "supervisor": SupervisorChild,
 }
 """The model of each kind of child."""

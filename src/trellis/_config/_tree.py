@@ -36,6 +36,7 @@ from ._models import (
     Document,
     HealthModel,
     IsolatedChild,
+    PluginChild,
     ReadyModel,
     RootSupervisor,
     ServerChild,
@@ -53,7 +54,7 @@ M = TypeVar("M", bound=_Model)
 
 _SUPERVISOR_KEYS = ("children", "strategy", "intensity", "period", "auto_shutdown")
 #: The keys that name what a child runs (a supervisor is known by its own keys).
-_KIND_KEYS = ("command", "server", "isolated", "worker")
+_KIND_KEYS = ("command", "server", "isolated", "worker", "plugin")
 _SPEC_OPTIONS = frozenset({"id", "restart", "shutdown", "significant", "backoff", "name"})
 
 
@@ -340,6 +341,8 @@ class _Walker:
                 result = self.server(model, path)
             elif isinstance(model, IsolatedChild):
                 result = self.isolated(model, path)
+            elif isinstance(model, PluginChild):
+                result = self.plugin(model, path)
             else:
                 assert isinstance(model, WorkerChild)
                 result = self.worker(model, path)
@@ -568,6 +571,29 @@ class _Walker:
             extra["trap_exits"] = model.trap_exits
         spec = self.make(path, lambda: worker(cid, fn, *args, **opts, **extra, **kwargs))
         node = Node(cid, "worker", model.worker)
+        return _Built(spec, cid, node if spec is not None else None)
+
+    # -- WASM plugins ----------------------------------------------------------------
+    def plugin(self, model: PluginChild, path: KeyPath) -> _Built:
+        source = self.base_dir / model.plugin  # relative to the tree file, like cwd
+        cid = model.id or Path(model.plugin).stem
+        opts = self.options(model, path)
+        if opts is None or self.failed:
+            return _Built(None, cid, None)
+        kwargs = model.given("plugin", "id", "restart", "shutdown", "significant", "backoff",
+                             *_SRE_KEYS)  # fmt: skip
+        kwargs.update(opts)
+        if model.allowed_paths:
+            kwargs["allowed_paths"] = [str(self.base_dir / p) for p in model.allowed_paths]
+
+        def build() -> ChildSpec:
+            from .._plugins import Plugin  # imports wasmtime: only for trees with plugins
+
+            spec: ChildSpec = Plugin(source, id=cid, **kwargs)
+            return spec
+
+        spec = self.make(path, build)
+        node = Node(cid, "plugin", model.plugin)
         return _Built(spec, cid, node if spec is not None else None)
 
     # -- OS processes ----------------------------------------------------------------
