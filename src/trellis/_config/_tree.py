@@ -609,10 +609,10 @@ class _Walker:
             )
         cwd = self.directory(model.cwd, (*path, "cwd")) if model.cwd is not None else None
         if isinstance(argv, list):
+            # one rule for relative paths (command, cwd, logs.dir): the tree file's dir
+            self.check_executable(argv[0], (*path, "command"), self.base_dir, model)
             if argv and "/" in argv[0] and not os.path.isabs(argv[0]):
-                # one rule for relative paths (command, cwd, logs.dir): the tree file's dir
                 argv = [str(self.base_dir / argv[0]), *argv[1:]]
-            self.check_executable(argv[0], (*path, "command"), cwd, model)
         health = model.health.command if model.health is not None else None
         probe = shlex.split(health) if isinstance(health, str) else health
         if probe and ("/" not in probe[0] or os.path.isabs(probe[0])):
