@@ -163,7 +163,7 @@ def _timeline_svg(doc: dict[str, Any]) -> str:
         for s, end, st in e["timeline"]:
             x0 = _x(s, lo, hi, left, width)
             x1 = _x(end, lo, hi, left, width)
-            w = max(x1 - x0, 0.6 if st == "down" else 0.0)
+            w = max(x1 - x0, 1.5 if st == "down" else 0.0)  # a short outage stays visible
             if w <= 0:
                 continue
             parts.append(

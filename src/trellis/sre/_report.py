@@ -111,19 +111,23 @@ def segments(changes: list[tuple[float, str]], since: float, until: float) -> li
 
 def combine(members: list[list[tuple[float, str]]]) -> list[tuple[float, str]]:
     """The changes of a subtree: down while any member is down, up while every member
-    is up, stopped otherwise."""
-    times = sorted({t for ch in members for t, _ in ch})
-    idx = [0] * len(members)
+    is up, stopped otherwise (one sweep over all members' changes, counting)."""
+    merged = sorted((t, i, st) for i, ch in enumerate(members) for t, st in ch)
     cur = [STOPPED] * len(members)
+    count = {UP: 0, DOWN: 0, STOPPED: len(members)}
     out: list[tuple[float, str]] = []
-    for t in times:
-        for i, ch in enumerate(members):
-            while idx[i] < len(ch) and ch[idx[i]][0] <= t:
-                cur[i] = ch[idx[i]][1]
-                idx[i] += 1
-        if DOWN in cur:
+    k = 0
+    while k < len(merged):
+        t = merged[k][0]
+        while k < len(merged) and merged[k][0] == t:  # every change at this instant
+            _, i, st = merged[k]
+            count[cur[i]] -= 1
+            count[st] += 1
+            cur[i] = st
+            k += 1
+        if count[DOWN]:
             s = DOWN
-        elif all(c == UP for c in cur):
+        elif count[UP] == len(members):
             s = UP
         else:
             s = STOPPED

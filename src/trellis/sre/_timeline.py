@@ -115,16 +115,20 @@ class _Node:
         self.explicit = False  # the journal has run.* records for this node
         self.pids: set[str] = set()  # pid numbers started in this run
         self.records = 0  # records of this run after its start
+        self.descendants: dict[str, list[_Child]] = {}  # path -> every child below it
 
     def child(self, path: str) -> _Child:
         c = self.children.get(path)
         if c is None:
             c = self.children[path] = _Child()
+            parts = path.split("/")
+            for k in range(1, len(parts)):  # every ancestor has descendants now
+                self.descendants.setdefault("/".join(parts[:k]), []).append(c)
         return c
 
     def under(self, sup: str) -> list[_Child]:
-        prefix = sup + "/"
-        return [c for p, c in self.children.items() if p.startswith(prefix)]
+        """Every child below ``sup`` (nested ones too)."""
+        return self.descendants.get(sup, [])
 
 
 def _pid(data: dict[str, Any]) -> str:
