@@ -75,17 +75,20 @@ def test_check_and_run_from_another_directory(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "trellis", "run", rel, "--no-journal", "--no-control"],
         cwd=elsewhere,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         out = proj / "work" / "out.txt"
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # fail instead of hang, on a busy machine too
         while not (out.exists() and out.read_text()) and time.monotonic() < deadline:
+            assert proc.poll() is None, f"trellis run ended with {proc.returncode}"
             time.sleep(0.05)
         assert out.read_text().strip() == f"hello from {proj / 'work'}"
         logs = list((proj / "logs").iterdir())
         assert logs, "no log file beside the tree file"
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
     assert not (elsewhere / "logs").exists()
