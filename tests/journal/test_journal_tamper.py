@@ -462,3 +462,34 @@ def test_row_dropping_the_tables_or_the_file(sqlite_db: Db) -> None:
     os.unlink(db.url[len("sqlite:///") :])
     with pytest.raises(JournalNotFound):
         check(db, anchor=False)
+
+
+def test_a_signing_writer_waits_for_the_one_before_it(any_db: Db) -> None:
+    """One signing writer at a time: a second writer (say, of a run started again right
+    after a kill -9, while the old writer still commits its last batch) waits until the
+    first has let go, so the first's last rows are not foreign at its head."""
+    import threading
+
+    def journal() -> Journal:
+        return Journal(any_db.url, node="n1", key=KEY, checkpoint_every=EVERY, anchor=any_db.anchor)
+
+    first = journal().open()
+    for i in range(5):
+        trellis.telemetry.emit("work.item", time=float(i), i=i)
+    first.flush()
+    second = journal()
+    opened = threading.Event()
+    t = threading.Thread(target=lambda: (second.open(), opened.set()))
+    t.start()
+    assert not opened.wait(1.0)  # waits for the first writer
+    for i in range(5, 10):
+        trellis.telemetry.emit("work.item", time=float(i), i=i)
+    first.close()
+    assert opened.wait(30)
+    t.join()
+    trellis.telemetry.emit("work.item", time=10.0, i=10)
+    second.close()
+    assert first.foreign_head is None
+    assert second.foreign_head is None
+    v = check(any_db)
+    assert v.ok, v.problem

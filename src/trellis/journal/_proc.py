@@ -37,6 +37,9 @@ from typing import Any
 
 _LEN = struct.Struct("!I")
 CLOSE_ATTEMPTS = 5  # commits retried this often while stopping, then counted as lost
+#: seconds a signing writer waits for the previous one (say, of a run just killed with
+#: -9, committing the batch it held) to finish before it checks the journal's head
+WRITER_LOCK_TIMEOUT = 30.0
 
 
 def send(fd: int, msg: Any) -> None:
@@ -138,6 +141,9 @@ class _Writer:
         self.out = out
         self.store = _store.open_writer(_store.parse_url(url))
         self.tightened: list[str] = list(getattr(self.store, "tightened", []))
+        # one signing writer at a time: a writer of a run killed a moment ago may still
+        # be committing the batch it held; its rows must not look foreign at our head
+        locked = self.key is None or self.store.lock_writer(WRITER_LOCK_TIMEOUT)
         #: the last checkpoint (seq, hash, hmac, utc) and the HMAC before it
         self.cp: tuple[int, str, str, str] | None = None
         self.cp_prev_mac = ""
@@ -145,7 +151,12 @@ class _Writer:
         try:
             self.seq, self.hash = self.store.begin()
             self.cp_seq = self.store.last_checkpoint()[0]
-            if self.key is not None:
+            if not locked:
+                self.problem = (
+                    f"another writer has been signing this journal for {WRITER_LOCK_TIMEOUT:g} s "
+                    "(one signing writer per journal)"
+                )
+            elif self.key is not None:
                 self.problem = self.check_head()
         finally:
             self.store.rollback()

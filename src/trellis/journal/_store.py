@@ -55,6 +55,7 @@ _CHECKPOINT_COLUMNS = ("seq", "hash", "hmac", "utc")
 #: attempt fails (and is retried with backoff).
 SQLITE_BUSY_TIMEOUT = 5.0
 _PG_LOCK = 0x7472656C6C6973  # "trellis": the advisory lock every writer takes per batch
+_PG_WRITER_LOCK = _PG_LOCK + 1  # held for its life by the one writer that signs
 
 Checkpoint = tuple[int, str, str, str]  # (seq, hash, hmac, utc)
 
@@ -182,6 +183,11 @@ class WriteStore(Protocol):
     def last_rows(self, n: int) -> list[Row]: ...
 
     def last_run(self) -> tuple[int, str, str] | None: ...
+
+    def lock_writer(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds to be the only signing writer of this journal
+        (held until :meth:`close` or the process ends); whether it was obtained."""
+        ...
 
     def commit(self) -> None: ...
 
@@ -369,6 +375,7 @@ class _SQLiteWriter(_Queries):
         self.target = target
         self.busy_timeout = SQLITE_BUSY_TIMEOUT
         self.tightened: list[str] = []
+        self.lock_fd = -1
         self.conn = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
@@ -406,6 +413,27 @@ class _SQLiteWriter(_Queries):
             raise
         return conn
 
+    def lock_writer(self, timeout: float) -> bool:
+        """An exclusive ``flock`` on ``<db>.writer-lock`` (mode 0600), released when
+        this process ends, even by kill -9."""
+        import fcntl
+        import time
+
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.target.path + ".writer-lock", flags, 0o600)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.02)
+                continue
+            self.lock_fd = fd
+            return True
+
     def begin(self) -> tuple[int, str]:
         self.conn.execute("BEGIN IMMEDIATE")
         head = self.conn.execute(_HEAD).fetchone()
@@ -438,6 +466,9 @@ class _SQLiteWriter(_Queries):
 
     def close(self) -> None:
         self.conn.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
 
 
 class _SQLiteReader(_Queries):
@@ -565,6 +596,20 @@ class _PostgresWriter(_Queries):
             conn.close()
             raise
         return conn
+
+    def lock_writer(self, timeout: float) -> bool:
+        """A session advisory lock (held while this connection lives, dropped by the
+        server when the process dies)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.conn.execute("SELECT pg_try_advisory_lock(%s)", (_PG_WRITER_LOCK,))
+            ok = bool(got.fetchone()[0])
+            self.conn.commit()
+            if ok or time.monotonic() >= deadline:
+                return ok
+            time.sleep(0.05)
 
     def begin(self) -> tuple[int, str]:
         self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
