@@ -274,6 +274,7 @@ class _Runner:
         self.sid: int | None = None  # its session: who may talk on the notify socket
         self.tag = _guardian.new_tag()
         self.forking = cfg.pidfile is not None  # until the daemon's pid is known
+        self.signalled = False  # we signalled its group (a stop, a kill): not daemonizing
         self.popen: subprocess.Popen[bytes] | None = None
         self.pidfd: int | None = None
         self.status: int | None = None
@@ -462,7 +463,9 @@ class _Runner:
         # is left of the group (grandchildren never outlive their child), then reap. A
         # daemonizer's main process is let go alone: its daemon may share its group.
         if not self.forking:
+            signalled = self.signalled
             self._kill_group(signal.SIGKILL)
+            self.signalled = signalled  # cleaning up its group is not a stop
         try:
             got, status = os.waitpid(self.os_pid, os.WNOHANG)
         except ChildProcessError:
@@ -485,11 +488,13 @@ class _Runner:
                 self.main_exit.set_result(status)
             return
         assert self.os_pid is not None
-        if _orphans.is_active():
-            left = _orphans.left_behind(self.tag)
-            _orphans.release(self.os_pid, self.tag)
-            if left:
-                self._daemonized(left)
+        left = _orphans.left_behind(self.tag)  # [] unless Trellis is a subreaper
+        _orphans.release(self.os_pid, self.tag)
+        if left:
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and not self.signalled:
+                self._daemonized(left)  # exit 0 by itself, its processes still running
+            else:
+                _log.info("%s: killing %d process(es) it left behind", self.path, len(left))
             _orphans.sweep()  # what it left behind (setsid, daemons) dies with it
         if not self.exited.done():
             self.exited.set_result(status)
@@ -765,6 +770,7 @@ class _Runner:
         # Never signal by number once reaped: the id may belong to a new process by then.
         if self.os_pid is None or self.status is not None:
             return
+        self.signalled = True
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if self.pgid is not None:
                 os.killpg(self.pgid, sig)  # the child leads its own group (setsid)

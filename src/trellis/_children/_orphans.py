@@ -116,19 +116,15 @@ def release(os_pid: int, tag: str | None) -> None:
 
 
 def direct_children() -> list[int]:
+    """Our direct children parented by the main thread: every adopted process (the
+    kernel re-parents orphans to the subreaper's first live thread, its main thread)
+    and everything the loop spawned. One small file read."""
     me = os.getpid()
-    out: list[int] = []
     try:
-        tids = os.listdir(f"/proc/{me}/task")
+        with open(f"/proc/{me}/task/{me}/children", "rb") as f:
+            return [int(p) for p in f.read().split()]
     except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{me}/task/{tid}/children", "rb") as f:
-                out.extend(int(p) for p in f.read().split())
-        except OSError:
-            continue
-    return out
+        return []
 
 
 def tag_of(pid: int) -> str | None:
@@ -260,12 +256,16 @@ def _reap_adopted(pid: int, block: bool = False, tracked: bool = True) -> None:
 
 def _on_sigchld() -> None:
     sweep()
-    _reap_strays()
+    if _pid1:
+        # Only as PID 1: elsewhere an unknown zombie may be an in-process child
+        # (multiprocessing) whose owner has not polled it yet; its status is not ours.
+        _reap_strays()
 
 
 def _reap_strays() -> None:
-    """Reap unknown zombies that nobody else reaped within 0.5 s: orphans re-parented
-    to us (tini's duty as PID 1). In-process ``subprocess`` users reap their own at once."""
+    """As PID 1, reap unknown zombies that nobody else reaped within 0.5 s: orphans
+    re-parented to us (tini's duty). In-process ``subprocess`` users reap their own at
+    once."""
     global _stray_timer
     now = time.monotonic()
     guardian = _guardian.guardian_pid()
