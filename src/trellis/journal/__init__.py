@@ -20,7 +20,14 @@ the rest of the event as canonical JSON (exit reasons as ``reason`` text plus
 the chain at that seq (``verify``, ``trellis journal verify``). Triggers refuse
 UPDATE and DELETE; with a key (``$TRELLIS_JOURNAL_KEY``, hex or text) the chain head
 is signed with HMAC-SHA256 every ``checkpoint_every`` records and on close, so even
-a chain recomputed after an edit is caught.
+a chain recomputed after an edit is caught; the writer signs only on top of the head
+it committed itself (anything else becomes a ``journal.foreign_head`` record), a
+signed journal must end signed, and the last checkpoint is mirrored to an anchor file
+outside the database, so truncating or emptying the journal is caught too
+(``verify(url, anchor=...)``; docs/design.md has the table of what is and is not).
+Under ``trellis run`` each run is bounded by ``run.started`` and ``run.stopped``
+records, a run that died is journaled as ``run.unclean_end`` at the next start, and
+every record carries its ``run_id``.
 
 The supervisor never waits on the disk: events go to a bounded in-memory buffer, are
 pickled a batch at a time, and a writer process of the journal's own serialises,
@@ -41,6 +48,7 @@ from ._errors import NotAJournal as NotAJournal
 from ._format import GENESIS as GENESIS
 from ._format import KEY_ENV as KEY_ENV
 from ._format import record_hash as record_hash
+from ._read import DEFAULT_MAX_UNSIGNED as DEFAULT_MAX_UNSIGNED
 from ._read import VerifyResult as VerifyResult
 from ._read import export as export
 from ._read import tail as tail
@@ -50,6 +58,7 @@ from ._writer import Journal as Journal
 from ._writer import JournalStatistics as JournalStatistics
 
 __all__ = [
+    "DEFAULT_MAX_UNSIGNED",
     "GENESIS",
     "KEY_ENV",
     "Journal",
