@@ -363,3 +363,24 @@ def test_cli_json_and_html(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     assert "app/a" in out
     assert "98.333%" in out
+
+
+def test_unclean_end_of_another_nodes_run_is_not_ours(tmp_path: Path) -> None:
+    """In a journal shared by several nodes, a run.unclean_end about another node's run
+    (its run_id) does not end this node's run."""
+    url = f"sqlite:///{tmp_path}/j.db"
+    write(url, "a", [(0, "run.started", {"run_id": "ra"}), started(0, "s", "w", 2)])
+    write(
+        url,
+        "b",
+        [
+            (10, "run.started", {"run_id": "rb"}),
+            started(10, "s", "w", 2),
+            (50, "run.unclean_end", {"run_id": "ra", "last_utc": "2027-01-15T08:00:00Z"}),
+        ],
+    )
+    doc = report(read_records(url), since=T0, until=T0 + 100)
+    ents = _by_path(doc)
+    assert ents[("a", "child", "s/w")]["up_seconds"] == pytest.approx(100.0)
+    assert ents[("b", "child", "s/w")]["up_seconds"] == pytest.approx(90.0)
+    assert ents[("b", "child", "s/w")]["down_seconds"] == 0.0

@@ -115,6 +115,7 @@ class _Node:
         self.explicit = False  # the journal has run.* records for this node
         self.pids: set[str] = set()  # pid numbers started in this run
         self.records = 0  # records of this run after its start
+        self.run_id: object = None  # from run.started
         self.descendants: dict[str, list[_Child]] = {}  # path -> every child below it
 
     def child(self, path: str) -> _Child:
@@ -196,12 +197,15 @@ def build(records: Iterable[dict[str, Any]]) -> Timelines:
             if n.in_run:
                 end_run(n, n.last_t if n.last_t is not None else t, "unclean")
             start_run(n, t, seq)
+            n.run_id = data.get("run_id")
             n.last_t = t
             continue
         if kind == "run.unclean_end":
             n.explicit = True
-            if n.in_run and n.records:  # (right after run.started it is about the run
-                # that run.started already ended)
+            about = data.get("run_id")
+            mine = about is None or n.run_id is None or about == n.run_id
+            if n.in_run and n.records and mine:  # (right after run.started it is about
+                # the run that run.started already ended; another node's run is not ours)
                 at = data.get("last_utc")
                 end = parse_utc(at) if isinstance(at, str) else n.last_t
                 end_run(n, end if end is not None else t, "unclean")
