@@ -68,7 +68,8 @@ def _records(db: Path) -> list[dict[str, Any]]:
 def _start(tree: Path, state: Path) -> subprocess.Popen[str]:
     log = open(tree.parent / "trellis.log", "a")  # noqa: SIM115 - closed by _err() / after
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trellis", "run", str(tree), "--no-control", "--log-level", "error"],
+        [sys.executable, "-m", "trellis", "run", str(tree), "--no-control"]
+        + ["--log-level", "warning"],
         stdout=subprocess.DEVNULL,
         stderr=log,
         text=True,
@@ -133,6 +134,9 @@ def test_runs_are_bounded_and_a_kill_9_is_journaled_at_the_next_start(tmp_path: 
     _wait_running(proc, db, starts=killed + 1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, _err(tree)
+
+    # trellis run says so too
+    assert _err(tree).count("ended without recording its end") == killed
 
     records = _records(db)
     boundaries = [r for r in records if r["kind"].startswith("run.")]

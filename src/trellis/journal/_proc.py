@@ -16,7 +16,8 @@ not sign on top of this journal, or None; ``tightened``: files whose mode it mad
 0600) or ``("open_error", class name, message)``; per batch ``("ack", records,
 seconds, seq, checkpointed, lost)``; ``("error", text, events)`` when a commit
 attempt failed (it is retried); ``("foreign_head", problem)`` when it found rows at
-the head it had not written.
+the head it had not written; ``("unclean_end", data)`` when it journaled that the
+previous run never recorded its end.
 
 The child never stops on a signal meant for the tree (SIGINT, SIGTERM): it ends when
 told to close, or at end of input after committing everything it has received, so
@@ -315,7 +316,10 @@ class _Writer:
     def serve(self, inbox: _Inbox) -> None:
         self.inbox = inbox
         if self.run_records:  # the run's boundary is durable before any of its events
+            unclean = [r for r in self.run_records if r[4] == "run.unclean_end"]
             self.commit([], False)
+            if unclean:
+                self.tell(("unclean_end", json.loads(unclean[0][5])))
         while True:
             msg = inbox.get()
             if msg is None:

@@ -883,6 +883,16 @@ class Journal:
                 self._finish(frame)
         elif kind == "foreign_head":
             self._foreign(msg[1])
+        elif kind == "unclean_end":
+            d = msg[1]
+            _log.warning(
+                "journal %s: the previous run %s ended without recording its end (killed, "
+                "or the machine went down) after seq %s at %s; journaled as run.unclean_end",
+                self.target.shown,
+                d.get("run_id"),
+                d.get("last_seq"),
+                d.get("last_utc"),
+            )
         elif kind == "error":
             _, text, events, attempt = msg
             _log.error(
