@@ -149,6 +149,30 @@ def test_trellis_run_speaks_sd_notify(short_tmp: Path) -> None:
         listener.close()
 
 
+def test_a_root_that_gives_up_says_so(short_tmp: Path) -> None:
+    """READY=1, then STOPPING=1 with a STATUS naming the supervisor that gave up; exit 1."""
+    (short_tmp / "tree.toml").write_text(
+        '[supervisor]\nname = "gu"\nintensity = 1\nperiod = 60.0\n'
+        '[[supervisor.children]]\nid = "bad"\ncommand = ["sh", "-c", "sleep 0.3; exit 3"]\n'
+    )
+    listener = Listener(short_tmp / "notify.sock")
+    env = {**os.environ, "NOTIFY_SOCKET": str(short_tmp / "notify.sock")}
+    cmd = [sys.executable, "-m", "trellis", "run", "tree.toml", "--no-journal", "--no-control"]
+    proc = subprocess.Popen(cmd, cwd=short_tmp, env=env, stderr=subprocess.DEVNULL)
+    try:
+        listener.wait_for("READY", "1")
+        i = listener.wait_for("STOPPING", "1")
+        status = listener.messages[i][1]["STATUS"]
+        assert status.startswith("tree gu ended: supervisor gu gave up (more than 1 restarts")
+        assert "the last of bad" in status
+        assert proc.wait(30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        listener.close()
+
+
 def test_notify_socket_forms() -> None:
     """An @name is an abstract socket; WATCHDOG_PID naming another process turns the
     heartbeats off; the variables are removed from the environment."""

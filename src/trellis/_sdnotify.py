@@ -13,7 +13,7 @@ What is sent, and when:
 - ``RELOADING=1`` with ``MONOTONIC_USEC=`` when a reload begins, then ``READY=1`` and
   its result as ``STATUS=`` when it ends (systemd ``Type=notify-reload`` expects both);
 - ``STOPPING=1`` when a stop begins (signal or ``trellis stop``), or when the root ends
-  by itself (``STATUS=`` says why).
+  by itself (``STATUS=`` says why: which supervisor gave up, after which child).
 
 ``NOTIFY_SOCKET``, ``WATCHDOG_USEC`` and ``WATCHDOG_PID`` are removed from the
 environment once read (as ``sd_notify(unset_environment=1)`` does): children do not
@@ -59,6 +59,7 @@ class SdNotify:
         self._hid: object | None = None
         self._stopping = False
         self._failed = False
+        self._gave_up: str | None = None  # the first supervisor that gave up, for STATUS=
 
     @classmethod
     def from_environment(
@@ -107,7 +108,9 @@ class SdNotify:
         sock.setblocking(False)
         self._sock = sock
         self.send(f"STATUS=starting tree {self.name}")
-        self._hid = _telemetry.attach(self._on_event, ("tree.reloading", "tree.reloaded"))
+        self._hid = _telemetry.attach(
+            self._on_event, ("tree.reloading", "tree.reloaded", "supervisor.gave_up")
+        )
         if self.interval is not None:
             self._heartbeat = asyncio.ensure_future(self._beat(self.interval))
 
@@ -121,7 +124,8 @@ class SdNotify:
     async def stop(self) -> None:
         if not self._stopping:
             self._stopping = True
-            self.send("STOPPING=1", f"STATUS=tree {self.name} ended")
+            why = f": {self._gave_up}" if self._gave_up else ""
+            self.send("STOPPING=1", f"STATUS=tree {self.name} ended{why}"[:500])
         if self._hid is not None:
             _telemetry.detach(self._hid)
             self._hid = None
@@ -141,6 +145,14 @@ class SdNotify:
             await asyncio.sleep(interval)
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "supervisor.gave_up":
+            if self._gave_up is None:
+                self._gave_up = (
+                    f"supervisor {event.get('supervisor')} gave up (more than "
+                    f"{event.get('intensity')} restarts in {event.get('period')}s, the last "
+                    f"of {event.get('child_id')})"
+                )
+            return
         if self._stopping:
             return
         if event.get("event") == "tree.reloading":
