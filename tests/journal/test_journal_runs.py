@@ -67,9 +67,9 @@ def _records(db: Path) -> list[dict[str, Any]]:
 
 def _start(tree: Path, state: Path) -> subprocess.Popen[str]:
     log = open(tree.parent / "trellis.log", "a")  # noqa: SIM115 - closed by _err() / after
+    argv = [sys.executable, "-m", "trellis", "run", str(tree), "--no-control"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trellis", "run", str(tree), "--no-control"]
-        + ["--log-level", "warning"],
+        [*argv, "--log-level", "warning"],
         stdout=subprocess.DEVNULL,
         stderr=log,
         text=True,
