@@ -57,6 +57,7 @@ class _LazyGroup(click.Group):
         "start": "trellis.cli.control:start",
         "status": "trellis.cli.control:status",
         "stop": "trellis.cli.control:stop",
+        "ls": "trellis.cli.control:ls",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

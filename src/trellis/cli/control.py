@@ -31,7 +31,7 @@ from rich.tree import Tree
 
 from ..control._client import ControlClient, ControlClientError, Refused
 
-__all__ = ["COMMANDS", "events", "reload", "restart", "start", "status", "stop"]
+__all__ = ["COMMANDS", "events", "ls", "reload", "restart", "start", "status", "stop"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,12 +56,30 @@ def _age(iso: object) -> float | None:
         return max(0.0, time.time() - datetime.fromisoformat(iso).timestamp())
     except ValueError:
         return None
+
+
 _QUIET_FIELDS = frozenset({"event", "path", "time", "utc", "supervisor", "sup_pid", "child_id"})
 
 
+def _remember_tree(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    ctx.meta["trellis.tree"] = value
+    ctx.meta["trellis.tree_source"] = ctx.get_parameter_source(param.name or "tree")
+
+
 def _connection_options(fn: F) -> F:
-    """``--socket``, ``--url``, ``--token`` and ``--json`` (shared by every command)."""
+    """``--tree``, ``--socket``, ``--url``, ``--token`` and ``--json`` (shared by every
+    command; ``--tree`` is read by :func:`_client` from the context)."""
     options = [
+        click.option(
+            "--tree",
+            "tree",
+            metavar="NAME",
+            envvar="TRELLIS_TREE",
+            expose_value=False,
+            callback=_remember_tree,
+            help="The tree named NAME (its socket is NAME.sock in the socket directory; "
+            "see `trellis ls`) [env TRELLIS_TREE; default: the only tree running].",
+        ),
         click.option(
             "--socket",
             "socket_path",
@@ -80,7 +98,8 @@ def _connection_options(fn: F) -> F:
             "--token",
             metavar="TOKEN",
             envvar="TRELLIS_TOKEN",
-            help="Bearer token for --url [env TRELLIS_TOKEN].",
+            help="Bearer token for --url [env TRELLIS_TOKEN]; never sent over a Unix "
+            "socket (there the caller's uid is checked).",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print JSON for machines."),
     ]
@@ -95,19 +114,31 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def _client(socket_path: str | None, url: str | None, token: str | None) -> ControlClient:
+    """The client for the tree chosen by ``--tree``, ``--socket`` or ``--url`` (two of
+    them on the command line are a usage error; the command line beats the
+    environment)."""
     ctx = click.get_current_context()
     from_line = click.core.ParameterSource.COMMANDLINE
-    if socket_path and url:
-        socket_cli = ctx.get_parameter_source("socket_path") == from_line
-        url_cli = ctx.get_parameter_source("url") == from_line
-        if socket_cli and url_cli:
-            raise click.UsageError("give --socket or --url, not both")
-        if socket_cli:
-            url = None
-        else:
-            socket_path = None
+    tree: str | None = ctx.meta.get("trellis.tree")
+    given = {
+        "--tree": (tree, ctx.meta.get("trellis.tree_source")),
+        "--socket": (socket_path, ctx.get_parameter_source("socket_path")),
+        "--url": (url, ctx.get_parameter_source("url")),
+    }
+    on_line = [k for k, (v, src) in given.items() if v and src == from_line]
+    if len(on_line) > 1:
+        if len(on_line) == 2:
+            raise click.UsageError(f"give {on_line[0]} or {on_line[1]}, not both")
+        raise click.UsageError(f"give one of {', '.join(on_line)}, not several")
+    if on_line:  # the command line beats the environment
+        chosen = on_line[0]
+    else:  # from the environment: a URL, then a socket, then a tree name
+        chosen = next((k for k in ("--url", "--socket", "--tree") if given[k][0]), "")
+    tree = tree if chosen == "--tree" else None
+    socket_path = socket_path if chosen == "--socket" else None
+    url = url if chosen == "--url" else None
     try:
-        return ControlClient(socket=socket_path, url=url, token=token)
+        return ControlClient(socket=socket_path, url=url, token=token, tree=tree)
     except ControlClientError as e:
         _fail(str(e), e.exit_code)
 
@@ -251,11 +282,16 @@ def _act(
     url: str | None,
     token: str | None,
     as_json: bool,
+    *,
+    wait: bool = False,
+    timeout: float | None = None,
 ) -> None:
     if not path.strip("/"):
         raise click.BadParameter("give a tree path such as shop/infra/db", param_hint="PATH")
     with _client(socket_path, url, token) as c:
         data = c.post(ControlClient.child_url(path, action), {"reason": reason} if reason else None)
+        if wait and not c.wait_child_stopped(str(data.get("path", path)), timeout):
+            _fail(f"{data.get('path', path)} did not stop within {timeout:g} s", 1)
     if as_json:
         click.echo(json.dumps(data))
         return
@@ -289,27 +325,47 @@ def restart(
 @click.command()
 @click.argument("path", required=False)
 @_reason_option
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Return only once it has stopped: the child at PATH, or the tree's process "
+    "(so a new `trellis run` of the same tree cannot overlap it).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    metavar="S",
+    help="With --wait: give up after S seconds (exit 1; the stop goes on).",
+)
 @_connection_options
 @_handle_errors
 def stop(
     path: str | None,
     reason: str | None,
+    wait: bool,
+    timeout: float | None,
     socket_path: str | None,
     url: str | None,
     token: str | None,
     as_json: bool,
 ) -> None:
     """Stop the child at PATH, or the whole tree without PATH."""
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout goes with --wait")
     if path is not None:
-        _act("stop", path, reason, socket_path, url, token, as_json)
+        _act("stop", path, reason, socket_path, url, token, as_json, wait=wait, timeout=timeout)
         return
     with _client(socket_path, url, token) as c:
+        if wait:
+            c.hold_server()
         data = c.post("/v1/stop", {"reason": reason} if reason else None)
         where = c.where
+        if wait and not c.wait_stopped(timeout):
+            _fail(f"the tree on {where} did not stop within {timeout:g} s", 1)
     if as_json:
-        click.echo(json.dumps(data))
+        click.echo(json.dumps({**data, "result": "stopped"} if wait else data))
     else:
-        click.echo(f"stopping the tree on {where}")
+        click.echo(f"{'stopped' if wait else 'stopping'} the tree on {where}")
 
 
 @click.command()
@@ -365,5 +421,52 @@ def reload(
         click.echo(f"  note: {note}")
 
 
+def _process_uptime(pid: int | None) -> float | None:
+    """Seconds since process ``pid`` started (Linux ``/proc``), or None."""
+    if pid is None:
+        return None
+    try:
+        import os
+
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+        with open("/proc/uptime", "rb") as f:
+            return max(0.0, float(f.read().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@click.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@_handle_errors
+def ls(as_json: bool) -> None:
+    """List the trees running in the socket directory: name, pid, uptime, socket
+    (stale sockets left by a crashed tree are skipped)."""
+    from ..control._client import live_sockets
+    from ..control._paths import socket_dir
+
+    rows: list[dict[str, Any]] = [
+        {
+            "name": path.stem,
+            "pid": pid,
+            "uptime_s": None if (up := _process_uptime(pid)) is None else round(up, 1),
+            "socket": str(path),
+        }
+        for path, pid in live_sockets()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no trees running (nothing listens on {socket_dir()}/*.sock)", err=True)
+        return
+    width = max(4, *(len(r["name"]) for r in rows))
+    click.echo(f"{'NAME':<{width}}  {'PID':>7}  {'UPTIME':>8}  SOCKET")
+    for r in rows:
+        pid = "-" if r["pid"] is None else str(r["pid"])
+        click.echo(f"{r['name']:<{width}}  {pid:>7}  {_duration(r['uptime_s']):>8}  {r['socket']}")
+
+
 #: The commands to register on the ``trellis`` group.
-COMMANDS = (status, events, restart, stop, start, reload)
+COMMANDS = (status, events, restart, stop, start, reload)  # and `ls` (no connection)

@@ -11,6 +11,7 @@ connection is made and hands the application a :class:`Peer`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -236,6 +237,7 @@ class _Listener:
         self.source = source
         self.cap = cap
         self.conns: dict[_Protocol, None] = {}  # insertion order = connection order
+        self.closed = False  # the server is closing: connections still arriving are dropped
         self._warned = 0.0
 
     def admit(self, new: _Protocol) -> bool:
@@ -312,7 +314,7 @@ class _Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         listener = self._listener
-        if not listener.admit(self):
+        if listener.closed or not listener.admit(self):
             transport.abort()
             return
         unix = listener.kind == "unix"
@@ -414,6 +416,7 @@ class HttpServer:
         self.config.load()
         self.state = ServerState()
         self._servers: list[asyncio.Server] = []
+        self._socks: list[socket.socket] = []
         self.listeners: list[_Listener] = []
 
     async def serve(self, sock: socket.socket, kind: str, source: str) -> None:
@@ -434,10 +437,23 @@ class HttpServer:
         backlog = max(8, min(128, self.max_connections // 2))
         server = await loop.create_server(factory, sock=sock, backlog=backlog)
         self._servers.append(server)
+        self._socks.append(sock)
 
     async def close(self, grace: float) -> None:
         """Stop accepting, let requests in flight finish for up to ``grace`` seconds, then
         cancel what remains and close every connection."""
+        # Stop accepting first, and let connections accepted just before arrive (a few
+        # loop turns: asyncio's accept task, then the transport's connection_made) and
+        # be dropped while their server is still open: on Python 3.11 a transport made
+        # for a closed server is left half-built and never closed.
+        loop = asyncio.get_running_loop()
+        for listener in self.listeners:
+            listener.closed = True
+        for sock in self._socks:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(sock.fileno())
+        for _ in range(4):
+            await asyncio.sleep(0)
         for server in self._servers:
             server.close()
         for conn in list(self.state.connections):
@@ -459,4 +475,5 @@ class HttpServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        self._socks.clear()
         await asyncio.sleep(0)  # let the transports' close callbacks run
