@@ -10,8 +10,10 @@ inherited stdio). Any other import makes the start fail with a message naming it
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import struct
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ from urllib.parse import urlsplit
 
 import wasmtime
 from wasmtime import FuncType, ValType
+from wasmtime import _bindings as _b
+from wasmtime import _func as _wfunc
 
 from . import _engine
 from ._errors import PluginError
@@ -89,6 +93,65 @@ class _HostFault(Exception):
         self.error = error
 
 
+_FIELD = {"i32": "i32", "i64": "i64", "f32": "f32", "f64": "f64"}
+_KIND = {"i32": 0, "i64": 1, "f32": 2, "f64": 3}
+_OUTCOME = struct.Struct("<qqqq")
+
+
+class _Fast:
+    """A numeric export called straight through ``wasmtime_func_call`` with its types
+    and argument arrays prepared once (``Func.__call__`` looks the type up and builds
+    the arrays on every call). Only for i32/i64/f32/f64 parameters and results."""
+
+    __slots__ = ("args", "call", "ctx", "fref", "np", "nr", "pf", "res", "rf", "trap", "tref")
+
+    @staticmethod
+    def usable(params: list[ValType], results: list[ValType]) -> bool:
+        return all(str(t) in _KIND for t in (*params, *results))
+
+    def __init__(
+        self, store: wasmtime.Store, func: wasmtime.Func, params: list[ValType],
+        results: list[ValType],
+    ) -> None:  # fmt: skip
+        self.ctx = store._context()
+        self.fref = ctypes.byref(func._func)
+        self.np, self.nr = len(params), len(results)
+        self.args = (_b.wasmtime_val_t * max(1, self.np))()
+        self.res = (_b.wasmtime_val_t * max(1, self.nr))()
+        for i, t in enumerate(params):
+            self.args[i].kind = _KIND[str(t)]  # type: ignore[assignment]
+        self.pf = [_FIELD[str(t)] for t in params]
+        self.rf = [_FIELD[str(t)] for t in results]
+        self.trap = ctypes.POINTER(_b.wasm_trap_t)()
+        self.tref = ctypes.byref(self.trap)
+        self.call = _b._wasmtime_func_call
+
+    def __call__(self, *values: Any) -> Any:
+        args = self.args
+        for i, v in enumerate(values):
+            setattr(args[i].of, self.pf[i], v)
+        err = self.call(self.ctx, self.fref, args, self.np, self.res, self.nr, self.tref)
+        if err or self.trap:
+            self._raise(err)
+        if self.nr == 1:
+            return getattr(self.res[0].of, self.rf[0])
+        if self.nr == 0:
+            return None
+        return [getattr(self.res[i].of, f) for i, f in enumerate(self.rf)]
+
+    def _raise(self, err: Any) -> None:
+        trap = self.trap
+        self.trap = ctypes.POINTER(_b.wasm_trap_t)()
+        self.tref = ctypes.byref(self.trap)
+        try:
+            _wfunc.maybe_raise_last_exn()  # a host function's exception (ours are recorded)
+        except Exception:
+            pass
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(err)
+        raise wasmtime.Trap._from_ptr(trap)
+
+
 class Instance:
     """A live instance: ``call(function, data) -> bytes`` or raise ``PluginError``."""
 
@@ -154,6 +217,11 @@ class Instance:
             self.k_alloc: Any = kx["alloc"]
             self.k_length: Any = kx["length"]
             self.k_reset: Any = kx["reset"]
+            prepare, finish = kx["prepare"], kx["finish"]
+            assert isinstance(prepare, wasmtime.Func)
+            assert isinstance(finish, wasmtime.Func)
+            self.k_prepare = _Fast(store, prepare, [_I64], [_I64])
+            self.k_finish = _Fast(store, finish, [], [])
             linker.define_instance(store, EXTISM_ENV, kinst)
             for fname, (params, results) in _HOST_FUNCS.items():
                 linker.define_func(
@@ -180,7 +248,7 @@ class Instance:
         self.exports = exports
         mem = exports.get("memory") if hasattr(exports, "get") else None
         self.memory: wasmtime.Memory | None = mem if isinstance(mem, wasmtime.Memory) else None
-        self._funcs: dict[str, tuple[wasmtime.Func, bool, list[ValType], list[ValType]]] = {}
+        self._funcs: dict[str, tuple[Any, bool, list[ValType], list[ValType]]] = {}
         for init in ("_initialize", "__wasm_call_ctors"):
             f = _get(exports, init)
             if isinstance(f, wasmtime.Func):
@@ -189,7 +257,7 @@ class Instance:
         self._measure()
 
     # -- calling ------------------------------------------------------------------
-    def function(self, name: str) -> tuple[wasmtime.Func, bool, list[ValType], list[ValType]]:
+    def function(self, name: str) -> tuple[Any, bool, list[ValType], list[ValType]]:
         entry = self._funcs.get(name)
         if entry is None:
             f = _get(self.exports, name)
@@ -204,7 +272,9 @@ class Instance:
                 and not params
                 and (not results or (len(results) == 1 and results[0] == _I32))
             )
-            entry = self._funcs[name] = (f, extism_style, params, results)
+            usable = _Fast.usable(params, results)
+            fast: Any = _Fast(self.store, f, params, results) if usable else f
+            entry = self._funcs[name] = (fast, extism_style, params, results)
         return entry
 
     def call(self, name: str, data: Any) -> bytes:
@@ -217,27 +287,27 @@ class Instance:
 
     def _invoke(
         self,
-        f: wasmtime.Func,
+        f: Any,
         extism_style: bool,
         params: list[ValType],
         results: list[ValType],
         name: str,
         data: Any,
     ) -> bytes:
-        store = self.store
         if extism_style:
             raw = bytes(data) if not isinstance(data, str) else data.encode()
-            self.k_reset(store)
-            off = self.k_alloc(store, len(raw))
-            if raw:
-                self.kmem.write(store, raw, off)
-            self.kernel["input_set"](store, off, len(raw))
-            rc = f(store)
-            err = self.kernel["error_get"](store)
-            if err and self.k_length(store, err):
+            n = len(raw)
+            off = self.k_prepare(n)
+            if n:
+                ctypes.memmove(self._kbase() + off, raw, n)
+            rc = f()
+            self.k_finish()
+            base = self._kbase()
+            out_off, out_len, err, err_len = _OUTCOME.unpack(ctypes.string_at(base, 32))
+            if err and err_len:
                 raise PluginError(
                     "error",
-                    self._read(store, err).decode("utf-8", "replace"),
+                    ctypes.string_at(base + err, err_len).decode("utf-8", "replace"),
                     plugin=self.plugin,
                     function=name,
                 )
@@ -245,14 +315,18 @@ class Instance:
                 raise PluginError(
                     "error", f"returned non-zero exit code: {rc}", plugin=self.plugin, function=name
                 )
-            out_off = self.kernel["output_offset"](store)
-            out_len = self.kernel["output_length"](store)
-            return bytes(self.kmem.read(store, out_off, out_off + out_len)) if out_len else b""
+            return ctypes.string_at(base + out_off, out_len) if out_len else b""
         args = _numeric_args(data, params, self.plugin, name)
-        r = f(store, *args)
+        r = f(*args) if isinstance(f, _Fast) else f(self.store, *args)
         if not results:
             return b""
+        if len(results) == 1 and str(results[0]) in ("i32", "i64"):
+            return str(r).encode()
         return json.dumps(r, separators=(",", ":")).encode()
+
+    def _kbase(self) -> int:
+        """The kernel memory's address now (it may move when it grows)."""
+        return ctypes.addressof(self.kmem.data_ptr(self.store).contents)
 
     def _run(self, fn: Callable[[], Any], name: str) -> Any:
         store = self.store

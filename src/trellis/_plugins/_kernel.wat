@@ -6,13 +6,14 @@
 ;; are wasm-to-wasm calls, never a trip into Python. The host links this instance under
 ;; `extism:host/env` beside its own functions (config, vars, log, http).
 ;;
-;; Layout: a bump allocator. Each block is an 8-byte length header followed by the data
-;; (rounded up to 8 bytes); a handle is the offset of the data, never below 16. `free`
+;; Layout: bytes 0..31 hold the outcome of the last call for the host (`finish`); then a
+;; bump allocator. Each block is an 8-byte length header followed by the data (rounded up
+;; to 8 bytes); a handle is the offset of the data, never below 48. `free`
 ;; gives back the last block only; `reset` (before every call) frees everything. A
 ;; growth the store's memory cap refuses sets `oom` and traps.
 (module
   (memory (export "memory") 1)
-  (global $top (mut i64) (i64.const 8))
+  (global $top (mut i64) (i64.const 40))
   (global $in_off (mut i64) (i64.const 0))
   (global $in_len (mut i64) (i64.const 0))
   (global $out_off (mut i64) (i64.const 0))
@@ -49,7 +50,7 @@
     (local.get $off))
 
   (func $valid (param $p i64) (result i32)
-    (i32.and (i64.ge_u (local.get $p) (i64.const 16))
+    (i32.and (i64.ge_u (local.get $p) (i64.const 48))
              (i64.le_u (local.get $p) (global.get $top))))
 
   (func $length (export "length") (param $p i64) (result i64)
@@ -96,8 +97,24 @@
     (i64.shl (i64.extend_i32_u (memory.size)) (i64.const 16)))
   (func (export "oom") (result i32) (global.get $oom))
 
-  (func (export "reset")
-    (global.set $top (i64.const 8))
+  ;; the host's side of a call, in one export each way: before, reset and copy-in space
+  ;; for `n` input bytes (returns its handle); after, the outcome at bytes 0..31
+  ;; (output handle, output length, error handle, error length)
+  (func (export "prepare") (param $n i64) (result i64)
+    (local $off i64)
+    (call $reset)
+    (local.set $off (call $alloc (local.get $n)))
+    (global.set $in_off (local.get $off))
+    (global.set $in_len (local.get $n))
+    (local.get $off))
+  (func (export "finish")
+    (i64.store (i32.const 0) (global.get $out_off))
+    (i64.store (i32.const 8) (global.get $out_len))
+    (i64.store (i32.const 16) (global.get $err))
+    (i64.store (i32.const 24) (call $length (global.get $err))))
+
+  (func $reset (export "reset")
+    (global.set $top (i64.const 40))
     (global.set $in_off (i64.const 0)) (global.set $in_len (i64.const 0))
     (global.set $out_off (i64.const 0)) (global.set $out_len (i64.const 0))
     (global.set $err (i64.const 0)) (global.set $oom (i32.const 0)))
