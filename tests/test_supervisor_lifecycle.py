@@ -232,3 +232,32 @@ async def test_without_a_tree_stop_a_start_is_not_cancelled() -> None:
     sup = await start
     assert log == ["start a", "start b"]
     await sup.stop()
+
+
+class SlowSecondStart(trellis.Server):
+    """Starts at once the first time; later starts wait on ``gate`` (a slow restart)."""
+
+    async def init(self, log: list[str], gate: asyncio.Event) -> None:
+        log.append("start")
+        if len(log) > 1:
+            await gate.wait()
+
+
+async def test_a_stop_cancels_a_slow_restart(tree_stop: _stopping.TreeStop) -> None:
+    """A restart that takes long (a child waiting for readiness) does not hold up the
+    stop: it is cancelled at once, never retried, and the supervisor stops."""
+    log: list[str] = []
+    gate = asyncio.Event()
+    spec = trellis.ChildSpec("slow", SlowSecondStart.start_link, args=(log, gate))
+    with capture_telemetry() as cap:
+        sup = await trellis.Supervisor.start([spec, trellis.worker("other", wait_forever)])
+        trellis.exit((await sup.which_child("slow")).pid, Boom("crash"))
+        await until(lambda: len(log) == 2)  # the restart is in progress
+        tree_stop.request()
+        async with asyncio.timeout(5):
+            await sup.stop()
+    assert log == ["start", "start"]
+    assert cap.named("child.restarted") == []
+    assert cap.named("child.start_failed") == []
+    assert [e["child_id"] for e in cap.named("supervisor.start_cancelled")] == ["slow"]
+    assert [e["child_id"] for e in cap.named("child.terminated")] == ["other"]  # slow never ran

@@ -559,10 +559,16 @@ class _SupervisorServer(Server):
 
     async def _start_one(self, c: _Child) -> bool:
         """Restart one child; on failure mark it RESTARTING, queue a retry, return False."""
-        kind, val, _info = await self._invoke(c, "child.restarted")
+        kind, val, _info = await self._invoke(
+            c, "child.restarted", tree_stop=_stopping.get(self.pid._loop)
+        )
         if kind == "ignore":
             if self.mode != _STATIC or c.spec.restart is RestartType.TEMPORARY:
                 self._remove(c)
+        elif kind == "error" and self._tree_stopping():
+            c.pid = None  # cancelled (or failed) as the tree stops: no retry
+            self._event("supervisor.start_cancelled", child_id=c.id)
+            return False
         elif kind == "error":
             _log.error(
                 "start_error: supervisor=%s child=%r reason=%r (retrying)", self.path, c.id, val
@@ -858,20 +864,32 @@ class _SupervisorServer(Server):
 
 
 async def _unless_stopped(start: Any, tree_stop: _stopping.TreeStop) -> Any:
-    """Await a child's start, or cancel it as soon as the tree is asked to stop (a
-    half-started child is killed by its start's own cancellation handling)."""
-    task = asyncio.ensure_future(start)
+    """Await a worker's start; a stop request cancels it at once (the start's own
+    cancellation handling kills a half-started child) and it ends with ``SHUTDOWN``.
+
+    The supervisor's own task is what gets cancelled (no task per start): it is listed
+    in ``tree_stop.starting`` only while it awaits here, and takes the cancellation
+    back (``uncancel``) so that it goes on to stop its children in order."""
+    task = asyncio.current_task()
+    if tree_stop.requested or task is None:
+        if tree_stop.requested:
+            if inspect.iscoroutine(start):
+                start.close()
+            raise StartError(SHUTDOWN, "start cancelled: the tree is stopping")
+        return await start
+    starting = tree_stop.starting
+    starting.add(task)
     try:
-        await asyncio.wait((task, tree_stop.waiter()), return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            task.cancel()
-            await asyncio.wait((task,))
-    except BaseException:  # we are being killed: the start must not live on
-        task.cancel()
+        return await start
+    except asyncio.CancelledError:
+        if tree_stop.claim(task):
+            task.uncancel()
+            raise StartError(SHUTDOWN, "start cancelled: the tree is stopping") from None
         raise
-    if task.cancelled():
-        raise StartError(SHUTDOWN, "start cancelled: the tree is stopping")
-    return task.result()  # started (or failed) before the cancellation took effect
+    finally:
+        starting.discard(task)
+        if tree_stop.claim(task):  # cancelled by the stop, but the start swallowed it
+            task.uncancel()
 
 
 def _info(c: _Child, id: Any) -> ChildInfo:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from typing import Any
 
 __all__ = ["TreeStop", "arm", "disarm", "get"]
 
@@ -24,19 +25,35 @@ class TreeStop:
     :meth:`request` also wakes the starts that wait on :meth:`waiter` (call it on the
     loop's thread)."""
 
-    __slots__ = ("__weakref__", "_waiter", "loop", "requested")
+    __slots__ = ("__weakref__", "_cancelled", "_waiter", "loop", "requested", "starting")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.requested = False
         self._waiter: asyncio.Future[None] | None = None
+        self.starting: set[asyncio.Task[Any]] = set()
+        """Supervisor tasks awaiting a worker's start (a request cancels them)."""
+        self._cancelled: set[asyncio.Task[Any]] = set()
 
     def request(self) -> None:
-        """Mark the tree as stopping and wake every start waiting on :meth:`waiter`."""
+        """Mark the tree as stopping, cancel every start in :attr:`starting` (each
+        supervisor takes its cancellation back with :meth:`claim`) and wake every
+        :meth:`waiter`."""
         self.requested = True
+        for task in self.starting:
+            self._cancelled.add(task)
+            task.cancel()
+        self.starting.clear()
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
+
+    def claim(self, task: asyncio.Task[Any]) -> bool:
+        """Whether :meth:`request` cancelled ``task`` (once: the claim is consumed)."""
+        if task in self._cancelled:
+            self._cancelled.discard(task)
+            return True
+        return False
 
     def waiter(self) -> asyncio.Future[None]:
         """A future done once a stop was requested (shared; never cancel it)."""
@@ -48,9 +65,7 @@ class TreeStop:
         return w
 
 
-_armed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TreeStop] = (
-    weakref.WeakKeyDictionary()
-)
+_armed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TreeStop] = weakref.WeakKeyDictionary()
 
 
 def arm(loop: asyncio.AbstractEventLoop) -> TreeStop:
