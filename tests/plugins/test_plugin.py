@@ -348,3 +348,27 @@ async def test_the_epoch_ticker_is_idle_without_calls(wat: Wat) -> None:
         ticks = _engine.ticker.ticks
         await asyncio.sleep(0.1)
         assert _engine.ticker.ticks - ticks <= 1
+
+
+async def test_call_statistics_are_telemetry(wat: Wat) -> None:
+    seen: list[dict[str, Any]] = []
+    hid = trellis.telemetry.attach(seen.append, ["plugin.stats", "plugin.started"])
+    try:
+        async with tree(spec(wat, restart="temporary")):
+            for _ in range(5):
+                await trellis.plugin_call("misbehave", "echo", b"x")
+            with pytest.raises(trellis.PluginError):
+                await trellis.plugin_call("misbehave", "fail", b"")
+            info = await trellis.plugin_info("misbehave")
+            assert (info["calls"], info["errors"]) == (6, {"error": 1})
+            assert info["memory_high"] >= 65536
+    finally:
+        trellis.telemetry.detach(hid)
+    [started] = [e for e in seen if e["event"] == "plugin.started"]
+    assert started["path"].endswith("/misbehave")
+    assert len(started["sha256"]) == 64
+    stats = [e for e in seen if e["event"] == "plugin.stats"]
+    assert sum(e["calls"] for e in stats) == 6
+    assert sum(e["errors"].get("error", 0) for e in stats) == 1
+    assert sum(n for _, n in stats[0]["buckets"]) == stats[0]["calls"]
+    assert all(e["path"] == started["path"] for e in stats)
