@@ -388,3 +388,41 @@ def test_a_stop_during_a_reload_is_not_held_up(tree: Tree) -> None:
     [reloaded] = tree.journal("tree.reloaded")
     assert reloaded["result"] == "failed"
     assert any("cancelled" in e or "stopping" in e for e in reloaded["errors"]), reloaded
+
+
+def test_reload_by_tree_name(short_tmp: Path) -> None:
+    """`trellis reload --tree NAME` finds the tree by its name (the default socket)."""
+    runtime = short_tmp / "rt"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    env.pop("TRELLIS_SOCKET", None)
+    env.pop("TRELLIS_TREE", None)
+    (short_tmp / "tree.toml").write_text(BASE)
+    cmd = [sys.executable, "-m", "trellis"]
+    proc = subprocess.Popen(
+        [*cmd, "run", "tree.toml", "--no-journal", "--no-metrics"],
+        cwd=short_tmp,
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        sock = runtime / "trellis" / "rt.sock"
+        deadline = time.monotonic() + 20
+        while not sock.exists() and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.05)
+        (short_tmp / "tree.toml").write_text(BASE.replace('id = "gone"', 'id = "other"'))
+        r = subprocess.run(
+            [*cmd, "reload", "--tree", "rt"],
+            cwd=short_tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "removed rt/gone" in r.stdout
+        assert "added rt/other" in r.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
