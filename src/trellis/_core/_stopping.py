@@ -22,31 +22,26 @@ class TreeStop:
     """The stop flag of one loop's tree.
 
     ``requested`` may be set from a signal handler (it is a plain attribute);
-    :meth:`request` also wakes the starts that wait on :meth:`waiter` (call it on the
-    loop's thread)."""
+    :meth:`request` also cancels the starts in progress (call it on the loop's
+    thread)."""
 
-    __slots__ = ("__weakref__", "_cancelled", "_waiter", "loop", "requested", "starting")
+    __slots__ = ("__weakref__", "_cancelled", "loop", "requested", "starting")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.requested = False
-        self._waiter: asyncio.Future[None] | None = None
         self.starting: set[asyncio.Task[Any]] = set()
         """Supervisor tasks awaiting a worker's start (a request cancels them)."""
         self._cancelled: set[asyncio.Task[Any]] = set()
 
     def request(self) -> None:
-        """Mark the tree as stopping, cancel every start in :attr:`starting` (each
-        supervisor takes its cancellation back with :meth:`claim`) and wake every
-        :meth:`waiter`."""
+        """Mark the tree as stopping and cancel every start in :attr:`starting` (each
+        supervisor takes its cancellation back with :meth:`claim`)."""
         self.requested = True
         for task in self.starting:
             self._cancelled.add(task)
             task.cancel()
         self.starting.clear()
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
 
     def claim(self, task: asyncio.Task[Any]) -> bool:
         """Whether :meth:`request` cancelled ``task`` (once: the claim is consumed)."""
@@ -54,15 +49,6 @@ class TreeStop:
             self._cancelled.discard(task)
             return True
         return False
-
-    def waiter(self) -> asyncio.Future[None]:
-        """A future done once a stop was requested (shared; never cancel it)."""
-        w = self._waiter
-        if w is None:
-            w = self._waiter = self.loop.create_future()
-            if self.requested:
-                w.set_result(None)
-        return w
 
 
 _armed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TreeStop] = weakref.WeakKeyDictionary()
