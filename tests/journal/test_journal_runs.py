@@ -130,13 +130,15 @@ def test_runs_are_bounded_and_a_kill_9_is_journaled_at_the_next_start(tmp_path: 
         proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
         _wait_writer_done(db)
+    logged = len(_err(tree))
     proc = _start(tree, state)
     _wait_running(proc, db, starts=killed + 1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, _err(tree)
 
-    # trellis run says so too
-    assert _err(tree).count("ended without recording its end") == killed
+    # the last run says so in its log too (a run killed a moment after its start may
+    # not have had the time to log it)
+    assert "ended without recording its end" in _err(tree)[logged:]
 
     records = _records(db)
     boundaries = [r for r in records if r["kind"].startswith("run.")]
