@@ -225,6 +225,11 @@ def test_since_until_clip_the_period(tmp_path: Path) -> None:
     assert a["down_seconds"] == pytest.approx(5.0)
     assert a["up_seconds"] == pytest.approx(105.0)
     assert a["restarts"] == 2
+    # the budget and burn rates look back from --until over their own windows: the
+    # crash at 100 (before --since) still counts
+    assert a["budget"]["consumed_seconds"] == pytest.approx(15.0)
+    assert a["budget"]["remaining_seconds"] == pytest.approx(35.0)
+    assert a["burn_rates"]["5m"] == pytest.approx((15 / 300) / 0.05)  # 100..400
     b = _by_path(doc)[("n1", "child", "app/b")]
     assert b["down_seconds"] == 0.0
     assert b["failures"] == 0

@@ -208,12 +208,16 @@ def _entity(
     slo["window"] = window_text(slo["window_seconds"])
     objective, window = slo["objective"], slo["window_seconds"]
     total = budget_seconds(objective, window)
-    b_lo = max(since, until - window)
-    _, b_down = _time_in(segs, b_lo, until)
+    # the budget and burn rates look back from `until` over their own windows, whatever
+    # --since says: a postmortem of one hour still shows what is left of the month
+    longest = max(window, BURN_WINDOWS[-1][1])
+    back = segments(changes, min(since, until - longest), until)
+    b_lo = until - window
+    _, b_down = _time_in(back, b_lo, until)
     remaining = total - b_down
     burns: dict[str, float | None] = {}
     for label, w in BURN_WINDOWS:
-        w_up, w_down = _time_in(segs, max(since, until - w), until)
+        w_up, w_down = _time_in(back, until - w, until)
         er = _ratio(w_down, w_up + w_down)
         burns[label] = burn_rate(er, objective) if er is not None else None
     burn_1h = burns["1h"]
