@@ -205,7 +205,8 @@ def report_cmd(
     from ..sre import rich_table
 
     width = 200 if not sys.stdout.isatty() else None
-    Console(width=width).print(rich_table(doc))
+    console = Console(width=width)
+    console.print(rich_table(doc, compact=console.width < 160))  # narrow terminal: fewer columns
 
 
 def _need_tree(tree: str) -> Any:
