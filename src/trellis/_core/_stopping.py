@@ -15,7 +15,7 @@ import asyncio
 import weakref
 from typing import Any
 
-__all__ = ["TreeStop", "arm", "disarm", "get"]
+__all__ = ["TreeStop", "arm", "cancelled_by_stop", "disarm", "get"]
 
 
 class TreeStop:
@@ -64,6 +64,13 @@ def disarm(loop: asyncio.AbstractEventLoop, stop: TreeStop) -> None:
     """Forget ``loop``'s stop flag, if it is still ``stop``."""
     if _armed.get(loop) is stop:
         del _armed[loop]
+
+
+def cancelled_by_stop(loop: asyncio.AbstractEventLoop | None, task: object) -> bool:
+    """Whether ``task`` (a supervisor awaiting a start) was cancelled by its tree's stop
+    request and has not yet taken the cancellation back."""
+    stop = get(loop)
+    return stop is not None and task in stop._cancelled
 
 
 def get(loop: asyncio.AbstractEventLoop | None) -> TreeStop | None:
