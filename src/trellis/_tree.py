@@ -8,6 +8,7 @@ import fnmatch
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -645,10 +646,13 @@ class Tracker:
         """The event paths of the supervisors the tracker knows."""
         return list(self._sups)
 
-    def snapshot(self, root: str | Pid | None = None) -> dict[str, Any] | None:
+    def snapshot(
+        self, root: str | Pid | None = None, *, depth: int | None = None
+    ) -> dict[str, Any] | None:
         """The tree under ``root`` (a supervisor's event path or pid; the only tree when
         there is one) as plain dicts (see the class docstring), or None if the tracker
-        has not seen that supervisor.
+        has not seen that supervisor. ``depth`` limits the levels shown (0: the root
+        alone, with no children).
 
         Example::
 
@@ -682,7 +686,8 @@ class Tracker:
             "output": [],
             "children": [],
         }
-        self._fill(node, path, s, now_mono, 0)
+        if depth is None or depth > 0:
+            self._fill(node, path, s, now_mono, 0 if depth is None else 65 - depth)
         return node
 
     def _resolve(self, root: str | Pid | None) -> str | None:
@@ -765,6 +770,37 @@ class Tracker:
                     override = state if state in ("restarting", "starting") else None
                     self._fill(child, own_path, own, now, depth + 1, override)
 
+    def states(
+        self, root: str | Pid | None = None
+    ) -> Iterator[tuple[str, Any, str, Pid | None, str | None]]:
+        """``(supervisor path, child id, state, pid, restart type)`` for every child of
+        the tree under ``root`` (parents before children; the state as :meth:`snapshot`
+        shows it): a lean walk for large trees that keeps nothing (metrics read it at
+        each scrape, readiness at each probe)."""
+        path = self._resolve(root)
+        s = self._sups.get(path) if path is not None else None
+        if path is None or s is None:
+            return
+        stack: list[tuple[str, _Sup, str | None, int]] = [(path, s, None, 0)]
+        while stack:
+            sup_path, sup, shown, depth = stack.pop()
+            parent_state = shown or sup.state
+            later = []
+            for c in list(sup.children.values()):
+                state = c.state
+                if state == "stopped" and parent_state in ("restarting", "starting"):
+                    state = parent_state
+                yield sup_path, c.id, state, c.pid, c.restart
+                if c.type == "supervisor" and depth < 64:
+                    own_path = self._sup_paths.get(c.pid) if c.pid is not None else None
+                    if own_path is None and not c.dynamic:
+                        own_path = f"{sup_path}/{c.id}"
+                    own = self._sups.get(own_path) if own_path is not None else None
+                    if own is not None and own_path is not None:
+                        override = state if state in ("restarting", "starting") else None
+                        later.append((own_path, own, override, depth + 1))
+            stack.extend(reversed(later))
+
     def not_ready(self, root: str | Pid | None = None) -> tuple[str | None, list[dict[str, Any]]]:
         """Why the tree under ``root`` is not ready: ``(reason, nodes)``; ``(None, [])``
         when it is. Not ready: the tracker is detached or missed an event (unsure), the
@@ -775,11 +811,18 @@ class Tracker:
             return "the tree tracker is not following telemetry", []
         if self.errors:
             return f"the tree tracker missed {self.errors} event(s): state unknown", []
-        tree = self.snapshot(root)
-        if tree is None:
+        top = self.snapshot(root, depth=0)
+        if top is None:
             return "the tree tracker has not seen the root supervisor start", []
-        if tree["state"] != "running":
-            return f"the root supervisor is {tree['state']}", []
+        if top["state"] != "running":
+            return f"the root supervisor is {top['state']}", []
+        if all(  # the common case, without building a snapshot of a large tree
+            state == "running" or (state == "stopped" and restart in ("transient", "temporary"))
+            for _, _, state, _, restart in self.states(root)
+        ):
+            return None, []
+        tree = self.snapshot(root)
+        assert tree is not None
         bad = [
             n
             for n in flat(tree)[1:]

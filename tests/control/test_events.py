@@ -179,18 +179,20 @@ async def test_idle_stream_sends_keepalives(short_dir: Path) -> None:
 
 
 async def test_client_disconnect_detaches_its_subscription(env: Env) -> None:
-    """A client that goes away leaves no telemetry handler behind."""
+    """A client that goes away leaves nothing behind: no telemetry handler (streams
+    share the server's one) and no open stream."""
     from trellis._core import _telemetry
 
     before = len(_telemetry._handlers)
     async with env.unix().stream("GET", "/v1/events") as r:
         events = sse(r)
         assert await until(events, "#") == "ok"
-        assert len(_telemetry._handlers) == before + 1
+        assert env.ctl._streams == 1
         await events.aclose()
         assert env.ctl._http is not None
         [stream_task] = env.ctl._http.state.tasks
     await asyncio.wait_for(stream_task, 10)  # the server saw the disconnect
+    assert env.ctl._streams == 0
     assert len(_telemetry._handlers) == before
 
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import heapq
 import hmac
 import inspect
+import itertools
 import json
 import logging
 import os
+import re
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +25,7 @@ from typing import Any, Protocol
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import telemetry
@@ -137,10 +140,11 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
-def _sse(name: str, data: Mapping[str, Any]) -> bytes:
+def _sse(name: str, data: Mapping[str, Any], id: int | None = None) -> bytes:
     name = name.replace("\r", " ").replace("\n", " ")
     payload = json.dumps(data, separators=(",", ":"), default=repr)
-    return f"event: {name}\ndata: {payload}\n\n".encode()
+    head = f"id: {id}\n" if id is not None else ""
+    return f"{head}event: {name}\ndata: {payload}\n\n".encode()
 
 
 def _takes_accept(fn: Callable[..., Any]) -> bool:
@@ -182,8 +186,12 @@ class ControlServer:
         tracker: a :class:`trellis._tree.Tracker` already attached for the tree's life
             (restarts, uptime, last exit); one is attached here if not given.
         node: the node name shown by ``/healthz`` and ``/v1/tree``.
-        history: how many recent events ``/v1/events?history=N`` can replay.
-        sse_buffer: per-client event buffer; a client that falls further behind loses
+        history: how many recent events ``/v1/events?history=N`` can replay (child
+            output not counted: see ``output_history``).
+        output_history: how many recent ``process.output`` events (child output lines)
+            are kept for replay, apart from the others: chatty children cannot push
+            supervision events out of the history.
+        sse_buffer: how far a live client may fall behind; one further behind loses
             the oldest events (counted and reported to it), never slowing the tree.
         max_connections: connections the Unix socket and TCP each keep open at most
             (separate budgets); default an eighth of ``RLIMIT_NOFILE`` (8..512), so a
@@ -210,6 +218,7 @@ class ControlServer:
         node: str | None = None,
         history: int = 1000,
         sse_buffer: int = 1000,
+        output_history: int = 1000,
         keepalive: float = 15.0,
         max_body: int = 64 * 1024,
         grace: float = 5.0,
@@ -232,14 +241,26 @@ class ControlServer:
                 f"tcp: the control API listens on TCP ({tcp}) only with a bearer token; "
                 "give tokens={'name': 'token'} (e.g. from $TRELLIS_CONTROL_TOKEN)"
             )
-        for key, value in (("history", history), ("sse_buffer", sse_buffer)):
+        for key, value in (
+            ("history", history),
+            ("sse_buffer", sse_buffer),
+            ("output_history", output_history),
+        ):
             if value < 1:
                 raise ControlError(f"{key} must be at least 1, not {value}")
         self.metrics = metrics
         self.node = node
         self.tracker = tracker
         self._own_tracker = tracker is None
-        self._history: deque[tuple[float, dict[str, Any]]] = deque(maxlen=history)
+        # recent events for replay (child output apart), and for live streams
+        self._seq = 0
+        self._history: deque[_Rec] = deque(maxlen=history)
+        self._output: deque[_Rec] = deque(maxlen=output_history)
+        self._live: deque[_Rec] = deque(maxlen=sse_buffer)
+        self._merged: tuple[int, list[_Rec]] = (0, [])
+        self._wake: asyncio.Future[None] | None = None
+        self._encoding: asyncio.Lock | None = None
+        self._streams = 0  # open event streams
         self._sse_buffer = sse_buffer
         self._keepalive = keepalive
         self._max_body = max_body
@@ -321,8 +342,49 @@ class ControlServer:
             self.tracker.detach()
 
     def _remember(self, event: dict[str, Any]) -> None:
-        """Telemetry handler: keep recent events (converted lazily) for history replay."""
-        self._history.append((time.time(), event))
+        """Telemetry handler: keep recent events (converted lazily, once for every
+        client) for history replay and live streams, and wake the streams."""
+        self._seq += 1
+        rec = _Rec(self._seq, time.time(), event)
+        (self._output if rec.name == "process.output" else self._history).append(rec)
+        self._live.append(rec)
+        w = self._wake
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _waiter(self) -> asyncio.Future[None]:
+        """A future resolved by the next event (shared by every waiting stream)."""
+        w = self._wake
+        if w is None or w.done():
+            w = self._wake = asyncio.get_running_loop().create_future()
+        return w
+
+    def _retained(self) -> list[_Rec]:
+        """Every event kept for replay, oldest first (history and output merged)."""
+        seq, merged = self._merged
+        if seq != self._seq or not merged:
+            if self._output:
+                merged = list(heapq.merge(self._history, self._output, key=_seq_of))
+            else:
+                merged = list(self._history)
+            self._merged = (self._seq, merged)
+        return merged
+
+    async def _encode(self, recs: list[_Rec]) -> None:
+        """Encode the events of ``recs`` not encoded yet, a slice per loop turn, one
+        stream at a time (the others then find them done)."""
+        if all(r.sse is not None for r in recs):
+            return
+        if self._encoding is None:
+            self._encoding = asyncio.Lock()
+        async with self._encoding:
+            n = 0
+            for r in recs:
+                if r.sse is None:
+                    r.encode()
+                    n += 1
+                    if n % _ENCODE_CHUNK == 0:
+                        await asyncio.sleep(0)
 
     # -- Authorisation ----------------------------------------------------------------
     def _gate(self, peer: Peer) -> ASGIApp:
@@ -576,7 +638,12 @@ class ControlServer:
             body, content_type = await render(accept=request.headers.get("accept"))
         else:
             body, content_type = await render()
-        return Response(body, headers={"content-type": content_type})
+        if len(body) <= _BODY_PIECE:
+            return Response(body, headers={"content-type": content_type})
+        return StreamingResponse(  # a large tree's scrape: a piece per loop turn
+            _pieces(body),
+            headers={"content-type": content_type, "content-length": str(len(body))},
+        )
 
     async def _openapi(self, request: Request) -> Response:
         return JSONResponse(openapi())
@@ -793,9 +860,26 @@ class ControlServer:
         for key, pats in (("filter", names), ("path", paths)):
             if pats is not None and (not pats or any(len(p) > 200 for p in pats)):
                 return _error(422, f"{key} must be one or more comma-separated globs")
+        last_id: int | None = None
+        given = (request.headers.get("last-event-id") or q.get("last_event_id") or "").strip()
+        if given:
+            if not given.isdigit() or len(given) > 18:
+                return _error(422, f"Last-Event-ID must be an event id (a number), not {given!r}")
+            last_id = int(given)
         if request.method == "HEAD":  # headers only: never hold the connection open
             return Response(headers={"content-type": "text/event-stream; charset=utf-8"})
-        return _EventStream(self, history, names, paths, follow)
+        return _EventStream(self, history, names, paths, follow, last_id)
+
+
+async def _pieces(body: bytes) -> AsyncIterator[bytes]:
+    view = memoryview(body)
+    for i in range(0, len(body), _BODY_PIECE):
+        yield bytes(view[i : i + _BODY_PIECE])
+        await asyncio.sleep(0)
+
+
+def _seq_of(rec: _Rec) -> int:
+    return rec.seq
 
 
 def _patterns(value: str | None) -> list[str] | None:
@@ -804,11 +888,52 @@ def _patterns(value: str | None) -> list[str] | None:
     return [p.strip() for p in value.split(",") if p.strip()]
 
 
+class _Rec:
+    """One remembered event: its sequence number (the SSE ``id``), arrival time, and
+    its SSE bytes, encoded once (lazily) and shared by every client."""
+
+    __slots__ = ("event", "name", "path", "seq", "sse", "wall")
+
+    def __init__(self, seq: int, wall: float, event: dict[str, Any]) -> None:
+        self.seq = seq
+        self.wall = wall
+        self.event = event
+        self.name = str(event.get("event"))
+        self.path: str | None = None
+        self.sse: bytes | None = None
+
+    def encode(self) -> None:
+        try:
+            data = jsonable(_stable_pids(self.event))
+        except Exception as e:  # an odd field must not end the stream
+            data = {"event": self.name, "error": f"cannot show this event: {reason_text(e)}"}
+        p = data.get("path")
+        self.path = p if isinstance(p, str) else None
+        data["utc"] = _utc(self.wall)
+        self.sse = _sse(self.name, data, self.seq)
+
+
+#: Events encoded per loop turn (about 20 µs each), and events filtered and joined per
+#: loop turn by one stream: bounded work per turn, whatever the history and clients.
+_ENCODE_CHUNK = 64
+_SEND_CHUNK = 64
+#: A large response body (a 10,000-child tree's metrics) is sent in pieces this size.
+_BODY_PIECE = 256 * 1024
+
+
+def _glob_re(pats: list[str] | None) -> re.Pattern[str] | None:
+    if pats is None:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in pats))
+
+
 class _EventStream(Response):
-    """Server-Sent Events: replay of the last ``history`` events, then (if ``follow``)
-    live events until the client leaves or the server stops. Each client has its own
-    bounded buffer; when it overflows the oldest events are dropped and the client is
-    told how many with a ``control.dropped`` event."""
+    """Server-Sent Events: replay of the last ``history`` matching events (or, with
+    ``Last-Event-ID``, of every retained event after that id), then (if ``follow``) live
+    events until the client leaves or the server stops. Events are encoded once and
+    shared by every client; each client reads the server's buffer of recent events at
+    its own pace, and when it falls further behind than that buffer the oldest events
+    are lost and the client is told how many with a ``control.dropped`` event."""
 
     media_type = "text/event-stream"
 
@@ -819,6 +944,7 @@ class _EventStream(Response):
         names: list[str] | None,
         paths: list[str] | None,
         follow: bool,
+        last_id: int | None = None,
     ) -> None:
         # Not Response.__init__: it would declare a content-length for an empty body.
         self.status_code = 200
@@ -831,92 +957,107 @@ class _EventStream(Response):
         ]
         self.ctl = ctl
         self.history = history
-        self.names = names
-        self.paths = paths
+        self.names = _glob_re(names)
+        root = ctl.root and _event_prefix(ctl.root, "")
+        if paths is not None and root:
+            paths = [*paths, *(f"{root}/{p}" for p in paths)]  # the root may be left out
+        self.paths = _glob_re(paths)
         self.follow = follow
-        self.root_path = ctl.root and _event_prefix(ctl.root, "")
+        self.last_id = last_id
 
-    def _match(self, name: str, path: str | None) -> bool:
-        if self.names is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.names):
+    def _match(self, rec: _Rec) -> bool:
+        if self.names is not None and not self.names.fullmatch(rec.name):
             return False
         if self.paths is not None:
-            if path is None:
-                return False
-            root = self.root_path
-            return any(
-                fnmatch.fnmatchcase(path, p) or (root and fnmatch.fnmatchcase(path, f"{root}/{p}"))
-                for p in self.paths
-            )
+            return rec.path is not None and self.paths.fullmatch(rec.path) is not None
         return True
 
-    def _chunk(self, wall: float, event: dict[str, Any]) -> bytes:
-        name = str(event.get("event"))
-        try:
-            data = jsonable(_stable_pids(event))
-        except Exception as e:  # an odd field must not end the stream
-            data = {"event": name, "error": f"cannot show this event: {reason_text(e)}"}
-        if not self._match(name, data.get("path")):
-            return b""
-        data["utc"] = _utc(wall)
-        return _sse(name, data)
+    async def _pick(self, recs: list[_Rec], limit: int | None) -> list[_Rec]:
+        """The matching ``recs`` (the last ``limit`` of them), a slice per loop turn."""
+        await self.ctl._encode(recs)
+        out: list[_Rec] = []
+        for n, rec in enumerate(reversed(recs), 1):
+            if self._match(rec):
+                out.append(rec)
+                if limit is not None and len(out) >= limit:
+                    break
+            if n % _SEND_CHUNK == 0:
+                await asyncio.sleep(0)
+        out.reverse()
+        return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctl = self.ctl
-        # Subscribe and copy the history in the same loop turn: no gap, no duplicate.
-        sub = telemetry.subscribe(maxlen=ctl._sse_buffer) if self.follow else None
-        backlog = list(ctl._history)[-self.history :] if self.history else []
+        # The backlog and the live cursor are taken in one loop turn: no gap, no duplicate.
+        cursor = ctl._seq
+        if self.last_id is not None:
+            backlog = [r for r in ctl._retained() if r.seq > self.last_id]
+            lost = max(0, cursor - min(self.last_id, cursor) - len(backlog))
+            limit = None
+        else:
+            backlog = ctl._retained() if self.history else []
+            lost, limit = 0, self.history
         closing = ctl._closing
         waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(_disconnected(receive))]
         if closing is not None:
             waiters.append(asyncio.ensure_future(closing.wait()))
-        nxt: asyncio.Future[dict[str, Any]] | None = None
+        ctl._streams += 1
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            chunk = b"".join(self._chunk(w, ev) for w, ev in backlog)
-            await send(
-                {"type": "http.response.body", "body": chunk or b": ok\n\n", "more_body": True}
-            )
-            if sub is not None:
-                dropped = 0
-                while True:
-                    if nxt is None:
-                        nxt = asyncio.ensure_future(sub.__anext__())
-                    done, _ = await asyncio.wait(
-                        [nxt, *waiters], timeout=ctl._keepalive, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if waiters[0] in done:
-                        return  # the client left
-                    if nxt in done:
-                        events = [nxt.result(), *_drain(sub)]
-                        nxt = None
-                        now = time.time()
-                        out = b"".join(self._chunk(now, ev) for ev in events)
-                        if sub.dropped > dropped:
-                            lost = sub.dropped - dropped
-                            dropped = sub.dropped
-                            out += _sse("control.dropped", {"dropped": lost, "total": dropped})
-                        if out:
-                            await send(
-                                {"type": "http.response.body", "body": out, "more_body": True}
-                            )
-                    elif not done:
-                        await send(
-                            {
-                                "type": "http.response.body",
-                                "body": b": keepalive\n\n",
-                                "more_body": True,
-                            }
-                        )
-                    if len(waiters) > 1 and waiters[1] in done:
-                        break  # the server is stopping
+            picked = await self._pick(backlog, limit) if backlog else []
+            head = _sse("control.dropped", {"dropped": lost, "total": lost}) if lost else b""
+            for i in range(0, max(1, len(picked)), _SEND_CHUNK):
+                chunk = b"".join([r.sse for r in picked[i : i + _SEND_CHUNK]])  # type: ignore[misc]
+                if i == 0:
+                    chunk = head + chunk
+                await send(
+                    {"type": "http.response.body", "body": chunk or b": ok\n\n", "more_body": True}
+                )
+                if waiters[0].done():
+                    return  # the client left
+            if self.follow:
+                await self._live(cursor, waiters, send)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            if sub is not None:
-                sub.close()
-            pending = [f for f in (nxt, *waiters) if f is not None]
-            for f in pending:
+            ctl._streams -= 1
+            for f in waiters:
                 f.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    async def _live(self, cursor: int, waiters: list[asyncio.Future[Any]], send: Send) -> None:
+        ctl = self.ctl
+        dropped = 0
+        while True:
+            live = ctl._live
+            if live and live[-1].seq > cursor:
+                first = live[0].seq
+                lost = 0
+                if cursor + 1 < first:  # evicted before this client read them
+                    lost = first - cursor - 1
+                    cursor = first - 1
+                recs = list(itertools.islice(live, cursor + 1 - first, None))
+                cursor = recs[-1].seq
+                out = b"".join([r.sse for r in await self._pick(recs, None)])  # type: ignore[misc]
+                if lost:
+                    dropped += lost
+                    out += _sse("control.dropped", {"dropped": lost, "total": dropped})
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if waiters[0].done():
+                    return
+                continue
+            wake = ctl._waiter()
+            done, _ = await asyncio.wait(
+                [wake, *waiters], timeout=ctl._keepalive, return_when=asyncio.FIRST_COMPLETED
+            )
+            if waiters[0] in done:
+                return  # the client left
+            if len(waiters) > 1 and waiters[1] in done:
+                return  # the server is stopping
+            if not done:
+                await send(
+                    {"type": "http.response.body", "body": b": keepalive\n\n", "more_body": True}
+                )
 
 
 def _stable_pids(event: dict[str, Any]) -> dict[str, Any]:
@@ -936,16 +1077,6 @@ def _stable_pids(event: dict[str, Any]) -> dict[str, Any]:
 
 def _pid_text(pid: Pid) -> str:
     return f"<Pid {pid.id}{f' {pid.name!r}' if pid.name is not None else ''}>"
-
-
-def _drain(sub: telemetry.Subscription) -> list[dict[str, Any]]:
-    """The events already buffered in ``sub`` (taken without waiting)."""
-    buf: deque[dict[str, Any]] | None = getattr(sub, "_buf", None)
-    if not buf:
-        return []
-    out = list(buf)
-    buf.clear()
-    return out
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -13,6 +13,7 @@ import logging
 import math
 import re
 import socket
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
@@ -32,7 +33,7 @@ from prometheus_client.utils import floatToGoString
 from .._children import ProcessExitReason
 from .._core import _telemetry
 from .._core._process import Pid
-from .._tree import CLASSES, Tracker, classify, flat
+from .._tree import CLASSES, Tracker, classify
 
 __all__ = ["Metrics"]
 
@@ -166,7 +167,9 @@ class _ChildStats:
         "child",
         "down_since",
         "exits",
+        "key",
         "last_class",
+        "lb",
         "missed",
         "recovery",
         "restarts",
@@ -181,6 +184,8 @@ class _ChildStats:
     def __init__(self, sup: str, child: Any) -> None:
         self.sup = sup
         self.child = child
+        self.key = (_label(sup), _label(child))  # the label values
+        self.lb: str | None = None  # the label set as exposition text (cached)
         self.starts = 0
         # every class from the first sight, at 0: increase() sees the first restart
         self.restarts: dict[str, int] = dict.fromkeys(CLASSES, 0)
@@ -300,11 +305,13 @@ class Metrics:
         self._errors = 0
         self._root: Pid | None = None
         self._live: dict[tuple[str, str], list[int]] = {}
+        self._sup_labels: dict[str, str] = {}
         self._own_tracker = tracker is None
         self.tracker = Tracker() if tracker is None else tracker
         self._hid: object | None = None
+        self._collector = _Collector(self)
         try:
-            self.registry.register(_Collector(self))
+            self.registry.register(self._collector)
         except ValueError as e:
             raise ValueError(
                 f"this registry already holds trellis metrics (one Metrics per registry): {e}"
@@ -379,12 +386,29 @@ class Metrics:
         return await asyncio.to_thread(self.render_now, accept)
 
     def render_now(self, accept: str | None = None) -> tuple[bytes, str]:
-        """:meth:`render` in the calling thread (safe from any thread)."""
+        """:meth:`render` in the calling thread (safe from any thread).
+
+        Trellis's own series are written by a text encoder of their own (strings only:
+        prometheus_client's sample objects took seconds for a 10,000-child tree and
+        kept the garbage collector busy); other collectors in the registry are
+        encoded by prometheus_client as usual."""
         self.refresh_now()
         if accept is None:
-            return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
-        encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+            encoder: Callable[[Any], bytes] = generate_latest
+            content_type = CONTENT_TYPE_PLAIN_0_0_4
+        else:
+            encoder, content_type = choose_encoder(accept)
+        om = content_type.startswith("application/openmetrics-text")
+        ours = self._exposition(om)
+        self._collector.skip.on = True  # the others only
+        try:
+            others = encoder(self.registry).decode()
+        finally:
+            self._collector.skip.on = False
+        if om:
+            others = others.removesuffix("# EOF\n")
+            return b"".join([others.encode(), *ours, b"# EOF\n"]), content_type
+        return b"".join([others.encode(), *ours]), content_type
 
     async def refresh(self) -> None:
         """Update the ``up``/``state``/``mailbox_length`` gauges from the tracker and
@@ -397,19 +421,31 @@ class Metrics:
         if root is None:
             self._live = {}
             return
-        tree = self.tracker.snapshot(root)
+        tracker = self.tracker
+        tree = tracker.snapshot(root, depth=0)
         if tree is None:  # not seen yet (or already stopped): nothing is known to be gone
             self._live = {}
             return
-        live: dict[tuple[str, str], list[int]] = {}
-        sups: set[str] = set()
+        # the rows of the last scrape are reused: a scrape of a large tree allocates
+        # little (fewer garbage collections, which hold every thread)
+        live = self._live
+        for row in live.values():
+            row[:] = _ZERO
         root_label = _label(tree["path"])
-        _count(live, ("", root_label), tree)
-        sups.add(root_label)
-        for n in flat(tree)[1:]:
-            _count(live, (_label(n["supervisor"]), _label(n["id"])), n)
-            if n["type"] == "supervisor":
-                sups.add(_label(f"{n['supervisor']}/{n['id']}"))
+        sups: set[str] = {root_label}
+        _count(live, ("", root_label), tree["state"], tree["pid"])
+        for sup, cid, state, pid, _ in tracker.states(root):
+            sup_label = self._sup_labels.get(sup)
+            if sup_label is None:
+                sup_label = self._sup_labels[sup] = _label(sup)
+                sups.add(sup_label)
+            elif sup_label not in sups:
+                sups.add(sup_label)
+            _count(live, (sup_label, _label(cid)), state, pid)
+        for key in [k for k, row in live.items() if not any(row[:4])]:
+            del live[key]
+        if len(self._sup_labels) > 4 * len(sups) + 64:
+            self._sup_labels.clear()
         self._live = live
         self._sweep(live, sups, [])
 
@@ -535,6 +571,126 @@ class Metrics:
             self._handler_failures += 1
 
     # -- exposition ----------------------------------------------------------------
+    def _merged(self) -> dict[tuple[str, str], _ChildStats]:
+        """The counts per label set (dynamic children sharing a spec id are summed).
+        A label set with one child maps to that child's own record (do not change it)."""
+        merged: dict[tuple[str, str], _ChildStats] = {}
+        shared: set[tuple[str, str]] = set()
+        for e in list(self._children.values()):
+            key = e.key
+            m = merged.get(key)
+            if m is None:
+                merged[key] = e
+                continue
+            if key not in shared:  # a second child with these labels: sum into a copy
+                shared.add(key)
+                first, m = m, _ChildStats(*key)
+                merged[key] = m
+                _merge(m, first)
+            _merge(m, e)
+        return merged
+
+    def _exposition(self, om: bool) -> list[bytes]:
+        """Trellis's series in the Prometheus text format 0.0.4 (or OpenMetrics, without
+        its ``# EOF``): the same families, names and samples as :meth:`_families`,
+        written as strings."""
+        fams = {f.name: f for f in self._families(empty=True)}
+        chunks: list[bytes] = []
+        out: list[str] = []
+
+        def add(line: str) -> None:  # encoded a slice at a time: no giant join
+            out.append(line)
+            if len(out) >= 4096:
+                chunks.append("".join(out).encode())
+                out.clear()
+
+        def head(name: str) -> str:
+            f = fams[name]
+            full = name + "_total" if f.type == "counter" else name
+            shown = name if om else full
+            doc = f.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+            add(f"# HELP {shown} {doc}\n# TYPE {shown} {f.type}\n")
+            return full
+
+        def hist(name: str, lb: str, h: _Hist) -> None:
+            total = 0
+            for le, n in zip(h.les, h.counts, strict=True):
+                total += n
+                add(f'{name}_bucket{{{lb},le="{le}"}} {total}.0\n')
+            add(f"{name}_count{{{lb}}} {total}.0\n{name}_sum{{{lb}}} {_num(h.sum)}\n")
+
+        node = _esc(self.node)
+        by_key = self._merged()
+        merged = list(by_key.values())
+        for m in merged:
+            if m.lb is None:
+                sup, child = m.key
+                m.lb = f'node="{node}",supervisor="{_esc(sup)}",child="{_esc(child)}"'
+        name = head("trellis_child_starts")
+        for m in merged:
+            add(f"{name}{{{m.lb}}} {m.starts}.0\n")
+        for fam, attr in (("trellis_child_restarts", "restarts"), ("trellis_child_exits", "exits")):
+            name = head(fam)
+            for m in merged:
+                lb = m.lb
+                for cls, n in list(getattr(m, attr).items()):
+                    add(f'{name}{{{lb},reason="{_esc(cls)}"}} {n}.0\n')
+        name = head("trellis_child_start_failures")
+        for m in merged:
+            add(f"{name}{{{m.lb}}} {m.start_failures}.0\n")
+        name = head("trellis_child_start_time_seconds")
+        for m in merged:
+            if m.start_wall is not None:
+                add(f"{name}{{{m.lb}}} {_num(m.start_wall)}\n")
+        name = head("trellis_child_recovery_seconds")
+        for m in merged:
+            hist(name, m.lb or "", m.recovery)
+        name = head("trellis_child_run_seconds")
+        for m in merged:
+            hist(name, m.lb or "", m.run)
+        live = list(self._live.items())
+
+        def live_lb(key: tuple[str, str]) -> str:
+            m = by_key.get(key)
+            if m is not None and m.lb is not None:
+                return m.lb
+            return f'node="{node}",supervisor="{_esc(key[0])}",child="{_esc(key[1])}"'
+
+        name = head("trellis_child_up")
+        for key, row in live:
+            n_run = row[0]
+            up = 1 if n_run and n_run == row[0] + row[1] + row[2] + row[3] else 0
+            add(f"{name}{{{live_lb(key)}}} {up}.0\n")
+        name = head("trellis_child_state")
+        for key, row in live:
+            lb = live_lb(key)
+            for i, st in enumerate(_STATES):
+                add(f'{name}{{{lb},state="{st}"}} {row[i]}.0\n')
+        name = head("trellis_child_mailbox_length")
+        for key, row in live:
+            add(f"{name}{{{live_lb(key)}}} {row[4]}.0\n")
+        name = head("trellis_supervisor_intensity_exceeded")
+        gave_up: dict[str, int] = {}
+        for path, s in list(self._sups.items()):
+            label = _label(path)
+            gave_up[label] = gave_up.get(label, 0) + s.gave_up
+        for label, n in sorted(gave_up.items()):
+            add(f'{name}{{node="{node}",supervisor="{_esc(label)}"}} {n}.0\n')
+        nl = f'node="{node}"'
+        hist(head("trellis_journal_write_seconds"), nl, self._journal)
+        for fam, value in (
+            ("trellis_journal_events", self._journal_events),
+            ("trellis_journal_dropped_events", self._journal_dropped),
+            ("trellis_telemetry_handler_failures", self._handler_failures),
+        ):
+            add(f"{head(fam)}{{{nl}}} {value}.0\n")
+        name = head("trellis_mailbox_overflows")
+        for policy, n in sorted(self._overflows.items()):
+            add(f'{name}{{{nl},policy="{_esc(policy)}"}} {n}.0\n')
+        add(f"{head('trellis_metrics_event_errors')}{{{nl}}} {self._errors}.0\n")
+        chunks.append("".join(out).encode())
+        return chunks
+
     def _families(self, empty: bool = False) -> list[Metric]:
         node = self.node
         L = ["node", "supervisor", "child"]
@@ -637,20 +793,7 @@ class Metrics:
 
         # children with one label set (dynamic children sharing a spec id, masked
         # paths) are summed
-        merged: dict[tuple[str, str], _ChildStats] = {}
-        for e in list(self._children.values()):
-            key = (_label(e.sup), _label(e.child))
-            m = merged.get(key)
-            if m is None:
-                m = merged[key] = _ChildStats(*key)
-            m.starts += e.starts
-            _add_counts(m.restarts, e.restarts)
-            _add_counts(m.exits, e.exits)
-            m.start_failures += e.start_failures
-            if e.start_wall is not None and (m.start_wall is None or e.start_wall > m.start_wall):
-                m.start_wall = e.start_wall
-            m.recovery.add(e.recovery)
-            m.run.add(e.run)
+        merged = self._merged()
         for (sup, child), m in merged.items():
             labels = [node, sup, child]
             starts.add_metric(labels, m.starts)
@@ -686,19 +829,47 @@ class Metrics:
         return fams
 
 
+def _esc(value: str) -> str:
+    """A label value escaped for the text formats."""
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return value
+
+
+def _num(v: float) -> str:
+    """A sample value as prometheus_client writes it (``1.0``, ``+Inf``)."""
+    if type(v) is int:
+        return f"{v}.0"
+    return str(floatToGoString(v))  # type: ignore[no-untyped-call]
+
+
+def _merge(m: _ChildStats, e: _ChildStats) -> None:
+    """Add the counts of ``e`` to ``m``."""
+    m.starts += e.starts
+    _add_counts(m.restarts, e.restarts)
+    _add_counts(m.exits, e.exits)
+    m.start_failures += e.start_failures
+    if e.start_wall is not None and (m.start_wall is None or e.start_wall > m.start_wall):
+        m.start_wall = e.start_wall
+    m.recovery.add(e.recovery)
+    m.run.add(e.run)
+
+
 def _add_counts(into: dict[str, int], other: dict[str, int]) -> None:
     for k, n in list(other.items()):  # a copy: another thread may be collecting
         into[k] = into.get(k, 0) + n
 
 
+_ZERO = (0, 0, 0, 0, 0)
+
+
 def _count(
-    live: dict[tuple[str, str], list[int]], key: tuple[str, str], node: dict[str, Any]
+    live: dict[tuple[str, str], list[int]], key: tuple[str, str], state: str, pid: Any
 ) -> None:
     row = live.get(key)
     if row is None:
         row = live[key] = [0, 0, 0, 0, 0]
-    row[_STATE_INDEX[node["state"]]] += 1
-    pid = node["pid"]
+    row[_STATE_INDEX[state]] += 1
     if pid is not None and pid.alive:
         row[4] += pid.message_queue_len
 
@@ -708,8 +879,11 @@ class _Collector(Collector):
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self.skip = threading.local()  # set while render_now encodes the other collectors
 
     def collect(self) -> Iterable[Metric]:
+        if getattr(self.skip, "on", False):
+            return []
         return self._metrics._families()
 
     def describe(self) -> Sequence[Metric]:

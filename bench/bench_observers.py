@@ -1,0 +1,192 @@
+"""How long observers hold the tree's event loop: a /metrics scrape of a large tree and
+Server-Sent Events history replay to many clients at once.
+
+A tree of ``--children`` workers (10,000) runs under one supervisor, with
+``trellis.metrics.Metrics`` and the control API on a Unix socket in the tree's loop.
+``--crashes`` children are crashed first (two events each: the history). A ticker
+task in the tree's loop sleeps 1 ms in a loop and records the longest gap between its
+wake-ups. The clients run in another process (as a scraper or an operator's terminal
+would), so the gap is the server's work only.
+
+Measured: the worst loop gap and the wall time of each of ``--scrapes`` scrapes of
+``/metrics``; then of ``--clients`` (250) simultaneous ``GET /v1/events?history=N``
+replays (follow=false) of the whole history.
+
+    python bench/bench_observers.py
+    python bench/bench_observers.py --children 2000 --clients 50   # quicker
+    python bench/bench_observers.py --freeze   # without full-collection pauses
+
+A full garbage collection of a heap holding 10,000 processes pauses every thread for
+~0.2 s whoever triggers it; ``--freeze`` moves the started tree's objects out of the
+collector's way (``gc.freeze()``), which shows the observers' own share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import platform
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trellis
+from trellis.control import ControlServer
+from trellis.metrics import Metrics
+
+
+async def idle() -> None:
+    while True:
+        await trellis.receive()
+
+
+class Ticker:
+    """Records the longest gap between 1 ms sleeps of a task in the tree's loop."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self.task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(0.001)
+            self.worst = max(self.worst, loop.time() - t - 0.001)
+
+    def start(self) -> None:
+        self.task = asyncio.ensure_future(self._run())
+
+    def reset(self) -> float:
+        w, self.worst = self.worst, 0.0
+        return w
+
+
+CLIENT = """
+import asyncio, sys, time, httpx
+sock, what, n, history = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+async def one(c):
+    if what == "scrape":
+        r = await c.get("http://t/metrics")
+    else:
+        r = await c.get(f"http://t/v1/events?history={history}&follow=false")
+    r.raise_for_status()
+    return len(r.content), r.content.count(b"event: ")
+async def main():
+    limits = httpx.Limits(max_connections=n + 10)
+    t = httpx.AsyncHTTPTransport(uds=sock, limits=limits)
+    async with httpx.AsyncClient(transport=t, timeout=300) as c:
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(one(c) for _ in range(n)))
+        took = time.perf_counter() - t0
+    print(took, min(g[0] for g in got), min(g[1] for g in got))
+asyncio.run(main())
+"""
+
+
+async def client(sock: Path, what: str, n: int, history: int = 0) -> tuple[float, int, int]:
+    """Run ``n`` simultaneous requests from another process (as a scraper or an
+    operator's terminal would): (seconds, smallest body, fewest events)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CLIENT,
+        str(sock),
+        what,
+        str(n),
+        str(history),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the client failed (exit {proc.returncode})")
+    took, size, events = out.split()
+    return float(took), int(size), int(events)
+
+
+async def bench(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bo-", dir="/tmp"))
+    sock = tmp / "c.sock"
+    metrics = Metrics(node="bench")
+    ctl = (
+        ControlServer(
+            socket=sock, metrics=metrics, node="bench", history=args.history, max_connections=1024
+        )
+        if _takes("max_connections")
+        else ControlServer(socket=sock, metrics=metrics, node="bench", history=args.history)
+    )
+    await metrics.start()
+    await ctl.start()
+    t0 = time.perf_counter()
+    children = [trellis.worker(f"w{i}", idle) for i in range(args.children)]
+    sup = await trellis.Supervisor.start_link(children, name="big", intensity=10**9, period=1.0)
+    started = time.perf_counter() - t0
+    await ctl.tree_started(sup, lambda: None)
+    await metrics.tree_started(sup, lambda: None)
+    infos = await sup.which_children()
+    step = max(1, len(infos) // max(1, args.crashes))
+    for info in infos[::step][: args.crashes]:
+        trellis.exit(info.pid, RuntimeError("bench crash"))
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.5)
+    if args.freeze:  # the tree's objects out of the collector's way (see the docstring)
+        gc.collect()
+        gc.freeze()
+    ticker = Ticker()
+    ticker.start()
+    await asyncio.sleep(0.2)
+    idle_gap = ticker.reset()
+    print(f"# bench_observers — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
+    print(f"# python {platform.python_version()} on {platform.machine()}, {sys.platform}")
+    print(f"# command: {' '.join(sys.argv)}")
+    print(
+        f"tree: {args.children} children started in {started:.2f}s; {args.crashes} crashes"
+        + ("; heap frozen" if args.freeze else "")
+    )
+    print(f"idle: worst loop gap {idle_gap * 1000:.1f} ms")
+    for i in range(args.scrapes):
+        ticker.reset()
+        took, size, _ = await client(sock, "scrape", 1)
+        gap = ticker.reset()
+        print(
+            f"scrape {i + 1}: {took * 1000:.0f} ms, {size / 1e6:.1f} MB; "
+            f"worst loop gap {gap * 1000:.1f} ms"
+        )
+    ticker.reset()
+    took, _, events = await client(sock, "replay", args.clients, args.history)
+    gap = ticker.reset()
+    print(
+        f"replay: {args.clients} clients x {events} events in {took * 1000:.0f} ms; "
+        f"worst loop gap {gap * 1000:.1f} ms"
+    )
+    assert ticker.task is not None
+    ticker.task.cancel()
+    await sup.stop()
+    await ctl.stop()
+    await metrics.stop()
+
+
+def _takes(name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(ControlServer).parameters
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--children", type=int, default=10_000, help="workers in the tree")
+    p.add_argument("--crashes", type=int, default=500, help="crashes before measuring")
+    p.add_argument("--history", type=int, default=1000, help="events kept and replayed")
+    p.add_argument("--clients", type=int, default=250, help="simultaneous SSE replays")
+    p.add_argument("--scrapes", type=int, default=3, help="scrapes of /metrics")
+    p.add_argument(
+        "--freeze", action="store_true", help="gc.freeze() the started tree before measuring"
+    )
+    asyncio.run(bench(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
