@@ -23,6 +23,7 @@ __all__ = [
     "lock_holder",
     "lock_tree",
     "operations",
+    "parse_token_roles",
     "parse_tokens",
 ]
 
@@ -61,6 +62,8 @@ class Operations:
     socket: str | None = None
     tcp: tuple[str, int] | None = None
     tokens: dict[str, str] = field(default_factory=dict)
+    #: each token's role by name: ``read`` or ``operator`` (see :func:`parse_token_roles`)
+    roles: dict[str, str] = field(default_factory=dict)
     control_options: dict[str, Any] = field(default_factory=dict)
     metrics: bool = True
     tracker: Tracker = field(default_factory=Tracker)
@@ -99,6 +102,7 @@ class Operations:
                 "socket": self.socket,
                 "tcp": tcp,
                 "tokens": self.tokens or None,
+                "roles": self.roles or None,
                 "metrics": metrics,
                 "tracker": self.tracker,
                 "node": self.node,
@@ -167,28 +171,61 @@ class _ControlOnceStarted:
 
 
 def parse_tokens(value: str, source: str) -> dict[str, str]:
-    """Bearer tokens from ``token`` or ``name:token,name2:token2``.
+    """Bearer tokens from ``token`` or ``name:token[:role],name2:token2[:role]``, by name
+    (the roles: :func:`parse_token_roles`).
 
     Example::
 
         assert parse_tokens("ops:s3cret", "env") == {"ops": "s3cret"}
     """
+    return parse_token_roles(value, source)[0]
+
+
+#: The roles a token can have; a token without one is an ``operator``.
+TOKEN_ROLES = ("read", "operator")
+
+
+def parse_token_roles(value: str, source: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Bearer tokens and their roles from ``token`` or ``name:token[:role],...``.
+
+    ``role`` is ``read`` (status, tree, events, logs, metrics: no actions) or
+    ``operator`` (everything; the default, as before roles existed). A bare ``token``
+    is named ``default`` and is an operator.
+
+    Example::
+
+        tokens, roles = parse_token_roles("ops:s3cret...:operator,ci:t0ken...:read", "env")
+        assert roles == {"ops": "operator", "ci": "read"}
+    """
     tokens: dict[str, str] = {}
+    roles: dict[str, str] = {}
     for part in value.split(","):
         part = part.strip()
         if not part:
             continue
         name, sep, token = part.partition(":")
+        role = "operator"
         if not sep:
             name, token = "default", part
+        else:
+            head, colon, tail = token.rpartition(":")
+            if colon and tail in TOKEN_ROLES:
+                token, role = head, tail
+            elif colon and tail.isalpha() and len(tail) < 16:
+                raise OperationsError(
+                    f"{source}: the token named {name!r} has role {tail!r}; "
+                    f"roles are {' and '.join(TOKEN_ROLES)}"
+                )
         if not name or len(token) < 16:
             raise OperationsError(
-                f"{source}: each token needs at least 16 characters (give 'token' or 'name:token')"
+                f"{source}: each token needs at least 16 characters "
+                "(give 'token' or 'name:token[:read|:operator]')"
             )
         tokens[name] = token
+        roles[name] = role
     if not tokens:
         raise OperationsError(f"{source}: no token given")
-    return tokens
+    return tokens, roles
 
 
 def operations(
@@ -273,7 +310,7 @@ def operations(
                 f"control.tcp: the control API listens on TCP only with a bearer token; "
                 f"set {token_env} (a token of 16+ characters, or name:token,...)"
             )
-        ops.tokens = parse_tokens(value, token_env)
+        ops.tokens, ops.roles = parse_token_roles(value, token_env)
 
     mset = settings.get("metrics", {})
     ops.metrics = metrics if metrics is not None else bool(mset.get("enabled", True))

@@ -202,9 +202,9 @@ def _tcp_peer(transport: asyncio.BaseTransport) -> Peer:
 # Connection budget
 # ---------------------------------------------------------------------------
 
-#: Scope key the application sets once a request is authorised; a connection whose
-#: last request carried it is "authenticated" (evicted only after the others).
-AUTHENTICATED = "trellis.who"
+#: Scope key the application sets once a request is authorised (to the caller's role);
+#: a connection whose last request carried it is "authenticated" (evicted last).
+AUTHENTICATED = "trellis.role"
 
 
 def default_max_connections() -> int:

@@ -1,5 +1,14 @@
 """The control API server: an :class:`~trellis._run.Extension` that serves the running
-tree over HTTP (Unix socket by default, TCP with a bearer token) in the tree's loop."""
+tree over HTTP (Unix socket by default, TCP with a bearer token) in the tree's loop.
+
+Adding a route: who may call it is decided in one place, :data:`READ_ROUTES`. A route
+whose path template is listed there may be used by every authorised caller, including a
+token with the ``read`` role; every other route needs the ``operator`` role (Unix-socket
+peers allowed in, and tokens without a role or with ``:operator``). So a new read-only
+endpoint (``GET /v1/logs/...``) is added to READ_ROUTES; an action (``POST .../signal``,
+``POST /v1/reload``) is not, and read tokens get 403 naming their role. Refusals (401,
+403) are logged and emitted as ``operator.denied`` events (rate-limited).
+"""
 
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from .. import telemetry
 from .._core._exceptions import NotFound, TrellisError
@@ -54,6 +63,27 @@ __all__ = ["ControlServer", "MetricsSource"]
 _log = logging.getLogger("trellis.control")
 
 API_VERSION = "1"
+#: The roles a caller can have: ``read`` (look) and ``operator`` (look and act).
+ROLES = ("read", "operator")
+#: The routes (path templates) a ``read`` caller may use; every other route needs the
+#: ``operator`` role. See the note at the top of this module.
+READ_ROUTES = frozenset(
+    {
+        "/v1/tree",
+        "/v1/events",
+        "/v1/logs/{path:path}",
+        "/v1/slo",
+        "/v1/plugins",
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/openapi.json",
+        "/",
+    }
+)
+#: At most this many ``operator.denied`` events (and log lines) per minute: a flood of
+#: bad requests cannot fill the journal; the next one carries ``suppressed=N``.
+DENIED_PER_MINUTE = 10
 _BODY_FIELDS = frozenset({"reason"})
 _CALL_TIMEOUT = 5.0  # for reading the tree (not for actions, which may take a shutdown)
 
@@ -181,6 +211,10 @@ class ControlServer:
             requires a bearer token: without ``tokens`` the server refuses to start.
         tokens: bearer tokens by name (``{"default": "..."}``); the name is recorded as
             ``who`` (``token:<name>``) in ``operator.action`` events.
+        roles: each token's role by name, ``"read"`` or ``"operator"`` (the default for
+            a token not named here). A ``read`` token may use the routes in
+            :data:`READ_ROUTES` (tree, events, logs, metrics, health); an action
+            answers 403 naming its role. Unix-socket peers (our uid, root) are operators.
         metrics: an object with ``async render() -> (bytes, content_type)`` for
             ``/metrics``; without one, ``/metrics`` answers 404.
         tracker: a :class:`trellis._tree.Tracker` already attached for the tree's life
@@ -213,6 +247,7 @@ class ControlServer:
         socket: str | os.PathLike[str] | bool | None = None,
         tcp: str | None = None,
         tokens: Mapping[str, str] | None = None,
+        roles: Mapping[str, str] | None = None,
         metrics: MetricsSource | None = None,
         tracker: Tracker | None = None,
         node: str | None = None,
@@ -236,6 +271,17 @@ class ControlServer:
             if not isinstance(token, str) or not token:
                 raise ControlError(f"tokens: the token named {name!r} is empty")
             self._tokens.append((str(name), token.encode()))
+        self._roles: dict[str, str] = {}
+        for name, role in (roles or {}).items():
+            if role not in ROLES:
+                raise ControlError(
+                    f"roles: the token named {name!r} has role {role!r}; "
+                    f"roles are {' and '.join(ROLES)}"
+                )
+            if name not in (tokens or {}):
+                raise ControlError(f"roles: no token is named {name!r}")
+            self._roles[str(name)] = role
+        self._denied_window = (0.0, 0, 0)  # (window start, shown in it, suppressed)
         if self._tcp is not None and not self._tokens:
             raise ControlError(
                 f"tcp: the control API listens on TCP ({tcp}) only with a bearer token; "
@@ -420,48 +466,120 @@ class ControlServer:
         return app
 
     def _authorise(self, peer: Peer, scope: Scope) -> Response | None:
-        """None if allowed (and ``trellis.who``/``trellis.source`` set in ``scope``), else
-        the 401/403 response."""
+        """None if allowed (and ``trellis.who``, ``trellis.source`` and ``trellis.role``
+        set in ``scope``), else the 401/403 response (logged and emitted as
+        ``operator.denied``, rate-limited)."""
         if peer.kind == "unix":
             if peer.uid is None or peer.uid not in self._allowed_uids:
                 shown = "unknown" if peer.uid is None else str(peer.uid)
-                _log.warning("control API: refused uid %s on %s", shown, peer.source)
-                return _error(
+                return self._deny(
+                    peer,
+                    scope,
                     403,
                     f"uid {shown} may not use this control socket (allowed: uid {os.getuid()} "
                     "and root)",
+                    who=f"uid:{shown}",
                 )
-            scope["trellis.who"] = f"uid:{peer.uid}"
-            scope["trellis.source"] = peer.source
-            return None
-        if scope.get("path") in PUBLIC_PATHS and scope.get("method") in ("GET", "HEAD"):
-            scope["trellis.who"] = "anonymous"  # the dashboard page: it holds no data
-            scope["trellis.source"] = peer.source
-            return None
-        header = b""
-        for key, value in scope.get("headers", ()):
-            if key == b"authorization":
-                header = value
-                break
-        scheme, _, token = header.strip().partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
-            why = "missing" if not header else "malformed (expected 'Bearer <token>')"
-            return JSONResponse(
-                {"error": f"authorization {why}: this API needs a bearer token"},
-                status_code=401,
-                headers={"WWW-Authenticate": 'Bearer realm="trellis"'},
+            who, role = f"uid:{peer.uid}", "operator"
+        else:
+            if scope.get("path") in PUBLIC_PATHS and scope.get("method") in ("GET", "HEAD"):
+                scope["trellis.who"] = "anonymous"  # the dashboard page: it holds no data
+                scope["trellis.source"] = peer.source
+                return None
+            header = b""
+            for key, value in scope.get("headers", ()):
+                if key == b"authorization":
+                    header = value
+                    break
+            scheme, _, token = header.strip().partition(b" ")
+            token = token.strip()
+            if scheme.lower() != b"bearer" or not token:
+                why = "missing" if not header else "malformed (expected 'Bearer <token>')"
+                return self._deny(
+                    peer,
+                    scope,
+                    401,
+                    f"authorization {why}: this API needs a bearer token",
+                    who=None,
+                    headers={"WWW-Authenticate": 'Bearer realm="trellis"'},
+                )
+            found: str | None = None
+            for name, known in self._tokens:  # compare with every token: no early exit
+                if hmac.compare_digest(known, token):
+                    found = name
+            if found is None:
+                return self._deny(peer, scope, 403, "this bearer token is not valid here", who=None)
+            who, role = f"token:{found}", self._roles.get(found, "operator")
+        if role != "operator" and self._needs_operator(scope):
+            return self._deny(
+                peer,
+                scope,
+                403,
+                f"{who} has the {role} role: {scope.get('method')} {scope.get('path')} "
+                "needs the operator role",
+                who=who,
             )
-        found: str | None = None
-        for name, known in self._tokens:  # compare with every token: no early exit
-            if hmac.compare_digest(known, token):
-                found = name
-        if found is None:
-            _log.warning("control API: wrong bearer token from %s", peer.source)
-            return _error(403, "this bearer token is not valid here")
-        scope["trellis.who"] = f"token:{found}"
+        scope["trellis.who"] = who
         scope["trellis.source"] = peer.source
+        scope["trellis.role"] = role
         return None
+
+    def _needs_operator(self, scope: Scope) -> bool:
+        """Whether the route ``scope`` asks for is missing from :data:`READ_ROUTES`
+        (no route at all: False, the application answers 404 or 405)."""
+        for route in self.app.routes:
+            match, _child = route.matches(scope)
+            if match is Match.FULL:
+                return getattr(route, "path", None) not in READ_ROUTES
+        return False
+
+    def _deny(
+        self,
+        peer: Peer,
+        scope: Scope,
+        status: int,
+        message: str,
+        *,
+        who: str | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> JSONResponse:
+        """The 401/403 answer; logged and emitted as ``operator.denied`` (so journaled),
+        at most :data:`DENIED_PER_MINUTE` times a minute: the next one after a quiet
+        spell carries ``suppressed``, the count left out."""
+        now = time.monotonic()
+        start, shown, suppressed = self._denied_window
+        if now - start >= 60.0:
+            start, shown = now, 0
+        if shown < DENIED_PER_MINUTE:
+            shown += 1
+            fields: dict[str, Any] = {
+                "who": who,
+                "source": peer.source,
+                "method": scope.get("method"),
+                "target": scope.get("path"),
+                "status": status,
+                "error": message,
+            }
+            if suppressed:
+                fields["suppressed"] = suppressed
+                suppressed = 0
+            if self.node is not None:
+                fields["node"] = self.node
+            telemetry.emit("operator.denied", **fields)
+            more = fields.get("suppressed")
+            _log.warning(
+                "control API: refused %s %s from %s (%s): %s%s",
+                fields["method"],
+                fields["target"],
+                peer.source,
+                status,
+                message,
+                f" ({more} more refusals not logged)" if more else "",
+            )
+        else:
+            suppressed += 1
+        self._denied_window = (start, shown, suppressed)
+        return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
 
     # -- Application ------------------------------------------------------------------
     def _build_app(self) -> Starlette:
