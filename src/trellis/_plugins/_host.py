@@ -38,6 +38,7 @@ from .._core._exceptions import NotFound, StartError
 from .._core._process import Pid
 from .._core._reasons import is_clean
 from .._supervisor import DynamicSupervisor
+from . import _hosts
 from ._errors import PluginError, PluginRejected
 from ._plugin import Plugin, PluginConfig, plugin_call
 
@@ -119,6 +120,7 @@ class PluginHost:
         path = getattr(getattr(sup, "_server", None), "path", None)
         if isinstance(path, str):
             self.path = path
+        _hosts.register(self.path, self)
         for e in list(self._entries.values()):
             if e.state != "quarantined":
                 await self._launch(e)
@@ -127,6 +129,7 @@ class PluginHost:
     async def stop(self) -> None:
         """Stop every plugin and the host's supervisor."""
         sup, self.sup = self.sup, None
+        _hosts.unregister(self.path, self)
         if sup is not None and sup.alive:
             await sup.stop()
         for e in self._entries.values():

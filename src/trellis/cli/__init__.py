@@ -49,6 +49,7 @@ class _LazyGroup(click.Group):
         "events": "trellis.cli.control:events",
         "journal": "trellis.cli.journal:journal_group",
         "logs": "trellis.cli.logs:logs",
+        "plugin": "trellis.cli.plugin:plugin_group",
         "postmortem": "trellis.cli.slo:postmortem",
         "reload": "trellis.cli.control:reload",
         "restart": "trellis.cli.control:restart",

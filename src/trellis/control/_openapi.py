@@ -227,6 +227,55 @@ _SPEC: dict[str, Any] = {
                 },
             }
         },
+        "/v1/plugins": {
+            "get": {
+                "operationId": "listPlugins",
+                "summary": "Every plugin host's plugins: state, version, sha256, restarts, "
+                "crashes, calls, errors by kind, memory high-water mark, fuel",
+                "responses": {
+                    "200": {
+                        "description": "`{hosts: {path: [plugin, ...]}, time}`.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    **_AUTH,
+                },
+            }
+        },
+        "/v1/plugins/{id}/{action}": {
+            "post": {
+                "operationId": "pluginAction",
+                "summary": "load, unload, release or call a plugin (operator action)",
+                "description": "`load`: `{module_b64, sha256?, version?, memory?, timeout?, "
+                "fuel?, config?, instances?, host?, reason?}`; `call`: `{function, data | "
+                "data_b64, timeout?, host?}` answers `{output_b64, output?}`; `unload`, "
+                "`release`: `{host?, reason?}`.",
+                "parameters": [
+                    {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {
+                        "name": "action",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"enum": ["load", "unload", "release", "call"]},
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "Done.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "404": _json("Error", "No such plugin, host or action."),
+                    "409": _json("Error", "It cannot start, or the plugin went down."),
+                    "413": _json("Error", "The body is too large."),
+                    "422": _json("Error", "A bad body, a bad module, or the call's PluginError."),
+                    "504": _json("Error", "The call's timeout passed."),
+                    **_AUTH,
+                },
+            }
+        },
         "/metrics": {
             "get": {
                 "operationId": "getMetrics",

@@ -593,6 +593,8 @@ class ControlServer:
             Route("/v1/children/{path:path}/signal", self._signal_child, methods=["POST"]),
             # read-only: a child's recent output (the ring), ?follow=true streams it
             Route("/v1/logs/{path:path}", self._logs, methods=["GET"]),
+            Route("/v1/plugins", self._plugins, methods=["GET"]),
+            Route("/v1/plugins/{id}/{action}", self._plugin_action, methods=["POST"]),
             Route("/v1/stop", self._stop_tree, methods=["POST"]),
             Route("/v1/reload", self._reload, methods=["POST"]),  # operator action
             Route("/metrics", self._metrics, methods=["GET"]),
@@ -814,6 +816,21 @@ class ControlServer:
         from ._childio import logs
 
         return await logs(self, request)
+
+    async def _plugins(self, request: Request) -> Response:
+        from ._plugins import list_plugins
+
+        return await list_plugins(self, request)
+
+    async def _plugin_action(self, request: Request) -> Response:
+        # load / unload / release / call: operator actions (not in READ_ROUTES)
+        from . import _plugins
+
+        handler = getattr(_plugins, request.path_params["action"], None)
+        if request.path_params["action"] not in _plugins.ACTIONS or handler is None:
+            return _error(404, f"no plugin action {request.path_params['action']!r}")
+        response: Response = await handler(self, request)
+        return response
 
     # -- Actions ----------------------------------------------------------------------------
     async def _body(self, request: Request) -> dict[str, Any] | Response:

@@ -1,0 +1,223 @@
+"""Control API routes for the tree's ``PluginHost`` (see docs/api.md "WASM plugins").
+
+``GET /v1/plugins`` (read-only): every running host's plugins, as
+``{"hosts": {path: [row, ...]}}`` (a row as ``PluginHost.list()`` gives it).
+
+Operator actions, journaled as ``operator.action`` (target ``<host path>/<id>``):
+
+- ``POST /v1/plugins/{id}/load`` with ``{"module_b64": ..., "sha256": ..., "version":
+  ..., "memory": ..., "timeout": ..., "fuel": ..., "config": {...}, "instances": N,
+  "host": ..., "reason": ...}``: the module's bytes travel in the body (a host with an
+  allow-list refuses a module whose sha256 is not on it: 403); ``sha256``, when given,
+  must match the bytes (422 otherwise);
+- ``POST /v1/plugins/{id}/unload``, ``POST /v1/plugins/{id}/release`` (lift a
+  quarantine);
+- ``POST /v1/plugins/{id}/call`` with ``{"function": ..., "data": text | "data_b64":
+  ..., "timeout": seconds}``: answers ``{"output_b64", "output" (when it is UTF-8)}``, or
+  the ``PluginError`` (``kind``, ``message``) with status 422.
+
+``host`` names the host (its tree path or last part) when the tree has several.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .._core._exceptions import ChildSpecError, NotFound, StartError, TrellisError
+from .._plugins import _hosts
+from .._plugins._errors import PluginError, PluginRejected
+
+if TYPE_CHECKING:
+    from ._server import ControlServer
+
+__all__ = ["ACTIONS", "call", "list_plugins", "load", "release", "unload"]
+
+#: The POST /v1/plugins/{id}/{action} actions.
+ACTIONS = frozenset({"load", "unload", "release", "call"})
+
+MAX_MODULE_BODY = 32 * 2**20  # a module upload: 32 MiB of JSON at most
+_LOAD_FIELDS = frozenset(
+    {"module_b64", "sha256", "version", "memory", "timeout", "fuel", "config", "instances",
+     "host", "reason"}
+)  # fmt: skip
+_CALL_FIELDS = frozenset({"function", "data", "data_b64", "timeout", "host", "reason"})
+_PLAIN_FIELDS = frozenset({"host", "reason"})
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+async def _body(request: Request, allowed: frozenset[str], limit: int) -> dict[str, Any] | Response:
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            return _error(413, f"the body is over the limit of {limit} bytes")
+    try:
+        data = json.loads(bytes(raw)) if raw.strip() else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        return _error(400, f"the body is not valid JSON: {e}")
+    if not isinstance(data, dict):
+        return _error(422, f"the body must be a JSON object, not {type(data).__name__}")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        return _error(
+            422, f"unknown field(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})"
+        )
+    reason = data.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
+        return _error(422, "reason must be a string of at most 500 characters")
+    return data
+
+
+def _host(body: dict[str, Any]) -> Any:
+    name = body.get("host")
+    if name is not None and not isinstance(name, str):
+        raise LookupError("host is a string")
+    return _hosts.find(name)
+
+
+async def list_plugins(ctl: ControlServer, request: Request) -> Response:
+    hosts = _hosts.running()
+    return JSONResponse(
+        {"hosts": {path: host.list() for path, host in hosts.items()}, "time": time.time()}
+    )
+
+
+async def _act(
+    ctl: ControlServer, request: Request, action: str, allowed: frozenset[str], limit: int
+) -> tuple[dict[str, Any], Any, str] | Response:
+    pid = request.path_params["id"]
+    body = await _body(request, allowed, limit)
+    if isinstance(body, Response):
+        return body
+    try:
+        host = _host(body)
+    except LookupError as e:
+        ctl._operator(request, f"plugin.{action}", pid, str(e))
+        return _error(404, str(e))
+    return body, host, f"{host.path}/{pid}"
+
+
+def _detail(body: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    d = {k: v for k, v in body.items() if k in ("version", "reason", "function", "sha256")}
+    d.update(extra)
+    return d
+
+
+async def load(ctl: ControlServer, request: Request) -> Response:
+    got = await _act(ctl, request, "load", _LOAD_FIELDS, MAX_MODULE_BODY)
+    if isinstance(got, Response):
+        return got
+    body, host, target = got
+    pid = request.path_params["id"]
+    try:
+        module = base64.b64decode(str(body.get("module_b64", "")), validate=True)
+    except (binascii.Error, ValueError):
+        return _error(422, "module_b64 must be the module's bytes in base64")
+    if not module:
+        return _error(422, 'give the module as {"module_b64": ...}')
+    sha = hashlib.sha256(module).hexdigest()
+    expected = body.get("sha256")
+    if expected is not None and str(expected).lower() != sha:
+        message = f"the module's sha256 is {sha}, not {expected}"
+        ctl._operator(request, "plugin.load", target, message, _detail(body))
+        return _error(422, message, sha256=sha)
+    kwargs = {k: body[k] for k in ("memory", "timeout", "fuel", "config", "instances") if k in body}
+    try:
+        row = await host.load(pid, module, version=body.get("version"), **kwargs)
+    except PluginRejected as e:
+        ctl._operator(request, "plugin.load", target, str(e), _detail(body, sha256=sha))
+        return _error(403, str(e), sha256=sha)
+    except (ValueError, ChildSpecError, StartError, TypeError) as e:
+        ctl._operator(request, "plugin.load", target, str(e), _detail(body, sha256=sha))
+        return _error(409 if isinstance(e, StartError) else 422, str(e), sha256=sha)
+    ctl._operator(request, "plugin.load", target, "ok", _detail(body, sha256=sha))
+    return JSONResponse({"action": "load", "plugin": row, "result": "ok"})
+
+
+async def _simple(ctl: ControlServer, request: Request, action: str) -> Response:
+    got = await _act(ctl, request, action, _PLAIN_FIELDS, 64 * 1024)
+    if isinstance(got, Response):
+        return got
+    body, host, target = got
+    pid = request.path_params["id"]
+    try:
+        if action == "unload":
+            await host.unload(pid)
+            row: Any = None
+        else:
+            row = await host.release(pid)
+    except NotFound:
+        message = f"no plugin {pid!r} in host {host.path!r}"
+        ctl._operator(request, f"plugin.{action}", target, message, _detail(body))
+        return _error(404, message)
+    except TrellisError as e:
+        ctl._operator(request, f"plugin.{action}", target, str(e), _detail(body))
+        return _error(409, str(e))
+    ctl._operator(request, f"plugin.{action}", target, "ok", _detail(body))
+    return JSONResponse({"action": action, "plugin": row, "result": "ok"})
+
+
+async def unload(ctl: ControlServer, request: Request) -> Response:
+    return await _simple(ctl, request, "unload")
+
+
+async def release(ctl: ControlServer, request: Request) -> Response:
+    return await _simple(ctl, request, "release")
+
+
+async def call(ctl: ControlServer, request: Request) -> Response:
+    got = await _act(ctl, request, "call", _CALL_FIELDS, MAX_MODULE_BODY)
+    if isinstance(got, Response):
+        return got
+    body, host, target = got
+    pid = request.path_params["id"]
+    function = body.get("function")
+    if not isinstance(function, str) or not function:
+        return _error(422, 'give {"function": "name", "data": "..."}')
+    if "data_b64" in body:
+        try:
+            data = base64.b64decode(str(body["data_b64"]), validate=True)
+        except (binascii.Error, ValueError):
+            return _error(422, "data_b64 must be base64")
+    else:
+        text = body.get("data", "")
+        if not isinstance(text, str):
+            return _error(422, "data is a string (or give data_b64)")
+        data = text.encode()
+    timeout = body.get("timeout")
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+        return _error(422, "timeout is seconds > 0")
+    started = time.perf_counter()
+    try:
+        out = await host.call(pid, function, data, timeout=timeout)
+    except NotFound:
+        return _error(404, f"no plugin {pid!r} in host {host.path!r}")
+    except PluginError as e:
+        ctl._operator(request, "plugin.call", target, f"{e.kind}: {e.message}", _detail(body))
+        return _error(422, e.message or e.kind, kind=e.kind)
+    except TrellisError as e:  # CallTimeout, Exited
+        ctl._operator(request, "plugin.call", target, str(e), _detail(body))
+        return _error(504 if isinstance(e, TimeoutError) else 409, str(e))
+    ctl._operator(request, "plugin.call", target, "ok", _detail(body))
+    answer: dict[str, Any] = {
+        "plugin": pid,
+        "function": function,
+        "output_b64": base64.b64encode(out).decode(),
+        "seconds": time.perf_counter() - started,
+    }
+    try:
+        answer["output"] = out.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    return JSONResponse(answer)
