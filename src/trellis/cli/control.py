@@ -11,6 +11,8 @@ Example::
     $ trellis restart shop/infra/db --reason "new config"
     $ trellis events -f --filter 'child.*'
     $ trellis status --url http://127.0.0.1:8470 --token "$TRELLIS_TOKEN" --json
+    $ trellis ls                                  # the trees running here
+    $ trellis stop --wait --tree shop && trellis run shop.toml
 """
 
 from __future__ import annotations
