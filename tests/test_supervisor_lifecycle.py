@@ -261,3 +261,50 @@ async def test_a_stop_cancels_a_slow_restart(tree_stop: _stopping.TreeStop) -> N
     assert cap.named("child.start_failed") == []
     assert [e["child_id"] for e in cap.named("supervisor.start_cancelled")] == ["slow"]
     assert [e["child_id"] for e in cap.named("child.terminated")] == ["other"]  # slow never ran
+
+
+class Recorder(trellis.Server):
+    """Records its terminate, so a stop in order can be told from a kill."""
+
+    trap_exits = True
+
+    async def init(self, log: list[Any]) -> None:
+        self.log = log
+
+    async def terminate(self, reason: Any) -> None:
+        self.log.append(("terminate", reason))
+
+
+async def test_a_start_that_just_finished_is_kept_and_stopped_in_order(
+    tree_stop: _stopping.TreeStop,
+) -> None:
+    """The stop request comes in the loop turn where a child's start has finished but
+    its supervisor has not resumed yet: the child is not killed as a half-started one;
+    it is kept and stopped in order (terminate runs), and the start is cancelled at the
+    next child."""
+    log: list[Any] = []
+    loop = asyncio.get_running_loop()
+
+    async def start_then_stop() -> trellis.Pid:
+        pid: trellis.Pid = await Recorder.start_link(log)
+        done = loop.create_future()
+
+        def finish_and_stop() -> None:
+            done.set_result(None)  # the start is over: the supervisor is scheduled...
+            tree_stop.request()  # ...and the stop comes before it resumes
+
+        loop.call_soon(finish_and_stop)
+        await done
+        return pid
+
+    children = [
+        trellis.ChildSpec("r", start_then_stop),
+        trellis.worker("never", wait_forever),
+    ]
+    with capture_telemetry() as cap:
+        async with asyncio.timeout(5):
+            with pytest.raises(trellis.StartError):
+                await trellis.Supervisor.start(children)
+    assert [e["child_id"] for e in cap.named("supervisor.start_cancelled")] == ["never"]
+    assert [e["child_id"] for e in cap.named("child.terminated")] == ["r"]
+    assert log == [("terminate", trellis.SHUTDOWN)]

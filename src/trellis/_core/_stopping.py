@@ -36,12 +36,32 @@ class TreeStop:
 
     def request(self) -> None:
         """Mark the tree as stopping and cancel every start in :attr:`starting` (each
-        supervisor takes its cancellation back with :meth:`claim`)."""
+        supervisor takes its cancellation back with :meth:`claim`).
+
+        A start that has just finished (its supervisor is about to resume with the new
+        pid) is not cancelled: the child is started and is stopped in order, with its
+        shutdown, like the others. Only a supervisor still waiting for a start after
+        it has run is cancelled."""
         self.requested = True
-        for task in self.starting:
-            self._cancelled.add(task)
-            task.cancel()
-        self.starting.clear()
+        for task in list(self.starting):
+            if _about_to_run(task):
+                self.loop.call_soon(self._cancel_if_starting, task, 3)
+            else:
+                self._cancel(task)
+
+    def _cancel(self, task: asyncio.Task[Any]) -> None:
+        self.starting.discard(task)
+        self._cancelled.add(task)
+        task.cancel()
+
+    def _cancel_if_starting(self, task: asyncio.Task[Any], tries: int) -> None:
+        """Run after ``task``'s pending step: cancel it if it still waits for a start."""
+        if task not in self.starting:
+            return  # its start finished
+        if tries > 0 and _about_to_run(task):
+            self.loop.call_soon(self._cancel_if_starting, task, tries - 1)
+        else:
+            self._cancel(task)
 
     def claim(self, task: asyncio.Task[Any]) -> bool:
         """Whether :meth:`request` cancelled ``task`` (once: the claim is consumed)."""
@@ -49,6 +69,12 @@ class TreeStop:
             self._cancelled.discard(task)
             return True
         return False
+
+
+def _about_to_run(task: asyncio.Task[Any]) -> bool:
+    """Whether ``task`` is scheduled to resume (what it awaited is done)."""
+    waiter = getattr(task, "_fut_waiter", None)
+    return waiter is None or waiter.done()
 
 
 _armed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TreeStop] = weakref.WeakKeyDictionary()
