@@ -190,6 +190,76 @@ _SPEC: dict[str, Any] = {
             "restart_child on its supervisor (static supervisors only).",
             "startChild",
         ),
+        "/v1/children/{path}/signal": {
+            "post": {
+                "operationId": "signalChild",
+                "summary": "Send a signal to an OS-process child (operator action)",
+                "description": "Body `{signal: 'HUP' or 1, group?: false, reason?}`; "
+                "`group` signals its whole process group. Journaled as `operator.action`.",
+                "parameters": [
+                    {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "`{action, signal, group, path, os_pid, result}`.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "404": _json("Error", "No child at this path."),
+                    "409": _json("Error", "Not an OS-process child, or not running."),
+                    "422": _json("Error", "Not a signal, or a bad field."),
+                    **_AUTH,
+                },
+            }
+        },
+        "/v1/logs/{path}": {
+            "get": {
+                "operationId": "childLogs",
+                "summary": "A child's recent output lines (read-only)",
+                "parameters": [
+                    {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {
+                        "name": "n",
+                        "in": "query",
+                        "description": "How many of the last lines (default 100), or `all`.",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "description": "Only lines since this unix time or ISO 8601 time.",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "stream",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["stdout", "stderr"]},
+                    },
+                    {
+                        "name": "follow",
+                        "in": "query",
+                        "description": "true: stream NDJSON, the backlog then new lines.",
+                        "schema": {"type": "boolean", "default": False},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "`{path, lines: [{time, utc, stream, os_pid, line}]}`, "
+                        "or with follow one line object per NDJSON line.",
+                        "content": {
+                            "application/json": {"schema": {"type": "object"}},
+                            "application/x-ndjson": {"schema": {"type": "string"}},
+                        },
+                    },
+                    "404": _json("Error", "No child at this path."),
+                    "422": _json("Error", "A bad query parameter."),
+                    **_AUTH,
+                },
+            }
+        },
         "/v1/stop": {
             "post": {
                 "operationId": "stopTree",
