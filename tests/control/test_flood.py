@@ -363,3 +363,33 @@ def test_a_flood_under_trellis_run_leaves_children_and_operators_working(
     assert b"connections open (the limit)" in err, "the flood never reached the budget"
     assert b"EMFILE" not in err, err.decode()[-3000:]
     assert b"Too many open files" not in err, err.decode()[-3000:]
+
+
+# ---------------------------------------------------------------------------
+# Settings in the tree file
+# ---------------------------------------------------------------------------
+
+
+def test_tree_file_connection_settings() -> None:
+    """[control] idle_timeout and max_connections reach the control server; bad values
+    are errors naming the key and line."""
+    from trellis._operate import operations
+    from trellis.config import ConfigError, loads
+
+    tree = loads(
+        textwrap.dedent(
+            """
+            [supervisor]
+            name = "t"
+            [control]
+            idle_timeout = 2.5
+            max_connections = 16
+            """
+        )
+    )
+    ops = operations("t", dict(tree.settings), journal=False)
+    assert ops.control_options == {"idle_timeout": 2.5, "max_connections": 16}
+    with pytest.raises(ConfigError) as info:
+        loads("[supervisor]\nname = 't'\n[control]\nidle_timeout = 0\nmax_connections = 0\n")
+    found = [(i.line, i.path) for i in info.value.errors]
+    assert found == [(4, "control.idle_timeout"), (5, "control.max_connections")]
