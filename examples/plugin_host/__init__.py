@@ -1,0 +1,1 @@
+"""The healthcare plugin host example (see demo.py)."""
