@@ -47,6 +47,13 @@ class Storm:
 StormFn = Callable[..., Awaitable[Storm]]
 
 
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state directory of the test's own: default anchors of PostgreSQL journals go
+    there, never into the user's ~/.local/state."""
+    monkeypatch.setenv("TRELLIS_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture
 def storm() -> StormFn:
     """``await storm(restarts)``: a supervisor named ``storm`` whose one child crashes at

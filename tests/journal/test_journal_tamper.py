@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -493,3 +494,36 @@ def test_a_signing_writer_waits_for_the_one_before_it(any_db: Db) -> None:
     assert second.foreign_head is None
     v = check(any_db)
     assert v.ok, v.problem
+
+
+def test_a_postgresql_journal_has_a_default_anchor_in_the_state_dir(
+    pg_server: Any, pg_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without anchor=, a signed PostgreSQL journal mirrors its checkpoint to the state
+    directory, and verify with the key finds it there: truncation is caught."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("TRELLIS_STATE_DIR", str(state))
+    url = pg_server.url(pg_db)
+    db = Db(url, "", "%s", backend="postgresql")
+    db.pg = (pg_server, pg_db)  # type: ignore[attr-defined]
+    journal = Journal(url, key=KEY, checkpoint_every=EVERY, batch_size=MAX_BATCH)
+    expected = state / f"pg-127.0.0.1-{pg_server.port}-{pg_db}.anchor"
+    assert journal.anchor_path == str(expected)
+    with journal:
+        for i in range(60):
+            trellis.telemetry.emit("work.item", time=float(i), i=i)
+            if i % MAX_BATCH == MAX_BATCH - 1:
+                journal.flush()
+    assert stat.S_IMODE(expected.stat().st_mode) == 0o600
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    v = verify(url, key=KEY)
+    assert (v.ok, v.anchor, v.anchor_seq) == (True, str(expected), 60), v.problem
+    attack(db)
+    keep = db.checkpoints()[0][0]
+    db.sql("DELETE FROM journal WHERE seq > %s", (keep,))
+    db.sql("DELETE FROM journal_checkpoints WHERE seq > %s", (keep,))
+    db.conn.close()
+    db.conn = None
+    v = verify(url, key=KEY)
+    assert not v.ok
+    assert v.problem.startswith(f"the journal ends at seq {keep} but the anchor covers seq 60")

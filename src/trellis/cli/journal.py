@@ -117,7 +117,8 @@ def journal_group() -> None:
     type=click.Path(dir_okay=False),
     default=None,
     help="The anchor file the writer mirrors its last checkpoint to: the journal must "
-    "still hold that checkpoint (default: <db>.anchor beside a SQLite journal, when it "
+    "still hold that checkpoint (default: <db>.anchor beside a SQLite journal, "
+    "pg-HOST-PORT-DB.anchor in the state dir for PostgreSQL, when it "
     "exists and a key is set).",
 )
 @click.option("--no-anchor", is_flag=True, help="Do not compare with any anchor file.")

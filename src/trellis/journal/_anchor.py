@@ -66,9 +66,27 @@ def key_id(key: bytes) -> str:
     return _hmac.new(key, b"trellis-journal-key-id", hashlib.sha256).hexdigest()[:16]
 
 
-def default_anchor_path(backend: str, path: str) -> str | None:
-    """``<database path>.anchor`` for SQLite; None for PostgreSQL (give a path)."""
-    return path + ANCHOR_SUFFIX if backend == "sqlite" else None
+def default_anchor_path(backend: str, path: str, conninfo: str = "") -> str | None:
+    """Where a journal's anchor goes unless told otherwise: ``<database path>.anchor``
+    beside a SQLite journal; for PostgreSQL, ``pg-<host>-<port>-<database>.anchor`` in
+    the state directory (``$TRELLIS_STATE_DIR``, ``$XDG_STATE_HOME/trellis`` or
+    ``~/.local/state/trellis``) of the machine running the writer. None when the URL
+    names no host and database."""
+    if backend == "sqlite":
+        return path + ANCHOR_SUFFIX
+    from urllib.parse import urlsplit
+
+    from ._paths import journal_dir
+
+    try:
+        parts = urlsplit(conninfo)
+        host, port, db = parts.hostname or "", parts.port or 5432, parts.path.lstrip("/")
+    except ValueError:
+        return None
+    if not host or not db:
+        return None
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"pg-{host}-{port}-{db}")
+    return str(journal_dir() / f"{name}{ANCHOR_SUFFIX}")
 
 
 def _mac(key: bytes, fields: dict[str, Any]) -> str:
@@ -104,6 +122,7 @@ def make_anchor(
 def write_anchor(path: str, anchor: dict[str, Any]) -> None:
     """Replace the file at ``path`` with ``anchor``, atomically, mode 0600."""
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     data = (json.dumps(anchor, sort_keys=True, separators=(",", ":")) + "\n").encode("ascii")
     with contextlib.suppress(FileNotFoundError):

@@ -76,8 +76,8 @@ def verify(
     ``anchor`` is the file the writer mirrors its last checkpoint to (``Journal(...,
     anchor=)``): the journal must still hold that checkpoint, so truncating it back
     to an earlier checkpoint, or emptying it, is caught. ``None`` uses the default
-    anchor beside a SQLite journal when a key is given and the file exists; ``False``
-    uses none; a path must exist.
+    anchor (beside a SQLite journal; in the state directory for PostgreSQL) when a key
+    is given and the file exists; ``False`` uses none; a path must exist.
 
     Raises :class:`JournalURLError`, :class:`JournalNotFound` or :class:`NotAJournal`
     when there is nothing to verify, :class:`JournalError` when the anchor file cannot
@@ -97,7 +97,7 @@ def verify(
         raise ValueError(f"verify max_unsigned: {max_unsigned!r} is not an int >= 0")
     anchor_path: str | None = None
     if anchor is None or anchor is True:
-        default = default_anchor_path(target.backend, target.path)
+        default = default_anchor_path(target.backend, target.path, target.conninfo)
         if default is not None and (anchor is True or (secret and os.path.exists(default))):
             anchor_path = default
     elif anchor is not False:

@@ -154,8 +154,9 @@ class Journal:
             an orderly stop ends it with ``run.stopped``.
         anchor: where the last signed checkpoint is mirrored, outside the database
             (see :mod:`trellis.journal._anchor`): a file path, ``False`` for none, or
-            ``None``/``True`` for the default: ``<database>.anchor`` beside a SQLite
-            journal when a key is set (PostgreSQL has no default: give a path).
+            ``None``/``True`` for the default when a key is set: ``<database>.anchor``
+            beside a SQLite journal, ``pg-<host>-<port>-<db>.anchor`` in the state
+            directory for PostgreSQL.
 
     **Signing only its own head.** With a key, the writer process checks the journal
     before it signs anything on top of it: the checkpoints' HMAC chain, the records
@@ -257,11 +258,13 @@ class Journal:
             raise ValueError(f"Journal anchor: {anchor!r} is not a path, True, False or None")
         if anchor is None or anchor is True:
             if self._key is not None:
-                self.anchor_path = default_anchor_path(self.target.backend, self.target.path)
+                self.anchor_path = default_anchor_path(
+                    self.target.backend, self.target.path, self.target.conninfo
+                )
             if anchor is True and self.anchor_path is None:
                 raise ValueError(
-                    "Journal anchor=True: a PostgreSQL journal has no default anchor file "
-                    "(give a path), and without a key nothing is signed"
+                    "Journal anchor=True: needs a key (nothing is signed without one) and, "
+                    "for PostgreSQL, a URL naming a host and a database (or give a path)"
                 )
         elif anchor is not False:
             self.anchor_path = os.fspath(anchor)
