@@ -311,9 +311,7 @@ class _Walker:
                 for key in data:
                     if key not in known:
                         self.error((*path, key), f"unknown key {key!r}{suggest(key, known)}")
-            self.error(
-                where, f"{msg} command, server, isolated, worker or children (a supervisor)"
-            )
+            self.error(where, f"{msg} command, server, isolated, worker or children (a supervisor)")
             if "children" in data:
                 self.children(data["children"], (*path, "children"), None)
             return _Built(None, None, None)
@@ -474,9 +472,7 @@ class _Walker:
             where: KeyPath = (*path, key) if key else (*path, kind)
             self.error(where, f"arguments do not match {shown}: {e}")
 
-    def check_kwargs(
-        self, model: ServerChild | IsolatedChild | WorkerChild, path: KeyPath
-    ) -> bool:
+    def check_kwargs(self, model: ServerChild | IsolatedChild | WorkerChild, path: KeyPath) -> bool:
         clash = sorted(_SPEC_OPTIONS.intersection(model.kwargs or {}))
         for key in clash:
             self.error(
