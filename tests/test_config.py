@@ -1172,7 +1172,7 @@ RUNNABLE_CASES = [
         (
             6,
             "supervisor.children[0].backoff.max",
-            "input should be less than or equal to 31536000, got inf",
+            "input should be a finite number, got inf",
         ),
     ),
     (
@@ -1356,6 +1356,34 @@ RUNNABLE_CASES = [
 
 
 RUNNABLE_CASES += [
+    (
+        "a NaN backoff reset_after",
+        HEAD + CMD + "backoff = { reset_after = nan }\n",
+        (
+            6,
+            "supervisor.children[0].backoff.reset_after",
+            "input should be a finite number, got nan",
+        ),
+    ),
+    (
+        "a backoff max over a year",
+        HEAD + CMD + "backoff = { max = 1e9 }\n",
+        (
+            6,
+            "supervisor.children[0].backoff.max",
+            "input should be less than or equal to 31536000, got 1000000000.0",
+        ),
+    ),
+    (
+        "a tree name with a slash",
+        '[supervisor]\nname = "shop/eu"\n',
+        (
+            2,
+            "supervisor.name",
+            "tree name 'shop/eu' contains '/': it is the first segment of every child's path "
+            "(root/parent/child) and names the socket and journal; use '-', '_' or '.' instead",
+        ),
+    ),
     (
         "NUL in the journal URL",
         '[journal]\nurl = "sqlite:///j\\u0000.db"\n[supervisor]\n',

@@ -359,7 +359,7 @@ NonEmpty = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
 ChildId = Annotated[str, PlainValidator(_check_child_id)]
 EnvVarName = Annotated[str, PlainValidator(_check_env_var)]
 EnvValue = Annotated[str, PlainValidator(_check_env_value)]
-Bounded = Annotated[float, Field(le=MAX_SECONDS)]
+Bounded = Annotated[float, Field(le=MAX_SECONDS, allow_inf_nan=False)]
 
 
 # ---------------------------------------------------------------------------
@@ -612,8 +612,22 @@ class SupervisorChild(_Child, _Flags):
     what = "a supervisor child"
 
 
+def _check_tree_name(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        fail(f"name is a non-empty string, got {value!r}")
+    _no_nul(value)
+    if "/" in value:
+        fail(
+            f"tree name {value!r} contains '/': it is the first segment of every child's "
+            "path (root/parent/child) and names the socket and journal; use '-', '_' or "
+            "'.' instead"
+        )
+    return value
+
+
 class RootSupervisor(_Flags, _Sre):
     what = "the root supervisor"
+    name: Annotated[str, PlainValidator(_check_tree_name)] | None = None
 
 
 def _check_journal_url(value: object) -> str:
