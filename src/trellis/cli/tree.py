@@ -119,7 +119,9 @@ def run(
     loop_name: str | None,
 ) -> None:
     """Run a tree in the foreground until SIGTERM/SIGINT (exit 0) or until the root
-    gives up (exit 1). Exit 2 for an invalid tree file or setting. Logs go to stderr.
+    gives up (exit 1). Exit 2 for an invalid tree file or setting, or when the tree
+    is already running (its control socket or journal is locked by another run).
+    Logs go to stderr.
 
     Every supervision event is journaled; `trellis status`, `events`, `restart` and
     `stop` talk to the control API on its Unix socket."""
