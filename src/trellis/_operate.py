@@ -297,7 +297,7 @@ def operations(
             ops.socket = str(default_socket_path(name))
         elif isinstance(sock, str):
             ops.socket = sock
-    for key in ("idle_timeout", "max_connections"):
+    for key in ("idle_timeout", "max_connections", "read_uids"):
         if cset.get(key) is not None:
             ops.control_options[key] = cset[key]
     if control is not False:  # a --tcp given explicitly serves even if the file says off

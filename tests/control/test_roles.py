@@ -5,6 +5,8 @@ emitted as ``operator.denied`` (journaled), rate-limited."""
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -167,3 +169,80 @@ def test_trellis_run_passes_the_roles_to_the_control_api() -> None:
     )
     assert ops.tokens == {"ops": TOKEN, "ci": READ}
     assert ops.roles == {"ops": "operator", "ci": "read"}
+    from trellis.config import loads
+
+    tree = loads("[supervisor]\nname = 't'\n[control]\nread_uids = [1001, 1002]\n")
+    ops = operations("t", dict(tree.settings), journal=False)
+    assert ops.control_options == {"read_uids": [1001, 1002]}
+
+
+# ---------------------------------------------------------------------------
+# Read-only uids on the Unix socket
+# ---------------------------------------------------------------------------
+
+
+async def _as_user(uid: int, sock: Path, request: str) -> str:
+    """The raw HTTP answer to ``request`` sent on ``sock`` by a process of ``uid``."""
+    import asyncio
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import socket
+        s = socket.socket(socket.AF_UNIX)
+        s.connect({str(sock)!r})
+        s.sendall({request.encode()!r})
+        out = b""
+        while chunk := s.recv(4096):
+            out += chunk
+        print(out.decode())
+        """
+    )
+    proc = await asyncio.create_subprocess_exec(
+        "/usr/bin/python3",  # the venv's interpreter may not be readable by that user
+        "-c",
+        code,
+        user=uid,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="needs /usr/bin/python3")
+async def test_read_uids_may_look_over_the_socket_but_not_act(short_dir: Path) -> None:
+    os.chmod(short_dir, 0o755)
+    sock = short_dir / "c.sock"
+    e = await start_env(short_dir, sock=sock, read_uids=[65534])
+    try:
+        assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o666
+        get = "GET /v1/tree HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        post = (
+            "POST /v1/children/shop/db/restart HTTP/1.1\r\nHost: x\r\n"
+            "Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        text = await _as_user(65534, sock, get)
+        assert text.startswith("HTTP/1.1 200"), text
+        db = await e.child("db")
+        with capture_telemetry(["operator.denied"]) as cap:
+            text = await _as_user(65534, sock, post)
+        assert text.startswith("HTTP/1.1 403"), text
+        assert "uid:65534 has the read role: POST /v1/children/shop/db/restart" in text
+        assert await e.child("db") is db
+        assert cap.events[0]["who"] == "uid:65534"
+        text = await _as_user(65533, sock, get)  # not listed: refused
+        assert text.startswith("HTTP/1.1 403"), text
+        assert "uid 65533 may not use this control socket" in text
+        assert "uid 65534 (read)" in text
+    finally:
+        await stop_env(e)
+
+
+def test_read_uids_need_a_socket_others_can_reach(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRELLIS_SOCKET", raising=False)
+    with pytest.raises(ControlError, match="read_uids: other users cannot reach"):
+        ControlServer(socket=True, read_uids=[1001])

@@ -697,6 +697,7 @@ class ControlModel(_Model):
     token_env: EnvName | None = None
     idle_timeout: Seconds | None = None
     max_connections: Annotated[int, Field(gt=0)] | None = None
+    read_uids: list[Annotated[int, Field(ge=0)]] | None = None
 
 
 class MetricsModel(_Model):

@@ -98,9 +98,11 @@ def _is_live(path: Path) -> bool:
     return True
 
 
-def bind_unix(path: Path, backlog: int = 128) -> tuple[socket.socket, os.stat_result]:
-    """A listening Unix socket at ``path`` with mode 0600; returns it and its file's stat
-    (to remove only our own file later).
+def bind_unix(
+    path: Path, backlog: int = 128, *, mode: int = 0o600
+) -> tuple[socket.socket, os.stat_result]:
+    """A listening Unix socket at ``path`` with ``mode`` (0600: only our uid and root can
+    connect); returns it and its file's stat (to remove only our own file later).
 
     The parent directory is created with mode 0700 if missing, and must be safe (see
     :func:`check_socket_dir`: the default directory ours and 0700, another one ours or
@@ -141,7 +143,7 @@ def bind_unix(path: Path, backlog: int = 128) -> tuple[socket.socket, os.stat_re
     try:
         sock.bind(str(path))
         # Nobody can connect before listen(): tighten the mode in between.
-        os.chmod(path, 0o600)
+        os.chmod(path, mode)
         sock.listen(backlog)
         sock.setblocking(False)
         return sock, path.lstat()

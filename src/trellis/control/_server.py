@@ -25,7 +25,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,7 +56,7 @@ from ._listen import (
     parse_tcp,
 )
 from ._openapi import openapi
-from ._paths import default_socket_path
+from ._paths import default_socket_path, socket_dir
 
 __all__ = ["ControlServer", "MetricsSource"]
 
@@ -234,6 +234,10 @@ class ControlServer:
             authorised request first): an operator always gets in.
         idle_timeout: seconds a connection may take to send a request's headers, after
             connecting or after its last response, before it is closed.
+        read_uids: uids that may use the Unix socket with the ``read`` role (look, not
+            act). The socket then gets mode 0666 (the peer check keeps everyone else
+            out: 403), so it must be in a directory those users can reach: not the
+            private default one (refused).
 
     Example::
 
@@ -259,6 +263,7 @@ class ControlServer:
         grace: float = 5.0,
         max_connections: int | None = None,
         idle_timeout: float = 10.0,
+        read_uids: Iterable[int] = (),
     ) -> None:
         if socket is None:
             socket = tcp is None
@@ -318,6 +323,14 @@ class ControlServer:
         self._max_connections = max_connections
         self._idle_timeout = idle_timeout
         self._allowed_uids = frozenset({os.getuid(), 0})
+        self._read_uids = frozenset(int(u) for u in read_uids) - self._allowed_uids
+        private = self.socket_path is not None and self.socket_path.parent == socket_dir()
+        if self._read_uids and private:
+            raise ControlError(
+                f"read_uids: other users cannot reach {self.socket_path} (the private "
+                "default socket directory); give a socket path in a directory they can "
+                "traverse"
+            )
         self.root: Pid | None = None
         # ``trellis run`` sets this to its tree file's reloader (POST /v1/reload)
         self.reloader: Any = None
@@ -346,7 +359,9 @@ class ControlServer:
         )
         try:
             if self.socket_path is not None:
-                sock, self._socket_stat = bind_unix(self.socket_path)
+                sock, self._socket_stat = bind_unix(
+                    self.socket_path, mode=0o666 if self._read_uids else 0o600
+                )
                 await http.serve(sock, "unix", f"unix:{self.socket_path}")
                 _log.info("control API listening on unix:%s", self.socket_path)
             if self._tcp is not None:
@@ -470,17 +485,19 @@ class ControlServer:
         set in ``scope``), else the 401/403 response (logged and emitted as
         ``operator.denied``, rate-limited)."""
         if peer.kind == "unix":
-            if peer.uid is None or peer.uid not in self._allowed_uids:
+            if peer.uid is None or peer.uid not in self._allowed_uids | self._read_uids:
                 shown = "unknown" if peer.uid is None else str(peer.uid)
+                readers = "".join(f", uid {u} (read)" for u in sorted(self._read_uids))
                 return self._deny(
                     peer,
                     scope,
                     403,
                     f"uid {shown} may not use this control socket (allowed: uid {os.getuid()} "
-                    "and root)",
+                    f"and root{readers})",
                     who=f"uid:{shown}",
                 )
-            who, role = f"uid:{peer.uid}", "operator"
+            role = "read" if peer.uid in self._read_uids else "operator"
+            who = f"uid:{peer.uid}"
         else:
             if scope.get("path") in PUBLIC_PATHS and scope.get("method") in ("GET", "HEAD"):
                 scope["trellis.who"] = "anonymous"  # the dashboard page: it holds no data
