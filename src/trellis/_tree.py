@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("trellis.tree")
+_wall = time.time
 
 #: The exit classes a reason falls in (a closed set: safe as a metric label).
 CLASSES = ("normal", "shutdown", "crash", "hung", "killed", "oom", "timeout")
@@ -363,11 +364,54 @@ class Tracker:
     # -- the telemetry handler ---------------------------------------------------------
     def handle(self, event: dict[str, Any]) -> None:
         try:
-            self._apply(event)
+            if not self._fast(event):
+                self._apply(event)
         except Exception:  # never detached by a bad event; but now unsure
             self.errors += 1
             if self.errors == 1:
                 _log.exception("the tree tracker could not apply %r", event.get("event"))
+
+    def _fast(self, ev: dict[str, Any]) -> bool:
+        """The two events of a plain restart of a known worker under a static supervisor
+        (the hot path: no method calls); False to take the general path."""
+        name = ev["event"]
+        exited = name == "child.exited"
+        if not exited and name != "child.restarted":
+            return False
+        s = self._sups.get(ev["supervisor"])
+        if s is None or s.dynamic:
+            return False
+        cid = ev["child_id"]
+        if cid.__hash__ is None:
+            return False
+        c = s.children.get(cid)
+        if c is None or c.type != "worker" or c.restart is None:
+            return False
+        t = ev["time"]
+        st = c.stats
+        if exited:
+            if not ev["restart"]:
+                return False
+            st.exits += 1
+            st.last_reason = ev["reason"]
+            st.down_since = t
+            c.state = "restarting"
+            c.since = t
+            return True
+        pid = ev["pid"]
+        c.pid = pid
+        os_pid = c.os_pid = getattr(pid, "os_pid", None)
+        c.state = "running"
+        c.since = t
+        c.retry_at = None
+        st.starts += 1
+        st.restarts += 1
+        st.started_wall = _wall()
+        st.started_mono = t
+        st.down_since = None
+        if os_pid is not None:
+            st.os_pid = os_pid
+        return True
 
     def _apply(self, ev: dict[str, Any]) -> None:
         name = ev["event"]
@@ -464,7 +508,6 @@ class Tracker:
     def _set(c: _Child, state: str, t: float) -> None:
         c.state = state
         c.since = t
-        c.since_wall = time.time()
         if state != "restarting":
             c.retry_at = None
 
@@ -539,7 +582,7 @@ class Tracker:
         st.starts += 1
         if restarted:
             st.restarts += 1
-        st.started_wall = c.since_wall
+        st.started_wall = time.time()
         st.started_mono = t
         st.down_since = None
         if os_pid is not None:
@@ -602,11 +645,11 @@ class Tracker:
         t = ev.get("time", 0.0)
         if name == "supervisor.started":
             s.state = "running"
-            s.since, s.since_wall = t, time.time()
+            s.since = t
             s.strategy = str(ev.get("strategy"))
         elif name == "supervisor.stopped":
             s.state = "stopped"
-            s.since, s.since_wall = t, time.time()
+            s.since = t
             if isinstance(pid, Pid):
                 self._sup_paths.pop(pid, None)
             if not s.keep and path not in self._pinned:
@@ -627,7 +670,7 @@ class Tracker:
         if own is None:
             return
         own.state = "restarting"
-        own.since, own.since_wall = t, time.time()
+        own.since = t
         for g in own.children.values():
             self._set(g, state, t)
             if g.type == "supervisor":
@@ -666,6 +709,7 @@ class Tracker:
         if s is None:
             return None
         now_mono = self._now()
+        wall = time.time()
         node: dict[str, Any] = {
             "path": path,
             "id": path,
@@ -674,7 +718,7 @@ class Tracker:
             "type": "supervisor",
             "restart": None,
             "state": s.state if s.state != "starting" else "starting",
-            "since": s.since_wall,
+            "since": wall - (now_mono - s.since) if s.since else s.since_wall,
             "retry_in": None,
             "pid": s.pid if isinstance(s.pid, Pid) else None,
             "os_pid": None,
@@ -729,6 +773,7 @@ class Tracker:
                 counts[k] = counts.get(k, 0) + 1
         out = node["children"]
         parent_state = shown or s.state
+        wall = time.time()  # a state's Unix time, from its Trellis-clock time
         for c in kids:
             seg = str(c.id)
             pid = c.pid
@@ -748,7 +793,7 @@ class Tracker:
                 "type": c.type,
                 "restart": c.restart,
                 "state": state,
-                "since": c.since_wall,
+                "since": wall - (now - c.since) if c.since else c.since_wall,
                 "retry_in": None if retry is None else max(0.0, retry - now),
                 "pid": pid,
                 "os_pid": c.os_pid,

@@ -309,6 +309,7 @@ class ControlServer:
         self._output: deque[_Rec] = deque(maxlen=output_history)
         self._live: deque[_Rec] = deque(maxlen=sse_buffer)
         self._merged: tuple[int, list[_Rec]] = (0, [])
+        self._encoded: list[_Rec] | None = None  # a merged list known to be all encoded
         self._wake: asyncio.Future[None] | None = None
         self._encoding: asyncio.Lock | None = None
         self._streams = 0  # open event streams
@@ -434,11 +435,15 @@ class ControlServer:
     async def _encode(self, recs: list[_Rec]) -> None:
         """Encode the events of ``recs`` not encoded yet, a slice per loop turn, one
         stream at a time (the others then find them done)."""
+        if recs is self._encoded:  # 250 clients replaying need not check 1000 events each
+            return
         if all(r.sse is not None for r in recs):
             return
         if self._encoding is None:
             self._encoding = asyncio.Lock()
         async with self._encoding:
+            if recs is self._encoded:  # done by the stream that held the lock before
+                return
             n = 0
             for r in recs:
                 if r.sse is None:
@@ -446,6 +451,8 @@ class ControlServer:
                     n += 1
                     if n % _ENCODE_CHUNK == 0:
                         await asyncio.sleep(0)
+        if recs is self._merged[1]:
+            self._encoded = recs
 
     # -- Authorisation ----------------------------------------------------------------
     def _gate(self, peer: Peer) -> ASGIApp:
@@ -1127,6 +1134,8 @@ class _EventStream(Response):
     async def _pick(self, recs: list[_Rec], limit: int | None) -> list[_Rec]:
         """The matching ``recs`` (the last ``limit`` of them), a slice per loop turn."""
         await self.ctl._encode(recs)
+        if self.names is None and self.paths is None:  # no filter: no scan
+            return recs[-limit:] if limit is not None else list(recs)
         out: list[_Rec] = []
         for n, rec in enumerate(reversed(recs), 1):
             if self._match(rec):
