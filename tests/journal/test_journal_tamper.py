@@ -170,6 +170,24 @@ def test_a_clean_journal_verifies_with_key_and_anchor(any_db: Db) -> None:
     assert (v.ok, v.last_seq, v.anchor_seq) == (True, 125, 125), v.problem
 
 
+def test_a_live_journal_verifies_from_its_first_commit(any_db: Db) -> None:
+    """verify with the key while a writer runs: a fresh journal is signed from its first
+    commit (no false "no signed checkpoint"), and a new session after a clean close is
+    not taken for rows added after the close."""
+    for start in (0, 5):
+        journal = Journal(any_db.url, key=KEY, anchor=any_db.anchor).open()
+        try:
+            for i in range(start, start + 5):
+                trellis.telemetry.emit("work.item", time=float(i), i=i)
+            journal.flush()
+            v = check(any_db)
+            assert v.ok, v.problem
+            assert v.last_seq == start + 5
+        finally:
+            journal.close()
+    assert check(any_db).ok
+
+
 _KILLED_WRITER = """
 import os, sys, trellis
 from trellis.journal import Journal
@@ -199,17 +217,17 @@ def test_row_unsigned_tail_after_kill_9_verifies_and_can_be_rewritten_unseen(
 ) -> None:
     """Row: rewrite the records a writer killed with -9 left after its last checkpoint
     (at most checkpoint_every + max_batch): NOT detected -- nothing has signed them."""
-    killed_writer(sqlite_db, 50)
+    killed_writer(sqlite_db, 55)  # checkpoints at its first commit (10), 30 and 50
     v = check(sqlite_db)
     assert v.ok, v.problem  # a crash is not tampering
-    assert (v.last_checkpoint_seq, v.last_seq) == (40, 50)
+    assert (v.last_checkpoint_seq, v.last_seq) == (50, 55)
     assert json.loads(Path(sqlite_db.anchor).read_text())["closed"] is False
     db = attack(sqlite_db)
-    db.sql("UPDATE journal SET data = '{\"i\":4500}' WHERE seq = 45")
-    db.rehash_from(45)
+    db.sql("UPDATE journal SET data = '{\"i\":5300}' WHERE seq = 53")
+    db.rehash_from(53)
     assert check(db).ok  # the limit: the unsigned tail rests on the hash chain alone
     # the next writer signs on top of it: it cannot tell a crash's tail from a forged one
-    write(db, 5, start=50)
+    write(db, 5, start=55)
     assert check(db).ok
 
 

@@ -447,7 +447,11 @@ class _Writer:
                     key is not None
                     and self.signing
                     and problem is None
-                    and (closing or seq - self.cp_seq >= self.checkpoint_every)
+                    and (
+                        closing
+                        or self.cp is None  # a journal is signed from its first commit
+                        or seq - self.cp_seq >= self.checkpoint_every
+                    )
                 ):
                     cp_seq, prev_mac = store.last_checkpoint()
                     if cp_seq < seq:

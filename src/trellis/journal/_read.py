@@ -199,7 +199,7 @@ def _check_anchor(
             f"the anchor's checkpoint at seq {a_seq} is not in the journal (its records "
             "rewritten and the checkpoints after the edit deleted?)",
         )
-    if anchor["closed"] and r.last_seq > a_seq:
+    if anchor["closed"] and r.last_seq > a_seq and r.last_checkpoint_seq <= a_seq:
         return _fail(
             r,
             a_seq + 1,

@@ -141,8 +141,8 @@ class Journal:
         exclude: event names not journaled (the per-line ``process.output`` by
             default). The journal's own ``journal.*`` telemetry is never journaled.
         key: the checkpoint key (bytes, hex or text); default ``$TRELLIS_JOURNAL_KEY``.
-            With a key, an HMAC-signed checkpoint of the chain head is written every
-            ``checkpoint_every`` records and on close.
+            With a key, an HMAC-signed checkpoint of the chain head is written at the
+            journal's first commit, every ``checkpoint_every`` records and on close.
         checkpoint_every: records between signed checkpoints (only with a key).
         run_id: the id of this run of the tree (``trellis run`` makes one per run). With
             it, the journal opens the run with a ``run.started`` record (``run_id``,
