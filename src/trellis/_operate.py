@@ -152,7 +152,7 @@ class _ControlOnceStarted:
         server = ControlServer(**self.kwargs)
         server.reloader = self.reloader
         server.slo_source = self.slo_source  # GET /v1/slo (the dashboard)
-        for event in self.early[-(server._history.maxlen or 1) :]:
+        for event in self.early:  # its history rings keep what fits (output apart)
             server._remember(event)
         self.early.clear()
         await server.start()

@@ -209,3 +209,30 @@ async def test_status_shows_the_last_stderr_lines_of_a_crashed_child_escaped(
     assert "\\x1b]0;pwned\\x07 hello" in events
     # the API itself still carries the line as the child wrote it (JSON escapes it)
     assert any(d["line"] == "\x1b]0;pwned\x07 hello" for _, _, d in raw)
+
+
+async def test_output_at_start_does_not_push_the_start_out_under_trellis_run(
+    short_dir: Path,
+) -> None:
+    """trellis run binds the control API once the tree runs and hands it the events of
+    the start: child output then cannot push the start's supervision events out."""
+    from trellis._operate import _ControlOnceStarted
+
+    sock = short_dir / "c.sock"
+    ext = _ControlOnceStarted({"socket": str(sock), "history": 50, "output_history": 5})
+    await ext.start()
+    sup = await trellis.Supervisor.start_link([trellis.worker("w", idle)], name="early")
+    for i in range(500):  # a chatty child during the start
+        telemetry.emit("process.output", path="early/w", child_id="w", stream="stdout", line=f"{i}")
+    await ext.tree_started(sup, lambda: None)
+    t = Tree(ext.server, sup, sock)
+    try:
+        got = await t.replay("history=1000")
+    finally:
+        await t.client.aclose()
+        await sup.stop()
+        await ext.stop()
+    names = [n for _, n, _ in got]
+    assert "child.started" in names
+    assert "supervisor.started" in names
+    assert names.count("process.output") == 5
