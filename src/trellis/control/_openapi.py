@@ -85,8 +85,31 @@ _NODE = {
     "properties": {
         "path": {"type": "string", "description": "Tree path, e.g. `shop/infra/db`."},
         "id": {"description": "The child id (non-JSON ids as their repr)."},
-        "type": {"type": "string", "enum": ["supervisor", "worker"]},
-        "state": {"type": "string", "enum": ["running", "restarting", "stopped"]},
+        "type": {"type": ["string", "null"], "enum": ["supervisor", "worker", None]},
+        "state": {
+            "type": "string",
+            "enum": ["running", "starting", "restarting", "stopped"],
+            "description": "As telemetry showed it: answered at once, whatever the "
+            "supervisors are doing. starting: an OS process spawned, not ready yet; "
+            "restarting: exited and about to start again (also in backoff, a failed start "
+            "being retried, or stopped for a sibling's or its supervisor's restart).",
+        },
+        "since": {
+            "type": ["string", "null"],
+            "description": "When the state began (ISO 8601, UTC).",
+        },
+        "retry_in_s": {
+            "type": ["number", "null"],
+            "description": "Seconds to a backoff's next attempt.",
+        },
+        "last_output": {
+            "type": "array",
+            "description": "The last lines of an OS child whose last exit was abnormal.",
+            "items": {
+                "type": "object",
+                "properties": {"stream": {"type": "string"}, "line": {"type": "string"}},
+            },
+        },
         "restart": {
             "type": ["string", "null"],
             "enum": ["permanent", "transient", "temporary", None],
@@ -135,16 +158,19 @@ _SPEC: dict[str, Any] = {
                 "operationId": "getEvents",
                 "summary": "Telemetry events as Server-Sent Events",
                 "description": (
-                    "Each event is `event: <name>` and `data: <JSON>`. A client that reads "
-                    "too slowly loses the oldest events and gets a `control.dropped` event "
-                    "with the count; the tree never waits for it. A `: keepalive` comment is "
-                    "sent when idle."
+                    "Each event is `id: <n>`, `event: <name>` and `data: <JSON>`; send "
+                    "`Last-Event-ID: <n>` (or `last_event_id=<n>`) to resume after event n "
+                    "(what fell out of the history meanwhile is counted in a "
+                    "`control.dropped` event first). A client that reads too slowly loses "
+                    "the oldest events and gets a `control.dropped` event with the count; "
+                    "the tree never waits for it. A `: keepalive` comment is sent when idle."
                 ),
                 "parameters": [
                     {
                         "name": "history",
                         "in": "query",
-                        "description": "First replay up to this many recent events.",
+                        "description": "First replay up to this many recent events that pass "
+                        "the filters (child output is kept apart, with its own budget).",
                         "schema": {"type": "integer", "minimum": 0, "maximum": 999999999},
                     },
                     {
@@ -164,6 +190,18 @@ _SPEC: dict[str, Any] = {
                         "in": "query",
                         "description": "false: end the stream after the history.",
                         "schema": {"type": "boolean", "default": True},
+                    },
+                    {
+                        "name": "last_event_id",
+                        "in": "query",
+                        "description": "Resume after this event id (as `Last-Event-ID`).",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "description": "Resume after this event id (replays what is kept).",
+                        "schema": {"type": "integer", "minimum": 0},
                     },
                 ],
                 "responses": {
