@@ -338,16 +338,45 @@ async def test_compiled_modules_are_cached_in_memory_and_on_disk(wat: Wat) -> No
     assert _engine.stats["memory_hits"] > hits
 
 
-async def test_the_epoch_ticker_is_idle_without_calls(wat: Wat) -> None:
-    async with tree(spec(wat)):
+async def test_the_deadline_watchdog_is_idle_without_calls(wat: Wat) -> None:
+    async with tree(spec(wat, timeout=30.0)):
         for _ in range(500):  # calls of earlier tests may still run to their deadline
-            if _engine.ticker.active == 0:
+            if _engine.watchdog.armed == 0:
                 break
             await asyncio.sleep(0.01)
-        await trellis.plugin_call("misbehave", "echo", b"x")
-        ticks = _engine.ticker.ticks
+        for _ in range(200):
+            await trellis.plugin_call("misbehave", "echo", b"x")
+        wakeups = _engine.watchdog.wakeups
         await asyncio.sleep(0.1)
-        assert _engine.ticker.ticks - ticks <= 1
+        for _ in range(200):
+            await trellis.plugin_call("misbehave", "echo", b"x")
+        # no tick per call or per period: a wake-up only for a deadline that moved earlier
+        assert _engine.watchdog.wakeups - wakeups <= 2
+
+
+async def test_stopping_a_plugin_cuts_its_call_short(wat: Wat) -> None:
+    async with tree(spec(wat, timeout=30.0, restart="temporary")):
+        call = asyncio.ensure_future(trellis.plugin_call("misbehave", "spin", b""))
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        await trellis.stop("misbehave")
+        with pytest.raises(trellis.Exited):
+            await call
+        for _ in range(500):
+            if _engine.watchdog.armed == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert _engine.watchdog.armed == 0
+        assert time.perf_counter() - t0 < 5.0  # not the 30 s deadline
+
+
+async def test_a_start_function_has_the_deadline_too() -> None:
+    wat = "(module (func $spin (loop $l (br $l))) (start $spin))"
+    t0 = time.perf_counter()
+    with pytest.raises(trellis.StartError, match="ran past"):
+        async with tree(trellis.Plugin(wat, id="s", memory="1MiB", timeout=0.2)):
+            pass
+    assert time.perf_counter() - t0 < 5.0
 
 
 async def test_call_statistics_are_telemetry(wat: Wat) -> None:

@@ -1,15 +1,17 @@
-"""The shared wasmtime engines, the epoch ticker and the compiled-module cache.
+"""Engines, call deadlines and the compiled-module cache.
 
-One engine per fuel setting (a module compiled for one engine cannot run on another),
-so every plugin of a process shares compiled code. Deadlines are epoch interruption:
-before each call the store's deadline is set to ``ceil(timeout / TICK)`` ticks after
-the current epoch, and one ticker thread advances the epoch every ``TICK`` seconds
-while at least one call is running; with no call in flight it sleeps on a condition
-(no wake-ups at all).
+Every plugin instance has an engine of its own (creating one costs microseconds), so its
+epoch is its own: a deadline is "the store traps at the next epoch", and the
+:data:`watchdog` thread advances that engine's epoch exactly when the call's time is up,
+or at once to cut a stopped plugin's call short. The watchdog sleeps until the earliest
+deadline of a call in flight (re-checked when one ends, never on a period), and on a
+condition when no call runs: a busy process pays about one wake-up per ``timeout``, an
+idle one none.
 
-Compiled modules are cached in memory and on disk (``Module.serialize``), keyed by
-the module's sha256, the fuel setting and the wasmtime version, so a restart costs an
-instantiation, not a compile. The disk cache is used only when its directory is ours
+Modules are compiled once on a shared engine and kept serialized (``Module.serialize``)
+in memory and on disk, keyed by sha256, fuel setting and wasmtime version; an instance's
+engine loads them with ``Module.deserialize`` (tens of microseconds), so a restart costs
+an instantiation, not a compile. The disk cache is used only when its directory is ours
 and not writable by anyone else (a serialized module is native code).
 """
 
@@ -18,89 +20,107 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import stat
 import tempfile
 import threading
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import wasmtime
 
-__all__ = ["TICK", "cache_dir", "deadline_ticks", "engine", "load_module", "ticker", "to_wasm"]
+__all__ = [
+    "cache_dir",
+    "engine",
+    "load_module",
+    "module_for",
+    "new_engine",
+    "serialized",
+    "to_wasm",
+    "watchdog",
+]
 
 _log = logging.getLogger("trellis.plugins")
-
-#: The epoch tick: a deadline fires between ``timeout`` and ``timeout + TICK`` late.
-TICK = 0.005
 
 _engines: dict[bool, wasmtime.Engine] = {}
 _engines_lock = threading.Lock()
 
 
+def _config(fuel: bool) -> wasmtime.Config:
+    cfg = wasmtime.Config()
+    cfg.epoch_interruption = True
+    cfg.consume_fuel = fuel
+    return cfg
+
+
 def engine(fuel: bool = False) -> wasmtime.Engine:
-    """The process-wide engine (epoch interruption on; fuel metering when ``fuel``)."""
+    """The shared engine modules are compiled (and validated) on."""
     e = _engines.get(fuel)
     if e is not None:
         return e
     with _engines_lock:
         e = _engines.get(fuel)
         if e is None:
-            cfg = wasmtime.Config()
-            cfg.epoch_interruption = True
-            cfg.consume_fuel = fuel
-            e = _engines[fuel] = wasmtime.Engine(cfg)
+            e = _engines[fuel] = wasmtime.Engine(_config(fuel))
         return e
 
 
-def deadline_ticks(timeout: float) -> int:
-    """Epoch ticks for a deadline of ``timeout`` seconds (at least one)."""
-    return max(1, math.ceil(timeout / TICK))
+def new_engine(fuel: bool = False) -> wasmtime.Engine:
+    """An engine for one instance: its epoch is that instance's alone."""
+    return wasmtime.Engine(_config(fuel))
 
 
-class _Ticker:
-    """Advances every engine's epoch every ``TICK`` while calls run; idle otherwise."""
+class _Watchdog:
+    """Advances an instance's epoch when its call's deadline passes (see the module
+    docs). ``arm``/``disarm`` bracket every call; ``wakeups`` counts the thread's turns."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._active = 0
+        self._armed: dict[int, tuple[float, wasmtime.Engine]] = {}
+        self._target: float | None = None
         self._thread: threading.Thread | None = None
-        self.ticks = 0  # how many times it ticked (tests: it costs nothing when idle)
+        self.wakeups = 0
 
-    def enter(self) -> None:
+    def arm(self, key: int, eng: wasmtime.Engine, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         with self._cond:
-            self._active += 1
+            self._armed[key] = (deadline, eng)
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._run, name="trellis-plugin-epoch", daemon=True
+                    target=self._run, name="trellis-plugin-deadlines", daemon=True
                 )
                 self._thread.start()
-            elif self._active == 1:
+            elif self._target is None or deadline < self._target:
                 self._cond.notify()
 
-    def leave(self) -> None:
+    def disarm(self, key: int) -> None:
         with self._cond:
-            self._active -= 1
+            self._armed.pop(key, None)
 
     @property
-    def active(self) -> int:
-        return self._active
+    def armed(self) -> int:
+        return len(self._armed)
 
     def _run(self) -> None:
-        wait = threading.Event().wait
-        while True:
-            with self._cond:
-                while self._active == 0:
-                    self._cond.wait()
-            wait(TICK)
-            for e in list(_engines.values()):
-                e.increment_epoch()
-            self.ticks += 1
+        cond = self._cond
+        with cond:
+            while True:
+                self.wakeups += 1
+                now = time.monotonic()
+                nxt: float | None = None
+                for key, (deadline, eng) in list(self._armed.items()):
+                    if deadline <= now:
+                        del self._armed[key]
+                        eng.increment_epoch()  # the call traps at its next epoch check
+                    elif nxt is None or deadline < nxt:
+                        nxt = deadline
+                self._target = nxt
+                cond.wait(None if nxt is None else nxt - now)
 
 
-ticker = _Ticker()
+watchdog = _Watchdog()
 
 
 # ---------------------------------------------------------------------------
@@ -157,7 +177,7 @@ def _wasmtime_version() -> str:
     return _VERSION
 
 
-_modules: dict[tuple[str, bool], wasmtime.Module] = {}
+_serialized: dict[tuple[str, bool], bytes] = {}
 _module_locks: dict[tuple[str, bool], threading.Lock] = {}
 _modules_lock = threading.Lock()
 stats = {"compiled": 0, "disk_hits": 0, "memory_hits": 0}
@@ -185,25 +205,22 @@ def cache_dir() -> Path | None:
     return d
 
 
-def load_module(wasm: bytes, fuel: bool) -> tuple[wasmtime.Module, str]:
-    """The compiled module for ``wasm`` (from memory, disk, or compiled now) and its sha256.
-
-    Thread-safe; two threads asking for the same module compile it once.
-    """
+def serialized(wasm: bytes, fuel: bool) -> tuple[bytes, str]:
+    """``wasm`` compiled (from memory, disk, or compiled now) and serialized, and its
+    sha256. Thread-safe; two threads asking for the same module compile it once."""
     sha = hashlib.sha256(wasm).hexdigest()
     key = (sha, fuel)
-    mod = _modules.get(key)
-    if mod is not None:
+    ser = _serialized.get(key)
+    if ser is not None:
         stats["memory_hits"] += 1
-        return mod, sha
+        return ser, sha
     with _modules_lock:
         lock = _module_locks.setdefault(key, threading.Lock())
     with lock:
-        mod = _modules.get(key)
-        if mod is not None:
+        ser = _serialized.get(key)
+        if ser is not None:
             stats["memory_hits"] += 1
-            return mod, sha
-        eng = engine(fuel)
+            return ser, sha
         d = cache_dir()
         path = (
             d / f"{sha}-{'fuel' if fuel else 'plain'}-{_wasmtime_version()}.cwasm"
@@ -212,18 +229,31 @@ def load_module(wasm: bytes, fuel: bool) -> tuple[wasmtime.Module, str]:
         )
         if path is not None and path.exists():
             try:
-                mod = wasmtime.Module.deserialize_file(eng, str(path))
+                data = path.read_bytes()
+                wasmtime.Module.deserialize(engine(fuel), data)  # usable by this wasmtime?
+                ser = data
                 stats["disk_hits"] += 1
             except Exception as e:  # stale or damaged: compile again
                 _log.warning("plugin cache entry %s unusable (%s): recompiling", path, e)
-                mod = None
-        if mod is None:
-            mod = wasmtime.Module(eng, wasm)
+                ser = None
+        if ser is None:
+            ser = bytes(wasmtime.Module(engine(fuel), wasm).serialize())
             stats["compiled"] += 1
             if path is not None:
-                _store(path, bytes(mod.serialize()))
-        _modules[key] = mod
-        return mod, sha
+                _store(path, ser)
+        _serialized[key] = ser
+        return ser, sha
+
+
+def module_for(eng: wasmtime.Engine, ser: bytes) -> wasmtime.Module:
+    """A serialized module (from :func:`serialized`) loaded into ``eng``."""
+    return wasmtime.Module.deserialize(eng, ser)
+
+
+def load_module(wasm: bytes, fuel: bool) -> tuple[wasmtime.Module, str]:
+    """``wasm`` as a module on the shared engine (benchmarks), and its sha256."""
+    ser, sha = serialized(wasm, fuel)
+    return module_for(engine(fuel), ser), sha
 
 
 def _store(path: Path, data: bytes) -> None:
@@ -241,4 +271,4 @@ def _store(path: Path, data: bytes) -> None:
 def forget_modules() -> None:
     """Drop the in-memory cache (tests and benchmarks: measure a disk or cold load)."""
     with _modules_lock:
-        _modules.clear()
+        _serialized.clear()

@@ -64,15 +64,15 @@ _LEVELS = {
 MAX_VAR_BYTES = 1 << 20
 
 
-def kernel_module(fuel: bool) -> wasmtime.Module:
-    """The compiled Extism kernel for the engine with this fuel setting."""
+def kernel_module(eng: wasmtime.Engine, fuel: bool) -> wasmtime.Module:
+    """The compiled Extism kernel, loaded into ``eng``."""
     global _kernel_wasm
     with _kernel_lock:
         if _kernel_wasm is None:
             text = resources.files(__package__).joinpath("_kernel.wat").read_text("utf-8")
             _kernel_wasm = bytes(wasmtime.wat2wasm(text))
-    mod, _ = _engine.load_module(_kernel_wasm, fuel)
-    return mod
+    ser, _ = _engine.serialized(_kernel_wasm, fuel)
+    return _engine.module_for(eng, ser)
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ class Instance:
 
     def __init__(
         self,
-        module: wasmtime.Module,
+        compiled: bytes,
         *,
         plugin: str,
         memory: int,
@@ -177,7 +177,9 @@ class Instance:
         self.memory_high = 0
         self._fault: PluginError | None = None
         self._http_status = 0
-        eng = _engine.engine(fuel is not None)
+        # an engine of its own: its epoch (the deadline) is this instance's alone
+        eng = self.engine = _engine.new_engine(fuel is not None)
+        module = _engine.module_for(eng, compiled)
         store = self.store = wasmtime.Store(eng)
         store.set_limits(memory_size=memory)
         linker = wasmtime.Linker(eng)
@@ -208,7 +210,7 @@ class Instance:
             linker.define_wasi()
         self.kernel: Any = None
         if self.extism:
-            kinst = wasmtime.Instance(store, kernel_module(fuel is not None), [])
+            kinst = wasmtime.Instance(store, kernel_module(eng, fuel is not None), [])
             kx = kinst.exports(store)
             self.kernel = kx
             kmem = kx["memory"]
@@ -233,17 +235,24 @@ class Instance:
                 )
         if fuel is not None:
             store.set_fuel(fuel)
-        store.set_epoch_deadline(_engine.deadline_ticks(timeout))
+        store.set_epoch_deadline(1)
+        _engine.watchdog.arm(id(self), eng, timeout)  # a start function has the deadline too
         try:
             self.instance = linker.instantiate(store, module)
+        except wasmtime.Trap as e:
+            if e.trap_code == wasmtime.TrapCode.INTERRUPT:
+                raise PluginError(
+                    "timeout", f"start function ran past {timeout}s", plugin=plugin
+                ) from None
+            raise PluginError(
+                "trap", f"start function trapped: {_first_line(e)}", plugin=plugin
+            ) from None
         except wasmtime.WasmtimeError as e:
             raise PluginError(
                 "error", f"cannot instantiate: {_first_line(e)}", plugin=plugin
             ) from None
-        except wasmtime.Trap as e:
-            raise PluginError(
-                "trap", f"start function trapped: {_first_line(e)}", plugin=plugin
-            ) from None
+        finally:
+            _engine.watchdog.disarm(id(self))
         exports = self.instance.exports(store)
         self.exports = exports
         mem = exports.get("memory") if hasattr(exports, "get") else None
@@ -328,19 +337,24 @@ class Instance:
         """The kernel memory's address now (it may move when it grows)."""
         return ctypes.addressof(self.kmem.data_ptr(self.store).contents)
 
+    def interrupt(self) -> None:
+        """Cut the call in flight short (any thread): it traps at its next epoch check."""
+        self.engine.increment_epoch()
+
     def _run(self, fn: Callable[[], Any], name: str) -> Any:
         store = self.store
-        store.set_epoch_deadline(_engine.deadline_ticks(self.timeout))
+        store.set_epoch_deadline(1)  # trap at the next epoch: the watchdog's, at the deadline
         if self.fuel is not None:
             store.set_fuel(self.fuel)
         self._fault = None
-        _engine.ticker.enter()
+        key = id(self)
+        _engine.watchdog.arm(key, self.engine, self.timeout)
         try:
             return fn()
         except (wasmtime.Trap, wasmtime.WasmtimeError, _HostFault) as e:
             raise self._classify(e, name) from None
         finally:
-            _engine.ticker.leave()
+            _engine.watchdog.disarm(key)
             if self.fuel is not None:
                 try:
                     self.fuel_used = self.fuel - store.get_fuel()

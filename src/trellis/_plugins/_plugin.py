@@ -219,9 +219,9 @@ class _Worker:
         cfg = self.pool.cfg
         post = self.pool.loop.call_soon_threadsafe
         try:
-            module, _ = _engine.load_module(cfg.wasm, cfg.fuel is not None)
+            compiled, _ = _engine.serialized(cfg.wasm, cfg.fuel is not None)
             inst = Instance(
-                module,
+                compiled,
                 plugin=cfg.id,
                 memory=cfg.memory,
                 timeout=cfg.timeout,
@@ -242,8 +242,8 @@ class _Worker:
         get = self.q.get
         while True:
             job = get()
-            if job is None:
-                break
+            if job is None or self.pool.closed is not None:
+                break  # stopped: what is still queued was answered Exited by close()
             err: PluginError | None = None
             out = b""
             try:
@@ -398,6 +398,9 @@ class _Pool:
             self.closed = reason
         for w in self.workers:
             w.q.put(None)
+            inst = w.instance
+            if inst is not None and w.pending:
+                inst.interrupt()  # a call in flight stops now, not at its deadline
         target = self.cfg.name or self.cfg.id
         for fut in list(self.outstanding):
             if not fut.done():
