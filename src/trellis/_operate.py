@@ -73,6 +73,8 @@ class Operations:
     #: the tree file's ``slo``/``runbook``/``owner`` by tree path (the dashboard's budgets)
     slo: dict[str, Any] = field(default_factory=dict)
     """The tree file's reloader (``trellis run`` sets it): SIGHUP and POST /v1/reload."""
+    #: ``[cluster]`` / ``--cluster``: a ``trellis.cluster.ClusterSettings``, or None
+    cluster: Any = None
 
     def extensions(self) -> list[Extension]:
         """The extensions, in start order: tracker, metrics, journal, control API."""
@@ -94,6 +96,10 @@ class Operations:
                 **self.journal_options,
             )
             exts.append(journal)
+        if self.cluster is not None:  # after the journal: its lease events are journaled
+            from .cluster import Cluster
+
+            exts.append(Cluster(self.cluster, run_id=self.run_id))
         if self.reloader is not None:
             exts.append(self.reloader)
         if self.socket is not None or self.tcp is not None:
@@ -239,6 +245,7 @@ def operations(
     metrics: bool | None = None,
     node: str | None = None,
     environ: dict[str, str] | None = None,
+    cluster: str | None = None,
 ) -> Operations:
     """Resolve the tree file's ``settings`` and command-line overrides (``None`` = not
     given; ``False`` = off) into :class:`Operations`. ``control=False`` turns the whole
@@ -315,6 +322,15 @@ def operations(
     mset = settings.get("metrics", {})
     ops.metrics = metrics if metrics is not None else bool(mset.get("enabled", True))
     ops.slo = dict(settings.get("slo", {}))
+    if cluster is not None or settings.get("cluster"):
+        from .cluster._settings import ClusterError, ClusterSettings
+
+        table = dict(settings.get("cluster", {}))
+        table.setdefault("node", ops.node)
+        try:
+            ops.cluster = ClusterSettings.from_settings(table, url=cluster, node=node)
+        except ClusterError as e:
+            raise OperationsError(str(e)) from None
     return ops
 
 

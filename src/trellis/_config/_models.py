@@ -51,6 +51,7 @@ __all__ = [
     "CHILD_KINDS",
     "SLI_KINDS",
     "BackoffModel",
+    "ClusterModel",
     "CommandChild",
     "ControlModel",
     "Document",
@@ -519,11 +520,12 @@ class _Sre(_Model):
     owner: NonEmpty | None = None
 
 
-_SRE_KEYS = ("slo", "runbook", "owner")
+_SRE_KEYS = ("slo", "runbook", "owner", "scope")  # keys no child builder takes
 
 
 class _Child(_Sre):
     id: ChildId | None = None
+    scope: Literal["node", "cluster"] | None = None  # cluster: a singleton (trellis.cluster)
     restart: Restart | None = None
     shutdown: Shutdown | None = None
     significant: bool | None = None
@@ -710,6 +712,39 @@ class RunModel(_Model):
     loop: Literal["asyncio", "uvloop"] | None = None
 
 
+def _check_nats_url(value: object) -> str:
+    if isinstance(value, str) and value.strip():
+        _no_nul(value)
+        parts = [p.strip() for p in value.split(",")]
+        if all(p.partition("://")[0] in ("nats", "tls", "ws", "wss") and "://" in p for p in parts):
+            return value
+    fail(f"invalid cluster URL {value!r}: use nats://HOST:PORT (several: comma-separated)")
+
+
+def _check_cluster_name(value: object) -> str:
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        return value
+    fail(f"cluster name {value!r}: use 1-64 letters, digits, '-' or '_'")
+
+
+class ClusterModel(_Model):
+    """``[cluster]``: join a cluster on NATS (see trellis.cluster)."""
+
+    what = "cluster"
+    url: Annotated[str, PlainValidator(_check_nats_url)] | None = None
+    node: Annotated[str, Field(pattern=r"^[A-Za-z0-9_=.-]{1,128}$")] | None = None
+    name: Annotated[str, PlainValidator(_check_cluster_name)] | None = None
+    lease_ttl: Annotated[float, Field(ge=0.2, le=3600, allow_inf_nan=False)] | None = None
+    user: NonEmpty | None = None
+    password: NonEmpty | None = None
+    token: NonEmpty | None = None
+    creds: NonEmpty | None = None
+    nkey: NonEmpty | None = None
+    tls_ca: NonEmpty | None = None
+    tls_cert: NonEmpty | None = None
+    tls_key: NonEmpty | None = None
+
+
 class Document(_Model):
     what = "the tree file"
     supervisor: dict[str, Any]
@@ -718,6 +753,7 @@ class Document(_Model):
     journal: JournalModel | None = None
     control: ControlModel | None = None
     metrics: MetricsModel | None = None
+    cluster: ClusterModel | None = None
     chaos: list[dict[str, Any]] | None = None
 
 

@@ -105,6 +105,7 @@ class _Walker:
         self.ids: dict[KeyPath, str | None] = {}  # key path of a child -> its id
         self.sre: dict[KeyPath, dict[str, Any]] = {}  # key path -> slo/runbook/owner
         self.names: dict[str, KeyPath] = {}  # registered name -> where it is given
+        self.tree_name = "root"  # cluster singletons' leases are named TREE.ID
 
     def error(self, path: KeyPath, message: str) -> None:
         self.failed = True
@@ -174,6 +175,7 @@ class _Walker:
             return None
         path: KeyPath = ("supervisor",)
         root = self.validate(RootSupervisor, doc.supervisor, path)
+        self.tree_name = (root.name if root is not None else None) or "root"
         if root is not None:
             self.note_sre(root, path)
             self.register_name(root.name or "root", (*path, "name"))  # the root's own
@@ -229,7 +231,7 @@ class _Walker:
         out: dict[str, Any] = {}
         if doc.node is not None:
             out["node"] = doc.node
-        for key in ("journal", "control", "metrics", "run"):
+        for key in ("journal", "control", "metrics", "run", "cluster"):
             model = getattr(doc, key)
             if model is not None:
                 out[key] = model.given()
@@ -323,7 +325,7 @@ class _Walker:
             auto = (model.auto_shutdown or "never") if isinstance(model, SupervisorChild) else None
             built = self.children(data.get("children"), (*path, "children"), auto)
             if isinstance(model, SupervisorChild):
-                return self.supervisor(model, path, built, auto_shutdown)
+                return self.scoped(model, self.supervisor(model, path, built, auto_shutdown))
             return _Built(None, _str(data.get("id")), None)
         checks_only = model is None
         if model is None:
@@ -346,9 +348,22 @@ class _Walker:
                 result = self.worker(model, path)
             if result.spec is not None:
                 self.check_significant(result.spec, path, auto_shutdown)
-            return result if not self.failed else _Built(None, result.id, None)
+            return self.scoped(model, result) if not self.failed else _Built(None, result.id, None)
         finally:
             self.failed = self.failed or before
+
+    def scoped(self, model: _Child, built: _Built) -> _Built:
+        """``scope = "cluster"``: the child becomes a cluster singleton (its lease is named
+        ``TREE.ID``); trellis.cluster is imported only for such trees."""
+        if model.scope != "cluster" or built.spec is None:
+            return built
+        from ..cluster._singleton import singleton
+
+        key = f"{self.tree_name}.{built.spec.id}"
+        node = built.node
+        if node is not None:
+            node = dataclasses.replace(node, detail=f"{node.detail} [scope=cluster]")
+        return _Built(singleton(built.spec, key=key), built.id, node)
 
     def check_significant(self, spec: ChildSpec, path: KeyPath, auto_shutdown: str | None) -> None:
         """``auto_shutdown`` is the parent's (None when the parent's table is invalid)."""

@@ -45,6 +45,7 @@ class _LazyGroup(click.Group):
 
     LAZY = {
         "chaos": "trellis.cli.chaos:chaos",
+        "cluster": "trellis.cli.cluster:cluster_group",
         "dashboard": "trellis.cli.dashboard:dashboard",
         "events": "trellis.cli.control:events",
         "journal": "trellis.cli.journal:journal_group",

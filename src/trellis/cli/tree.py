@@ -95,7 +95,14 @@ def check(trees: tuple[str, ...]) -> None:
     help="Also serve the control API on TCP; needs a bearer token in $TRELLIS_CONTROL_TOKEN.",
 )
 @click.option("--no-metrics", is_flag=True, help="Run without Prometheus metrics.")
-@click.option("--node", metavar="NAME", help="Node name in the journal and metrics.")
+@click.option("--node", metavar="NAME", help="Node name in the journal, metrics and cluster.")
+@click.option(
+    "--cluster",
+    "cluster_url",
+    metavar="URL",
+    help="Join a cluster on NATS (nats://HOST:PORT): scope = 'cluster' children run on "
+    "one live node; default: the tree file's [cluster] url.",
+)
 @click.option(
     "--loop",
     "loop_name",
@@ -116,6 +123,7 @@ def run(
     tcp: str | None,
     no_metrics: bool,
     node: str | None,
+    cluster_url: str | None,
     loop_name: str | None,
 ) -> None:
     """Run a tree in the foreground until SIGTERM/SIGINT (exit 0) or until the root
@@ -151,6 +159,7 @@ def run(
             tcp=_parse_tcp(tcp) if tcp is not None else None,
             metrics=False if no_metrics else None,
             node=node,
+            cluster=cluster_url,
         )
     except OperationsError as e:
         click.echo(f"{tree_file}: {e}", err=True)

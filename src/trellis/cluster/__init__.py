@@ -1,0 +1,30 @@
+"""Cluster mode on NATS JetStream: membership, fenced singletons.
+
+A subscriber layer: behaviours never import it, and importing it does not import
+nats-py (that happens when a :class:`Cluster` starts). Install with
+``pip install 'trellis-otp[cluster]'``.
+
+Example::
+
+    import trellis, trellis.cluster as tc
+    spec = tc.singleton(trellis.Command(["./leader"], id="leader"))
+    cluster = tc.Cluster(tc.ClusterSettings("nats://127.0.0.1:4222", node="a", lease_ttl=1))
+    trellis.run(lambda: trellis.Supervisor.start_link([spec]), extensions=[cluster])
+"""
+
+from ._node import Cluster, Lease, current
+from ._settings import DEFAULT_LEASE_TTL, ClusterError, ClusterSettings
+from ._singleton import FENCING_TOKEN_ENV, LeaseLost, fencing_token, singleton
+
+__all__ = [
+    "DEFAULT_LEASE_TTL",
+    "FENCING_TOKEN_ENV",
+    "Cluster",
+    "ClusterError",
+    "ClusterSettings",
+    "Lease",
+    "LeaseLost",
+    "current",
+    "fencing_token",
+    "singleton",
+]
