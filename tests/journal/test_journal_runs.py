@@ -57,12 +57,13 @@ def _records(db: Path) -> list[dict[str, Any]]:
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
-            rows = con.execute("SELECT seq, kind, data FROM journal ORDER BY seq").fetchall()
+            q = "SELECT seq, kind, data, utc FROM journal ORDER BY seq"
+            rows = con.execute(q).fetchall()
         finally:
             con.close()
     except sqlite3.Error:
         return []  # not created yet
-    return [{"seq": s, "kind": k, "data": json.loads(d)} for s, k, d in rows]
+    return [{"seq": s, "kind": k, "data": json.loads(d), "utc": u} for s, k, d, u in rows]
 
 
 def _start(tree: Path, state: Path) -> subprocess.Popen[str]:
@@ -161,11 +162,15 @@ def test_runs_are_bounded_and_a_kill_9_is_journaled_at_the_next_start(tmp_path: 
     starts = [r for r in boundaries if r["kind"] == "run.started"]
     assert [s["data"]["previous_run_id"] for s in starts] == [None, *runs[:-1]]
 
-    # every record belongs to the run it was written in
+    # every record belongs to the run it was written in, and none is older than its
+    # run.started (dated when the journal started, before the tree)
     current = None
+    since = ""
     for r in records:
         if r["kind"] == "run.started":
             current = r["data"]["run_id"]
+            since = r["utc"]
+        assert r["utc"] >= since, (r, since)
         if r["kind"] == "run.unclean_end":
             continue  # about the previous run, written by the next
         if r["kind"].startswith("journal."):

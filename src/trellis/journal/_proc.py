@@ -7,10 +7,11 @@ tree. It loads only the standard library and the journal's ``_chain``, ``_store`
 
 Protocol: length-prefixed pickles (:func:`send`, :class:`Reader`) of tuples of
 primitives. Parent to child: ``("config", url, node, key, checkpoint_every,
-busy_timeout, anchor_path, max_unsigned, run_id, run_start)`` first, then ``("batch", chunks, close,
-resend_after)`` (one at a time: the next only after the ack; ``chunks`` are pickled
-lists of wire tuples, see ``_chain.item_of_wire``; with ``resend_after``, records
-already committed after that seq are recognised and skipped) and ``("stopping",)``.
+busy_timeout, anchor_path, max_unsigned, run_id, run_start, run_wall)`` first, then
+``("batch", chunks, close, resend_after)`` (one at a time: the next only after the
+ack; ``chunks`` are pickled lists of wire tuples, see ``_chain.item_of_wire``; with
+``resend_after``, records already committed after that seq are recognised and
+skipped) and ``("stopping",)``.
 Child to parent: ``("ready", seq, problem, tightened)`` (``problem``: why it will
 not sign on top of this journal, or None; ``tightened``: files whose mode it made
 0600) or ``("open_error", class name, message)``; per batch ``("ack", records,
@@ -137,6 +138,7 @@ class _Writer:
         #: process opens it (the first of the run) with ``run.started``
         self.run_id: str | None = rest[2] if len(rest) > 2 else None
         run_start = bool(rest[3]) if len(rest) > 3 else False
+        self.run_wall: float | None = rest[4] if len(rest) > 4 else None
         self.run_records: list[Any] = []  # run.unclean_end, run.started: the first commit
         _store.SQLITE_BUSY_TIMEOUT = busy
         self.out = out
@@ -264,7 +266,7 @@ class _Writer:
         ``run.started``."""
         from trellis.journal._chain import data_text, utc_text
 
-        now = utc_text(time.time())
+        now = utc_text(self.run_wall if self.run_wall is not None else time.time())
         out = []
         try:
             self.store.begin()

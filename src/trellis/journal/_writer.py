@@ -145,7 +145,8 @@ class Journal:
             journal's first commit, every ``checkpoint_every`` records and on close.
         checkpoint_every: records between signed checkpoints (only with a key).
         run_id: the id of this run of the tree (``trellis run`` makes one per run). With
-            it, the journal opens the run with a ``run.started`` record (``run_id``,
+            it, the journal opens the run with a ``run.started`` record (dated when
+            :meth:`start` was called, before any event of the run; ``run_id``,
             ``previous_run_id``, ``os_pid`` of the process running the tree), preceded
             by ``run.unclean_end`` (``run_id`` of the previous run, its ``last_seq`` and
             ``last_utc``, ``detected_by``) when the previous run in the journal never
@@ -273,6 +274,7 @@ class Journal:
         #: the run this journal records (``trellis run`` gives one; see ``run_id``)
         self.run_id = run_id
         self._run_opened = False  # run.started is written by the first writer process
+        self._run_wall: float | None = None  # when start()/open() was called: run.started's utc
         #: why this journal's writer does not sign (rows it had not written at the head,
         #: a checkpoint that does not verify, a truncated journal); None while it signs
         self.foreign_head: str | None = None
@@ -329,6 +331,8 @@ class Journal:
         in the buffer); the writer process is started and the open awaited in
         :meth:`tree_started`, so a tree starts without waiting for (or sharing the CPU
         with) the writer's start."""
+        if self._run_wall is None:
+            self._run_wall = time.time()
         if self.open_in_background:
             self._hid = _telemetry.attach(self._on_event)
         else:
@@ -387,6 +391,8 @@ class Journal:
 
     def open(self) -> Journal:
         """The sync form of :meth:`start` (blocks until the store is open); returns self."""
+        if self._run_wall is None:
+            self._run_wall = time.time()
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -686,6 +692,7 @@ class Journal:
                     self.max_unsigned,
                     self.run_id,
                     not self._run_opened,
+                    self._run_wall,
                 ),
             )
             deadline = time.monotonic() + _OPEN_TIMEOUT
