@@ -401,3 +401,38 @@ async def test_call_statistics_are_telemetry(wat: Wat) -> None:
     assert sum(e["errors"].get("error", 0) for e in stats) == 1
     assert sum(n for _, n in stats[0]["buckets"]) == stats[0]["calls"]
     assert all(e["path"] == started["path"] for e in stats)
+
+
+async def test_no_network_unless_granted(wat: Wat) -> None:
+    import http.server
+    import threading
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"hello from the network")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hello)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    request = f'{{"url": "http://127.0.0.1:{server.server_address[1]}/"}}'.encode()
+    try:
+        async with tree(spec(wat, restart="temporary")):
+            with pytest.raises(trellis.PluginError) as ei:
+                await trellis.plugin_call("misbehave", "fetch", request)
+            assert ei.value.kind == "trap"
+            assert "not granted" in ei.value.message
+        async with tree(spec(wat, allowed_hosts=["127.0.0.1"])):
+            out = await trellis.plugin_call("misbehave", "fetch", request)
+            assert out == b"hello from the network"
+        async with tree(spec(wat, allowed_hosts=["example.org"])):
+            with pytest.raises(trellis.PluginError, match="not granted"):
+                await trellis.plugin_call("misbehave", "fetch", request)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

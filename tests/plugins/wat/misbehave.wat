@@ -16,6 +16,8 @@
   (import "extism:host/env" "var_get" (func $var_get (param i64) (result i64)))
   (import "extism:host/env" "var_set" (func $var_set (param i64 i64)))
   (import "extism:host/env" "log_info" (func $log_info (param i64)))
+  (import "extism:host/env" "http_request" (func $http_request (param i64 i64) (result i64)))
+  (import "extism:host/env" "http_status_code" (func $http_status_code (result i32)))
   (memory (export "memory") 1)
   (data (i32.const 0) "count")
   (data (i32.const 16) "plugin said no")
@@ -126,6 +128,16 @@
   (func (export "leak") (result i32)
     (if (i32.eq (memory.grow (i32.const 4)) (i32.const -1)) (then unreachable))
     (i32.const 0))
+
+  ;; the input is an Extism HTTP request ({"url": ...}); outputs the response body
+  (func (export "fetch") (result i32)
+    (local $r i64)
+    (local.set $r (call $http_request (call $input_copy) (i64.const 0)))
+    (if (i64.ne (local.get $r) (i64.const 0))
+      (then (call $output_set (local.get $r) (call $length (local.get $r)))))
+    ;; 0 for a 200, else the status code (an error)
+    (if (result i32) (i32.eq (call $http_status_code) (i32.const 200))
+      (then (i32.const 0)) (else (call $http_status_code))))
 
   ;; plain numeric exports live beside the Extism ones
   (func (export "add") (param i32 i32) (result i32) (i32.add (local.get 0) (local.get 1)))
