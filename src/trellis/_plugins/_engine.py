@@ -178,6 +178,7 @@ def _wasmtime_version() -> str:
 
 
 _serialized: dict[tuple[str, bool], bytes] = {}
+_by_bytes: dict[tuple[bytes, bool], tuple[bytes, str]] = {}
 _module_locks: dict[tuple[str, bool], threading.Lock] = {}
 _modules_lock = threading.Lock()
 stats = {"compiled": 0, "disk_hits": 0, "memory_hits": 0}
@@ -208,11 +209,16 @@ def cache_dir() -> Path | None:
 def serialized(wasm: bytes, fuel: bool) -> tuple[bytes, str]:
     """``wasm`` compiled (from memory, disk, or compiled now) and serialized, and its
     sha256. Thread-safe; two threads asking for the same module compile it once."""
+    known = _by_bytes.get((wasm, fuel))  # bytes cache their hash: no sha256 per restart
+    if known is not None:
+        stats["memory_hits"] += 1
+        return known
     sha = hashlib.sha256(wasm).hexdigest()
     key = (sha, fuel)
     ser = _serialized.get(key)
     if ser is not None:
         stats["memory_hits"] += 1
+        _by_bytes[(wasm, fuel)] = (ser, sha)
         return ser, sha
     with _modules_lock:
         lock = _module_locks.setdefault(key, threading.Lock())
@@ -242,6 +248,7 @@ def serialized(wasm: bytes, fuel: bool) -> tuple[bytes, str]:
             if path is not None:
                 _store(path, ser)
         _serialized[key] = ser
+        _by_bytes[(wasm, fuel)] = (ser, sha)
         return ser, sha
 
 
@@ -272,3 +279,4 @@ def forget_modules() -> None:
     """Drop the in-memory cache (tests and benchmarks: measure a disk or cold load)."""
     with _modules_lock:
         _serialized.clear()
+        _by_bytes.clear()

@@ -183,7 +183,7 @@ class Instance:
         store = self.store = wasmtime.Store(eng)
         store.set_limits(memory_size=memory)
         linker = wasmtime.Linker(eng)
-        imports = {(i.module, i.name) for i in module.imports}
+        imports = _imports(compiled, module)
         self.extism = any(m == EXTISM_ENV for m, _ in imports)
         for mod_name, name in sorted(imports):
             if mod_name == EXTISM_ENV:
@@ -211,25 +211,31 @@ class Instance:
         self.kernel: Any = None
         if self.extism:
             kinst = wasmtime.Instance(store, kernel_module(eng, fuel is not None), [])
-            kx = kinst.exports(store)
+            # exports looked up one by one: Instance.exports() would wrap all thirty
+            linker.define_instance(store, EXTISM_ENV, kinst)
+
+            def kx(name: str) -> Any:
+                return linker.get(store, EXTISM_ENV, name)
+
             self.kernel = kx
-            kmem = kx["memory"]
+            kmem = kx("memory")
             assert isinstance(kmem, wasmtime.Memory)
             self.kmem: wasmtime.Memory = kmem
-            self.k_alloc: Any = kx["alloc"]
-            self.k_length: Any = kx["length"]
-            self.k_reset: Any = kx["reset"]
-            prepare, finish = kx["prepare"], kx["finish"]
+            self.k_alloc: Any = kx("alloc")
+            self.k_length: Any = kx("length")
+            self.k_oom: Any = kx("oom")
+            prepare, finish = kx("prepare"), kx("finish")
             assert isinstance(prepare, wasmtime.Func)
             assert isinstance(finish, wasmtime.Func)
             self.k_prepare = _Fast(store, prepare, [_I64], [_I64])
             self.k_finish = _Fast(store, finish, [], [])
-            linker.define_instance(store, EXTISM_ENV, kinst)
-            for fname, (params, results) in _HOST_FUNCS.items():
+            for fname in _HOST_FUNCS:
+                if (EXTISM_ENV, fname) not in imports:
+                    continue  # only what the module imports
                 linker.define_func(
                     EXTISM_ENV,
                     fname,
-                    FuncType(params, results),
+                    FuncType(*_HOST_FUNCS[fname]),  # types belong to an engine: new each time
                     self._host_func(fname),
                     access_caller=True,
                 )
@@ -253,8 +259,9 @@ class Instance:
             ) from None
         finally:
             _engine.watchdog.disarm(id(self))
-        exports = self.instance.exports(store)
-        self.exports = exports
+        linker.define_instance(store, _SELF, self.instance)
+        self._linker = linker
+        exports = self.exports = _Exports(linker, store)
         mem = exports.get("memory") if hasattr(exports, "get") else None
         self.memory: wasmtime.Memory | None = mem if isinstance(mem, wasmtime.Memory) else None
         self._funcs: dict[str, tuple[Any, bool, list[ValType], list[ValType]]] = {}
@@ -396,7 +403,7 @@ class Instance:
         the module's memory, a trap with under 1/16 of the cap (at least 1 MiB) left
         counts as one (wasmtime-py does not report a refused ``memory.grow``)."""
         try:
-            if self.kernel is not None and self.kernel["oom"](self.store):
+            if self.kernel is not None and self.k_oom(self.store):
                 return True
         except Exception:
             pass
@@ -523,6 +530,38 @@ class Instance:
         except OSError as e:
             raise self._trap("error", f"http_request to {host!r} failed: {e}") from None
         return self._new(caller, payload)
+
+
+_SELF = "trellis:plugin"
+_imports_of: dict[bytes, frozenset[tuple[str, str]]] = {}
+
+
+def _imports(compiled: bytes, module: wasmtime.Module) -> frozenset[tuple[str, str]]:
+    """A module's imports, read once per compiled module."""
+    found = _imports_of.get(compiled)
+    if found is None:
+        found = _imports_of[compiled] = frozenset((i.module, i.name or "") for i in module.imports)
+    return found
+
+
+class _Exports:
+    """An instance's exports by name, looked up when asked for (through the linker)."""
+
+    def __init__(self, linker: wasmtime.Linker, store: wasmtime.Store) -> None:
+        self._linker = linker
+        self._store = store
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._linker.get(self._store, _SELF, name)
+        except wasmtime.WasmtimeError:
+            raise KeyError(name) from None
+
+    def get(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return None
 
 
 def _get(exports: Any, name: str) -> Any:
