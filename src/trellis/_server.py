@@ -36,6 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
+import weakref
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Coroutine
 from typing import Any, ClassVar
@@ -159,9 +163,11 @@ class Stop(_Directive):
 class Caller:
     """The caller of a ``handle_call``: ``caller.reply(value)`` answers it (once)."""
 
-    __slots__ = ("_fut", "_owner", "pid", "request")
+    __slots__ = ("_fut", "_owner", "_st", "pid", "request", "t0")
 
     _owner: Pid | None
+    _st: CallStats | None
+    t0: float
 
     def __init__(self, request: Any, fut: asyncio.Future[Any], pid: Pid | None) -> None:
         self.request = request
@@ -171,13 +177,18 @@ class Caller:
     def reply(self, value: Any) -> None:
         """Send the reply; a reply to a caller that timed out is dropped."""
         f = self._fut
-        if not f.done():
+        ok = not f.done()
+        if ok:
             f.set_result(value)
         owner: Pid | None = getattr(self, "_owner", None)
         if owner is not None:
             self._owner = None
             if owner._deferred is not None:
                 owner._deferred.discard(self)
+            st = getattr(self, "_st", None)
+            if st is not None:  # a deferred call of a server that counts its calls
+                self._st = None
+                st._record(self, ok)
 
     def __repr__(self) -> str:
         return f"<Caller {self.pid!r}>"
@@ -448,6 +459,8 @@ async def _serve(
     pid._ack = None
     if ack is not None and not ack.done():
         ack.set_result(_OK)
+    # RED counts: only while an observer asked for them (see enable_call_stats)
+    st = _new_call_stats(pid) if _call_stats_users else None
     try:
         if type(r) is Continue:
             await _continue_loop(server, r.arg)
@@ -475,10 +488,22 @@ async def _serve(
                 r = await handle_call(msg.request, msg)
                 if isinstance(r, _Directive):
                     await _call_directive(pid, server, msg, r)
+                    if st is not None:
+                        _directive_done(pid, st, msg)
                 else:
                     f = msg._fut
                     if not f.done():
                         f.set_result(r)
+                        if st is not None:  # inlined: the counted call path
+                            try:
+                                d = _perf() - msg.t0
+                            except AttributeError:  # made before counting began
+                                st.untimed += 1
+                            else:
+                                st.counts[bisect_left(_CALL_BOUNDS, d)] += 1
+                                st.sum += d
+                    elif st is not None:  # replied already, or the caller gave up
+                        st._record(msg, not f.cancelled() and f.exception() is None)
                 pid._calls = None
             elif t is tuple and len(msg) == 2 and msg[0] is _CAST:
                 r = await handle_cast(msg[1])
@@ -496,6 +521,8 @@ async def _serve(
         reason = s.reason
         stopping: _Stopping | None = s
     except (asyncio.CancelledError, ProcessExit):
+        if st is not None:
+            _calls_ended(pid, st)
         raise
     except Exception as e:
         reason = e
@@ -507,9 +534,134 @@ async def _serve(
             reason = e
     if isinstance(stopping, _StoppingWithReply):
         stopping.caller.reply(stopping.reply)
+    if st is not None:
+        _calls_ended(pid, st)
     if not is_clean(reason) and _log.isEnabledFor(logging.ERROR):
         _crash_report(pid, cls, reason)
     return ExitWith(reason)
+
+
+# ---------------------------------------------------------------------------
+# RED: per-server call counts, kept only while an observer asks for them
+# ---------------------------------------------------------------------------
+
+#: Upper bounds (seconds) of the call-duration histogram buckets (then +Inf).
+CALL_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_CALL_BOUNDS = (*CALL_BUCKETS, math.inf)
+_perf = time.perf_counter
+
+
+class CallStats:
+    """What one server process did with its calls: plain numbers the server loop bumps
+    (no locks, no labels, no telemetry) and an observer (``trellis.metrics``) reads
+    and sums per child at scrape time.
+
+    :attr:`calls`: calls the server took from its mailbox, plus calls still in its
+    mailbox when it ended. ``errors``: those of them that got no reply from the server:
+    the handler raised (the server crashed), the server ended before replying (killed,
+    stopped, a deferred caller left unanswered, a call still queued), or the reply came
+    after the caller had given up (``CallTimeout``, cancelled). ``counts`` and ``sum``:
+    a histogram (bucket bounds :data:`CALL_BUCKETS`, then +Inf; not cumulative) of the
+    time from ``call()`` to the reply or failure, the wait in the mailbox included;
+    ``untimed``: calls made before counting began (counted, not timed). ``ended``: the
+    server has ended and these numbers are final.
+    """
+
+    __slots__ = ("counts", "ended", "errors", "sum", "untimed")
+
+    def __init__(self) -> None:
+        self.errors = 0
+        self.untimed = 0
+        self.counts = [0] * len(_CALL_BOUNDS)
+        self.sum = 0.0
+        self.ended = False
+
+    @property
+    def calls(self) -> int:
+        """Calls counted (timed or not)."""
+        return sum(self.counts) + self.untimed
+
+    def _record(self, caller: Caller, ok: bool) -> None:
+        if not ok:
+            self.errors += 1
+        try:
+            d = _perf() - caller.t0
+        except AttributeError:  # made before counting began
+            self.untimed += 1
+            return
+        self.counts[bisect_left(_CALL_BOUNDS, d)] += 1
+        self.sum += d
+
+
+_call_stats_users = 0
+_call_stats: weakref.WeakKeyDictionary[Pid, CallStats] = weakref.WeakKeyDictionary()
+
+
+def enable_call_stats() -> None:
+    """Count calls (RED) in servers started from now on, until as many
+    :func:`disable_call_stats` (observers call these; the metrics layer does)."""
+    global _call_stats_users
+    _call_stats_users += 1
+
+
+def disable_call_stats() -> None:
+    """Undo one :func:`enable_call_stats` (servers already counting go on counting)."""
+    global _call_stats_users
+    _call_stats_users = max(0, _call_stats_users - 1)
+
+
+def call_stats(pid: Pid) -> CallStats | None:
+    """The :class:`CallStats` of a server process, or None if it does not count calls."""
+    return _call_stats.get(pid)
+
+
+def _new_call_stats(pid: Pid) -> CallStats:
+    st = _call_stats[pid] = CallStats()
+    return st
+
+
+def _directive_done(pid: Pid, st: CallStats, msg: Caller) -> None:
+    f = msg._fut
+    if f.done():
+        st._record(msg, not f.cancelled() and f.exception() is None)
+    elif pid._deferred is not None and msg in pid._deferred:
+        msg._st = st  # counted when it is answered (Caller.reply) or the server ends
+
+
+def _calls_ended(pid: Pid, st: CallStats) -> None:
+    """Count the calls the ending server leaves without a reply (they fail with
+    ``Exited``); a ``Stop(reason, reply=v)`` caller was answered: a success."""
+    c = pid._calls
+    if c is not None:
+        f = c._fut
+        c._st = None
+        st._record(c, f.done() and not f.cancelled() and f.exception() is None)
+    if pid._deferred:
+        for d in list(pid._deferred):
+            if d is not c:
+                d._st = None
+                st._record(d, False)
+    for m in pid._mbox:
+        if type(m) is Caller:
+            st._record(m, False)
+    st.ended = True
 
 
 def _crash_report(pid: Pid, cls: type[Server], reason: Any) -> None:
@@ -667,6 +819,8 @@ async def call(target: object, request: Any, timeout: float | None = 5.0) -> Any
         raise CallingSelf(f"{target!r} called itself")
     fut: asyncio.Future[Any] = pid._loop.create_future()  # type: ignore[union-attr]
     msg = Caller(request, fut, me)
+    if _call_stats_users:
+        msg.t0 = _perf()
     if timeout is not None:
         clock = _clock._override
         owner = clock if clock is not None else pid._loop

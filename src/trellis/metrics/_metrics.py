@@ -33,6 +33,8 @@ from prometheus_client.utils import floatToGoString
 from .._children import ProcessExitReason
 from .._core import _telemetry
 from .._core._process import Pid
+from .._server import CALL_BUCKETS, CallStats, disable_call_stats, enable_call_stats
+from .._server import _call_stats as _server_call_stats
 from .._tree import CLASSES, Tracker, classify
 
 __all__ = ["Metrics"]
@@ -157,6 +159,48 @@ def _bounds(buckets: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[str, .
 _RECOVERY = _bounds(RECOVERY_BUCKETS)
 _RUN = _bounds(RUN_BUCKETS)
 _JOURNAL = _bounds(JOURNAL_BUCKETS)
+_CALLS = _bounds(CALL_BUCKETS)
+
+
+class _Red:
+    """RED of the servers one ``(supervisor path, child id)`` ran: the servers still
+    counting (``live``) and the sums of those that ended (folded in at scrape time)."""
+
+    __slots__ = ("calls", "errors", "hist", "live")
+
+    def __init__(self) -> None:
+        self.live: list[CallStats] = []
+        self.calls = 0
+        self.errors = 0
+        self.hist = _Hist(*_CALLS)
+
+    def totals(self) -> tuple[int, int, _Hist]:
+        """Calls, errors and the duration histogram so far; servers that ended are
+        folded into the sums and forgotten. Called under the scrape lock."""
+        calls, errors = self.calls, self.errors
+        hist = _Hist(*_CALLS)
+        hist.add(self.hist)
+        ended = []
+        for cs in list(self.live):
+            final = cs.ended  # read first: when set, the numbers below are final
+            k, counts, total, untimed = cs.errors, list(cs.counts), cs.sum, cs.untimed
+            n = sum(counts) + untimed
+            calls += n
+            errors += k
+            for i, c in enumerate(counts):
+                hist.counts[i] += c
+            hist.sum += total
+            if final:
+                ended.append((cs, n, k, counts, total))
+        for cs, n, k, counts, total in ended:
+            self.calls += n
+            self.errors += k
+            h = self.hist
+            for i, c in enumerate(counts):
+                h.counts[i] += c
+            h.sum += total
+            self.live.remove(cs)
+        return calls, errors, hist
 
 
 class _ChildStats:
@@ -172,6 +216,7 @@ class _ChildStats:
         "lb",
         "missed",
         "recovery",
+        "red",
         "restarts",
         "run",
         "start_failures",
@@ -198,6 +243,7 @@ class _ChildStats:
         self.recovery = _Hist(*_RECOVERY)
         self.run = _Hist(*_RUN)
         self.missed = 0  # consecutive scrapes whose walk did not find this child
+        self.red: _Red | None = None  # the calls of its servers (RED), if any counts
 
 
 class _SupStats:
@@ -238,6 +284,13 @@ class Metrics:
     ``journal_events_total``, ``journal_dropped_events_total``,
     ``telemetry_handler_failures_total``, ``mailbox_overflows_total{policy}``,
     ``metrics_event_errors_total``.
+
+    RED per server child, from the call counts each server keeps while metrics are
+    attached (see :class:`trellis._server.CallStats`; summed at scrape time, across
+    restarts): ``server_calls_total``, ``server_call_errors_total`` (the handler raised,
+    the server ended before replying, or the caller had given up before the reply) and
+    ``server_call_duration_seconds`` (from ``call()`` to the reply or failure, the wait
+    in the mailbox included). Servers started before :meth:`attach` are not counted.
 
     Children of a ``DynamicSupervisor`` or ``simple_one_for_one`` supervisor that share
     a spec id share one label set: ``child_state`` then counts them and ``child_up`` is
@@ -303,6 +356,7 @@ class Metrics:
         self._handler_failures = 0
         self._overflows: dict[str, int] = {}
         self._errors = 0
+        self._scrape_lock = threading.Lock()  # one scrape at a time folds RED sums
         self._root: Pid | None = None
         self._live: dict[tuple[str, str], list[int]] = {}
         self._sup_labels: dict[str, str] = {}
@@ -324,6 +378,7 @@ class Metrics:
             if self._own_tracker:
                 self.tracker.attach()
             self._hid = _telemetry.attach(self._handle, EVENTS)
+            enable_call_stats()
         return self
 
     def detach(self) -> None:
@@ -331,6 +386,7 @@ class Metrics:
         if self._hid is not None:
             _telemetry.detach(self._hid)
             self._hid = None
+            disable_call_stats()
             if self._own_tracker:
                 self.tracker.detach()
 
@@ -519,6 +575,12 @@ class Metrics:
                     e.down_since = None
                 e.started_at = t
                 e.start_wall = _wall()
+                if _server_call_stats:
+                    cs = _server_call_stats.get(ev["pid"])
+                    if cs is not None:  # a server counting its calls: RED per child
+                        if e.red is None:
+                            e.red = _Red()
+                        e.red.live.append(cs)
             elif name == "child.terminated":
                 e = self._child(ev)
                 e.started_at = None
@@ -589,6 +651,24 @@ class Metrics:
                 _merge(m, first)
             _merge(m, e)
         return merged
+
+    def _red_rows(self) -> dict[tuple[str, str], tuple[int, int, _Hist]]:
+        """RED per label set: calls, errors and the duration histogram of the servers
+        each child ran (dynamic children sharing a spec id are summed)."""
+        rows: dict[tuple[str, str], tuple[int, int, _Hist]] = {}
+        with self._scrape_lock:
+            for e in list(self._children.values()):
+                red = e.red
+                if red is None:
+                    continue
+                calls, errors, hist = red.totals()
+                had = rows.get(e.key)
+                if had is not None:
+                    hist.add(had[2])
+                    calls += had[0]
+                    errors += had[1]
+                rows[e.key] = (calls, errors, hist)
+        return rows
 
     def _exposition(self, om: bool) -> list[bytes]:
         """Trellis's series in the Prometheus text format 0.0.4 (or OpenMetrics, without
@@ -669,6 +749,16 @@ class Metrics:
         name = head("trellis_child_mailbox_length")
         for key, row in live:
             add(f"{name}{{{live_lb(key)}}} {row[4]}.0\n")
+        red = self._red_rows()
+        name = head("trellis_server_calls")
+        for key, (calls, _, _) in red.items():
+            add(f"{name}{{{live_lb(key)}}} {calls}.0\n")
+        name = head("trellis_server_call_errors")
+        for key, (_, errors, _) in red.items():
+            add(f"{name}{{{live_lb(key)}}} {errors}.0\n")
+        name = head("trellis_server_call_duration_seconds")
+        for key, (_, _, h) in red.items():
+            hist(name, live_lb(key), h)
         name = head("trellis_supervisor_intensity_exceeded")
         gave_up: dict[str, int] = {}
         for path, s in list(self._sups.items()):
@@ -738,6 +828,23 @@ class Metrics:
             "Messages waiting in the child's mailbox (at scrape time).",
             labels=L,
         )
+        calls = CounterMetricFamily(
+            "trellis_server_calls",
+            "Calls a server took from its mailbox, plus those left in it when it ended.",
+            labels=L,
+        )
+        call_errors = CounterMetricFamily(
+            "trellis_server_call_errors",
+            "Calls that got no reply from the server: its handler raised, it ended "
+            "before replying, or the caller had given up (timeout) before the reply.",
+            labels=L,
+        )
+        call_duration = HistogramMetricFamily(
+            "trellis_server_call_duration_seconds",
+            "Time from call() to the server's reply or the call's failure "
+            "(the wait in the mailbox included).",
+            labels=L,
+        )
         gave_up = CounterMetricFamily(
             "trellis_supervisor_intensity_exceeded",
             "Times the supervisor reached its maximum restart intensity and gave up.",
@@ -780,6 +887,9 @@ class Metrics:
             up,
             state,
             mailbox,
+            calls,
+            call_errors,
+            call_duration,
             gave_up,
             journal,
             journal_events,
@@ -813,6 +923,11 @@ class Metrics:
             for i, st in enumerate(_STATES):
                 state.add_metric([*labels, st], row[i])
             mailbox.add_metric(labels, row[4])
+        for (sup, child), (n, k, h) in self._red_rows().items():
+            labels = [node, sup, child]
+            calls.add_metric(labels, n)
+            call_errors.add_metric(labels, k)
+            call_duration.add_metric(labels, h.buckets(), h.sum)
         sup_gave_up: dict[str, int] = {}
         for path, s in list(self._sups.items()):
             label = _label(path)

@@ -1,0 +1,212 @@
+"""RED per server (calls, errors, call duration), USE per OS child (CPU, RSS, open files,
+threads) and event-loop lag: each scrape is parsed back with the Prometheus parser and
+matched to what really happened (calls made, errors raised, memory allocated, files
+opened, the loop blocked)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+import trellis
+from trellis import _server
+from trellis.metrics import Metrics
+from trellis.sre._rules import CALL_ERRORS_TOTAL, CALLS_TOTAL
+from trellis.testing import wait_restarted
+
+Samples = Any  # conftest.Samples: one parsed scrape
+Scrape = Callable[..., Awaitable[Samples]]
+
+
+class Boom(Exception):
+    """A handler's failure."""
+
+
+class Echo(trellis.Server):
+    """Answers calls: ``("sleep", s)`` after sleeping, ``"boom"`` raises (the server
+    crashes), ``"defer"`` answers later on ``"answer"``, ``"stop"`` stops with a reply,
+    ``"stop_silent"`` stops without one."""
+
+    async def init(self) -> None:
+        self.deferred: list[Any] = []
+
+    async def handle_call(self, request: Any, caller: Any) -> Any:
+        if request == "boom":
+            raise Boom("boom")
+        if type(request) is tuple and request[0] == "sleep":
+            await asyncio.sleep(request[1])
+            return "slept"
+        if request == "defer":
+            self.deferred.append(caller)
+            return trellis.NoReply()
+        if request == "answer":
+            for c in self.deferred:
+                c.reply("late answer")
+            self.deferred.clear()
+            return "answered"
+        if request == "stop":
+            return trellis.Stop(trellis.NORMAL, reply="bye")
+        if request == "stop_silent":
+            return trellis.Stop(trellis.NORMAL)
+        return request
+
+
+def red(s: Samples, child: str, sup: str = "red") -> tuple[float, float, float]:
+    """calls, errors and the duration histogram's count of one child."""
+    return (
+        s.value("trellis_server_calls_total", supervisor=sup, child=child),
+        s.value("trellis_server_call_errors_total", supervisor=sup, child=child),
+        s.value("trellis_server_call_duration_seconds_count", supervisor=sup, child=child),
+    )
+
+
+async def test_red_counts_calls_errors_and_durations_across_restarts(
+    metrics: Metrics, scrape: Scrape
+) -> None:
+    """N calls and K errors of every kind (a handler that raises, a caller that timed
+    out before the reply, a server stopped without replying, a deferred call left
+    unanswered, calls still queued when the server died) are counted per child across
+    its restarts; the histogram counts every call and buckets a 30 ms call right."""
+    sup = await trellis.Supervisor.start_link(
+        [Echo.child_spec(id="echo", name="echo")], name="red", intensity=100, period=5.0
+    )
+    metrics.track(sup)
+    try:
+        calls = errors = 0
+        for i in range(20):  # successes
+            assert await trellis.call("echo", i) == i
+        calls += 20
+        for _ in range(3):  # the handler raises: the caller gets Exited, the server restarts
+            old = trellis.whereis("echo")
+            with pytest.raises(trellis.Exited):
+                await trellis.call("echo", "boom")
+            await wait_restarted(sup, "echo", old)
+        calls += 3
+        errors += 3
+        assert await trellis.call("echo", ("sleep", 0.03)) == "slept"  # one 30 ms call
+        calls += 1
+        with pytest.raises(trellis.CallTimeout):  # the reply comes after the caller left
+            await trellis.call("echo", ("sleep", 0.2), timeout=0.05)
+        assert await trellis.call("echo", "after") == "after"  # queued behind it
+        calls += 2
+        errors += 1
+        # a deferred call answered later: a success for both
+        waiting = asyncio.ensure_future(trellis.call("echo", "defer"))
+        await asyncio.sleep(0.01)
+        assert await trellis.call("echo", "answer") == "answered"
+        assert await waiting == "late answer"
+        calls += 2
+        # Stop with a reply is a success; the server restarts (permanent)
+        old = trellis.whereis("echo")
+        assert await trellis.call("echo", "stop") == "bye"
+        await wait_restarted(sup, "echo", old)
+        calls += 1
+        # a deferred call and two queued calls die with the server: three errors,
+        # and the crashing call itself is a fourth
+        old = trellis.whereis("echo")
+        pending = [asyncio.ensure_future(trellis.call("echo", "defer"))]
+        await asyncio.sleep(0.01)
+        pending += [asyncio.ensure_future(trellis.call("echo", r)) for r in ("boom", 1, 2)]
+        done = await asyncio.gather(*pending, return_exceptions=True)
+        assert all(isinstance(r, trellis.Exited) for r in done), done
+        await wait_restarted(sup, "echo", old)
+        calls += 4
+        errors += 4
+        # killed mid-call (a stop request while the call sleeps): one more error
+        old = trellis.whereis("echo")
+        slow = asyncio.ensure_future(trellis.call("echo", ("sleep", 5.0)))
+        await asyncio.sleep(0.01)
+        trellis.exit(old, trellis.KILL)
+        with pytest.raises(trellis.Exited):
+            await slow
+        await wait_restarted(sup, "echo", old)
+        calls += 1
+        errors += 1
+
+        s = await scrape(metrics)
+        assert red(s, "echo") == (calls, errors, calls)
+        assert s.types["trellis_server_calls"] == "counter"
+        assert s.types["trellis_server_call_duration_seconds"] == "histogram"
+        bucket = "trellis_server_call_duration_seconds_bucket"
+        lb = {"supervisor": "red", "child": "echo"}
+        # the 30 ms call and the 200 ms late one and the 5 s killed one are over 25 ms
+        assert s.value(bucket, le="0.025", **lb) <= calls - 3
+        assert s.value(bucket, le="0.1", **lb) >= calls - 2  # the 30 ms one is under 100 ms
+        assert s.value(bucket, le="+Inf", **lb) == calls
+        assert s.value("trellis_server_call_duration_seconds_sum", **lb) >= 0.03 + 0.2
+        # the supervisor's own calls (which_children) are not a child's
+        assert s.select("trellis_server_calls_total", child="red") == []
+
+        # counters never go back: a second scrape after more calls only adds
+        for i in range(5):
+            await trellis.call("echo", i)
+        s2 = await scrape(metrics)
+        assert red(s2, "echo") == (calls + 5, errors, calls + 5)
+    finally:
+        await trellis.stop(sup)
+
+
+async def test_red_sums_dynamic_children_sharing_an_id(metrics: Metrics, scrape: Scrape) -> None:
+    """Children of a DynamicSupervisor started from one spec share one label set: their
+    calls are summed (and a child that ended keeps its calls counted)."""
+    dyn = await trellis.DynamicSupervisor.start_link(name="red")
+    metrics.track(dyn)
+    try:
+        pids = [
+            await dyn.start_child(Echo.child_spec(id="w", restart="temporary")) for _ in range(3)
+        ]
+        for n, pid in enumerate(pids, start=1):
+            for i in range(n * 4):
+                await trellis.call(pid, i)
+        await trellis.stop(pids[0])  # ended: its 4 calls stay counted
+        with pytest.raises(trellis.Exited):
+            await trellis.call(pids[1], "boom")
+        s = await scrape(metrics)
+        assert red(s, "w") == (4 + 8 + 1 + 12, 1, 4 + 8 + 1 + 12)
+    finally:
+        await trellis.stop(dyn)
+
+
+async def test_red_names_match_the_slo_rules(metrics: Metrics, scrape: Scrape) -> None:
+    """The series a ``sli = "calls"`` SLO's rules read exist, with the labels the rules
+    match on (supervisor, child)."""
+    sup = await trellis.Supervisor.start_link([Echo.child_spec(id="api", name="api")], name="red")
+    metrics.track(sup)
+    try:
+        await trellis.call("api", 1)
+        s = await scrape(metrics)
+        for name in (CALLS_TOTAL, CALL_ERRORS_TOTAL):
+            rows = s.select(name, supervisor="red", child="api")
+            assert len(rows) == 1, (name, s.text)
+            assert set(rows[0][0]) == {"node", "supervisor", "child"}
+        assert s.value(CALLS_TOTAL, supervisor="red", child="api") == 1
+        assert s.value(CALL_ERRORS_TOTAL, supervisor="red", child="api") == 0
+    finally:
+        await trellis.stop(sup)
+
+
+async def test_servers_count_nothing_without_an_observer() -> None:
+    """With no metrics attached a server keeps no call counts (the call path pays one
+    check); with one attached, servers started from then on count."""
+    pid = await Echo.start()
+    try:
+        await trellis.call(pid, 1)
+        assert _server.call_stats(pid) is None
+    finally:
+        await trellis.stop(pid)
+    m = Metrics(node="x").attach()
+    try:
+        pid = await Echo.start()
+        await trellis.call(pid, 1)
+        st = _server.call_stats(pid)
+        assert st is not None
+        assert (st.calls, st.errors) == (1, 0)
+        await trellis.stop(pid)
+    finally:
+        m.detach()
+    pid = await Echo.start()
+    assert _server.call_stats(pid) is None
+    await trellis.stop(pid)
