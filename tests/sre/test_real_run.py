@@ -174,7 +174,8 @@ def test_kill_9_between_runs_is_down(tmp_path: Path) -> None:
     unclean = next(r for r in records if r["kind"] == "run.unclean_end")
     killed_at = parse_utc(unclean["data"]["last_utc"])
     i = records.index(unclean)
-    back_at = min(parse_utc(r["utc"]) for r in records[i:] if r["kind"] == "child.started")
+    # the next run's first record: its run.started, dated when its journal started
+    back_at = next(parse_utc(r["utc"]) for r in records[i:] if r["kind"] == "run.started")
     w = {(e["kind"], e["path"]): e for e in doc["entities"]}[("child", "two/w")]
     assert w["down_seconds"] == pytest.approx(back_at - killed_at, abs=1e-6)
     assert w["failures"] == 1
