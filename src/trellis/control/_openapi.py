@@ -429,6 +429,17 @@ _SPEC: dict[str, Any] = {
                 },
             }
         },
+        "/v1/cluster": {
+            "get": {
+                "operationId": "getCluster",
+                "summary": "This node's view of its cluster: nodes, their age, leases held",
+                "responses": {
+                    "200": _json("Cluster", "The cluster as this node sees it."),
+                    "404": _json("Error", "This node is in no cluster."),
+                    **_AUTH,
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "operationId": "getHealth",
@@ -546,6 +557,19 @@ _SPEC: dict[str, Any] = {
                     },
                     "errors": {"type": "array", "items": {"type": "string"}},
                     "notes": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+            "Cluster": {
+                "type": "object",
+                "required": ["cluster", "node", "connected", "nodes", "leases"],
+                "properties": {
+                    "cluster": {"type": "string"},
+                    "node": {"type": "string"},
+                    "url": {"type": "string"},
+                    "connected": {"type": "boolean"},
+                    "lease_ttl": {"type": "number"},
+                    "nodes": {"type": "array", "items": {"type": "object"}},
+                    "leases": {"type": "array", "items": {"type": "object"}},
                 },
             },
             "Health": {

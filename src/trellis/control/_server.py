@@ -74,6 +74,7 @@ READ_ROUTES = frozenset(
         "/v1/logs/{path:path}",
         "/v1/slo",
         "/v1/plugins",
+        "/v1/cluster",
         "/metrics",
         "/healthz",
         "/readyz",
@@ -621,6 +622,7 @@ class ControlServer:
             Route("/v1/plugins/{id}/{action}", self._plugin_action, methods=["POST"]),
             Route("/v1/stop", self._stop_tree, methods=["POST"]),
             Route("/v1/reload", self._reload, methods=["POST"]),  # operator action
+            Route("/v1/cluster", self._cluster, methods=["GET"]),  # read role
             Route("/metrics", self._metrics, methods=["GET"]),
             Route("/healthz", self._healthz, methods=["GET"]),
             Route("/readyz", self._readyz, methods=["GET"]),
@@ -730,6 +732,15 @@ class ControlServer:
         if body is None:
             return _error(503, "the tree tracker has not seen the root supervisor start")
         return Response(body, media_type="application/json")
+
+    async def _cluster(self, request: Request) -> Response:
+        """This node's view of its cluster (trellis.cluster); 404 outside a cluster."""
+        from ..cluster._node import current
+
+        cluster = current()
+        if cluster is None:
+            return _error(404, "this node is in no cluster (trellis run --cluster URL)")
+        return JSONResponse(cluster.status())
 
     async def _healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "node": self.node, "os_pid": os.getpid()})
