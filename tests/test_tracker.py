@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -124,3 +125,39 @@ async def test_an_unsure_tracker_is_not_ready(tracker: Tracker) -> None:
     assert "not following" in reason
     await sup.stop()
     await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+async def test_an_os_child_waiting_for_readiness_is_starting_then_forgotten_if_never_ready(
+    tracker: Tracker, kind: str
+) -> None:
+    """start_child of an OS child whose readiness never comes: ``starting`` with its OS
+    pid while the supervisor waits (not ready), and forgotten when the start fails."""
+    if kind == "static":
+        sup = await trellis.Supervisor.start_link([trellis.worker("a", idle)], name="t-start")
+        others = ["t-start", "t-start/a"]
+    else:
+        sup = await trellis.DynamicSupervisor.start_link(name="t-start")
+        others = ["t-start"]
+    spec = trellis.Command(
+        [sys.executable, "-c", "import time; time.sleep(30)"],
+        id="svc",
+        ready=trellis.Ready.log("never printed", timeout=1.5),
+        shutdown=0.5,
+    )
+    with capture_telemetry() as cap:
+        adding = asyncio.ensure_future(sup.start_child(spec))
+        spawned = await cap.wait_for("process.spawned", child_id="svc", timeout=10)
+    nodes = by_path(tracker.snapshot("t-start"))
+    assert nodes["t-start/svc"]["state"] == "starting"
+    assert nodes["t-start/svc"]["os_pid"] == spawned["os_pid"]
+    _, bad = tracker.not_ready("t-start")
+    assert [n["path"] for n in bad] == ["t-start/svc"]
+    with capture_telemetry() as cap:
+        with pytest.raises(trellis.StartError):
+            await asyncio.wait_for(adding, 20)
+        if not cap.named("process.exited", child_id="svc"):
+            await cap.wait_for("process.exited", child_id="svc", timeout=10)
+    assert list(by_path(tracker.snapshot("t-start"))) == others
+    assert tracker.not_ready("t-start") == (None, [])
+    await sup.stop()

@@ -329,6 +329,7 @@ class Tracker:
         "supervisor.stopped",
         "supervisor.reordered",
         "process.spawned",
+        "process.exited",
         "process.output",
     )
     #: How many output lines are kept per child path.
@@ -427,6 +428,9 @@ class Tracker:
             return
         if name == "process.spawned":
             self._spawned(ev)
+            return
+        if name == "process.exited":
+            self._process_exited(ev)
             return
         if name.startswith("supervisor."):
             self._supervisor_event(name, ev)
@@ -630,6 +634,28 @@ class Tracker:
         c.os_pid = os_pid
         if s.dynamic and isinstance(os_pid, int):
             s.by_os[os_pid] = c
+
+    def _process_exited(self, ev: dict[str, Any]) -> None:
+        """An OS child's process ended before its first start completed (it never got
+        ready): its supervisor does not keep it, so neither do we."""
+        path = str(ev.get("path"))
+        cid = ev.get("child_id")
+        if cid.__hash__ is None:
+            cid = repr(cid)
+        sup_path = path[: -len(str(cid)) - 1] if path.endswith(f"/{cid}") else None
+        s = self._sups.get(sup_path) if sup_path is not None else None
+        if s is None or sup_path is None:
+            return
+        os_pid = ev.get("os_pid")
+        if not isinstance(os_pid, int):
+            return
+        c = s.by_os.get(os_pid) if s.dynamic else s.children.get(cid)
+        if c is None or c.state != "starting" or c.os_pid != os_pid:
+            return
+        if c.stats.starts == 0 or c.dynamic:  # a first start that failed: never added
+            self._forget(s, cid, c)
+        else:  # a stopped child started again by hand: its spec stays, stopped
+            self._set(c, "stopped", ev.get("time", 0.0))
 
     def _supervisor_event(self, name: str, ev: dict[str, Any]) -> None:
         path = ev["supervisor"]
@@ -875,7 +901,9 @@ class Tracker:
             or (n["state"] != "running" and n["restart"] not in ("transient", "temporary"))
         ]
         if bad:
-            return "not running: " + ", ".join(f"{n['path']} ({n['state']})" for n in bad), bad
+            shown = ", ".join(f"{n['path']} ({n['state']})" for n in bad[:20])
+            more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+            return f"not running: {shown}{more}", bad
         return None, []
 
 
