@@ -241,3 +241,48 @@ def test_nats_down_leaves_node_scope_children_untouched(
     assert len(running(tmp_path)) == 1, "the singleton resumes on exactly one node"
     assert locals_(tmp_path) == local
     assert all(alive(pid) for pid in local.values())
+
+
+def _lease_events(tmp: Path, node: str) -> list[dict[str, object]]:
+    from trellis.journal import tail
+
+    url = f"sqlite:///{tmp}/journal-{node}.db"
+    return [r["data"] for r in tail(url, n=0, since_seq=1) if r["kind"] == "cluster.lease"]
+
+
+def test_a_stopped_holder_hands_over_at_once_and_the_journals_say_so(
+    tmp_path: Path, nats_server: NatsServer, nodes: list[Node]
+) -> None:
+    by_name = {n.name: n for n in _start(tmp_path, nats_server.url, "ab", nodes)}
+    old_node, old_token, old_pid = _holder(tmp_path)
+    time.sleep(TTL)
+    holder = by_name[old_node]
+    holder.proc.terminate()  # trellis stop does the same
+    wait_for(lambda: not alive(old_pid), 10.0, "the holder's child to stop", step=0.005)
+    died_at = time.monotonic()
+    new = wait_for(
+        lambda: [s for s in starts(tmp_path) if s[1] > old_token], 10.0, "the handover", 0.005
+    )
+    handover = time.monotonic() - died_at
+    print(f"graceful handover: {handover:.3f}s after the old child stopped")
+    # without the release the other node would wait a whole TTL from the last renewal
+    assert handover < 0.6 * TTL
+    assert holder.proc.wait(15) == 0
+    new_node, new_token, _ = new[0]
+    assert new_node != old_node
+    assert new_token > old_token
+    old_events = _lease_events(tmp_path, old_node)
+    assert [(e["action"], e["token"]) for e in old_events if e["action"] == "acquired"] == [
+        ("acquired", old_token)
+    ]
+    released = [e for e in old_events if e["action"] == "released"]
+    assert [(e["token"], e["handed_off"]) for e in released] == [(old_token, True)]
+    wait_for(
+        lambda: any(
+            e["action"] == "acquired" and e["token"] == new_token
+            for e in _lease_events(tmp_path, new_node)
+        ),
+        10.0,
+        "the new holder's journal to record its acquire with the new token",
+        step=0.2,
+    )
