@@ -40,6 +40,7 @@ from ._wire import (
     Codec,
     FrameReader,
     UnsupportedMessage,
+    cast_transport,
 )
 
 SPEC_ENV = "TRELLIS_ISOLATED"
@@ -73,7 +74,7 @@ class _Link(asyncio.Protocol):
         self.stopping = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast_transport(transport)  # uvloop's transports are not subclasses
         self.transport = transport
 
     def connection_lost(self, exc: BaseException | None) -> None:

@@ -44,6 +44,7 @@ from ._wire import (
     Codec,
     FrameReader,
     UnsupportedMessage,
+    cast_transport,
 )
 
 __all__ = ["Isolated", "IsolatedExit"]
@@ -198,7 +199,7 @@ class _Link(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         p = self.proxy
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast_transport(transport)  # uvloop's transports are not subclasses
         if p.transport is not None:  # one interpreter, one connection
             transport.close()
             return

@@ -10,10 +10,11 @@ instantiated because a frame named it.
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -136,6 +137,12 @@ class Codec:
                 )
             return msgspec.msgpack.decode(body, type=cls)
         raise UnsupportedMessage(f"unknown extension type {code}")
+
+
+def cast_transport(transport: Any) -> asyncio.Transport:
+    """The transport a protocol was given, typed as the stream transport it is (uvloop's
+    transports implement the interface without subclassing ``asyncio.Transport``)."""
+    return cast("asyncio.Transport", transport)
 
 
 def _pickle_frame(frame: Any) -> bytes:
