@@ -190,6 +190,9 @@ class ChildStats:
     #: The last lines the child's OS process wrote, as ``(stream, line)`` (see
     #: :attr:`Tracker.OUTPUT_LINES`); None until it writes any.
     output: deque[tuple[str, str]] | None = None
+    #: The last stderr lines (:attr:`Tracker.STDERR_LINES`), kept apart: a child that
+    #: writes much to stdout still shows why it crashed.
+    stderr: deque[str] | None = None
 
     @property
     def last_exit(self) -> str | None:
@@ -304,7 +307,8 @@ class Tracker:
     ``type``, ``restart``, ``state``, ``since`` (Unix time the state began),
     ``retry_in`` (seconds to a backoff's next attempt, or None), ``pid`` (the
     :class:`Pid` or None), ``os_pid``, ``dynamic`` (its parent forgets it when it
-    stops), ``restarts``, ``exits``, ``last_exit``, ``last_class``, ``output`` (a list
+    stops), ``restarts``, ``exits``, ``last_exit``, ``last_class``, ``stderr`` (its
+    last stderr lines), ``output`` (a list
     of ``(stream, line)``) and ``children`` (for supervisors).
 
     Example::
@@ -332,8 +336,9 @@ class Tracker:
         "process.exited",
         "process.output",
     )
-    #: How many output lines are kept per child path.
+    #: How many output lines are kept per child path (and stderr lines apart).
     OUTPUT_LINES = 20
+    STDERR_LINES = 10
 
     def __init__(self) -> None:
         self.stats: dict[str, ChildStats] = {}
@@ -424,7 +429,13 @@ class Tracker:
             out = ps.output
             if out is None:
                 out = ps.output = deque(maxlen=self.OUTPUT_LINES)
-            out.append((str(ev.get("stream")), str(ev.get("line"))))
+            stream, line = str(ev.get("stream")), str(ev.get("line"))
+            out.append((stream, line))
+            if stream == "stderr":
+                err = ps.stderr
+                if err is None:
+                    err = ps.stderr = deque(maxlen=self.STDERR_LINES)
+                err.append(line)
             return
         if name == "process.spawned":
             self._spawned(ev)
@@ -754,6 +765,7 @@ class Tracker:
             "last_exit": None,
             "last_class": None,
             "output": [],
+            "stderr": [],
             "children": [],
         }
         if depth is None or depth > 0:
@@ -829,6 +841,7 @@ class Tracker:
                 "last_exit": st.last_exit,
                 "last_class": st.last_class,
                 "output": list(output) if output else [],
+                "stderr": list(st.stderr) if st.stderr else [],
                 "children": [],
             }
             out.append(child)

@@ -155,12 +155,15 @@ async def test_child_output_cannot_push_supervision_events_out(tree: Tree) -> No
     assert ids == sorted(ids)  # merged in order
 
 
-# A child that prints a terminal title change (OSC) and a few stderr lines, then fails.
+# A child that prints a terminal title change (OSC), a few stderr lines and then much
+# stdout, and fails.
 CRASHER = r"""
 import sys
 print("\x1b]0;pwned\x07 hello", flush=True)
 for i in range(8):
     print(f"error line {i} \x1b[2J", file=sys.stderr, flush=True)
+for i in range(30):  # more stdout after: the stderr lines are kept apart
+    print(f"progress {i}", flush=True)
 sys.exit(3)
 """
 

@@ -198,10 +198,14 @@ def _label(node: dict[str, Any]) -> Text:
         text.append(f"  last exit: {_safe(node['last_exit'])}", style="dim")
         if node.get("last_class"):
             text.append(f" ({_safe(node['last_class'])})", style="dim")
-    stderr = [o for o in node.get("last_output") or [] if o.get("stream") == "stderr"]
-    for o in stderr[-STDERR_LINES:]:
+    stderr = node.get("last_stderr")
+    if stderr is None:  # an older tree
+        stderr = [
+            o.get("line", "") for o in node.get("last_output") or [] if o.get("stream") == "stderr"
+        ]
+    for line in stderr[-STDERR_LINES:]:
         text.append("\n  stderr| ", style="dim")
-        text.append(_safe(o.get("line", "")), style="red")
+        text.append(_safe(line), style="red")
     return text
 
 

@@ -142,6 +142,7 @@ def _view_json(n: dict[str, Any], root_since: float | None) -> dict[str, Any]:
     root = n["supervisor"] is None
     since = root_since if root and root_since is not None else n["since"]
     pid = n["pid"]
+    crashed = n["last_class"] not in (None, "normal", "shutdown")
     out = {
         "path": n["path"],
         "id": _json_id(n["id"]),
@@ -160,8 +161,9 @@ def _view_json(n: dict[str, Any], root_since: float | None) -> dict[str, Any]:
         "last_class": n["last_class"],
         # the last lines of a child that exited abnormally (why it crashed)
         "last_output": [{"stream": st, "line": line} for st, line in n["output"]]
-        if n["last_class"] not in (None, "normal", "shutdown")
+        if crashed
         else [],
+        "last_stderr": n["stderr"] if crashed else [],
         "children": [_view_json(c, None) for c in n["children"]],
     }
     return out

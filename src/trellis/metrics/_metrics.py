@@ -63,6 +63,11 @@ EVENTS = (
     "journal.dropped",
     "mailbox.overflow",
     "telemetry.handler_failed",
+    "plugin.stats",
+    "plugin.quarantined",
+    "plugin.released",
+    "plugin.unloaded",
+    "plugin.loaded",
 )
 
 _CLEAN = frozenset(("normal", "shutdown"))
@@ -160,6 +165,22 @@ _RECOVERY = _bounds(RECOVERY_BUCKETS)
 _RUN = _bounds(RUN_BUCKETS)
 _JOURNAL = _bounds(JOURNAL_BUCKETS)
 _CALLS = _bounds(CALL_BUCKETS)
+#: Plugin call latency buckets: the ones ``plugin.stats`` reports (trellis._plugins).
+PLUGIN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 10.0)
+_PLUGIN = _bounds(PLUGIN_BUCKETS)
+
+
+class _PluginStats:
+    """What ``plugin.stats`` and the host's quarantine events said about one plugin."""
+
+    __slots__ = ("calls", "duration", "fuel", "memory_high", "quarantined")
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}  # by kind: ok, error, oom, timeout, fuel, trap
+        self.duration = _Hist(*_PLUGIN)
+        self.fuel = 0
+        self.memory_high = 0
+        self.quarantined = 0
 
 
 class _Red:
@@ -355,6 +376,7 @@ class Metrics:
         self._journal_dropped = 0
         self._handler_failures = 0
         self._overflows: dict[str, int] = {}
+        self._plugins: dict[str, _PluginStats] = {}
         self._errors = 0
         self._scrape_lock = threading.Lock()  # one scrape at a time folds RED sums
         self._root: Pid | None = None
@@ -631,6 +653,30 @@ class Metrics:
             self._overflows[policy] = self._overflows.get(policy, 0) + 1
         elif name == "telemetry.handler_failed":
             self._handler_failures += 1
+        elif name.startswith("plugin."):
+            self._plugin_event(name, ev)
+
+    def _plugin_event(self, name: str, ev: dict[str, Any]) -> None:
+        key = _label(ev.get("path") or ev.get("plugin"))
+        p = self._plugins.get(key)
+        if p is None:
+            p = self._plugins[key] = _PluginStats()
+        if name != "plugin.stats":
+            p.quarantined = 1 if name == "plugin.quarantined" else 0
+            return
+        buckets = ev["buckets"]
+        if len(buckets) != len(p.duration.counts):
+            raise ValueError(f"bad plugin.stats buckets: {buckets!r}")
+        errors = ev.get("errors") or {}
+        ok = int(ev["calls"]) - sum(int(n) for n in errors.values())
+        for kind, n in (("ok", ok), *errors.items()):
+            k = _label(kind)
+            p.calls[k] = p.calls.get(k, 0) + int(n)
+        for i, (_, n) in enumerate(buckets):
+            p.duration.counts[i] += int(n)
+        p.duration.sum += float(ev["seconds"])
+        p.memory_high = max(p.memory_high, int(ev.get("memory_high") or 0))
+        p.fuel += int(ev.get("fuel") or 0)
 
     # -- exposition ----------------------------------------------------------------
     def _merged(self) -> dict[tuple[str, str], _ChildStats]:
@@ -777,6 +823,22 @@ class Metrics:
         name = head("trellis_mailbox_overflows")
         for policy, n in sorted(self._overflows.items()):
             add(f'{name}{{{nl},policy="{_esc(policy)}"}} {n}.0\n')
+        plugins = sorted(self._plugins.items())
+        name = head("trellis_plugin_calls")
+        for path, p in plugins:
+            for kind, n in sorted(p.calls.items()):
+                add(f'{name}{{{nl},plugin="{_esc(path)}",kind="{_esc(kind)}"}} {n}.0\n')
+        name = head("trellis_plugin_call_duration_seconds")
+        for path, p in plugins:
+            hist(name, f'{nl},plugin="{_esc(path)}"', p.duration)
+        for fam, attr in (
+            ("trellis_plugin_memory_high_bytes", "memory_high"),
+            ("trellis_plugin_fuel_consumed", "fuel"),
+            ("trellis_plugin_quarantined", "quarantined"),
+        ):
+            name = head(fam)
+            for path, p in plugins:
+                add(f'{name}{{{nl},plugin="{_esc(path)}"}} {getattr(p, attr)}.0\n')
         add(f"{head('trellis_metrics_event_errors')}{{{nl}}} {self._errors}.0\n")
         chunks.append("".join(out).encode())
         return chunks
@@ -871,6 +933,30 @@ class Metrics:
             "Messages that met a full bounded mailbox, by policy.",
             labels=["node", "policy"],
         )
+        PL = ["node", "plugin"]
+        plugin_calls = CounterMetricFamily(
+            "trellis_plugin_calls",
+            "WASM plugin calls by outcome: ok, or the PluginError kind.",
+            labels=[*PL, "kind"],
+        )
+        plugin_duration = HistogramMetricFamily(
+            "trellis_plugin_call_duration_seconds",
+            "WASM plugin call latency (queue wait on the instance included).",
+            labels=PL,
+        )
+        plugin_memory = GaugeMetricFamily(
+            "trellis_plugin_memory_high_bytes",
+            "Highest linear memory a plugin's instances reached.",
+            labels=PL,
+        )
+        plugin_fuel = CounterMetricFamily(
+            "trellis_plugin_fuel_consumed", "Fuel used by a plugin's calls.", labels=PL
+        )
+        plugin_quarantined = GaugeMetricFamily(
+            "trellis_plugin_quarantined",
+            "1 while a PluginHost keeps the plugin quarantined.",
+            labels=PL,
+        )
         errors = CounterMetricFamily(
             "trellis_metrics_event_errors",
             "Telemetry events the metrics handler could not count.",
@@ -896,6 +982,11 @@ class Metrics:
             journal_dropped,
             handler_failures,
             overflows,
+            plugin_calls,
+            plugin_duration,
+            plugin_memory,
+            plugin_fuel,
+            plugin_quarantined,
             errors,
         ]
         if empty:
@@ -940,6 +1031,13 @@ class Metrics:
         handler_failures.add_metric([node], self._handler_failures)
         for policy, n in sorted(self._overflows.items()):
             overflows.add_metric([node, policy], n)
+        for path, p in sorted(self._plugins.items()):
+            for kind, n in sorted(p.calls.items()):
+                plugin_calls.add_metric([node, path, kind], n)
+            plugin_duration.add_metric([node, path], p.duration.buckets(), p.duration.sum)
+            plugin_memory.add_metric([node, path], p.memory_high)
+            plugin_fuel.add_metric([node, path], p.fuel)
+            plugin_quarantined.add_metric([node, path], p.quarantined)
         errors.add_metric([node], self._errors)
         return fams
 
