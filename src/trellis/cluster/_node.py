@@ -299,8 +299,7 @@ class Cluster:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nodes_kv.delete(self.settings.node), 1.0)
         if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.close(), 2.0)
+            await _close(self.nc)
         self._emit("left", None)
         if _current is self:
             _current = None
@@ -493,6 +492,25 @@ class Cluster:
                 cluster=self.settings.name,
                 **fields,
             )
+
+
+async def _close(nc: Any) -> None:
+    """Close a NATS connection, also when it is down: nats-py's ``close`` raises
+    ``ConnectionResetError`` then, before it cancels its subscriptions' tasks, so
+    those are cancelled here (else they would outlive the cluster)."""
+    try:
+        await asyncio.wait_for(nc.close(), 2.0)
+    except Exception as e:
+        _log.debug("cluster: closing the NATS connection: %r", e)
+    tasks = []
+    for sub in list(getattr(nc, "_subs", {}).values()):
+        task = getattr(sub, "_wait_for_msgs_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+            tasks.append(task)
+    for task in tasks:
+        with contextlib.suppress(BaseException):
+            await task
 
 
 def _kv_key(key: str) -> str:
