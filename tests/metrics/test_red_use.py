@@ -15,7 +15,7 @@ import trellis
 from trellis import _server
 from trellis.metrics import Metrics
 from trellis.sre._rules import CALL_ERRORS_TOTAL, CALLS_TOTAL
-from trellis.testing import wait_restarted
+from trellis.testing import capture_telemetry, wait_restarted
 
 Samples = Any  # conftest.Samples: one parsed scrape
 Scrape = Callable[..., Awaitable[Samples]]
@@ -210,3 +210,107 @@ async def test_servers_count_nothing_without_an_observer() -> None:
     pid = await Echo.start()
     assert _server.call_stats(pid) is None
     await trellis.stop(pid)
+
+
+# ---------------------------------------------------------------------------
+# USE per OS child
+# ---------------------------------------------------------------------------
+
+HOG = r"""
+import os, sys, threading, time
+out = sys.argv[1]
+def rss():
+    with open("/proc/self/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[21]) * os.sysconf("SC_PAGE_SIZE")
+fds0 = len(os.listdir("/proc/self/fd")) - 1  # the listing's own descriptor is not ours
+rss0 = rss()
+blob = bytes(range(256)) * (64 * 1024 * 1024 // 256)  # 64 MiB, every page written
+files = [open(os.devnull, "rb") for _ in range(7)]
+stop = threading.Event()
+threads = [threading.Thread(target=stop.wait, daemon=True) for _ in range(3)]
+for t in threads:
+    t.start()
+t0 = time.process_time()
+while time.process_time() - t0 < 0.3:
+    pass
+with open(out + ".tmp", "w") as f:
+    f.write(f"{fds0} {rss0}")
+os.rename(out + ".tmp", out)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+async def test_use_of_an_os_child_matches_what_it_did(
+    tmp_path: Any, metrics: Metrics, scrape: Scrape
+) -> None:
+    """A real OS child that allocates and touches 64 MiB, opens 7 files, starts 3
+    threads and burns 0.3 s of CPU shows exactly that in the trellis_process_* series
+    (RSS within its baseline + 64 MiB and a margin, open fds its baseline + 7, 4
+    threads, at least 0.3 CPU seconds); an in-process child has none."""
+    import sys
+
+    baseline = tmp_path / "baseline"
+    hog = trellis.Command(
+        [sys.executable, "-c", HOG, str(baseline)], id="hog", ready=trellis.Ready.log("^ready$")
+    )
+    sup = await trellis.Supervisor.start_link([hog, Echo.child_spec(id="echo")], name="use")
+    metrics.track(sup)
+    try:
+        fds0, rss0 = (int(x) for x in baseline.read_text().split())
+        s = await scrape(metrics)
+        lb = {"supervisor": "use", "child": "hog"}
+        mib = 1024 * 1024
+        rss = s.value("trellis_process_resident_memory_bytes", **lb)
+        assert rss0 + 63 * mib <= rss <= rss0 + 96 * mib, (rss0, rss)
+        assert s.value("trellis_process_open_fds", **lb) == fds0 + 7
+        assert s.value("trellis_process_threads", **lb) == 4
+        assert 0.3 <= s.value("trellis_process_cpu_seconds_total", **lb) < 30
+        assert s.types["trellis_process_cpu_seconds"] == "counter"
+        assert s.types["trellis_process_resident_memory_bytes"] == "gauge"
+        for name in ("trellis_process_resident_memory_bytes", "trellis_process_open_fds"):
+            assert s.select(name, child="echo") == []  # not an OS process
+    finally:
+        await trellis.stop(sup)
+    s = await scrape(metrics)  # the child is gone: its gauges are gone
+    assert s.select("trellis_process_resident_memory_bytes", child="hog") == []
+
+
+async def test_process_usage_events_while_the_tree_runs(tmp_path: Any) -> None:
+    """As a ``trellis.run`` extension, Metrics emits ``process.usage`` for each OS
+    child every ``usage_interval`` seconds, with the same figures as /proc."""
+    import sys
+
+    baseline = tmp_path / "baseline"
+    hog = trellis.Command(
+        [sys.executable, "-c", HOG, str(baseline)], id="hog", ready=trellis.Ready.log("^ready$")
+    )
+    m = Metrics(node="n", usage_interval=0.2)
+    with capture_telemetry(["process.usage"]) as cap:
+        await m.start()
+        sup = await trellis.Supervisor.start_link([hog], name="use")
+        try:
+            await m.tree_started(sup, lambda: None)
+            first = await cap.wait_for("process.usage", timeout=5.0)
+            second = await cap.wait_for("process.usage", timeout=5.0, after=1)
+        finally:
+            await trellis.stop(sup)
+            await m.stop()
+    fds0, rss0 = (int(x) for x in baseline.read_text().split())
+    assert first["path"] == "use/hog"
+    assert (first["supervisor"], first["child_id"]) == ("use", "hog")
+    assert first["os_pid"] > 0
+    assert first["open_fds"] == fds0 + 7
+    assert first["threads"] == 4
+    assert first["rss_bytes"] >= rss0 + 63 * 1024 * 1024
+    assert second["cpu_seconds"] >= first["cpu_seconds"] >= 0.3
+    n = len(cap.named("process.usage"))
+    await asyncio.sleep(0.5)  # stopped: no more samples
+    assert len(cap.named("process.usage")) == n
+
+
+def test_usage_interval_is_checked() -> None:
+    with pytest.raises(ValueError, match="usage_interval"):
+        Metrics(usage_interval=-1)
+    with pytest.raises(ValueError, match="usage_interval"):
+        Metrics(usage_interval="10")  # type: ignore[arg-type]

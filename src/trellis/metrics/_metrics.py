@@ -36,6 +36,7 @@ from .._core._process import Pid
 from .._server import CALL_BUCKETS, CallStats, disable_call_stats, enable_call_stats
 from .._server import _call_stats as _server_call_stats
 from .._tree import CLASSES, Tracker, classify
+from ._usage import Target, Usage, UsageSampler, read_usage
 
 __all__ = ["Metrics"]
 
@@ -333,6 +334,10 @@ class Metrics:
         tracker: The :class:`~trellis._tree.Tracker` to read the tree from (``trellis
             run`` shares one); without one, a tracker of its own follows telemetry
             while the metrics are attached.
+        usage_interval: Seconds between two ``process.usage`` telemetry events per OS
+            child (CPU, RSS, open files, threads), emitted while the tree runs as an
+            extension (from :meth:`tree_started` to :meth:`stop`); 0 for none. The
+            ``trellis_process_*`` gauges are read at each scrape regardless.
 
     Example::
 
@@ -349,6 +354,7 @@ class Metrics:
         registry: CollectorRegistry | None = None,
         walk_timeout: float = 2.0,
         tracker: Tracker | None = None,
+        usage_interval: float = 10.0,
     ) -> None:
         if node is None:
             node = socket.gethostname()
@@ -385,6 +391,17 @@ class Metrics:
         self._own_tracker = tracker is None
         self.tracker = Tracker() if tracker is None else tracker
         self._hid: object | None = None
+        if (
+            isinstance(usage_interval, bool)
+            or not isinstance(usage_interval, int | float)
+            or not usage_interval >= 0
+        ):
+            raise ValueError(
+                f"Metrics(usage_interval=...) must be >= 0 seconds, not {usage_interval!r}"
+            )
+        self.usage_interval = float(usage_interval)
+        self._usage_targets: list[Target] = []  # the OS children at the last refresh
+        self._sampler: UsageSampler | None = None
         self._collector = _Collector(self)
         try:
             self.registry.register(self._collector)
@@ -441,12 +458,55 @@ class Metrics:
         self.attach()
 
     async def tree_started(self, root: Pid, request_stop: Callable[[], None]) -> None:
-        """Extension hook: remember the root for the scrape-time gauges."""
+        """Extension hook: remember the root for the scrape-time gauges; start the
+        ``process.usage`` sampler (every ``usage_interval`` seconds)."""
         self.track(root)
+        if self.usage_interval > 0 and self._sampler is None:
+            self._sampler = UsageSampler(self.usage_interval, self._os_children)
+            self._sampler.start()
 
     async def stop(self) -> None:
-        """Extension hook: detach from telemetry after the tree has stopped."""
+        """Extension hook: stop the usage sampler; detach from telemetry after the tree
+        has stopped."""
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            await sampler.stop()
         self.detach()
+
+    def _os_children(self) -> list[Target]:
+        """The OS children of the tracked tree (safe in a worker thread)."""
+        root = self._root
+        out: list[Target] = []
+        if root is None:
+            return out
+        for sup, cid, _, pid, _ in self.tracker.states(root):
+            os_pid = getattr(pid, "os_pid", None) if pid is not None else None
+            if os_pid is not None and pid is not None and pid.alive:
+                out.append(((_label(sup), _label(cid)), sup, cid, os_pid))
+        return out
+
+    def _usage_rows(self) -> dict[tuple[str, str], Usage]:
+        """USE per label set, read from /proc now (children sharing a label summed)."""
+        rows: dict[tuple[str, str], Usage] = {}
+        for key, _, _, os_pid in list(self._usage_targets):
+            u = read_usage(os_pid)
+            if u is None:
+                continue
+            had = rows.get(key)
+            if had is not None:
+                fds = (
+                    None
+                    if had.open_fds is None or u.open_fds is None
+                    else had.open_fds + u.open_fds
+                )
+                u = Usage(
+                    had.cpu_seconds + u.cpu_seconds,
+                    had.rss_bytes + u.rss_bytes,
+                    fds,
+                    had.threads + u.threads,
+                )
+            rows[key] = u
+        return rows
 
     # -- scraping ------------------------------------------------------------------
     async def render(self, accept: str | None = None) -> tuple[bytes, str]:
@@ -498,12 +558,15 @@ class Metrics:
         root = self._root
         if root is None:
             self._live = {}
+            self._usage_targets = []
             return
         tracker = self.tracker
         tree = tracker.snapshot(root, depth=0)
         if tree is None:  # not seen yet (or already stopped): nothing is known to be gone
             self._live = {}
+            self._usage_targets = []
             return
+        targets: list[Target] = []
         # the rows of the last scrape are reused: a scrape of a large tree allocates
         # little (fewer garbage collections, which hold every thread)
         live = self._live
@@ -520,11 +583,15 @@ class Metrics:
             elif sup_label not in sups:
                 sups.add(sup_label)
             _count(live, (sup_label, _label(cid)), state, pid)
+            os_pid = getattr(pid, "os_pid", None) if pid is not None else None
+            if os_pid is not None and pid is not None and pid.alive:  # an OS child: USE
+                targets.append(((sup_label, _label(cid)), sup, cid, os_pid))
         for key in [k for k, row in live.items() if not any(row[:4])]:
             del live[key]
         if len(self._sup_labels) > 4 * len(sups) + 64:
             self._sup_labels.clear()
         self._live = live
+        self._usage_targets = targets
         self._sweep(live, sups, [])
 
     def _sweep(
@@ -805,6 +872,13 @@ class Metrics:
         name = head("trellis_server_call_duration_seconds")
         for key, (_, _, h) in red.items():
             hist(name, live_lb(key), h)
+        use = self._usage_rows()
+        for fam, field in _USE_FAMILIES:
+            name = head(fam)
+            for key, u in use.items():
+                v = getattr(u, field)
+                if v is not None:
+                    add(f"{name}{{{live_lb(key)}}} {_num(v)}\n")
         name = head("trellis_supervisor_intensity_exceeded")
         gave_up: dict[str, int] = {}
         for path, s in list(self._sups.items()):
@@ -907,6 +981,28 @@ class Metrics:
             "(the wait in the mailbox included).",
             labels=L,
         )
+        use_fams: list[Metric] = [
+            CounterMetricFamily(
+                "trellis_process_cpu_seconds",
+                "User and system CPU time of the OS child's process (read from /proc).",
+                labels=L,
+            ),
+            GaugeMetricFamily(
+                "trellis_process_resident_memory_bytes",
+                "Resident memory of the OS child's process (read from /proc).",
+                labels=L,
+            ),
+            GaugeMetricFamily(
+                "trellis_process_open_fds",
+                "Open file descriptors of the OS child's process (read from /proc).",
+                labels=L,
+            ),
+            GaugeMetricFamily(
+                "trellis_process_threads",
+                "Threads of the OS child's process (read from /proc).",
+                labels=L,
+            ),
+        ]
         gave_up = CounterMetricFamily(
             "trellis_supervisor_intensity_exceeded",
             "Times the supervisor reached its maximum restart intensity and gave up.",
@@ -976,6 +1072,7 @@ class Metrics:
             calls,
             call_errors,
             call_duration,
+            *use_fams,
             gave_up,
             journal,
             journal_events,
@@ -1019,6 +1116,12 @@ class Metrics:
             calls.add_metric(labels, n)
             call_errors.add_metric(labels, k)
             call_duration.add_metric(labels, h.buckets(), h.sum)
+        use = self._usage_rows()
+        for fam, (_, field) in zip(use_fams, _USE_FAMILIES, strict=True):
+            for (sup, child), u in use.items():
+                v = getattr(u, field)
+                if v is not None:
+                    fam.add_metric([node, sup, child], v)  # type: ignore[attr-defined]
         sup_gave_up: dict[str, int] = {}
         for path, s in list(self._sups.items()):
             label = _label(path)
@@ -1040,6 +1143,15 @@ class Metrics:
             plugin_quarantined.add_metric([node, path], p.quarantined)
         errors.add_metric([node], self._errors)
         return fams
+
+
+#: The USE families and the :class:`Usage` field each exports.
+_USE_FAMILIES = (
+    ("trellis_process_cpu_seconds", "cpu_seconds"),
+    ("trellis_process_resident_memory_bytes", "rss_bytes"),
+    ("trellis_process_open_fds", "open_fds"),
+    ("trellis_process_threads", "threads"),
+)
 
 
 def _esc(value: str) -> str:
