@@ -233,6 +233,7 @@ class _SupervisorServer(Server):
             self.intensity, self.period = spec.intensity, spec.period
             self.auto_shutdown = AutoShutdown.NEVER
             self.max_children, self.extra_args = spec.max_children, spec.extra_args
+            self.one_by_one = True
             self._started()
             return None
         spec = SupervisorSpec.coerce(spec)
@@ -240,6 +241,8 @@ class _SupervisorServer(Server):
         self.intensity, self.period = spec.intensity, spec.period
         self.auto_shutdown = AutoShutdown(spec.auto_shutdown)
         self.max_children, self.extra_args = None, ()
+        # a child's exit restarts only that child (no group to stop and start)
+        self.one_by_one = self.strategy in (Strategy.ONE_FOR_ONE, Strategy.SIMPLE_ONE_FOR_ONE)
         if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
             self.mode = _SIMPLE
             self.template = ChildSpec.coerce(spec.children[0])
@@ -360,7 +363,7 @@ class _SupervisorServer(Server):
                 supervisor=self.path,
                 sup_pid=self.pid,
                 time=child.started_at,
-                child_id=child.id,
+                child_id=spec.id,
                 pid=r,
             )
             return "ok", r, info
@@ -376,8 +379,24 @@ class _SupervisorServer(Server):
             child = self.by_pid.pop(msg.pid, None)
             if child is None or child.pid is not msg.pid:
                 return None  # a stale or unknown pid (SPEC 30)
-            r = self._child_exited(child, msg.reason)
-            return await self._restart(child) if r is _RESTART else r
+            now = self.now()
+            r = self._child_exited(child, msg.reason, now)
+            if r is not _RESTART:
+                return r
+            if self.one_by_one and child.spec.backoff is None and not _stopping.requested:
+                # The common restart, inlined (no _restart/_start_one frames): count it,
+                # start the child again; a failed start is handled as _start_one does.
+                if not self._add_restart(now):
+                    return self._give_up(child)
+                kind, val, _info = await self._invoke(
+                    child,
+                    "child.restarted",
+                    _stopping.get(self.pid._loop) if _stopping.armed else None,
+                )
+                if kind != "ok":
+                    self._start_failed(child, kind, val)
+                return None
+            return await self._restart(child)
         if t is _TryAgain:
             child = msg.child
             if child.pid is RESTARTING and self._has(child):
@@ -412,23 +431,24 @@ class _SupervisorServer(Server):
         if isinstance(child.pid, Pid):
             self.by_pid.pop(child.pid, None)
 
-    def _child_exited(self, child: _Child, reason: Any) -> Any:
-        """Record a child's exit; returns ``_RESTART``, or what ``handle_info`` returns."""
+    def _child_exited(self, child: _Child, reason: Any, now: float) -> Any:
+        """Record a child's exit at ``now``; returns ``_RESTART``, or what ``handle_info``
+        returns."""
         restart_type = child.spec.restart
         restart = restart_type is RestartType.PERMANENT or (
             restart_type is RestartType.TRANSIENT and not is_clean(reason)
         )
-        if restart and self._tree_stopping():
+        if restart and _stopping.requested and self._tree_stopping():
             restart = False  # the tree is stopping: recorded, never restarted
         child.pid = None
         if child.started_at is not None:
-            child.uptime = self.now() - child.started_at
+            child.uptime = now - child.started_at
         _telemetry.emit(  # direct (not _event): this is on every restart
             "child.exited",
             supervisor=self.path,
             sup_pid=self.pid,
-            time=self.now(),
-            child_id=child.id,
+            time=now,
+            child_id=child.spec.id,
             pid=child.last_pid,
             reason=reason,
             restart=restart,
@@ -461,8 +481,9 @@ class _SupervisorServer(Server):
         self._event("supervisor.auto_shutdown", child_id=child.id)
         return _stop_shutdown()
 
-    def _add_restart(self) -> bool:
-        now = self.now()
+    def _add_restart(self, now: float | None = None) -> bool:
+        if now is None:
+            now = self.now()
         rs = self.restarts
         rs.append(now)
         floor = now - self.period
@@ -471,33 +492,16 @@ class _SupervisorServer(Server):
         return len(rs) <= self.intensity
 
     async def _restart(self, child: _Child) -> Any:
-        if self._tree_stopping():  # a retry or delayed restart due after the stop request
+        if _stopping.requested and self._tree_stopping():  # a retry or delayed restart due
+            # after the stop request
             if child.pid is RESTARTING:
                 child.pid = None
             child.cancel_timer()
             return None
         if not self._add_restart():
-            _log.error(
-                "reached_max_restart_intensity: supervisor=%s intensity=%d period=%s child=%r",
-                self.path,
-                self.intensity,
-                self.period,
-                child.id,
-            )
-            self.pid.gave_up = True  # type: ignore[attr-defined]
-            self._event(
-                "supervisor.gave_up",
-                child_id=child.id,
-                intensity=self.intensity,
-                period=self.period,
-            )
-            if isinstance(child.pid, Pid) or child.pid is RESTARTING:
-                child.pid = None
-            return _stop_shutdown()
-        if child.spec.backoff is None and (
-            self.mode != _STATIC or self.strategy is Strategy.ONE_FOR_ONE
-        ):
-            await self._start_one(child)  # the common case, without group handling
+            return self._give_up(child)
+        if child.spec.backoff is None and self.one_by_one:
+            await self._start_one(child)  # without group handling
             return None
         if self.mode == _STATIC and self.strategy is not Strategy.ONE_FOR_ONE:
             await self._terminate_bystanders(self._group(child), child)
@@ -514,6 +518,26 @@ class _SupervisorServer(Server):
             )
             return None
         return await self._start_group(child)
+
+    def _give_up(self, child: _Child) -> Any:
+        """Too many restarts: report it and end the supervisor with ``SHUTDOWN``."""
+        _log.error(
+            "reached_max_restart_intensity: supervisor=%s intensity=%d period=%s child=%r",
+            self.path,
+            self.intensity,
+            self.period,
+            child.id,
+        )
+        self.pid.gave_up = True  # type: ignore[attr-defined]
+        self._event(
+            "supervisor.gave_up",
+            child_id=child.id,
+            intensity=self.intensity,
+            period=self.period,
+        )
+        if isinstance(child.pid, Pid) or child.pid is RESTARTING:
+            child.pid = None
+        return _stop_shutdown()
 
     def _group(self, child: _Child) -> list[_Child]:
         if self.mode != _STATIC or self.strategy is Strategy.ONE_FOR_ONE:
@@ -560,8 +584,14 @@ class _SupervisorServer(Server):
     async def _start_one(self, c: _Child) -> bool:
         """Restart one child; on failure mark it RESTARTING, queue a retry, return False."""
         kind, val, _info = await self._invoke(
-            c, "child.restarted", tree_stop=_stopping.get(self.pid._loop)
+            c, "child.restarted", _stopping.get(self.pid._loop) if _stopping.armed else None
         )
+        return kind == "ok" or self._start_failed(c, kind, val)
+
+    def _start_failed(self, c: _Child, kind: str, val: Any) -> bool:
+        """After a restart that did not return a pid: an ignored child is dropped as its
+        type says (True); a failed one is marked RESTARTING and retried on the next loop
+        turn, unless the tree is stopping (False)."""
         if kind == "ignore":
             if self.mode != _STATIC or c.spec.restart is RestartType.TEMPORARY:
                 self._remove(c)

@@ -17,6 +17,13 @@ from typing import Any
 
 __all__ = ["TreeStop", "arm", "cancelled_by_stop", "disarm", "get"]
 
+# Module flags the restart path reads before anything else (a global and an attribute,
+# no call), so that a process with no tree stopping pays nothing for the check:
+armed = False
+"""Whether :func:`arm` was called (some loop may have a stop flag)."""
+requested = False
+"""Whether some armed tree is stopping (recomputed by :func:`disarm`)."""
+
 
 class TreeStop:
     """The stop flag of one loop's tree.
@@ -25,14 +32,26 @@ class TreeStop:
     :meth:`request` also cancels the starts in progress (call it on the loop's
     thread)."""
 
-    __slots__ = ("__weakref__", "_cancelled", "loop", "requested", "starting")
+    __slots__ = ("__weakref__", "_cancelled", "_requested", "loop", "starting")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.requested = False
+        self._requested = False
         self.starting: set[asyncio.Task[Any]] = set()
         """Supervisor tasks awaiting a worker's start (a request cancels them)."""
         self._cancelled: set[asyncio.Task[Any]] = set()
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was requested (settable from a signal handler)."""
+        return self._requested
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        global requested
+        self._requested = value
+        if value:
+            requested = True
 
     def request(self) -> None:
         """Mark the tree as stopping and cancel every start in :attr:`starting` (each
@@ -82,14 +101,20 @@ _armed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TreeStop] = weakref
 
 def arm(loop: asyncio.AbstractEventLoop) -> TreeStop:
     """Give ``loop`` a fresh stop flag (``trellis.run`` does this for its tree)."""
+    global armed
     stop = _armed[loop] = TreeStop(loop)
+    armed = True
     return stop
 
 
 def disarm(loop: asyncio.AbstractEventLoop, stop: TreeStop) -> None:
     """Forget ``loop``'s stop flag, if it is still ``stop``."""
+    global armed, requested
     if _armed.get(loop) is stop:
         del _armed[loop]
+    stops = list(_armed.values())
+    armed = bool(stops)
+    requested = any(s._requested for s in stops)
 
 
 def cancelled_by_stop(loop: asyncio.AbstractEventLoop | None, task: object) -> bool:
@@ -101,6 +126,6 @@ def cancelled_by_stop(loop: asyncio.AbstractEventLoop | None, task: object) -> b
 
 def get(loop: asyncio.AbstractEventLoop | None) -> TreeStop | None:
     """The stop flag armed for ``loop``, or None."""
-    if loop is None or not _armed:
+    if loop is None or not armed:
         return None
     return _armed.get(loop)
