@@ -186,6 +186,9 @@ class _Conn:
         self.client.peer = up
         up.peer = self.client
         self.client.flush_pending()
+        if self.client.eof and not self.client.forward_eof():
+            self.client.transport.close()
+            return
         self.client.transport.resume_reading()
 
     def abort(self) -> None:
@@ -230,6 +233,14 @@ class _Side(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.peer is None and self.conn is not None and self.conn.upstream is None:
+            # not connected upstream yet (uvloop reads before a pause in connection_made
+            # takes effect): keep the connection; the EOF is passed on once it is
+            return True
+        return self.forward_eof()
+
+    def forward_eof(self) -> bool:
+        """Pass our EOF on to the peer; whether our own transport stays open."""
         peer = self.peer
         if peer is None or peer.transport is None or peer.transport.is_closing():
             return False
