@@ -572,8 +572,17 @@ def _get(exports: Any, name: str) -> Any:
 
 
 def _first_line(e: BaseException) -> str:
+    """The gist of a wasmtime error: the cause wasmtime gives after its backtrace
+    ("wasm trap: wasm `unreachable` instruction executed"), else the first line."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    lines = [line.strip() for line in text.splitlines()]
+    if "Caused by:" in lines:
+        rest = [line for line in lines[lines.index("Caused by:") + 1 :] if line]
+        if rest:
+            return rest[0]
+    return lines[0]
 
 
 def _numeric_args(data: Any, params: list[ValType], plugin: str, name: str) -> list[Any]:

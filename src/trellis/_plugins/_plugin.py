@@ -279,12 +279,13 @@ STATS_INTERVAL = 1.0
 
 
 class _Window:
-    __slots__ = ("buckets", "calls", "errors", "seconds", "start")
+    __slots__ = ("buckets", "calls", "errors", "fuel", "seconds", "start")
 
     def __init__(self) -> None:
         self.start = time.monotonic()
         self.calls = 0
         self.seconds = 0.0
+        self.fuel = 0
         self.errors: dict[str, int] = {}
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
 
@@ -351,6 +352,7 @@ class _Pool:
         win = self.window
         win.calls += 1
         win.seconds += took
+        win.fuel += fuel_used
         if err is not None:
             win.errors[kind] = win.errors.get(kind, 0) + 1
         i = 0
@@ -388,7 +390,7 @@ class _Pool:
             seconds=win.seconds,
             buckets=[*zip(LATENCY_BUCKETS, win.buckets, strict=False), (None, win.buckets[-1])],
             memory_high=self.memory_high,
-            fuel_used=self.fuel_used if self.cfg.fuel is not None else None,
+            fuel=win.fuel if self.cfg.fuel is not None else None,
             interval=time.monotonic() - win.start,
         )
 
