@@ -248,6 +248,10 @@ class _Walker:
         sock = out.get("control", {}).get("socket")
         if isinstance(sock, str) and not sock.startswith("/"):
             out["control"]["socket"] = str(self.base_dir / sock)
+        for key in ("creds", "nkey", "tls_ca", "tls_cert", "tls_key"):  # files, like cwd
+            value = out.get("cluster", {}).get(key)
+            if isinstance(value, str) and not value.startswith("/"):
+                out["cluster"][key] = str(self.base_dir / value)
         if doc.chaos is not None:
             out["chaos"] = doc.chaos
         return out
