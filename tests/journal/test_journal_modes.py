@@ -134,3 +134,22 @@ def test_the_tree_file_names_the_anchor(tmp_path: Path) -> None:
     tree.write_text(body.replace('"audit/t.anchor"', "3"))
     with pytest.raises(ConfigError, match="anchor is a file path or true/false, got 3"):
         load(tree)
+
+
+def test_the_tree_file_names_an_anchor_command(tmp_path: Path) -> None:
+    from trellis.config import ConfigError, load
+
+    tree = tmp_path / "tree.toml"
+    body = '[supervisor]\nname = "t"\n[journal]\nanchor_command = ["logger", "-t", "a"]\n'
+    tree.write_text(body)
+    ops = operations("t", load(tree).settings, environ={})
+    assert Journal(ops.journal_url or "", **ops.journal_options).anchor_command == [
+        "logger",
+        "-t",
+        "a",
+    ]
+    tree.write_text(body.replace('["logger", "-t", "a"]', "[]"))
+    with pytest.raises(ConfigError, match="anchor_command"):
+        load(tree)
+    with pytest.raises(ValueError, match="anchor_command: 'logger' is not a list"):
+        Journal("sqlite:///x.db", anchor_command="logger")

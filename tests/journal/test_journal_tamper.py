@@ -545,3 +545,63 @@ def test_a_postgresql_journal_has_a_default_anchor_in_the_state_dir(
     v = verify(url, key=KEY)
     assert not v.ok
     assert v.problem.startswith(f"the journal ends at seq {keep} but the anchor covers seq 60")
+
+
+_SINK = """
+import os, sys
+line = sys.stdin.read()
+with open(sys.argv[1], "a") as f:
+    f.write("host trellis-anchor: " + line)  # a log prefix, as syslog would add
+    f.flush()
+with open(sys.argv[1] + ".env", "a") as f:
+    f.write(str("TRELLIS_JOURNAL_KEY" in os.environ) + "\\n")
+"""
+
+
+def test_row_an_older_anchor_put_back_is_caught_by_the_anchors_sent_off_the_host(
+    sqlite_db: Db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row: with anchor_command, every anchor also goes to a sink the database's
+    attacker cannot rewrite; truncating the journal and putting an older anchor file
+    back beside it is then caught by verify --anchor SINK. The command never sees the
+    key."""
+    monkeypatch.setenv("TRELLIS_JOURNAL_KEY", KEY)  # the writer's environment has it
+    sink = tmp_path / "anchors.log"
+    command = [sys.executable, "-c", _SINK, str(sink)]
+    old = tmp_path / "old.anchor"
+
+    def session(start: int) -> None:
+        with Journal(
+            sqlite_db.url,
+            key=KEY,
+            checkpoint_every=EVERY,
+            batch_size=MAX_BATCH,
+            max_batch=MAX_BATCH,
+            anchor=sqlite_db.anchor,
+            anchor_command=command,
+        ) as journal:
+            for i in range(start, start + 40):
+                trellis.telemetry.emit("work.item", time=float(i), i=i)
+                if i % MAX_BATCH == MAX_BATCH - 1:
+                    journal.flush()
+
+    session(0)
+    shutil.copy(sqlite_db.anchor, old)
+    session(40)
+    lines = sink.read_text().splitlines()
+    assert len(lines) >= 4
+    assert all(line.startswith("host trellis-anchor: {") for line in lines)
+    assert json.loads(lines[-1].split(": ", 1)[1])["seq"] == 80
+    assert set(Path(f"{sink}.env").read_text().split()) == {"False"}
+    assert check(sqlite_db, anchor=True).ok
+    v = verify(sqlite_db.url, key=KEY, anchor=str(sink))
+    assert (v.ok, v.anchor_seq) == (True, 80), v.problem
+
+    db = attack(sqlite_db)  # truncate to the first session's end, put its anchor back
+    db.sql("DELETE FROM journal WHERE seq > 40")
+    db.sql("DELETE FROM journal_checkpoints WHERE seq > 40")
+    shutil.copy(old, sqlite_db.anchor)
+    assert check(db).ok  # the replay fools the anchor beside the database...
+    v = verify(db.url, key=KEY, anchor=str(sink))  # ...not the one sent away
+    assert not v.ok
+    assert v.problem.startswith("the journal ends at seq 40 but the anchor covers seq 80")

@@ -689,6 +689,7 @@ class JournalModel(_Model):
     flush_interval: Seconds | None = None
     checkpoint_every: Annotated[int, Field(gt=0)] | None = None
     anchor: Annotated[str | bool, PlainValidator(_check_anchor)] | None = None
+    anchor_command: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
 
 
 class ControlModel(_Model):

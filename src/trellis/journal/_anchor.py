@@ -144,14 +144,24 @@ def write_anchor(path: str, anchor: dict[str, Any]) -> None:
 
 
 def read_anchor(path: str) -> dict[str, Any]:
-    """The anchor in the file at ``path``; raises ``ValueError`` naming the file and the
-    problem (``OSError`` when it cannot be read)."""
+    """The anchor in the file at ``path`` (one JSON object; or, as a sink collects them,
+    one a line, possibly after a log prefix: the last one); raises ``ValueError``
+    naming the file and the problem (``OSError`` when it cannot be read)."""
     with open(path, "rb") as f:
-        raw = f.read(64 * 1024)
+        raw = f.read()
     try:
         anchor = json.loads(raw)
-    except ValueError:
-        raise ValueError(f"anchor {path!r} is not JSON") from None
+    except ValueError:  # a sink's file: one anchor a line, the newest last
+        anchor = None
+        for line in reversed(raw.splitlines()):
+            try:
+                anchor = json.loads(line[line.find(b"{") :]) if b"{" in line else None
+            except ValueError:
+                continue
+            if isinstance(anchor, dict) and anchor.get("format") == ANCHOR_FORMAT:
+                break
+        if anchor is None:
+            raise ValueError(f"anchor {path!r} is not JSON (nor lines of it)") from None
     if not isinstance(anchor, dict):
         raise ValueError(f"anchor {path!r} is not a JSON object")
     for name, t in _FIELDS.items():

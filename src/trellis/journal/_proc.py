@@ -7,9 +7,9 @@ tree. It loads only the standard library and the journal's ``_chain``, ``_store`
 
 Protocol: length-prefixed pickles (:func:`send`, :class:`Reader`) of tuples of
 primitives. Parent to child: ``("config", url, node, key, checkpoint_every,
-busy_timeout, anchor_path, max_unsigned, run_id, run_start, run_wall)`` first, then
-``("batch", chunks, close, resend_after)`` (one at a time: the next only after the
-ack; ``chunks`` are pickled lists of wire tuples, see ``_chain.item_of_wire``; with
+busy_timeout, anchor_path, max_unsigned, run_id, run_start, run_wall, anchor_command)``
+first, then ``("batch", chunks, close, resend_after)`` (one at a time: the next only
+after the ack; ``chunks`` are pickled lists of wire tuples, see ``_chain.item_of_wire``; with
 ``resend_after``, records already committed after that seq are recognised and
 skipped) and ``("stopping",)``.
 Child to parent: ``("ready", seq, problem, tightened)`` (``problem``: why it will
@@ -18,7 +18,8 @@ not sign on top of this journal, or None; ``tightened``: files whose mode it mad
 seconds, seq, checkpointed, lost)``; ``("error", text, events)`` when a commit
 attempt failed (it is retried); ``("foreign_head", problem)`` when it found rows at
 the head it had not written; ``("unclean_end", data)`` when it journaled that the
-previous run never recorded its end.
+previous run never recorded its end; ``("warn", text)`` when the anchor could not be
+written or exported.
 
 The child never stops on a signal meant for the tree (SIGINT, SIGTERM): it ends when
 told to close, or at end of input after committing everything it has received, so
@@ -35,10 +36,15 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import subprocess
 
 _LEN = struct.Struct("!I")
 CLOSE_ATTEMPTS = 5  # commits retried this often while stopping, then counted as lost
+#: seconds an anchor command may run before it is killed
+EXPORT_TIMEOUT = 30.0
 #: seconds a signing writer waits for the previous one (say, of a run just killed with
 #: -9, committing the batch it held) to finish before it checks the journal's head
 WRITER_LOCK_TIMEOUT = 30.0
@@ -139,6 +145,9 @@ class _Writer:
         self.run_id: str | None = rest[2] if len(rest) > 2 else None
         run_start = bool(rest[3]) if len(rest) > 3 else False
         self.run_wall: float | None = rest[4] if len(rest) > 4 else None
+        #: a command each anchor is piped to, one JSON line on stdin (a sink off the host)
+        self.anchor_command: list[str] | None = rest[5] if len(rest) > 5 else None
+        self.exports: list[tuple[float, subprocess.Popen[bytes]]] = []
         self.run_records: list[Any] = []  # run.unclean_end, run.started: the first commit
         _store.SQLITE_BUSY_TIMEOUT = busy
         self.out = out
@@ -299,15 +308,72 @@ class _Writer:
     def write_anchor(self, closed: bool) -> None:
         from trellis.journal._anchor import make_anchor, write_anchor
 
-        if self.anchor_path is None or self.cp is None or self.key is None:
+        if self.cp is None or self.key is None:
             return
+        if self.anchor_path is None and not self.anchor_command:
+            return
+        anchor = make_anchor(self.key, self.cp, self.cp_prev_mac, self.max_unsigned, closed)
+        if self.anchor_path is not None:
+            try:
+                write_anchor(self.anchor_path, anchor)
+            except OSError as e:
+                self.tell(("warn", f"cannot write the anchor {self.anchor_path}: {e}"))
+        if self.anchor_command:
+            self.export_anchor(anchor)
+
+    def export_anchor(self, anchor: dict[str, Any]) -> None:
+        """Pipe ``anchor`` as one JSON line to a new ``anchor_command`` process (not
+        waited for; one still running after ``EXPORT_TIMEOUT`` s is killed). It gets
+        the environment without the journal key."""
+        import signal
+        import subprocess
+
+        now = time.monotonic()
+        running = []
+        for started, proc in self.exports:
+            if proc.poll() is None and now - started > EXPORT_TIMEOUT:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                self.tell(("warn", f"anchor command {self.anchor_command} killed: hung"))
+            elif proc.poll() is None:
+                running.append((started, proc))
+            elif proc.returncode:
+                why = f"anchor command {self.anchor_command} exited {proc.returncode}"
+                self.tell(("warn", why))
+        self.exports = running
+        env = {k: v for k, v in os.environ.items() if k != "TRELLIS_JOURNAL_KEY"}
+        line = (json.dumps(anchor, sort_keys=True, separators=(",", ":")) + "\n").encode()
         try:
-            write_anchor(
-                self.anchor_path,
-                make_anchor(self.key, self.cp, self.cp_prev_mac, self.max_unsigned, closed),
+            proc = subprocess.Popen(
+                self.anchor_command or [],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                env=env,
+                close_fds=True,
+                start_new_session=True,
             )
+            assert proc.stdin is not None
+            proc.stdin.write(line)  # far below a pipe's buffer: never blocks
+            proc.stdin.close()
         except OSError as e:
-            self.tell(("error", f"cannot write the anchor {self.anchor_path}: {e}", 0, 0))
+            self.tell(("warn", f"cannot run the anchor command {self.anchor_command}: {e}"))
+            return
+        self.exports.append((now, proc))
+
+    def finish_exports(self) -> None:
+        """Give the anchor commands still running (the closing anchor's) a moment."""
+        if not self.exports:
+            return
+        import subprocess
+
+        deadline = time.monotonic() + EXPORT_TIMEOUT
+        for _, proc in self.exports:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.exports = []
 
     def tell(self, msg: Any) -> None:
         try:
@@ -544,6 +610,7 @@ def main() -> int:
         writer.serve(inbox)
     finally:
         writer.store.close()
+        writer.finish_exports()
     return 0
 
 

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +144,12 @@ class Journal:
             With a key, an HMAC-signed checkpoint of the chain head is written at the
             journal's first commit, every ``checkpoint_every`` records and on close.
         checkpoint_every: records between signed checkpoints (only with a key).
+        anchor_command: a command (argv list) each anchor is piped to as one JSON line
+            on its stdin, e.g. ``["logger", "-t", "trellis-anchor"]`` or a copy to
+            another host: a record of the anchors that an attacker on this machine
+            cannot roll back (``verify --anchor`` reads a file of such lines, taking
+            the last). It runs without the journal key in its environment and is
+            killed if still running after 30 s.
         run_id: the id of this run of the tree (``trellis run`` makes one per run). With
             it, the journal opens the run with a ``run.started`` record (dated when
             :meth:`start` was called, before any event of the run; ``run_id``,
@@ -225,6 +231,7 @@ class Journal:
         open_in_background: bool = False,
         anchor: str | os.PathLike[str] | bool | None = None,
         run_id: str | None = None,
+        anchor_command: Sequence[str] | None = None,
     ) -> None:
         self.target: Target = parse_url(url)
         for name, value in (
@@ -275,6 +282,17 @@ class Journal:
         self.run_id = run_id
         self._run_opened = False  # run.started is written by the first writer process
         self._run_wall: float | None = None  # when start()/open() was called: run.started's utc
+        if anchor_command is not None and (
+            isinstance(anchor_command, str)
+            or not anchor_command
+            or not all(isinstance(a, str) and a for a in anchor_command)
+        ):
+            raise ValueError(
+                f"Journal anchor_command: {anchor_command!r} is not a list of arguments "
+                "(program first)"
+            )
+        #: a command every anchor is piped to (one JSON line on its stdin)
+        self.anchor_command = list(anchor_command) if anchor_command is not None else None
         #: why this journal's writer does not sign (rows it had not written at the head,
         #: a checkpoint that does not verify, a truncated journal); None while it signs
         self.foreign_head: str | None = None
@@ -693,6 +711,7 @@ class Journal:
                     self.run_id,
                     not self._run_opened,
                     self._run_wall,
+                    self.anchor_command,
                 ),
             )
             deadline = time.monotonic() + _OPEN_TIMEOUT
@@ -893,6 +912,8 @@ class Journal:
                 self._finish(frame)
         elif kind == "foreign_head":
             self._foreign(msg[1])
+        elif kind == "warn":
+            _log.error("journal %s: %s", self.target.shown, msg[1])
         elif kind == "unclean_end":
             d = msg[1]
             _log.warning(
