@@ -597,3 +597,63 @@ async def test_a_supervisor_that_does_not_answer_keeps_its_series(
         assert s.value("trellis_child_restarts_total", **c, reason="crash") == 1
     assert free.value("trellis_child_up", **c) == 1
     assert free.value("trellis_child_up", supervisor="m-slow", child="late") == 1
+
+
+async def test_the_fast_exposition_says_what_prometheus_client_says(
+    metrics: Metrics, clock: VirtualClock
+) -> None:
+    """render() writes Trellis's series with an encoder of its own (fast, strings only);
+    parsed back, in both formats, it has exactly the samples prometheus_client writes
+    from the same state (the collector protocol), for restarts, backoff, nested and
+    dynamic children sharing an id, and labels that need escaping."""
+    from prometheus_client import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as om_latest
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from metrics.conftest import Samples as Parsed
+
+    def samples(text: str, parse: Any) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return sorted(
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for fam in parse(text)
+            for s in fam.samples
+        )
+
+    backoff = trellis.Backoff(min=5.0, max=5.0)
+    with capture_telemetry() as cap:
+        sup = await trellis.Supervisor.start_link(
+            [
+                Crashy.child_spec(id='we"ird\\id'),
+                Crashy.child_spec(id="slow", backoff=backoff),
+                trellis.DynamicSupervisor.child_spec(id="dyn"),
+            ],
+            name="m-fast",
+            intensity=100,
+        )
+        metrics.track(sup)
+        await crash(sup, 'we"ird\\id')
+        dyn = await pid_of(sup, "dyn")
+        for _ in range(3):
+            await dyn.start_child(Crashy.child_spec(id="same"))
+        trellis.cast(await pid_of(sup, "slow"), "crash")
+        await cap.wait_for("child.backoff", child_id="slow")
+        metrics.refresh_now()
+        fast, _ = metrics.render_now()
+        slow = generate_latest(metrics.registry)  # through the collector protocol
+        fast_om, content_type = metrics.render_now("application/openmetrics-text")
+        slow_om = om_latest(metrics.registry)
+        await sup.stop()
+    assert content_type.startswith("application/openmetrics-text")
+    assert samples(fast.decode(), text_string_to_metric_families) == samples(
+        slow.decode(), text_string_to_metric_families
+    )
+    assert samples(fast_om.decode(), om_parse) == samples(slow_om.decode(), om_parse)
+    assert fast_om.endswith(b"# EOF\n")
+    s = Parsed(fast)
+    assert (
+        s.value("trellis_child_state", supervisor="m-fast/dyn", child="same", state="running") == 3
+    )
+    assert (
+        s.value("trellis_child_state", supervisor="m-fast", child="slow", state="restarting") == 1
+    )
