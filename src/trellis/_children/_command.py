@@ -681,6 +681,8 @@ class _Runner:
             return
         if self.exited in done:
             await self._drain_pipes()
+            if waiter is self.ready_event and waiter.done():
+                return  # it said it was ready before it exited (its pipe was read late)
             raise _as_exception(self._exit_reason())
         raise ReadyTimeout(ready.kind, ready.timeout)
 
