@@ -24,6 +24,28 @@ os.environ["XDG_RUNTIME_DIR"] = _SESSION_DIR
 os.environ.pop("TRELLIS_SOCKET", None)
 os.environ.pop("TRELLIS_JOURNAL", None)
 
+# TRELLIS_TEST_LOOP=uvloop runs every async test, and every `trellis run` a test starts,
+# on uvloop (CI's second pass); tests that depend on the stdlib loop say so with
+# `pytest.mark.stdlib_loop` and are skipped there.
+TEST_LOOP = os.environ.get("TRELLIS_TEST_LOOP", "asyncio")
+if TEST_LOOP == "uvloop":
+    import uvloop
+
+    os.environ["TRELLIS_LOOP"] = "uvloop"
+
+    def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> object:
+        return {"uvloop": uvloop.new_event_loop}
+
+    def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+        skip = pytest.mark.skip(reason="depends on the standard library's event loop")
+        for item in items:
+            if item.get_closest_marker("stdlib_loop") is not None:
+                item.add_marker(skip)
+elif TEST_LOOP != "asyncio":
+    raise pytest.UsageError(f"TRELLIS_TEST_LOOP must be asyncio or uvloop, not {TEST_LOOP!r}")
+else:
+    os.environ.pop("TRELLIS_LOOP", None)
+
 
 @pytest.fixture
 def clock() -> Iterator[VirtualClock]:

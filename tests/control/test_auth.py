@@ -86,6 +86,7 @@ async def test_too_long_socket_path_is_refused(short_dir: Path) -> None:
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
 @pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="needs /usr/bin/python3")
+@pytest.mark.stdlib_loop  # create_subprocess_exec(user=...): uvloop has no user option
 async def test_other_uids_are_refused_by_peer_credentials(short_dir: Path) -> None:
     """Even when the socket's mode lets another user connect, requests from a uid other
     than the server's and root's get 403 (SO_PEERCRED is checked per connection)."""
