@@ -283,6 +283,7 @@ class _Runner:
         self.ready_event: asyncio.Future[None] = self.loop.create_future()
         self.ready_regex = re.compile(cfg.ready.target) if cfg.ready.kind == "log" else None
         self.protocols: list[LineProtocol] = []
+        self.pipe_fds: list[int] = []
         self.transports: list[Any] = []
         self.pipes_closed: list[asyncio.Future[None]] = []
         self.watchdog_timer: Any = None
@@ -373,6 +374,7 @@ class _Runner:
                 # kills us (and so SIGKILLs the group) when its shutdown budget ends
                 self._kill_group(self.cfg.stop_signal)
                 await self.exited  # the group's leftovers are killed before the reap
+                await self._drain_pipes()  # their last lines (the tree may be stopping)
                 return msg.reason
 
     # -- spawning ---------------------------------------------------------------------
@@ -452,6 +454,7 @@ class _Runner:
                 self.loop, self.loop.connect_read_pipe(lambda: proto, pipe)
             )
         self.protocols.append(proto)
+        self.pipe_fds.append(fd)
         self.transports.append(transport)
         self.pipes_closed.append(closed)
 
@@ -846,8 +849,10 @@ class _Runner:
         # The pipes reach EOF on their own now that the group is dead, delivering the
         # last lines and closing the log files; a grandchild that escaped the group could
         # hold them open, so close them anyway after a while.
-        for t in self.transports:
-            if not t.is_closing():
+        # Most often the pipes are at EOF already: read what is left now, so the
+        # transports are closed even if the loop stops right after (no leaked pipes).
+        for fd, t, proto in zip(self.pipe_fds, self.transports, self.protocols, strict=False):
+            if not t.is_closing() and not _drain_now(fd, t, proto):
                 self.loop.call_later(5.0, t.close)
         if self.os_pid is not None:
             _telemetry.emit(
@@ -857,6 +862,24 @@ class _Runner:
                 os_pid=self.os_pid,
                 status=self.status,
             )
+
+
+def _drain_now(fd: int, transport: Any, proto: LineProtocol) -> bool:
+    """Read what is left in a child's pipe; True (and the transport closed) at EOF, False
+    while a writer (an escaped descendant) still holds it."""
+    if isinstance(transport, _PendingTransport):
+        return False
+    try:
+        for _ in range(64):  # at most 4 MiB here; the rest through the loop
+            data = os.read(fd, 65536)
+            if not data:
+                proto.eof_received()
+                transport.close()
+                return True
+            proto.data_received(data)
+    except OSError:  # BlockingIOError: not at EOF yet
+        return False
+    return False
 
 
 class _PendingTransport:
