@@ -40,7 +40,8 @@ async def served(wat: Wat) -> AsyncIterator[dict[str, Any]]:
         roles={"reader": "read"},
     )
     await ctl.start()
-    sup = await trellis.Supervisor.start_link([host.child_spec()], name="clinic")
+    calc = trellis.Plugin(wat("plain"), id="calc", memory="1MiB", timeout=1.0)
+    sup = await trellis.Supervisor.start_link([host.child_spec(), calc], name="clinic")
     await ctl.tree_started(sup, lambda: None)
     seen: list[dict[str, Any]] = []
     hid = trellis.telemetry.attach(seen.append, ["operator.action"])
@@ -94,6 +95,11 @@ async def test_plugin_routes(served: dict[str, Any], wat: Wat, tmp_path: Path) -
     listed = (await reader.get("/v1/plugins")).json()
     [row] = listed["hosts"]["clinic/plugins"]
     assert (row["id"], row["version"], row["calls"]) == ("m", "1.0", 2)
+    assert [c["path"] for c in listed["children"]] == ["clinic/calc"]
+    # a plugin child of the tree (no host) answers calls too, by id or path
+    for name in ("calc", "clinic/calc"):
+        r = await c.post(f"/v1/plugins/{name}/call", json={"function": "add", "data": "[2, 2]"})
+        assert r.json()["output"] == "4", r.text
     r = await reader.post("/v1/plugins/m/unload")
     assert r.status_code == 403
     # crash it past its budget (intensity 1): quarantined, then released

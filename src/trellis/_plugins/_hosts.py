@@ -45,3 +45,40 @@ def find(name: str | None) -> Any:
     if not hosts:
         raise LookupError("no plugin host is running in this tree")
     raise LookupError(f"several plugin hosts run ({', '.join(hosts)}): name one with host")
+
+
+# Plugin children (trellis.Plugin under any supervisor, hosted or not), by tree path.
+_plugins: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+def register_plugin(path: str, server: Any) -> None:
+    _plugins[path] = server
+
+
+def unregister_plugin(path: str, server: Any) -> None:
+    if _plugins.get(path) is server:
+        del _plugins[path]
+
+
+def plugins() -> dict[str, Any]:
+    """Every running plugin child's server, by tree path."""
+    return {p: s for p, s in list(_plugins.items()) if s.pid.alive and s.pool is not None}
+
+
+def find_plugin(name: str) -> Any:
+    """The running plugin child at ``name`` (its path, the path without the root's
+    name, its registered name or its id when only one has it); ``LookupError``."""
+    name = name.strip("/")
+    running = plugins()
+    if name in running:
+        return running[name]
+    hits = [
+        s
+        for p, s in running.items()
+        if p.split("/", 1)[-1] == name or s.cfg.name == name or s.cfg.id == name
+    ]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise LookupError(f"no plugin {name!r} runs in this tree")
+    raise LookupError(f"several plugins match {name!r}: give its tree path")

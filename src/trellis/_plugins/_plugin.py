@@ -35,7 +35,7 @@ from .._core import _telemetry
 from .._core._exceptions import CallTimeout, Exited, InvalidChildSpec, NoProc, StartError
 from .._core._process import resolve
 from .._server import Server, Stop, send
-from . import _engine
+from . import _engine, _hosts
 from ._errors import PluginError
 from ._instance import Grants, Instance
 
@@ -454,6 +454,7 @@ class PluginServer(Server):
                 e, f"plugin {cfg.id!r} ({cfg.source}) cannot start: {e.message}"
             ) from None
         self.pool = pool
+        _hosts.register_plugin(pool.path, self)
         asyncio.get_running_loop().create_task(self._reap(pool))
         _telemetry.emit(
             "plugin.started",
@@ -468,6 +469,7 @@ class PluginServer(Server):
 
     async def _reap(self, pool: _Pool) -> None:
         reason = await self.pid.join()
+        _hosts.unregister_plugin(pool.path, self)
         pool.close(reason)
 
     def fatal(self, err: PluginError) -> None:

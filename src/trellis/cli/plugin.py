@@ -52,9 +52,14 @@ def list_command(
     if as_json:
         click.echo(json.dumps(data))
         return
-    hosts: dict[str, list[dict[str, Any]]] = data.get("hosts", {})
+    hosts: dict[str, list[dict[str, Any]]] = dict(data.get("hosts", {}))
+    children = data.get("children") or []
+    if children:
+        hosts["(plugin children of the tree)"] = [
+            {**c, "id": c.get("path", c.get("id"))} for c in children
+        ]
     if not hosts:
-        click.echo("no plugin host in this tree")
+        click.echo("no plugin in this tree")
         return
     for path, rows in hosts.items():
         click.echo(f"{_safe(path)}:")

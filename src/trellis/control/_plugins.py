@@ -88,8 +88,18 @@ def _host(body: dict[str, Any]) -> Any:
 
 async def list_plugins(ctl: ControlServer, request: Request) -> Response:
     hosts = _hosts.running()
+    hosted = tuple(f"{path}/" for path in hosts)
+    children = [
+        {**server.pool.info(), "name": server.cfg.name, "state": "running"}
+        for path, server in sorted(_hosts.plugins().items())
+        if not path.startswith(hosted)
+    ]
     return JSONResponse(
-        {"hosts": {path: host.list() for path, host in hosts.items()}, "time": time.time()}
+        {
+            "hosts": {path: host.list() for path, host in hosts.items()},
+            "children": children,  # plugin children of the tree itself (no host)
+            "time": time.time(),
+        }
     )
 
 
@@ -106,6 +116,20 @@ async def _act(
         ctl._operator(request, f"plugin.{action}", pid, str(e))
         return _error(404, str(e))
     return body, host, f"{host.path}/{pid}"
+
+
+class _Child:
+    """A plugin child of the tree, called like a host's plugin."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.path = server.pool.path
+
+    async def call(self, _id: str, function: str, data: bytes, *, timeout: Any) -> bytes:
+        from .._plugins._plugin import plugin_call
+
+        out: bytes = await plugin_call(self.server.pid, function, data, timeout=timeout)
+        return out
 
 
 def _detail(body: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -177,11 +201,23 @@ async def release(ctl: ControlServer, request: Request) -> Response:
 
 
 async def call(ctl: ControlServer, request: Request) -> Response:
-    got = await _act(ctl, request, "call", _CALL_FIELDS, MAX_MODULE_BODY)
-    if isinstance(got, Response):
-        return got
-    body, host, target = got
     pid = request.path_params["id"]
+    body = await _body(request, _CALL_FIELDS, MAX_MODULE_BODY)
+    if isinstance(body, Response):
+        return body
+    try:
+        host: Any = _host(body)
+        if not any(row["id"] == pid for row in host.list()):
+            raise LookupError(pid)
+        target = f"{host.path}/{pid}"
+    except LookupError as e:
+        if body.get("host") is not None:
+            return _error(404, str(e))
+        try:  # a plugin child of the tree itself, by path, name or id
+            host = _Child(_hosts.find_plugin(pid))
+        except LookupError as e2:
+            return _error(404, str(e2))
+        target = host.path
     function = body.get("function")
     if not isinstance(function, str) or not function:
         return _error(422, 'give {"function": "name", "data": "..."}')
@@ -202,7 +238,7 @@ async def call(ctl: ControlServer, request: Request) -> Response:
     try:
         out = await host.call(pid, function, data, timeout=timeout)
     except NotFound:
-        return _error(404, f"no plugin {pid!r} in host {host.path!r}")
+        return _error(404, f"no plugin {pid!r} in {host.path!r}")
     except PluginError as e:
         ctl._operator(request, "plugin.call", target, f"{e.kind}: {e.message}", _detail(body))
         return _error(422, e.message or e.kind, kind=e.kind)

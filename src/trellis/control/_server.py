@@ -621,7 +621,7 @@ class ControlServer:
             # read-only: a child's recent output (the ring), ?follow=true streams it
             Route("/v1/logs/{path:path}", self._logs, methods=["GET"]),
             Route("/v1/plugins", self._plugins, methods=["GET"]),
-            Route("/v1/plugins/{id}/{action}", self._plugin_action, methods=["POST"]),
+            Route("/v1/plugins/{id:path}/{action}", self._plugin_action, methods=["POST"]),
             Route("/v1/stop", self._stop_tree, methods=["POST"]),
             Route("/v1/reload", self._reload, methods=["POST"]),  # operator action
             Route("/v1/cluster", self._cluster, methods=["GET"]),  # read role
