@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
+import weakref
+from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -49,6 +54,7 @@ def run(
     blocked_warning: float = 5.0,
     extensions: Sequence[Extension] = (),
     loop: str = "asyncio",
+    lag_threshold: float = 0.1,
 ) -> int:
     """Run ``root`` until it ends or SIGTERM/SIGINT arrives; returns the exit code.
 
@@ -56,8 +62,12 @@ def run(
     async callable returning a pid. A signal stops the tree in reverse start
     order and gives 0; a root that gave up (or crashed) gives 1.
 
-    A watchdog thread guards what asyncio cannot: it logs the stack of any task
-    that blocks the event loop for ``blocked_warning`` seconds, and if a
+    A watchdog thread guards what asyncio cannot: it measures the event loop's lag
+    continuously (a callback timed every ``min(0.1, lag_threshold / 2)`` seconds;
+    ``trellis.metrics`` exports it as ``trellis_event_loop_lag_seconds``), emits
+    ``loop.blocked`` (duration, task, stack of what blocked it; at most 10 a minute)
+    when the loop did not answer within ``lag_threshold`` seconds, logs the stack of
+    any task that blocks the event loop for ``blocked_warning`` seconds, and if a
     shutdown has not finished ``hard_exit_after`` seconds after the signal (or a
     second signal arrives) it exits the process with code 1 instead of hanging.
 
@@ -73,7 +83,11 @@ def run(
         sys.exit(trellis.run(lambda: trellis.Supervisor.start_link(children)))
     """
     factory = loop_factory(loop)
-    watchdog = _Watchdog(hard_exit_after, blocked_warning)
+    if isinstance(lag_threshold, bool) or not isinstance(lag_threshold, int | float):
+        raise TypeError(f"run(lag_threshold=...) must be seconds, not {lag_threshold!r}")
+    if not lag_threshold > 0:
+        raise ValueError(f"run(lag_threshold=...) must be > 0 seconds, not {lag_threshold!r}")
+    watchdog = _Watchdog(hard_exit_after, blocked_warning, float(lag_threshold))
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(
@@ -113,21 +127,84 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     raise ValueError(f"unknown event loop {name!r}: use one of {', '.join(LOOPS)}")
 
 
-class _Watchdog:
-    """A thread that notices a blocked event loop and a shutdown that cannot finish."""
+class LoopLag:
+    """How late one event loop runs callbacks, as the watchdog of :func:`run` measures it
+    (plain numbers; observers such as ``trellis.metrics`` read them at scrape time).
 
-    def __init__(self, hard_exit_after: float, blocked_warning: float) -> None:
+    ``counts``/``sum``: a histogram of every lag sample (bucket bounds
+    :data:`LAG_BUCKETS`, then +Inf; not cumulative); ``last``: the last sample;
+    ``blocked``: how many times the loop was blocked past the threshold (reported or
+    rate-limited).
+    """
+
+    __slots__ = ("blocked", "counts", "last", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(_LAG_BOUNDS)
+        self.sum = 0.0
+        self.last = 0.0
+        self.blocked = 0
+
+    def observe(self, lag: float) -> None:
+        self.counts[bisect_left(_LAG_BOUNDS, lag)] += 1
+        self.sum += lag
+        self.last = lag
+
+
+#: Upper bounds (seconds) of the loop-lag histogram buckets (then +Inf).
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LAG_BOUNDS = (*LAG_BUCKETS, math.inf)
+_loop_lags: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopLag] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def loop_lag(loop: asyncio.AbstractEventLoop) -> LoopLag | None:
+    """The :class:`LoopLag` of a loop run by :func:`run` (None: no watchdog measures it)."""
+    return _loop_lags.get(loop)
+
+
+#: At most this many ``loop.blocked`` events a minute; the next one says how many
+#: were left out (``suppressed``).
+BLOCKED_PER_MINUTE = 10
+_STACK_FRAMES = 25  # the innermost frames kept in a loop.blocked stack
+
+
+class _Watchdog:
+    """A thread that measures the event loop's lag, reports what blocks it, and notices
+    a shutdown that cannot finish.
+
+    Every ``lag_interval`` seconds it schedules a callback on the loop and times how
+    long the loop takes to run it (the lag). When the loop has not run it within
+    ``lag_threshold`` seconds, the thread takes the stack of the loop's thread (the task
+    or callback blocking it is running right then) and, once the loop answers, emits
+    ``loop.blocked`` with the duration (at least; the block may have begun up to
+    ``lag_interval`` before the callback was scheduled), the threshold, the task and
+    the stack (at most :data:`BLOCKED_PER_MINUTE` a minute). Past ``blocked_warning``
+    seconds it also logs the stack as an error, as before.
+    """
+
+    def __init__(
+        self, hard_exit_after: float, blocked_warning: float, lag_threshold: float = 0.1
+    ) -> None:
         self.hard_exit_after = hard_exit_after
         self.blocked_warning = blocked_warning
+        self.lag_threshold = lag_threshold
+        self.lag_interval = min(0.1, lag_threshold / 2)
+        self.lag = LoopLag()
         self.stop_requested = threading.Event()
         self.closed = threading.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.main_ident = threading.get_ident()
         self.signals = 0
+        self.reported: deque[float] = deque()  # when the last loop.blocked were emitted
+        self.suppressed = 0
         self.thread = threading.Thread(target=self._watch, name="trellis-watchdog", daemon=True)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.main_ident = threading.get_ident()  # the loop's thread
+        _loop_lags[loop] = self.lag
         self.thread.start()
 
     def close(self) -> None:
@@ -140,45 +217,133 @@ class _Watchdog:
             self._hard_exit("a second signal arrived during shutdown")
         self.stop_requested.set()
 
-    def _stack(self) -> str:
+    def _stack(self, limit: int | None = None) -> str:
         frame = sys._current_frames().get(self.main_ident)
-        return "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
+        if frame is None:
+            return "(no stack)"
+        frames = list(traceback.extract_stack(frame))
+        if limit is not None:
+            frames = frames[-limit:]
+        return "".join(traceback.format_list(frames))
 
-    def _ping(self, timeout: float) -> bool:
-        """Whether the loop runs a callback within ``timeout`` seconds."""
+    def _task(self) -> str | None:
+        """The task the loop runs now (None: a plain callback, or nothing)."""
         loop = self.loop
-        if loop is None or loop.is_closed():
-            return True
-        done = threading.Event()
-        try:
-            loop.call_soon_threadsafe(done.set)
-        except RuntimeError:  # loop closed meanwhile
-            return True
-        return done.wait(timeout)
+        task = asyncio.current_task(loop) if loop is not None else None
+        if task is None:
+            return None
+        coro = task.get_coro()
+        name = getattr(coro, "__qualname__", None) or repr(coro)
+        try:  # the Trellis process the task runs, if any (read while the loop is stuck)
+            pid = next((p for p in live_processes() if p._task is task), None)
+        except RuntimeError:  # the table changed meanwhile
+            pid = None
+        return f"{task.get_name()} ({name}){'' if pid is None else f' of {pid!r}'}"
 
     def _watch(self) -> None:
         deadline: float | None = None
-        clock = __import__("time").monotonic
+        clock = time.monotonic
         while not self.closed.is_set():
             if self.stop_requested.is_set() and deadline is None:
                 deadline = clock() + self.hard_exit_after
-            wait = self.blocked_warning
-            if deadline is not None:
-                wait = max(0.0, min(wait, deadline - clock()))
-            # idle: one ping per `blocked_warning` (a few wakeups a minute, no busy timer)
-            if self.closed.wait(wait if deadline is None else min(1.0, wait)):
+            if self.closed.wait(self.lag_interval):
                 return
-            if not self._ping(self.blocked_warning) and not self.closed.is_set():
-                _log.error(
-                    "event loop blocked for over %ss by:\n%s", self.blocked_warning, self._stack()
+            loop = self.loop
+            if loop is None or loop.is_closed():
+                continue
+            answered = threading.Event()
+            ran = [0.0]
+
+            def pong(ran: list[float] = ran, answered: threading.Event = answered) -> None:
+                ran[0] = clock()
+                answered.set()
+
+            sent = clock()
+            try:
+                loop.call_soon_threadsafe(pong)
+            except RuntimeError:  # loop closed meanwhile
+                continue
+            stack: str | None = None
+            task: str | None = None
+            warned = False
+            while True:
+                limit = (
+                    self.lag_threshold
+                    if stack is None
+                    else self.blocked_warning
+                    if not warned
+                    else math.inf
                 )
+                wait = min(max(0.0, limit - (clock() - sent)), 1.0)
+                if deadline is not None:
+                    wait = min(wait, max(0.0, deadline - clock()))
+                if answered.wait(wait):
+                    break
+                if self.closed.is_set():
+                    return
+                if self.stop_requested.is_set() and deadline is None:
+                    deadline = clock() + self.hard_exit_after
+                if deadline is not None and clock() >= deadline:
+                    self._hard_exit(f"shutdown did not finish within {self.hard_exit_after}s")
+                waited = clock() - sent
+                if stack is None and waited >= self.lag_threshold:
+                    task = self._task()
+                    stack = self._stack(_STACK_FRAMES)
+                if not warned and waited >= self.blocked_warning:
+                    warned = True
+                    _log.error(
+                        "event loop blocked for over %ss by:\n%s",
+                        self.blocked_warning,
+                        self._stack(),
+                    )
+            lag = ran[0] - sent
+            self.lag.observe(lag)
+            if lag >= self.lag_threshold:
+                self._blocked(loop, lag, task, stack)
             if deadline is not None and clock() >= deadline and not self.closed.is_set():
                 self._hard_exit(f"shutdown did not finish within {self.hard_exit_after}s")
+
+    def _blocked(
+        self, loop: asyncio.AbstractEventLoop, lag: float, task: str | None, stack: str | None
+    ) -> None:
+        """Report a block: a ``loop.blocked`` event (emitted on the loop), rate-limited."""
+        self.lag.blocked += 1
+        now = time.monotonic()
+        reported = self.reported
+        while reported and reported[0] <= now - 60.0:
+            reported.popleft()
+        if len(reported) >= BLOCKED_PER_MINUTE:
+            self.suppressed += 1
+            return
+        reported.append(now)
+        suppressed, self.suppressed = self.suppressed, 0
+        fields = {
+            "duration": round(lag, 6),
+            "threshold": self.lag_threshold,
+            "task": task,
+            "stack": stack if stack is not None else "(the loop answered as the stack was taken)",
+            "suppressed": suppressed,
+        }
+        _log.warning(
+            "event loop blocked for %.3fs (threshold %ss) by %s:\n%s",
+            lag,
+            self.lag_threshold,
+            task or "a callback",
+            fields["stack"],
+        )
+        try:
+            loop.call_soon_threadsafe(_emit_blocked, fields)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
 
     def _hard_exit(self, why: str) -> None:
         _log.critical("%s; exiting now. Main thread stack:\n%s", why, self._stack())
         logging.shutdown()
         os._exit(1)
+
+
+def _emit_blocked(fields: dict[str, Any]) -> None:
+    _telemetry.emit("loop.blocked", **fields)
 
 
 async def _start_root(root: Any) -> Pid:

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import trellis
 from trellis import _server
@@ -314,3 +315,95 @@ def test_usage_interval_is_checked() -> None:
         Metrics(usage_interval=-1)
     with pytest.raises(ValueError, match="usage_interval"):
         Metrics(usage_interval="10")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------
+# Event-loop lag
+# ---------------------------------------------------------------------------
+
+LAG_PROGRAM = r"""
+import asyncio, json, sys, time
+import trellis, trellis._run
+from trellis.metrics import Metrics
+from trellis.testing import capture_telemetry
+
+trellis._run.BLOCKED_PER_MINUTE = 2  # so that the test sees the rate limit at work
+metrics = Metrics(node="test-node", usage_interval=0)
+out = {}
+
+def hold_the_loop(seconds):
+    time.sleep(seconds)  # blocks the event loop on purpose
+
+async def blocker():
+    await asyncio.sleep(0.3)  # the watchdog is pinging by now
+    hold_the_loop(0.3)
+    for _ in range(3):
+        await asyncio.sleep(0.15)
+        hold_the_loop(0.25)
+    await asyncio.sleep(0.3)  # the last loop.blocked is emitted on the loop
+    body, _ = await metrics.render()
+    out["body"] = body.decode()
+
+with capture_telemetry(["loop.blocked"]) as cap:
+    code = trellis.run(
+        trellis.worker("w", blocker, restart="temporary"),
+        extensions=[metrics],
+        lag_threshold=0.1,
+    )
+out["events"] = cap.named("loop.blocked")
+out["code"] = code
+with open(sys.argv[1], "w") as f:
+    json.dump(out, f)
+"""
+
+
+def test_loop_lag_and_a_deliberate_block(tmp_path: Any) -> None:
+    """A task that blocks the loop for 300 ms under trellis.run yields a loop.blocked
+    event with its duration and a stack naming the blocking function; three more blocks
+    are counted by trellis_event_loop_blocked_total but rate-limited as events (here 2 a
+    minute); the lag histogram has seen samples over the threshold."""
+    import json
+    import subprocess
+    import sys
+
+    prog = tmp_path / "lag.py"
+    prog.write_text(LAG_PROGRAM)
+    result = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, str(prog), str(result)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(result.read_text())
+    assert out["code"] == 0
+    events = out["events"]
+    assert len(events) == 2, events  # 4 blocks, 2 a minute
+    first = events[0]
+    assert 0.1 <= first["duration"] < 10
+    assert first["threshold"] == 0.1
+    assert "in hold_the_loop" in first["stack"], first["stack"]
+    assert "time.sleep(seconds)" in first["stack"]
+    assert "in blocker" in first["stack"]
+    assert first["suppressed"] == 0
+    assert "<Pid" in first["task"]  # the Trellis process that blocked it
+    assert "event loop blocked for" in proc.stderr  # and logged with its stack
+    types = {}
+    values = {}
+    for fam in text_string_to_metric_families(out["body"]):
+        types[fam.name] = fam.type
+        for x in fam.samples:
+            if x.name.startswith("trellis_event_loop"):
+                assert x.labels.pop("node") == "test-node"
+                values[x.name, x.labels.get("le")] = x.value
+    assert types["trellis_event_loop_lag_seconds"] == "histogram"
+    assert values["trellis_event_loop_blocked_total", None] == 4
+    count = values["trellis_event_loop_lag_seconds_count", None]
+    assert count >= 5  # sampled continuously, not only when blocked
+    assert values["trellis_event_loop_lag_seconds_bucket", "0.1"] <= count - 4
+    assert values["trellis_event_loop_lag_seconds_sum", None] >= 0.4
+
+
+def test_lag_threshold_is_checked() -> None:
+    with pytest.raises(ValueError, match="lag_threshold"):
+        trellis.run(trellis.worker("w", asyncio.sleep, 0), lag_threshold=0)
+    with pytest.raises(TypeError, match="lag_threshold"):
+        trellis.run(trellis.worker("w", asyncio.sleep, 0), lag_threshold="1")  # type: ignore[arg-type]

@@ -33,6 +33,7 @@ from prometheus_client.utils import floatToGoString
 from .._children import ProcessExitReason
 from .._core import _telemetry
 from .._core._process import Pid
+from .._run import LAG_BUCKETS, LoopLag, loop_lag
 from .._server import CALL_BUCKETS, CallStats, disable_call_stats, enable_call_stats
 from .._server import _call_stats as _server_call_stats
 from .._tree import CLASSES, Tracker, classify
@@ -166,6 +167,16 @@ _RECOVERY = _bounds(RECOVERY_BUCKETS)
 _RUN = _bounds(RUN_BUCKETS)
 _JOURNAL = _bounds(JOURNAL_BUCKETS)
 _CALLS = _bounds(CALL_BUCKETS)
+_LAG = _bounds(LAG_BUCKETS)
+
+
+def _lag_hist(lag: LoopLag) -> _Hist:
+    h = _Hist(*_LAG)
+    h.counts = list(lag.counts)
+    h.sum = lag.sum
+    return h
+
+
 #: Plugin call latency buckets: the ones ``plugin.stats`` reports (trellis._plugins).
 PLUGIN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 10.0)
 _PLUGIN = _bounds(PLUGIN_BUCKETS)
@@ -388,6 +399,7 @@ class Metrics:
         self._root: Pid | None = None
         self._live: dict[tuple[str, str], list[int]] = {}
         self._sup_labels: dict[str, str] = {}
+        self._refresh_lock = threading.RLock()
         self._own_tracker = tracker is None
         self.tracker = Tracker() if tracker is None else tracker
         self._hid: object | None = None
@@ -402,6 +414,7 @@ class Metrics:
         self.usage_interval = float(usage_interval)
         self._usage_targets: list[Target] = []  # the OS children at the last refresh
         self._sampler: UsageSampler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # whose lag is exported
         self._collector = _Collector(self)
         try:
             self.registry.register(self._collector)
@@ -413,6 +426,10 @@ class Metrics:
     # -- lifecycle -----------------------------------------------------------------
     def attach(self) -> Metrics:
         """Start counting telemetry events (idempotent); returns ``self``."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # attached outside the loop: remembered at start()
+            pass
         if self._hid is None:
             if self._own_tracker:
                 self.tracker.attach()
@@ -455,6 +472,7 @@ class Metrics:
 
     async def start(self) -> None:
         """Extension hook: attach to telemetry before the root starts."""
+        self._loop = asyncio.get_running_loop()
         self.attach()
 
     async def tree_started(self, root: Pid, request_stop: Callable[[], None]) -> None:
@@ -530,6 +548,10 @@ class Metrics:
         prometheus_client's sample objects took seconds for a 10,000-child tree and
         kept the garbage collector busy); other collectors in the registry are
         encoded by prometheus_client as usual."""
+        if True:
+            return self._render(accept)
+
+    def _render(self, accept: str | None) -> tuple[bytes, str]:
         self.refresh_now()
         if accept is None:
             encoder: Callable[[Any], bytes] = generate_latest
@@ -555,6 +577,10 @@ class Metrics:
 
     def refresh_now(self) -> None:
         """:meth:`refresh` in the calling thread."""
+        if True:
+            self._refresh()
+
+    def _refresh(self) -> None:
         root = self._root
         if root is None:
             self._live = {}
@@ -879,6 +905,10 @@ class Metrics:
                 v = getattr(u, field)
                 if v is not None:
                     add(f"{name}{{{live_lb(key)}}} {_num(v)}\n")
+        lag = loop_lag(self._loop) if self._loop is not None else None
+        if lag is not None:  # measured by trellis.run's watchdog
+            hist(head("trellis_event_loop_lag_seconds"), f'node="{node}"', _lag_hist(lag))
+            add(f'{head("trellis_event_loop_blocked")}{{node="{node}"}} {lag.blocked}.0\n')
         name = head("trellis_supervisor_intensity_exceeded")
         gave_up: dict[str, int] = {}
         for path, s in list(self._sups.items()):
@@ -1003,6 +1033,17 @@ class Metrics:
                 labels=L,
             ),
         ]
+        loop_lag_fam = HistogramMetricFamily(
+            "trellis_event_loop_lag_seconds",
+            "How late the tree's event loop ran a callback the watchdog scheduled "
+            "(sampled every 50-100 ms).",
+            labels=["node"],
+        )
+        loop_blocked = CounterMetricFamily(
+            "trellis_event_loop_blocked",
+            "Times the event loop did not answer the watchdog within the lag threshold.",
+            labels=["node"],
+        )
         gave_up = CounterMetricFamily(
             "trellis_supervisor_intensity_exceeded",
             "Times the supervisor reached its maximum restart intensity and gave up.",
@@ -1073,6 +1114,8 @@ class Metrics:
             call_errors,
             call_duration,
             *use_fams,
+            loop_lag_fam,
+            loop_blocked,
             gave_up,
             journal,
             journal_events,
@@ -1122,6 +1165,11 @@ class Metrics:
                 v = getattr(u, field)
                 if v is not None:
                     fam.add_metric([node, sup, child], v)  # type: ignore[attr-defined]
+        lag = loop_lag(self._loop) if self._loop is not None else None
+        if lag is not None:
+            h = _lag_hist(lag)
+            loop_lag_fam.add_metric([node], h.buckets(), h.sum)
+            loop_blocked.add_metric([node], lag.blocked)
         sup_gave_up: dict[str, int] = {}
         for path, s in list(self._sups.items()):
             label = _label(path)
