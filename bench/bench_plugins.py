@@ -4,8 +4,9 @@ and memory per idle instance.
 - warm call rate, one caller awaiting each call, of a no-op export: ``plugin_call``
   (a hop to the plugin's thread and back) against a raw wasmtime-py call of the same
   export on the same module in the same process (on the loop's thread, blocking it),
-  and the official ``extism`` SDK calling an Extism no-op of the same kind when it is
-  installed;
+  against the same raw call kept off the loop with ``asyncio.to_thread`` (what a user
+  would write without Trellis), and the official ``extism`` SDK calling an Extism
+  no-op of the same kind when it is installed;
 - restart to first answer: a plugin traps, its supervisor restarts it from the cached
   compiled module, and a call answers again (median over rounds);
 - memory per idle instance: RSS growth over ``instances=200`` of a small module.
@@ -51,6 +52,25 @@ def raw_rate(n: int) -> float:
     t = time.perf_counter()
     for _ in range(n):
         noop(store)
+    return n / (time.perf_counter() - t)
+
+
+async def raw_thread_rate(n: int) -> float:
+    """The same raw call, kept off the loop the plain asyncio way (``to_thread``)."""
+    eng = _engine.engine(False)
+    module, _ = _engine.load_module(
+        bytes(wasmtime.wat2wasm((WAT / "plain.wat").read_text())), False
+    )
+    store = wasmtime.Store(eng)
+    store.set_epoch_deadline(1 << 40)
+    inst = wasmtime.Instance(store, module, [])
+    noop = inst.exports(store)["noop"]
+    assert isinstance(noop, wasmtime.Func)
+    for _ in range(500):
+        await asyncio.to_thread(noop, store)
+    t = time.perf_counter()
+    for _ in range(n):
+        await asyncio.to_thread(noop, store)
     return n / (time.perf_counter() - t)
 
 
@@ -142,6 +162,11 @@ async def main() -> None:
         f"plugin_call       (plain noop, plugin thread)     : {via:10.0f} calls/s  {1e6 / via:6.1f} us"
     )
     print(f"  ratio {via / raw:.2f}x; overhead per call {1e6 / via - 1e6 / raw:.1f} us")
+    off = await raw_thread_rate(args.calls)
+    print(
+        f"raw wasmtime call via asyncio.to_thread (off the loop): {off:10.0f} calls/s  {1e6 / off:6.1f} us"
+    )
+    print(f"  plugin_call vs that: {via / off:.2f}x")
     print(
         f"plugin_call       (Extism-ABI noop)                : {ext_noop:10.0f} calls/s  {1e6 / ext_noop:6.1f} us"
     )
