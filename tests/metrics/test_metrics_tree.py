@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -657,3 +658,25 @@ async def test_the_fast_exposition_says_what_prometheus_client_says(
     assert (
         s.value("trellis_child_state", supervisor="m-fast", child="slow", state="restarting") == 1
     )
+
+
+async def test_concurrent_scrapes_agree(metrics: Metrics) -> None:
+    """Scrapers at once (an HA pair of Prometheus servers): renders run in worker
+    threads and take turns, so none sees another's half-counted gauges (threads are
+    made to switch very often here, so that an unguarded render would)."""
+    sup = await trellis.Supervisor.start_link(
+        [Crashy.child_spec(id=f"c{i}") for i in range(500)], name="m-two"
+    )
+    metrics.track(sup)
+    up = re.compile(rb'^trellis_child_up\{[^}]*supervisor="m-two"[^}]*\} (\S+)$', re.M)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        bodies = await asyncio.gather(*(metrics.render() for _ in range(8)))
+    finally:
+        sys.setswitchinterval(interval)
+        await sup.stop()
+    for body, _ in bodies:
+        values = up.findall(body)
+        assert len(values) == 500
+        assert set(values) == {b"1.0"}

@@ -548,7 +548,7 @@ class Metrics:
         prometheus_client's sample objects took seconds for a 10,000-child tree and
         kept the garbage collector busy); other collectors in the registry are
         encoded by prometheus_client as usual."""
-        if True:
+        with self._refresh_lock:  # two scrapers at once take turns (shared rows)
             return self._render(accept)
 
     def _render(self, accept: str | None) -> tuple[bytes, str]:
@@ -577,7 +577,7 @@ class Metrics:
 
     def refresh_now(self) -> None:
         """:meth:`refresh` in the calling thread."""
-        if True:
+        with self._refresh_lock:
             self._refresh()
 
     def _refresh(self) -> None:
