@@ -33,7 +33,7 @@ def plugin_events(seen: list[dict[str, Any]], name: str | None = None) -> list[d
         e
         for e in seen
         if str(e["event"]).startswith("plugin.")
-        and e["event"] not in ("plugin.stats", "plugin.started")
+        and e["event"] not in ("plugin.stats", "plugin.started", "plugin.stopped")
         and (name is None or e["event"] == name)
     ]
 

@@ -382,7 +382,9 @@ async def test_a_start_function_has_the_deadline_too() -> None:
 
 async def test_call_statistics_are_telemetry(wat: Wat) -> None:
     seen: list[dict[str, Any]] = []
-    hid = trellis.telemetry.attach(seen.append, ["plugin.stats", "plugin.started"])
+    hid = trellis.telemetry.attach(
+        seen.append, ["plugin.stats", "plugin.started", "plugin.stopped"]
+    )
     try:
         async with tree(spec(wat, restart="temporary")):
             for _ in range(5):
@@ -395,6 +397,9 @@ async def test_call_statistics_are_telemetry(wat: Wat) -> None:
     finally:
         trellis.telemetry.detach(hid)
     [started] = [e for e in seen if e["event"] == "plugin.started"]
+    [stopped] = [e for e in seen if e["event"] == "plugin.stopped"]
+    assert (stopped["sha256"], stopped["calls"]) == (started["sha256"], 6)
+    assert stopped["reason"] == trellis.SHUTDOWN
     assert started["path"].endswith("/misbehave")
     assert len(started["sha256"]) == 64
     stats = [e for e in seen if e["event"] == "plugin.stats"]

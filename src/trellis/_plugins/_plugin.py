@@ -471,6 +471,17 @@ class PluginServer(Server):
         reason = await self.pid.join()
         _hosts.unregister_plugin(pool.path, self)
         pool.close(reason)
+        cfg = self.cfg
+        _telemetry.emit(  # journaled: which module (sha256, version) ended, and why
+            "plugin.stopped",
+            path=pool.path,
+            plugin=cfg.id,
+            sha256=cfg.sha256,
+            version=cfg.version,
+            reason=reason,
+            calls=pool.calls,
+            errors=dict(pool.errors),
+        )
 
     def fatal(self, err: PluginError) -> None:
         """An instance failed fatally: end this child with ``err`` as its reason."""
