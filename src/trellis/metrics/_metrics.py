@@ -1257,7 +1257,8 @@ class _Collector(Collector):
     def collect(self) -> Iterable[Metric]:
         if getattr(self.skip, "on", False):
             return []
-        return self._metrics._families()
+        with self._metrics._refresh_lock:  # not while a render recounts the gauges
+            return self._metrics._families()
 
     def describe(self) -> Sequence[Metric]:
         return self._metrics._families(empty=True)
