@@ -131,7 +131,15 @@ inherit_env = ["PATH", "TRELLIS_TEST_NODE"]
 class Node:
     """One ``trellis run TREE --cluster URL --node NAME`` process."""
 
-    def __init__(self, tmp: Path, tree: Path, url: str, name: str, control: bool = False):
+    def __init__(
+        self,
+        tmp: Path,
+        tree: Path,
+        url: str,
+        name: str,
+        control: bool = False,
+        env: dict[str, str] | None = None,
+    ):
         self.name = name
         self.tmp = tmp
         self.sock = None
@@ -142,9 +150,9 @@ class Node:
             args += ["--socket", self.sock]
         else:
             args += ["--no-control"]
-        env = {**os.environ, "TRELLIS_TEST_NODE": name}
+        env = {**os.environ, **(env or {}), "TRELLIS_TEST_NODE": name}
         env["TRELLIS_STATE_DIR"] = str(tmp / f"state-{name}")
-        self.log = open(tmp / f"node-{name}.log", "wb")  # noqa: SIM115 (closed by stop)
+        self.log = open(tmp / f"node-{name}.log", "ab")  # noqa: SIM115 (closed by stop)
         self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     @property
