@@ -215,6 +215,7 @@ class _Child:
     __slots__ = (
         "dynamic",
         "id",
+        "key",
         "os_pid",
         "pid",
         "restart",
@@ -228,6 +229,7 @@ class _Child:
 
     def __init__(self, id: Any, stats: ChildStats, dynamic: bool) -> None:
         self.id = id
+        self.key: Any = id  # its key in its supervisor's children (a serial if dynamic)
         self.stats = stats
         self.dynamic = dynamic
         self.pid: Pid | None = None
@@ -550,10 +552,8 @@ class Tracker:
                 waiting.remove(c)
                 if not waiting:
                     del s.pending[cid]
-            for k, o in list(s.children.items()):
-                if o is c:
-                    del s.children[k]
-                    break
+            if s.children.get(c.key) is c:
+                del s.children[c.key]
         elif s.children.get(cid) is c:
             del s.children[cid]
 
@@ -561,7 +561,8 @@ class Tracker:
         c = _Child(cid, self._stats(sup_path, cid), s.dynamic)
         if s.dynamic:
             self._serial += 1
-            s.children[self._serial] = c
+            c.key = self._serial
+            s.children[c.key] = c
         else:
             s.children[cid] = c
         return c
