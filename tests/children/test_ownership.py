@@ -6,6 +6,7 @@ Real processes; liveness read from /proc."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pwd
 import signal
@@ -258,6 +259,35 @@ async def test_notify_from_the_childs_own_subprocess_is_accepted() -> None:
     async with supervised([spec]) as sup:
         info = await sup.which_child("helper")
         assert isinstance(info.pid, trellis.CommandPid)
+
+
+async def test_notify_access_main_ignores_the_childs_subprocesses(tmp_path: Path) -> None:
+    """``notify_access="main"`` (systemd ``NotifyAccess=main``): only the main process;
+    the same helper as above cannot make it ready. In a tree file: ``notify_access``."""
+    from trellis.config import load
+
+    tree = tmp_path / "t.toml"
+    code = (
+        "import os, socket, subprocess, sys, time\n"
+        "subprocess.run([sys.executable, '-c', "
+        '\'import os,socket; a=os.environ["NOTIFY_SOCKET"]; a="\\\\0"+a[1:]; '
+        "s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(a); "
+        's.sendall(b"READY=1")\'])\n'
+        "time.sleep(600)\n"
+    )
+    tree.write_text(
+        "[supervisor]\nname = 'n'\n[[supervisor.children]]\nid = 'helper'\n"
+        f"command = {json.dumps([sys.executable, '-c', code])}\n"
+        "ready = { notify = true, timeout = 1.5 }\nnotify_access = 'main'\n"
+        "restart = 'temporary'\nshutdown = 0.5\n"
+    )
+    [spec] = load(tree).children
+    async with supervised([]) as sup:
+        with pytest.raises(trellis.StartError) as info:
+            await sup.start_child(spec)
+        assert isinstance(info.value.reason, trellis.ReadyTimeout)
+    with pytest.raises(trellis.InvalidChildSpec):
+        trellis.Command(["true"], notify_access="everyone")
 
 
 def test_abstract_socket_sender_credentials_are_checked_by_pid() -> None:

@@ -121,6 +121,7 @@ class _Config:
     limits: Limits | None
     logs: Logs | None
     pidfile: str | None = None
+    notify_access: str = "all"
 
 
 def Command(
@@ -139,6 +140,7 @@ def Command(
     limits: Limits | None = None,
     logs: Logs | None = None,
     pidfile: str | os.PathLike[str] | None = None,
+    notify_access: str = "all",
     restart: str = "permanent",
     shutdown: Any = 5.0,
     significant: bool = False,
@@ -158,6 +160,10 @@ def Command(
     ``pidfile`` is for programs that daemonize (systemd ``Type=forking``): the
     process Trellis starts must exit 0 after forking, and the daemon's pid is then
     read from ``pidfile``; Trellis follows that process from there on.
+
+    ``notify_access`` says who may send on ``NOTIFY_SOCKET`` (as systemd
+    ``NotifyAccess=``): ``"all"`` (default) the child's processes (its session),
+    ``"main"`` only the main process. Messages from anyone else are ignored.
 
     Example::
 
@@ -187,6 +193,8 @@ def Command(
         or not 0 < watchdog < float("inf")
     ):
         raise InvalidChildSpec(watchdog, "must be seconds > 0", field="watchdog")
+    if notify_access not in ("main", "all"):
+        raise InvalidChildSpec(notify_access, 'must be "main" or "all"', field="notify_access")
     if pidfile is not None and not isinstance(pidfile, str | os.PathLike):
         raise InvalidChildSpec(pidfile, "must be a path", field="pidfile")
     inherit = inherit_env if isinstance(inherit_env, bool) else tuple(inherit_env)
@@ -204,6 +212,7 @@ def Command(
         limits=limits if limits else None,
         logs=logs,
         pidfile=os.fspath(pidfile) if pidfile is not None else None,
+        notify_access=notify_access,
     )
     return ChildSpec(
         id=cfg.id,
@@ -607,6 +616,8 @@ class _Runner:
         in its session."""
         if sender == self.os_pid:
             return True
+        if self.cfg.notify_access == "main":
+            return False
         st = _orphans.stat(sender)
         return st is not None and self.sid is not None and st[2] == self.sid
 

@@ -547,6 +547,7 @@ class CommandChild(_Child):
     limits: LimitsModel | None = None
     logs: LogsModel | None = None
     pidfile: NonEmpty | None = None
+    notify_access: Literal["main", "all"] | None = None
 
 
 class ServerChild(_Child):
