@@ -9,8 +9,13 @@ Usage, under valgrind (counts instructions, so the machine's noise does not matt
     echo "floor:   $(( ($(ir f 1100) - $(ir f 100)) / 1000 )) per restart"
 
 Mode ``t``: a one_for_one Supervisor with a telemetry handler; each restart is a crash
-cast, the handler's ``child.restarted`` event, then a call to the new child. Mode ``f``:
-the plain-asyncio floor (a Queue actor under a hand-rolled restart loop).
+cast, the handler's ``child.restarted`` event, then a call to the new child. Mode ``a``:
+the same with the loop's tree-stop flag armed, as under ``trellis run`` (each restart's
+start can then be cancelled by a stop request). Mode ``f``: the plain-asyncio floor (a
+Queue actor under a hand-rolled restart loop). An optional third argument ``uvloop``
+runs both on uvloop instead of asyncio's default loop.
+
+Set ``PYTHONHASHSEED=0`` for repeatable counts (otherwise runs differ by ~2k per restart).
 """
 
 import asyncio
@@ -18,6 +23,7 @@ import logging
 import sys
 
 import trellis
+from trellis._core import _stopping
 
 logging.getLogger("trellis").setLevel(logging.CRITICAL)
 logging.getLogger("floor").setLevel(logging.CRITICAL)
@@ -43,6 +49,8 @@ async def tr():
             if w and not w.done():
                 w.set_result(ev["pid"])
 
+    if mode == "a":
+        _stopping.arm(loop)
     trellis.telemetry.attach(on)
     sup = await trellis.Supervisor.start_link([W.child_spec(id="w")], intensity=10**9, period=1.0)
     (info,) = await sup.which_children()
@@ -94,4 +102,11 @@ async def fl():
     s.cancel()
 
 
-asyncio.run(tr() if mode == "t" else fl())
+main = tr() if mode in ("t", "a") else fl()
+if sys.argv[3:] == ["uvloop"]:
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+else:
+    asyncio.run(main)

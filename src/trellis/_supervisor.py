@@ -324,10 +324,27 @@ class _SupervisorServer(Server):
         try:
             r = spec.start(*child.args, **spec.kwargs)
             if type(r) is CoroutineType or inspect.isawaitable(r):
-                if tree_stop is not None and spec.type is ChildType.WORKER:
+                if tree_stop is None or spec.type is not ChildType.WORKER:
+                    r = await r
+                elif tree_stop._requested or (task := asyncio.current_task()) is None:
                     r = await _unless_stopped(r, tree_stop)
                 else:
-                    r = await r
+                    # _unless_stopped's common case, inlined (no coroutine frame on
+                    # every restart under trellis run): a stop request cancels this task
+                    # while it awaits the start; it takes the cancellation back.
+                    starting = tree_stop.starting
+                    starting.add(task)
+                    try:
+                        r = await r
+                    except asyncio.CancelledError:
+                        if tree_stop.claim(task):
+                            task.uncancel()
+                            raise StartError(SHUTDOWN, _START_CANCELLED) from None
+                        raise
+                    finally:
+                        starting.discard(task)
+                        if tree_stop._cancelled and tree_stop.claim(task):
+                            task.uncancel()  # cancelled by the stop, but the start swallowed it
         except AlreadyStarted as e:
             return "error", e, None
         except StartError as e:
@@ -622,6 +639,10 @@ class _SupervisorServer(Server):
         child.pid = None
         child.cancel_timer()
         if not isinstance(pid, Pid):
+            if pid is RESTARTING:  # stopped between restarts: observers see it stop
+                self._event(
+                    "child.terminated", child_id=child.id, pid=child.last_pid, reason=SHUTDOWN
+                )
             return
         self.by_pid.pop(pid, None)
         mode = child.spec.shutdown
@@ -893,6 +914,9 @@ class _SupervisorServer(Server):
         self._event("supervisor.reordered", children=[c.spec.id for c in self.children])
 
 
+_START_CANCELLED = "start cancelled: the tree is stopping"
+
+
 async def _unless_stopped(start: Any, tree_stop: _stopping.TreeStop) -> Any:
     """Await a worker's start; a stop request cancels it at once (the start's own
     cancellation handling kills a half-started child) and it ends with ``SHUTDOWN``.
@@ -905,7 +929,7 @@ async def _unless_stopped(start: Any, tree_stop: _stopping.TreeStop) -> Any:
         if tree_stop.requested:
             if inspect.iscoroutine(start):
                 start.close()
-            raise StartError(SHUTDOWN, "start cancelled: the tree is stopping")
+            raise StartError(SHUTDOWN, _START_CANCELLED)
         return await start
     starting = tree_stop.starting
     starting.add(task)
@@ -914,7 +938,7 @@ async def _unless_stopped(start: Any, tree_stop: _stopping.TreeStop) -> Any:
     except asyncio.CancelledError:
         if tree_stop.claim(task):
             task.uncancel()
-            raise StartError(SHUTDOWN, "start cancelled: the tree is stopping") from None
+            raise StartError(SHUTDOWN, _START_CANCELLED) from None
         raise
     finally:
         starting.discard(task)
