@@ -236,3 +236,29 @@ def test_signal_reaches_the_child_and_is_journaled(
     assert signals[0]["result"] == "ok"
     assert signals[0]["detail"]["signal"] == "SIGUSR1"
     assert signals[0]["detail"]["reason"] == "rotate"
+
+
+def test_the_ring_is_bounded_in_lines_and_bytes() -> None:
+    """1,000 lines at most, and 256 KiB: a child printing huge lines cannot grow it."""
+    from trellis._children._output import (
+        RING_BYTES,
+        RING_LINES,
+        OutputRing,
+        recent_output,
+        ring_for,
+    )
+
+    ring = OutputRing()
+    for i in range(3 * RING_LINES):
+        ring.append("stdout", 1, b"line %d" % i)
+    assert len(ring.lines) == RING_LINES
+    assert ring.lines[-1][3] == b"line %d" % (3 * RING_LINES - 1)
+    for _ in range(100):
+        ring.append("stderr", 1, b"x" * 10_000)
+    assert ring.size <= RING_BYTES
+    assert sum(len(e[3]) for e in ring.lines) == ring.size
+    shared = ring_for("test-ring/child")
+    shared.append("stderr", 7, b"last words")
+    assert recent_output("test-ring/child", n=1) == [
+        {"time": shared.lines[-1][0], "stream": "stderr", "os_pid": 7, "line": "last words"}
+    ]

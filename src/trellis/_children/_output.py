@@ -14,23 +14,29 @@ __all__ = ["LineProtocol", "OutputRing", "RotatingFile", "recent_output", "ring_
 
 MAX_LINE = 64 * 1024  # longer lines are split
 RING_LINES = 1000  # recent output lines kept per child path (after it exits, too)
+RING_BYTES = 256 * 1024  # ... and at most this many bytes of them (long lines)
 MAX_RINGS = 10_000
 
 
 class OutputRing:
-    """The last ``RING_LINES`` output lines of one child path, across its restarts:
-    ``(unix time, stream, os pid, line bytes)``. Listeners (``trellis logs -f``) get
-    each new entry."""
+    """The last ``RING_LINES`` output lines (at most ``RING_BYTES``) of one child path,
+    across its restarts: ``(unix time, stream, os pid, line bytes)``. Listeners
+    (``trellis logs -f``) get each new entry."""
 
-    __slots__ = ("lines", "listeners")
+    __slots__ = ("lines", "listeners", "size")
 
     def __init__(self) -> None:
-        self.lines: deque[tuple[float, str, int | None, bytes]] = deque(maxlen=RING_LINES)
+        self.lines: deque[tuple[float, str, int | None, bytes]] = deque()
         self.listeners: set[Callable[[tuple[float, str, int | None, bytes]], None]] = set()
+        self.size = 0
 
     def append(self, stream: str, os_pid: int | None, line: bytes) -> None:
         entry = (time.time(), stream, os_pid, line)
-        self.lines.append(entry)
+        lines = self.lines
+        lines.append(entry)
+        self.size += len(line)
+        while len(lines) > RING_LINES or (self.size > RING_BYTES and len(lines) > 1):
+            self.size -= len(lines.popleft()[3])
         for cb in tuple(self.listeners):
             cb(entry)
 
