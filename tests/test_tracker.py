@@ -161,3 +161,38 @@ async def test_an_os_child_waiting_for_readiness_is_starting_then_forgotten_if_n
     assert list(by_path(tracker.snapshot("t-start"))) == others
     assert tracker.not_ready("t-start") == (None, [])
     await sup.stop()
+
+
+async def test_a_child_stopped_between_restarts_is_stopped(
+    tracker: Tracker, clock: VirtualClock
+) -> None:
+    """terminate_child of a child waiting in backoff: a static one is ``stopped`` (not
+    ``restarting`` forever), a dynamic one is forgotten (it held /readyz at 503)."""
+    backoff = trellis.Backoff(min=60.0, max=60.0)
+    sup = await trellis.Supervisor.start_link(
+        [Crashy.child_spec(id="s", backoff=backoff), trellis.DynamicSupervisor.child_spec(id="d")],
+        name="t-between",
+    )
+    dyn = (await sup.which_child("d")).pid
+    keep = await dyn.start_child(Crashy.child_spec(id="x", backoff=backoff))
+    other = await dyn.start_child(Crashy.child_spec(id="x", backoff=backoff))
+    with capture_telemetry() as cap:
+        trellis.cast((await sup.which_child("s")).pid, "boom")
+        trellis.cast(other, "boom")
+        await cap.wait_for("child.backoff", child_id="s")
+        await cap.wait_for("child.backoff", child_id="x")
+    nodes = by_path(tracker.snapshot("t-between"))
+    assert nodes["t-between/s"]["state"] == "restarting"
+    assert {n["state"] for p, n in nodes.items() if p.startswith("t-between/d/")} == {
+        "running",
+        "restarting",
+    }
+    await sup.terminate_child("s")
+    await dyn.terminate_child(other)
+    nodes = by_path(tracker.snapshot("t-between"))
+    assert nodes["t-between/s"]["state"] == "stopped"
+    dyn_nodes = [n for p, n in nodes.items() if p.startswith("t-between/d/")]
+    assert [(n["pid"], n["state"]) for n in dyn_nodes] == [(keep, "running")]
+    _, bad = tracker.not_ready("t-between")
+    assert [n["path"] for n in bad] == ["t-between/s"]  # permanent and stopped
+    await sup.stop()

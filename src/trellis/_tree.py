@@ -536,7 +536,13 @@ class Tracker:
             if c is not None:
                 return c
         waiting = s.pending.get(cid)
-        return waiting[0] if waiting else None
+        if not waiting:
+            return None
+        if isinstance(pid, Pid):  # a restarting child keeps its last pid
+            for c in waiting:
+                if c.pid is pid:
+                    return c
+        return waiting[0]
 
     def _unbind(self, s: _Sup, c: _Child) -> None:
         if c.pid is not None:
