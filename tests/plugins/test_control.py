@@ -138,6 +138,22 @@ async def test_cli(served: dict[str, Any], wat: Wat) -> None:
     assert "loaded p v2" in r.output
     r = await asyncio.to_thread(run, "plugin", "call", "p", "add", "--data", "[2, 3]")
     assert (r.exit_code, r.output) == (0, "5")
+    # an upgrade whose check traps keeps v2; one whose check passes switches
+    r = await asyncio.to_thread(
+        run, "plugin", "upgrade", "p", str(wat("misbehave")), "--version", "3",
+        "--check", "trap_on", "--check-data", "boom",
+    )  # fmt: skip
+    assert r.exit_code != 0
+    assert "kept the old" in r.output
+    r = await asyncio.to_thread(
+        run, "plugin", "upgrade", "p", str(wat("misbehave")), "--version", "3",
+        "--check", "echo", "--check-data", "hi",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "upgraded p to v3" in r.output
+    assert served["host"].get("p")["version"] == "3"
+    r = await asyncio.to_thread(run, "plugin", "call", "p", "upper", "--data", "abc")
+    assert (r.exit_code, r.output) == (0, "ABC")
     r = await asyncio.to_thread(run, "plugin", "list")
     assert "p " in r.output
     assert "running" in r.output

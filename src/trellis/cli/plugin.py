@@ -6,10 +6,12 @@ Example::
     $ trellis plugin load validator plugins/fhir_validator.wasm --version 1.2.0 \\
           --memory 50MiB --timeout 5 --config strict=true
     $ trellis plugin call validator validate --data @record.json
+    $ trellis plugin upgrade validator fhir_validator-1.3.wasm --version 1.3.0 \\
+          --check validate --check-data '{"resourceType": "Patient"}'
     $ trellis plugin release validator          # lift a quarantine
     $ trellis plugin unload validator
 
-load, unload, release and call are operator actions (journaled); a host with a sha256
+load, upgrade, unload, release and call are operator actions (journaled); a host with a sha256
 allow-list refuses a module that is not on it.
 """
 
@@ -31,7 +33,7 @@ __all__ = ["plugin_group"]
 
 @click.group("plugin")
 def plugin_group() -> None:
-    """The tree's WASM plugins (a trellis.PluginHost): list, load, unload, call."""
+    """The tree's WASM plugins (a trellis.PluginHost): list, load, upgrade, call..."""
 
 
 def _url(pid: str, action: str) -> str:
@@ -132,6 +134,46 @@ def load_command(
     click.echo(
         f"loaded {_safe(row['id'])} v{_safe(row.get('version') or '-')} "
         f"(sha256 {row['sha256']}): {row['state']}"
+    )
+
+
+@plugin_group.command("upgrade")
+@click.argument("plugin_id", metavar="ID")
+@click.argument("module", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--version", "version", metavar="V", help="The new version to record.")
+@click.option("--check", "check", metavar="FUNCTION", help="Call it once before switching.")
+@click.option("--check-data", default="", metavar="TEXT", help="The check call's input.")
+@click.option("--host", metavar="PATH", help="The plugin host (when the tree has several).")
+@click.option("--reason", metavar="TEXT", help="Why (recorded with the action).")
+@_connection_options
+@_handle_errors
+def upgrade_command(
+    plugin_id: str, module: Path, version: str | None, check: str | None, check_data: str,
+    host: str | None, reason: str | None, socket_path: str | None, url: str | None,
+    token: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Replace plugin ID's module with MODULE: the new version starts (and answers
+    --check) before the old one stops; on failure the old one keeps serving."""
+    raw = module.read_bytes()
+    body: dict[str, Any] = {
+        "module_b64": base64.b64encode(raw).decode(),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+    }
+    for k, v in (("version", version), ("host", host), ("reason", reason)):
+        if v is not None:
+            body[k] = v
+    if check is not None:
+        body["check_function"] = check
+        body["check_data"] = check_data
+    with _client(socket_path, url, token) as c:
+        data = c.post(_url(plugin_id, "upgrade"), body)
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    row = data["plugin"]
+    click.echo(
+        f"upgraded {_safe(row['id'])} to v{_safe(row.get('version') or '-')} "
+        f"(sha256 {row['sha256']})"
     )
 
 

@@ -352,9 +352,10 @@ _SPEC: dict[str, Any] = {
         "/v1/plugins/{id}/{action}": {
             "post": {
                 "operationId": "pluginAction",
-                "summary": "load, unload, release or call a plugin (operator action)",
+                "summary": "load, upgrade, unload, release or call a plugin (operator action)",
                 "description": "`load`: `{module_b64, sha256?, version?, memory?, timeout?, "
-                "fuel?, config?, instances?, host?, reason?}`; `call`: `{function, data | "
+                "fuel?, config?, instances?, host?, reason?}`; `upgrade`: the same and "
+                "`check_function?, check_data?`; `call`: `{function, data | "
                 "data_b64, timeout?, host?}` answers `{output_b64, output?}`; `unload`, "
                 "`release`: `{host?, reason?}`.",
                 "parameters": [
@@ -363,7 +364,7 @@ _SPEC: dict[str, Any] = {
                         "name": "action",
                         "in": "path",
                         "required": True,
-                        "schema": {"enum": ["load", "unload", "release", "call"]},
+                        "schema": {"enum": ["load", "upgrade", "unload", "release", "call"]},
                     },
                 ],
                 "requestBody": {

@@ -10,6 +10,9 @@ Operator actions, journaled as ``operator.action`` (target ``<host path>/<id>``)
   "host": ..., "reason": ...}``: the module's bytes travel in the body (a host with an
   allow-list refuses a module whose sha256 is not on it: 403); ``sha256``, when given,
   must match the bytes (422 otherwise);
+- ``POST /v1/plugins/{id}/upgrade``: as load, plus ``check_function`` and
+  ``check_data``; the new version starts (and answers its check) before the old one
+  stops; a failure keeps the old one serving (409);
 - ``POST /v1/plugins/{id}/unload``, ``POST /v1/plugins/{id}/release`` (lift a
   quarantine);
 - ``POST /v1/plugins/{id}/call`` with ``{"function": ..., "data": text | "data_b64":
@@ -38,16 +41,17 @@ from .._plugins._errors import PluginError, PluginRejected
 if TYPE_CHECKING:
     from ._server import ControlServer
 
-__all__ = ["ACTIONS", "call", "list_plugins", "load", "release", "unload"]
+__all__ = ["ACTIONS", "call", "list_plugins", "load", "release", "unload", "upgrade"]
 
 #: The POST /v1/plugins/{id}/{action} actions.
-ACTIONS = frozenset({"load", "unload", "release", "call"})
+ACTIONS = frozenset({"load", "upgrade", "unload", "release", "call"})
 
 MAX_MODULE_BODY = 32 * 2**20  # a module upload: 32 MiB of JSON at most
 _LOAD_FIELDS = frozenset(
     {"module_b64", "sha256", "version", "memory", "timeout", "fuel", "config", "instances",
      "host", "reason"}
 )  # fmt: skip
+_CHECK_FIELDS = frozenset({"check_function", "check_data"})
 _CALL_FIELDS = frozenset({"function", "data", "data_b64", "timeout", "host", "reason"})
 _PLAIN_FIELDS = frozenset({"host", "reason"})
 
@@ -139,11 +143,23 @@ def _detail(body: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 
 async def load(ctl: ControlServer, request: Request) -> Response:
-    got = await _act(ctl, request, "load", _LOAD_FIELDS, MAX_MODULE_BODY)
+    return await _install(ctl, request, "load")
+
+
+async def upgrade(ctl: ControlServer, request: Request) -> Response:
+    return await _install(ctl, request, "upgrade")
+
+
+async def _install(ctl: ControlServer, request: Request, action: str) -> Response:
+    allowed = (
+        _LOAD_FIELDS | {"check_function", "check_data"} if action == "upgrade" else _LOAD_FIELDS
+    )
+    got = await _act(ctl, request, action, allowed, MAX_MODULE_BODY)
     if isinstance(got, Response):
         return got
     body, host, target = got
     pid = request.path_params["id"]
+    what = f"plugin.{action}"
     try:
         module = base64.b64decode(str(body.get("module_b64", "")), validate=True)
     except (binascii.Error, ValueError):
@@ -154,19 +170,37 @@ async def load(ctl: ControlServer, request: Request) -> Response:
     expected = body.get("sha256")
     if expected is not None and str(expected).lower() != sha:
         message = f"the module's sha256 is {sha}, not {expected}"
-        ctl._operator(request, "plugin.load", target, message, _detail(body))
+        ctl._operator(request, what, target, message, _detail(body))
         return _error(422, message, sha256=sha)
-    kwargs = {k: body[k] for k in ("memory", "timeout", "fuel", "config", "instances") if k in body}
+    kwargs: dict[str, Any] = {
+        k: body[k] for k in ("memory", "timeout", "fuel", "config", "instances") if k in body
+    }
+    check_fn = body.get("check_function")
+    if check_fn is not None:
+        if not isinstance(check_fn, str) or not isinstance(body.get("check_data", ""), str):
+            return _error(422, "check_function and check_data are strings")
+        kwargs["check"] = (check_fn, str(body.get("check_data", "")).encode())
     try:
-        row = await host.load(pid, module, version=body.get("version"), **kwargs)
+        if action == "load":
+            row = await host.load(pid, module, version=body.get("version"), **kwargs)
+        else:
+            row = await host.upgrade(pid, module, version=body.get("version"), **kwargs)
+    except NotFound:
+        message = f"no plugin {pid!r} in host {host.path!r}"
+        ctl._operator(request, what, target, message, _detail(body, sha256=sha))
+        return _error(404, message)
     except PluginRejected as e:
-        ctl._operator(request, "plugin.load", target, str(e), _detail(body, sha256=sha))
+        ctl._operator(request, what, target, str(e), _detail(body, sha256=sha))
         return _error(403, str(e), sha256=sha)
-    except (ValueError, ChildSpecError, StartError, TypeError) as e:
-        ctl._operator(request, "plugin.load", target, str(e), _detail(body, sha256=sha))
+    except PluginError as e:  # the upgrade's check call failed: the old one serves
+        message = f"the new version failed its check ({e.kind}: {e.message}); kept the old"
+        ctl._operator(request, what, target, message, _detail(body, sha256=sha))
+        return _error(409, message, sha256=sha, kind=e.kind)
+    except (ValueError, ChildSpecError, StartError, TypeError, TrellisError) as e:
+        ctl._operator(request, what, target, str(e), _detail(body, sha256=sha))
         return _error(409 if isinstance(e, StartError) else 422, str(e), sha256=sha)
-    ctl._operator(request, "plugin.load", target, "ok", _detail(body, sha256=sha))
-    return JSONResponse({"action": "load", "plugin": row, "result": "ok"})
+    ctl._operator(request, what, target, "ok", _detail(body, sha256=sha))
+    return JSONResponse({"action": action, "plugin": row, "result": "ok"})
 
 
 async def _simple(ctl: ControlServer, request: Request, action: str) -> Response:
