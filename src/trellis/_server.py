@@ -500,7 +500,9 @@ async def _serve(
                             except AttributeError:  # made before counting began
                                 st.untimed += 1
                             else:
-                                st.counts[bisect_left(_CALL_BOUNDS, d)] += 1
+                                st.counts[
+                                    0 if d < _CALL_FIRST else bisect_left(_CALL_BOUNDS, d)
+                                ] += 1
                                 st.sum += d
                     elif st is not None:  # replied already, or the caller gave up
                         st._record(msg, not f.cancelled() and f.exception() is None)
@@ -565,6 +567,7 @@ CALL_BUCKETS = (
     10.0,
 )
 _CALL_BOUNDS = (*CALL_BUCKETS, math.inf)
+_CALL_FIRST = CALL_BUCKETS[0]  # most calls: no bisection
 _perf = time.perf_counter
 
 
