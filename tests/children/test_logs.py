@@ -204,6 +204,38 @@ def test_log_files_are_stamped_private_and_complete_after_kill_9(
     assert "tick" in r.stdout
 
 
+def test_logs_follow_from_the_files(tree: tuple[subprocess.Popen[str], Path, Path]) -> None:
+    """``--dir DIR -f`` follows the log file without asking the tree."""
+    _, _, logs = tree
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "trellis", "logs", "shop/web", "--dir", str(logs), "-f", "-n", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        assert follower.stdout is not None
+        seen: list[int] = []
+        deadline = time.monotonic() + 20
+        while len(seen) < 6 and time.monotonic() < deadline:
+            ready, _, _ = select.select([follower.stdout], [], [], 1.0)
+            if ready:
+                m = re.search(r"stdout\s*\| tick (\d+)$", follower.stdout.readline())
+                if m:
+                    seen.append(int(m.group(1)))
+        assert len(seen) >= 6, seen
+        assert seen == sorted(seen)
+        assert seen[-1] - seen[0] >= 5
+    finally:
+        follower.send_signal(signal.SIGINT)
+        try:
+            follower.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            follower.kill()
+            follower.communicate()
+
+
 def test_signal_reaches_the_child_and_is_journaled(
     tree: tuple[subprocess.Popen[str], Path, Path], tmp_path: Path
 ) -> None:
