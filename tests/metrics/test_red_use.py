@@ -322,13 +322,15 @@ def test_usage_interval_is_checked() -> None:
 # ---------------------------------------------------------------------------
 
 LAG_PROGRAM = r"""
-import asyncio, json, sys, time
+import asyncio, json, os, signal, sys, time
 import trellis, trellis._run
+from trellis.journal import Journal, tail
 from trellis.metrics import Metrics
 from trellis.testing import capture_telemetry
 
 trellis._run.BLOCKED_PER_MINUTE = 2  # so that the test sees the rate limit at work
-metrics = Metrics(node="test-node", usage_interval=0)
+metrics = Metrics(node="test-node", usage_interval=0.2)
+url = "sqlite:///" + sys.argv[2]
 out = {}
 
 def hold_the_loop(seconds):
@@ -343,15 +345,24 @@ async def blocker():
     await asyncio.sleep(0.3)  # the last loop.blocked is emitted on the loop
     body, _ = await metrics.render()
     out["body"] = body.decode()
+    os.kill(os.getpid(), signal.SIGTERM)
 
+children = [
+    trellis.worker("w", blocker, restart="temporary"),
+    trellis.Command(["sleep", "30"], id="sleeper"),
+]
 with capture_telemetry(["loop.blocked"]) as cap:
     code = trellis.run(
-        trellis.worker("w", blocker, restart="temporary"),
-        extensions=[metrics],
+        lambda: trellis.Supervisor.start_link(children, name="lag"),
+        extensions=[metrics, Journal(url, node="test-node")],
         lag_threshold=0.1,
     )
 out["events"] = cap.named("loop.blocked")
 out["code"] = code
+out["journal"] = [r["kind"] for r in tail(url, n=10000)]
+out["usage"] = [
+    {**r["data"], "path": r["path"]} for r in tail(url, n=10000) if r["kind"] == "process.usage"
+]
 with open(sys.argv[1], "w") as f:
     json.dump(out, f)
 """
@@ -361,7 +372,8 @@ def test_loop_lag_and_a_deliberate_block(tmp_path: Any) -> None:
     """A task that blocks the loop for 300 ms under trellis.run yields a loop.blocked
     event with its duration and a stack naming the blocking function; three more blocks
     are counted by trellis_event_loop_blocked_total but rate-limited as events (here 2 a
-    minute); the lag histogram has seen samples over the threshold."""
+    minute); the lag histogram has seen samples over the threshold. loop.blocked and the
+    OS child's process.usage events are in the journal."""
     import json
     import subprocess
     import sys
@@ -370,7 +382,10 @@ def test_loop_lag_and_a_deliberate_block(tmp_path: Any) -> None:
     prog.write_text(LAG_PROGRAM)
     result = tmp_path / "out.json"
     proc = subprocess.run(
-        [sys.executable, str(prog), str(result)], capture_output=True, text=True, timeout=60
+        [sys.executable, str(prog), str(result), str(tmp_path / "j.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(result.read_text())
@@ -400,6 +415,11 @@ def test_loop_lag_and_a_deliberate_block(tmp_path: Any) -> None:
     assert count >= 5  # sampled continuously, not only when blocked
     assert values["trellis_event_loop_lag_seconds_bucket", "0.1"] <= count - 4
     assert values["trellis_event_loop_lag_seconds_sum", None] >= 0.4
+    assert out["journal"].count("loop.blocked") == 2
+    usage = out["usage"]
+    assert usage, out["journal"]
+    assert all(u["path"] == "lag/sleeper" and u["threads"] == 1 for u in usage), usage
+    assert all(u["rss_bytes"] > 0 and u["open_fds"] >= 3 for u in usage), usage
 
 
 def test_lag_threshold_is_checked() -> None:
