@@ -150,6 +150,31 @@ async def test_red_counts_calls_errors_and_durations_across_restarts(
         await trellis.stop(sup)
 
 
+async def test_red_of_a_flapping_child_stays_small_between_scrapes(
+    metrics: Metrics, scrape: Scrape
+) -> None:
+    """80 restarts with no scrape in between: the ended servers' counts are folded as
+    the child restarts (the metrics keep a bounded list), and the totals are exact."""
+    sup = await trellis.Supervisor.start_link(
+        [Echo.child_spec(id="echo", name="echo")], name="red", intensity=1000, period=5.0
+    )
+    metrics.track(sup)
+    try:
+        for _ in range(80):
+            old = trellis.whereis("echo")
+            assert await trellis.call("echo", 1) == 1
+            with pytest.raises(trellis.Exited):
+                await trellis.call("echo", "boom")
+            await wait_restarted(sup, "echo", old)
+        red_of_child = metrics._children["red", "echo"].red
+        assert red_of_child is not None
+        assert len(red_of_child.live) <= 33
+        s = await scrape(metrics)
+        assert red(s, "echo") == (160, 80, 160)
+    finally:
+        await trellis.stop(sup)
+
+
 async def test_red_sums_dynamic_children_sharing_an_id(metrics: Metrics, scrape: Scrape) -> None:
     """Children of a DynamicSupervisor started from one spec share one label set: their
     calls are summed (and a child that ended keeps its calls counted)."""

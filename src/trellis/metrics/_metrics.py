@@ -693,9 +693,17 @@ class Metrics:
                 if _server_call_stats:
                     cs = _server_call_stats.get(ev["pid"])
                     if cs is not None:  # a server counting its calls: RED per child
-                        if e.red is None:
-                            e.red = _Red()
-                        e.red.live.append(cs)
+                        red = e.red
+                        if red is None:
+                            red = e.red = _Red()
+                        red.live.append(cs)
+                        # a child restarting often between scrapes: fold its ended
+                        # servers now (never waiting for a scrape in progress)
+                        if len(red.live) > 32 and self._scrape_lock.acquire(blocking=False):
+                            try:
+                                red.totals()
+                            finally:
+                                self._scrape_lock.release()
             elif name == "child.terminated":
                 e = self._child(ev)
                 e.started_at = None
