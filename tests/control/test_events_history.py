@@ -239,3 +239,11 @@ async def test_output_at_start_does_not_push_the_start_out_under_trellis_run(
     assert "child.started" in names
     assert "supervisor.started" in names
     assert names.count("process.output") == 5
+
+
+async def test_an_id_from_before_the_server_started_replays_the_history(tree: Tree) -> None:
+    """Ids start again at 1 when the tree (its control API) starts again: a client
+    resuming with a larger id gets the history it asked for, not nothing."""
+    telemetry.emit("test.fresh", n=1)
+    got = await tree.replay("history=10&filter=test.fresh", **{"Last-Event-ID": "999999"})
+    assert [(n, d["n"]) for _, n, d in got] == [("test.fresh", 1)]

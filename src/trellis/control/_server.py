@@ -1164,11 +1164,11 @@ class _EventStream(Response):
         ctl = self.ctl
         # The backlog and the live cursor are taken in one loop turn: no gap, no duplicate.
         cursor = ctl._seq
-        if self.last_id is not None:
+        if self.last_id is not None and self.last_id <= cursor:
             backlog = [r for r in ctl._retained() if r.seq > self.last_id]
-            lost = max(0, cursor - min(self.last_id, cursor) - len(backlog))
+            lost = max(0, cursor - self.last_id - len(backlog))
             limit = None
-        else:
+        else:  # no id, or one from before this server started (ids start at 1 again)
             backlog = ctl._retained() if self.history else []
             lost, limit = 0, self.history
         closing = ctl._closing
