@@ -72,14 +72,15 @@ def _describe(pids: list[int]) -> str:
 
 def _verified(url: str, timeout: float = 10.0) -> Any:
     """``verify(url)``, retried while the journal's writer (which outlives a kill -9 of
-    `trellis run` to commit what it was handed) may not have created it yet."""
-    from trellis.journal import JournalNotFound, verify
+    `trellis run` to commit what it was handed) may not have created it (or its
+    schema) yet."""
+    from trellis.journal import JournalNotFound, NotAJournal, verify
 
     deadline = time.monotonic() + timeout
     while True:
         try:
             return verify(url)
-        except JournalNotFound:
+        except (JournalNotFound, NotAJournal):  # not created, or its schema not yet
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)

@@ -43,6 +43,19 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return out
 
 
+def _kill_namespace(proc: subprocess.Popen[str], init: int) -> None:
+    """SIGKILL of the namespace's PID 1 ends every process in it; then unshare ends."""
+    if _stat(init) is not None and proc.poll() is None:
+        os.kill(init, signal.SIGKILL)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
 def _start(tree: Path) -> tuple[subprocess.Popen[str], int]:
     """``unshare`` and the host pid of the PID-1 `trellis run` inside it."""
     proc = subprocess.Popen(
@@ -112,11 +125,7 @@ def test_pid1_reaps_orphans_and_stops_on_sigterm(tmp_path: Path) -> None:
         err = proc.stderr.read() if proc.stderr else ""
         assert code == 0, err
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        _kill_namespace(proc, init)
 
 
 def test_pid1_exits_non_zero_when_the_root_gives_up(tmp_path: Path) -> None:
@@ -135,14 +144,10 @@ def test_pid1_exits_non_zero_when_the_root_gives_up(tmp_path: Path) -> None:
             """
         )
     )
-    proc, _ = _start(tree)
+    proc, init = _start(tree)
     try:
         code = proc.wait(30)
         err = proc.stderr.read() if proc.stderr else ""
         assert code == 1, err
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        _kill_namespace(proc, init)
