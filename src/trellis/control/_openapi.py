@@ -399,6 +399,26 @@ _SPEC: dict[str, Any] = {
                 },
             }
         },
+        "/v1/stats": {
+            "get": {
+                "operationId": "getStats",
+                "summary": "RED per server, USE per OS child and event-loop lag, as JSON",
+                "description": "The numbers behind the `trellis_server_*`, "
+                "`trellis_process_*` and `trellis_event_loop_*` series, for dashboards "
+                "(rates are for the reader to compute from two reads).",
+                "responses": {
+                    "200": {
+                        "description": '`{node, time, children: {"sup/child": {calls, '
+                        "errors, duration_sum, duration_count, cpu_seconds, rss_bytes, "
+                        "open_fds, threads}}, loop: {lag_count, lag_sum, lag_last, blocked} "
+                        "| null}`",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "404": _json("Error", "Metrics are not enabled on this tree."),
+                    **_AUTH,
+                },
+            }
+        },
         "/": {
             "get": {
                 "operationId": "getDashboard",

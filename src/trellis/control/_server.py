@@ -76,6 +76,7 @@ READ_ROUTES = frozenset(
         "/v1/plugins",
         "/v1/cluster",
         "/metrics",
+        "/v1/stats",
         "/healthz",
         "/readyz",
         "/openapi.json",
@@ -626,6 +627,7 @@ class ControlServer:
             Route("/v1/reload", self._reload, methods=["POST"]),  # operator action
             Route("/v1/cluster", self._cluster, methods=["GET"]),  # read role
             Route("/metrics", self._metrics, methods=["GET"]),
+            Route("/v1/stats", self._stats, methods=["GET"]),  # read role: RED/USE/lag
             Route("/healthz", self._healthz, methods=["GET"]),
             Route("/readyz", self._readyz, methods=["GET"]),
             Route("/openapi.json", self._openapi, methods=["GET"]),
@@ -801,6 +803,14 @@ class ControlServer:
             _pieces(body),
             headers={"content-type": content_type, "content-length": str(len(body))},
         )
+
+    async def _stats(self, request: Request) -> Response:
+        """RED per server, USE per OS child and loop lag as JSON (the dashboard's
+        sparklines); built off the loop by the metrics extension."""
+        stats: Any = getattr(self.metrics, "stats", None)
+        if stats is None:
+            return _error(404, "metrics are not enabled on this tree")
+        return JSONResponse(await stats())
 
     async def _openapi(self, request: Request) -> Response:
         return JSONResponse(openapi())

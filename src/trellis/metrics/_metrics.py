@@ -799,6 +799,45 @@ class Metrics:
             _merge(m, e)
         return merged
 
+    async def stats(self) -> dict[str, Any]:
+        """:meth:`stats_now` in a worker thread (it reads /proc)."""
+        return await asyncio.to_thread(self.stats_now)
+
+    def stats_now(self) -> dict[str, Any]:
+        """The numbers behind the RED, USE and loop-lag series, as plain JSON-able data
+        for a dashboard (safe in any thread; reads /proc)::
+
+            {"node": ..., "time": unix time,
+             "children": {"sup/child": {"calls", "errors", "duration_sum",
+                                        "duration_count", "cpu_seconds", "rss_bytes",
+                                        "open_fds", "threads"}},   # what applies
+             "loop": {"lag_count", "lag_sum", "lag_last", "blocked"} or None}
+
+        Keys are ``supervisor/child`` from the metric labels (dynamic children sharing
+        a spec id are summed, as in the series).
+        """
+        children: dict[str, dict[str, Any]] = {}
+        for (sup, child), (calls, errors, h) in self._red_rows().items():
+            children[f"{sup}/{child}"] = {
+                "calls": calls,
+                "errors": errors,
+                "duration_sum": h.sum,
+                "duration_count": sum(h.counts),
+            }
+        self._usage_targets = self._os_children()
+        for (sup, child), u in self._usage_rows().items():
+            children.setdefault(f"{sup}/{child}", {}).update(u._asdict())
+        lag = loop_lag(self._loop) if self._loop is not None else None
+        loop = None
+        if lag is not None:
+            loop = {
+                "lag_count": sum(lag.counts),
+                "lag_sum": lag.sum,
+                "lag_last": lag.last,
+                "blocked": lag.blocked,
+            }
+        return {"node": self.node, "time": _wall(), "children": children, "loop": loop}
+
     def _red_rows(self) -> dict[tuple[str, str], tuple[int, int, _Hist]]:
         """RED per label set: calls, errors and the duration histogram of the servers
         each child ran (dynamic children sharing a spec id are summed)."""
