@@ -141,6 +141,8 @@ __version__ = "0.1.0.dev0"
 #: Exported names whose modules are imported on first use (they pull in heavy
 #: dependencies that `trellis run` does not need before the root is up).
 _LAZY = {
+    "Global": ".cluster._global",  # cluster-wide names (nats-py only once a cluster starts)
+    "pubsub": ".cluster",
     "Isolated": "._isolated",
     "IsolatedExit": "._isolated",
     "UnsupportedMessage": "._isolated",

@@ -74,10 +74,9 @@ async def _read(settings: Any, what: str) -> list[tuple[str, int, dict[str, Any]
             kv = await js.key_value(settings.bucket(what))
         except jse.BucketNotFoundError:
             return []
-        try:
-            keys = await kv.keys()
-        except jse.NoKeysError:
-            return []
+        from ..cluster._node import kv_keys
+
+        keys = await kv_keys(js, settings.bucket(what))
         out = []
         for key in sorted(keys):
             try:

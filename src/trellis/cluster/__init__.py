@@ -1,4 +1,4 @@
-"""Cluster mode on NATS JetStream: membership, fenced singletons.
+"""Cluster mode on NATS JetStream: membership, fenced singletons, global names, pubsub.
 
 A subscriber layer: behaviours never import it, and importing it does not import
 nats-py (that happens when a :class:`Cluster` starts). Install with
@@ -12,6 +12,8 @@ Example::
     trellis.run(lambda: trellis.Supervisor.start_link([spec]), extensions=[cluster])
 """
 
+from . import pubsub
+from ._global import Global, RemoteExit
 from ._node import Cluster, Lease, current
 from ._settings import DEFAULT_LEASE_TTL, ClusterError, ClusterSettings
 from ._singleton import FENCING_TOKEN_ENV, LeaseLost, fencing_token, singleton
@@ -22,9 +24,12 @@ __all__ = [
     "Cluster",
     "ClusterError",
     "ClusterSettings",
+    "Global",
     "Lease",
     "LeaseLost",
+    "RemoteExit",
     "current",
     "fencing_token",
+    "pubsub",
     "singleton",
 ]

@@ -272,12 +272,19 @@ class Cluster:
         self._peers: dict[str, dict[str, Any]] = {}  # node -> last heartbeat + seen_at
         self._guard: threading.Thread | None = None
         self._guard_stop = threading.Event()
+        #: how long the owner of a global name waits for its server's reply
+        self.call_timeout = 60.0
+        self._pubsub_sub: Any = None
+        from ._global import GlobalNames
+
+        self.names = GlobalNames(self)
 
     # -- the Extension protocol ----------------------------------------------------------
     async def start(self) -> None:
         global _current
         self.loop = asyncio.get_running_loop()
         _current = self
+        self.names.start_registry()
         self._tasks.append(asyncio.ensure_future(self._connect_loop()))
         self._guard = threading.Thread(target=self._watch, name="trellis-lease-guard", daemon=True)
         self._guard.start()
@@ -289,6 +296,7 @@ class Cluster:
         global _current
         for lease in list(self._leases):
             await lease.release()
+        await self.names.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -357,9 +365,53 @@ class Cluster:
             except Exception as e:
                 _log.warning("cluster: cannot open the KV buckets (%r); retrying", e)
                 await asyncio.sleep(min(1.0, s.lease_ttl))
+        while True:
+            try:
+                await self.names.connected()
+                if self._pubsub_sub is None:
+                    self._pubsub_sub = await self.nc.subscribe(
+                        f"trellis.{s.name}.pubsub.>", cb=self._on_pubsub
+                    )
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                _log.warning("cluster: cannot subscribe (%r); retrying", e)
+                await asyncio.sleep(min(1.0, s.lease_ttl))
         self.connected = True
         self._emit("joined", None, url=_redact(s.url))
         self._tasks.append(asyncio.ensure_future(self._heartbeat_loop()))
+        self._tasks.append(asyncio.ensure_future(self._names_loop()))
+
+    async def _names_loop(self) -> None:
+        while True:
+            try:
+                await self.names.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                _log.debug("cluster: reading the names failed: %r", e)
+            await asyncio.sleep(max(0.05, self.settings.lease_ttl / 4))
+
+    async def _on_pubsub(self, msg: Any) -> None:
+        from . import pubsub
+
+        await pubsub.on_message(self, msg)
+
+    def alive(self, node: str) -> bool:
+        """Whether ``node`` heartbeats (as this node last saw it); this node always."""
+        if node == self.settings.node:
+            return True
+        peer = self._peers.get(node)
+        return peer is not None and _now() - peer["seen_at"] <= 2 * self.settings.lease_ttl
+
+    def _publish_soon(self, subject: str, data: bytes) -> None:
+        """Publish without waiting (nats-py buffers it; dropped if the connection is gone)."""
+        nc = self.nc
+        if nc is None or nc.is_closed:
+            return
+        task = asyncio.ensure_future(nc.publish(subject, data))
+        task.add_done_callback(_ignore_result)
 
     async def _bucket(self, what: str, ttl: float | None) -> Any:
         import nats.js.errors as jse
@@ -414,10 +466,7 @@ class Cluster:
     async def _look_at_peers(self) -> None:
         import nats.js.errors as jse
 
-        try:
-            keys = await self.nodes_kv.keys()
-        except jse.NoKeysError:
-            keys = []
+        keys = await kv_keys(self.js, self.settings.bucket("nodes"))
         now = _now()
         for key in keys:
             try:
@@ -492,6 +541,21 @@ class Cluster:
                 cluster=self.settings.name,
                 **fields,
             )
+
+
+async def kv_keys(js: Any, bucket: str) -> list[str]:
+    """The keys of the KV ``bucket`` (deleted ones too: their marker is a message), from
+    the stream's per-subject counts. nats-py's ``kv.keys()`` makes a consumer per call
+    and leaves its tasks behind when cancelled; this is one request."""
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=prefix + ">")
+    subjects = info.state.subjects or {}
+    return [s[len(prefix) :] for s in subjects if s.startswith(prefix)]
+
+
+def _ignore_result(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _close(nc: Any) -> None:
