@@ -9,10 +9,12 @@ from __future__ import annotations
 import enum
 import inspect
 import math
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    import random
 
 from ._core._exceptions import (
     BadCombination,
@@ -154,6 +156,8 @@ class Backoff:
             else:
                 base = min(self.max, self.min * self.factor**k)
         if self.jitter:
+            import random  # not at import time: trellis run starts faster without it
+
             r = rng if rng is not None else random
             base *= 1.0 + self.jitter * (2.0 * r.random() - 1.0)
         return max(0.0, base)

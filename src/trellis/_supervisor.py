@@ -25,12 +25,14 @@ import contextvars
 import inspect
 import itertools
 import logging
-import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import CoroutineType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import random
 
 from ._childspec import (
     AutoShutdown,
@@ -587,6 +589,8 @@ class _SupervisorServer(Server):
             child.bo_n = 0
         child.bo_n += 1
         if child.bo_rng is None:
+            import random  # only for backoff (not at import time: faster cold start)
+
             child.bo_rng = random.Random(bo.seed)
         return bo.delay(child.bo_n, child.bo_rng)
 

@@ -21,7 +21,6 @@ import asyncio
 import itertools
 import logging
 import os
-import secrets
 import sys
 import threading
 from typing import Any
@@ -83,7 +82,7 @@ for _ in range(500):
 """
 
 _lock = threading.RLock()
-_token = secrets.token_hex(8)
+_token = os.urandom(8).hex()
 _seq = itertools.count(1)
 _pid: int | None = None  # the guardian's pid
 _pipe: int | None = None  # the write end of its stdin
@@ -289,7 +288,7 @@ def _forget_after_fork() -> None:
     _pidfd = None
     _watch_loop = None
     _groups.clear()
-    _token = secrets.token_hex(8)
+    _token = os.urandom(8).hex()
     _seq = itertools.count(1)
     _state.update(ok=True, detail=_IDLE, restarts=0)
     _state.pop("started", None)
