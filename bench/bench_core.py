@@ -604,17 +604,35 @@ async def _spawn_child(mode: str, n: int) -> dict[str, float]:
     return {"us": w / 1e3 / n, "us_cpu": c / 1e3 / n, "kib": (rss1 - rss0) / 1024 / n}
 
 
-def run_child(mode: str, n: int) -> None:
-    loop = asyncio.new_event_loop()
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """A fresh event loop of the kind ``--loop`` names."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run_child(mode: str, n: int, kind: str = "asyncio") -> None:
+    loop = new_loop(kind)
     asyncio.set_event_loop(loop)
     result = loop.run_until_complete(_spawn_child(mode, n))
     print(json.dumps(result), flush=True)
     os._exit(0)  # skip tearing down n tasks
 
 
-def spawn_sample(mode: str, n: int) -> dict[str, float]:
+def spawn_sample(mode: str, n: int, kind: str = "asyncio") -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--spawn-n", str(n)],
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            mode,
+            "--spawn-n",
+            str(n),
+            "--loop",
+            kind,
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -733,7 +751,7 @@ def run_spawn(cfg: argparse.Namespace, samples: Samples) -> None:
         modes += ["trellis", "trellis-bare"]
     for r in range(cfg.spawn_repeats):
         for mode in modes if r % 2 == 0 else modes[::-1]:
-            res = spawn_sample(mode, cfg.spawn_n)
+            res = spawn_sample(mode, cfg.spawn_n, cfg.loop)
             samples.setdefault(f"spawn.{mode}.us", []).append((res["us"], res["us_cpu"]))
             samples.setdefault(f"spawn.{mode}.kib", []).append((res["kib"], res["kib"]))
     log_progress("spawn", samples)
@@ -867,6 +885,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="clock for the table and PASS/FAIL (both are always recorded; cpu = process CPU "
         "time, immune to other processes on a busy machine)",
     )
+    p.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop for every figure, floor and Trellis alike (uvloop must be installed)",
+    )
     p.add_argument("--json", type=Path, help="where to write the JSON (default bench/results/)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     cfg = p.parse_args(argv)
@@ -897,18 +921,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(sys.argv[1:] if argv is None else argv)
     if cfg.child:
-        run_child(cfg.child, cfg.spawn_n)
+        run_child(cfg.child, cfg.spawn_n, cfg.loop)
         return 0
     env = environment(getattr(sys, "orig_argv", sys.argv))
     print(f"command: {env['command']}")
     print(f"date: {env['date']}; Python {env['python']} ({env['implementation']}); "
-          f"{env['cpus']} CPUs: {env['cpu']}; {env['platform']}")  # fmt: skip
+          f"{env['cpus']} CPUs: {env['cpu']}; {env['platform']}; loop: {cfg.loop}")  # fmt: skip
     if trellis is None:
         print(f"trellis not importable ({TRELLIS_ERROR}): floor figures only")
     print(f"config: {json.dumps({k: v for k, v in vars(cfg).items() if k != 'json'}, default=str)}")
     t_start = time.monotonic()
     samples: dict[str, list[float]] = {}
-    asyncio.run(run_inprocess(cfg, samples))
+    with asyncio.Runner(loop_factory=lambda: new_loop(cfg.loop)) as runner:
+        runner.run(run_inprocess(cfg, samples))
     run_spawn(cfg, samples)
     elapsed = time.monotonic() - t_start
     rows = evaluate(samples, cfg.clock)
