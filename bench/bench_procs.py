@@ -130,7 +130,7 @@ class Root(trellis.Supervisor):
 
 
 note("@run", time.monotonic_ns())
-rc = trellis.run(Root)
+rc = trellis.run(Root, loop=os.environ.get("TRELLIS_LOOP", "asyncio"))
 if trace:
     import json
     with open(trace, "w") as f:
@@ -176,7 +176,13 @@ async def main():
         os.waitpid(pid, 0)
 
 
-asyncio.run(main())
+if os.environ.get("TRELLIS_LOOP") == "uvloop":
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+else:
+    asyncio.run(main())
 """
 
 # --------------------------------------------------------------------------------------------
@@ -336,6 +342,7 @@ class Ctx:
     n: int
     peers_dir: Path
     trace: bool
+    loop: str = "asyncio"  # the Python supervisors' event loop (trellis, trellis-toml, floor)
 
 
 def run_cmd(argv: list[str], **kw: Any) -> str:
@@ -693,6 +700,7 @@ def python_env(ctx: Ctx) -> dict[str, str]:
     deployment: pip compiles on install), with the caches in the temp dir, not the checkout."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(ctx.root / "pycache")
+    env["TRELLIS_LOOP"] = ctx.loop  # read by trellis run, runner.py and floor.py
     return env
 
 
@@ -745,7 +753,10 @@ class Trellis(Peer):
             ]
         )
         rev = run_cmd(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
-        return f"trellis {v} ({rev}, src {src_digest()}), Python {platform.python_version()}"
+        return (
+            f"trellis {v} ({rev}, src {src_digest()}), Python {platform.python_version()}, "
+            f"loop {self.ctx.loop}"
+        )
 
     def settings(self) -> dict[str, str]:
         return {
@@ -841,7 +852,10 @@ class Floor(Peer):
     key, label = "floor", "*asyncio floor (posix_spawn + pidfd)*"
 
     def version(self) -> str:
-        return f"plain asyncio, Python {platform.python_version()} (reference, not a peer)"
+        return (
+            f"plain asyncio, Python {platform.python_version()}, loop {self.ctx.loop} "
+            "(reference, not a peer)"
+        )
 
     def settings(self) -> dict[str, str]:
         return {
@@ -1388,6 +1402,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="throwaway circus venv and PM2 npm prefix",
     )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    p.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop of the Python supervisors: Trellis (both) and the floor",
+    )
     p.add_argument("--json", type=Path, help="where to write the JSON (default bench/results/)")
     cfg = p.parse_args(argv)
     defaults = {"idle_seconds": 60.0, "kills": 30, "cold_repeats": 4}
@@ -1434,7 +1454,15 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     with temp_root(cfg.keep_tmp) as root:
         prog = compile_prog(root)
-        ctx = Ctx(root, prog, root / "notify.fifo", cfg.programs, cfg.peers_dir, cfg.trellis_trace)
+        ctx = Ctx(
+            root,
+            prog,
+            root / "notify.fifo",
+            cfg.programs,
+            cfg.peers_dir,
+            cfg.trellis_trace,
+            cfg.loop,
+        )
         notes = Notifications(ctx.fifo)
         peers: list[Peer] = []
         skipped: dict[str, str] = {}
