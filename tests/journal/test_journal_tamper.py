@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import trellis
-from trellis.journal import GENESIS, Journal, JournalError, verify
+from trellis.journal import GENESIS, Journal, JournalError, tail, verify
 
 KEY = "0123456789abcdef0123456789abcdef"
 EVERY, MAX_BATCH = 20, 10  # the writers here: a checkpoint every 20 records
@@ -605,3 +605,20 @@ def test_row_an_older_anchor_put_back_is_caught_by_the_anchors_sent_off_the_host
     v = verify(db.url, key=KEY, anchor=str(sink))  # ...not the one sent away
     assert not v.ok
     assert v.problem.startswith("the journal ends at seq 40 but the anchor covers seq 80")
+
+
+@pytest.mark.parametrize("seq", [0, -7])
+def test_row_numbered_outside_the_chain_is_caught_and_never_shown(any_db: Db, seq: int) -> None:
+    """A row inserted with a seq below 1 (where the chain never reaches) was skipped by
+    verify, with key and anchor, while `tail` showed it as a record: a forged operator
+    action. verify fails on it, and tail does not show it."""
+    write(any_db, 40)
+    db = attack(any_db)
+    row = (seq, "2026-12-07T19:18:37.000000Z", 1.0, "n1", "x/a", "operator.action")
+    forged = '{"action":"stop_tree","who":"uid:1000","result":"ok"}'
+    db.sql("INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (*row, forged, "x", "y"))
+    v = check(any_db)
+    assert not v.ok
+    assert v.first_bad_seq == 1
+    assert "outside the chain" in (v.problem or "")
+    assert all(r["seq"] >= 1 for r in tail(any_db.url, n=1000))

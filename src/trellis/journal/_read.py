@@ -209,6 +209,9 @@ def _check_anchor(
     return r
 
 
+_LOWEST_SEQ = -(2**63)  # the smallest integer SQLite and PostgreSQL (bigint) store
+
+
 def _verify(reader: ReadStore, key: bytes | None) -> VerifyResult:
     cps = reader.checkpoints()
     bad_mac = _first_bad_mac(cps, key) if key is not None else None
@@ -232,8 +235,14 @@ def _verify(reader: ReadStore, key: bytes | None) -> VerifyResult:
             last_seq=expected - 1,
         )
 
-    for row in reader.rows():
+    for row in reader.rows(since_seq=_LOWEST_SEQ):  # rows numbered below 1 too: see below
         seq, utc, mono, node, path, kind, data, row_prev, row_hash = row
+        if seq < 1:
+            return broken(
+                1,
+                f"a record numbered {seq} lies outside the chain (the writer numbers records "
+                "from 1: inserted by hand)",
+            )
         if seq != expected:
             return broken(expected, f"seq {expected} missing (expected {expected}, found {seq})")
         h = record_hash(row_prev, seq, utc, mono, node, path, kind, data)

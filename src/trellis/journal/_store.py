@@ -342,7 +342,9 @@ class _Queries:
     conn: Any
 
     def last_rows(self, n: int) -> list[Row]:
-        cur = self.conn.execute(f"SELECT * FROM journal ORDER BY seq DESC LIMIT {self.P}", (n,))
+        cur = self.conn.execute(
+            f"SELECT * FROM journal WHERE seq >= 1 ORDER BY seq DESC LIMIT {self.P}", (n,)
+        )
         return [_row(r) for r in reversed(cur.fetchall())]
 
     def seq_of_hash(self, hash: str) -> int | None:
