@@ -1556,3 +1556,44 @@ def test_a_health_command_that_does_not_exist_is_an_error() -> None:
     ]
     ok = HEAD + CMD + f'health = {{ command = "{PY} -c pass", interval = 5 }}\n'
     assert loads(toml(ok)).children[0].id
+
+
+_ID_TAIL = (
+    ": an id is one segment of a child's path (root/parent/child) and of its log file "
+    "names; use '-', '_' or '.' instead"
+)
+SEGMENT_CASES = [
+    ("dot", ".", "child id '.' is '.', which a path resolves to the parent or itself"),
+    ("dot dot", "..", "child id '..' is '..', which a path resolves to the parent or itself"),
+    (
+        "newline",
+        "a\\nb",
+        "child id 'a\\nb' contains a control character (a newline, tab or escape sequence)",
+    ),
+    (
+        "escape",
+        "a\\u001b]0;x\\u0007",
+        "child id 'a\\x1b]0;x\\x07' contains a control character (a newline, tab or escape "
+        "sequence)",
+    ),
+    ("300 bytes", "x" * 300, "child id 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx..."
+     " is longer than 200 bytes"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("toml_id", "message"), [c[1:] for c in SEGMENT_CASES], ids=[c[0] for c in SEGMENT_CASES]
+)
+def test_ids_that_cannot_be_a_path_segment_are_errors(toml_id: str, message: str) -> None:
+    """'.' and '..' made `trellis stop tree/sub/.` act on the supervisor; a control
+    character reached the terminal raw through `trellis check`; a 300-byte id passed check
+    and failed run with "File name too long" once it named a log file."""
+    text = HEAD + f'id = "{toml_id}"\n' + CMD
+    assert one_error(text) == (5, "supervisor.children[0].id", message + _ID_TAIL)
+
+
+@pytest.mark.parametrize("bad", [".", "..", "a\nb", "\x1b[31m", "y" * 201])
+def test_childspec_refuses_ids_that_cannot_be_a_path_segment(bad: str) -> None:
+    with pytest.raises(trellis.InvalidChildSpec, match="it is one segment of the child's path"):
+        trellis.ChildSpec(bad, trellis.spawn)
+    trellis.ChildSpec("y" * 200, trellis.spawn)  # 200 bytes is the limit, not beyond

@@ -175,18 +175,42 @@ def _is_finite(x: object) -> bool:
 _NO_DEFAULT: Any = object()
 
 
+MAX_ID_BYTES = 200
+"""The longest child id (UTF-8 bytes): it names log files (``<path>.err.log.N``), and a
+file name holds at most 255 bytes."""
+
+
+def segment_problem(text: str) -> str | None:
+    """Why ``text`` cannot be one segment of a child's path (``root/parent/child``, which
+    the control API resolves and log files are named after), or None if it can."""
+    if "/" in text:
+        return "contains '/'"
+    if "\x00" in text:
+        return "contains a NUL byte"
+    if text in (".", ".."):
+        return f"is {text!r}, which a path resolves to the parent or itself"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        return "contains a control character (a newline, tab or escape sequence)"
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        return f"is longer than {MAX_ID_BYTES} bytes"
+    return None
+
+
 def _check_id(id: object) -> None:
     """A child id is one segment of the child's path (``root/parent/child``, which the
-    control API resolves) and of its log file names: no ``/`` and no NUL in it."""
+    control API resolves) and of its log file names: see :func:`segment_problem`."""
     if isinstance(id, int):
         return
-    text = id if isinstance(id, str) else str(id)
-    if "/" in text or "\x00" in text:
-        bad = "'/'" if "/" in text else "a NUL byte"
+    if isinstance(id, str):
+        why = segment_problem(id)
+    else:
+        text = str(id)
+        why = "contains '/'" if "/" in text else "contains a NUL byte" if "\x00" in text else None
+    if why is not None:
         raise InvalidChildSpec(
             id,
-            f"a child id cannot contain {bad}: it is one segment of the child's path "
-            "(root/parent/child) and of its log file names",
+            f"a child id {why.replace('contains', 'cannot contain', 1)}: it is one segment "
+            "of the child's path (root/parent/child) and of its log file names",
             field="id",
         )
 

@@ -38,6 +38,7 @@ from .._childspec import (
     _enum,
     check_intensity,
     check_period,
+    segment_problem,
 )
 from .._core._exceptions import (
     ChildSpecError,
@@ -214,9 +215,10 @@ def _check_child_id(value: object) -> str:
     if not isinstance(value, str) or not value:
         fail(f"id is a non-empty string, got {value!r}")
     _no_nul(value)
-    if "/" in value:
+    why = segment_problem(value)
+    if why is not None:
         fail(
-            f"child id {value!r} contains '/': an id is one segment of a child's path "
+            f"child id {_short(value)} {why}: an id is one segment of a child's path "
             "(root/parent/child) and of its log file names; use '-', '_' or '.' instead"
         )
     return value
@@ -619,9 +621,10 @@ def _check_tree_name(value: object) -> str:
     if not isinstance(value, str) or not value:
         fail(f"name is a non-empty string, got {value!r}")
     _no_nul(value)
-    if "/" in value:
+    why = segment_problem(value)
+    if why is not None:
         fail(
-            f"tree name {value!r} contains '/': it is the first segment of every child's "
+            f"tree name {_short(value)} {why}: it is the first segment of every child's "
             "path (root/parent/child) and names the socket and journal; use '-', '_' or "
             "'.' instead"
         )
