@@ -54,7 +54,7 @@ def run(
     blocked_warning: float = 5.0,
     extensions: Sequence[Extension] = (),
     loop: str = "asyncio",
-    lag_threshold: float = 0.1,
+    lag_threshold: float | None = 0.1,
 ) -> int:
     """Run ``root`` until it ends or SIGTERM/SIGINT arrives; returns the exit code.
 
@@ -62,12 +62,13 @@ def run(
     async callable returning a pid. A signal stops the tree in reverse start
     order and gives 0; a root that gave up (or crashed) gives 1.
 
-    A watchdog thread guards what asyncio cannot: it measures the event loop's lag
-    continuously (a callback timed every ``min(0.1, lag_threshold / 2)`` seconds;
+    A watchdog guards what asyncio cannot: it measures the event loop's lag
+    continuously (how late a timer every ``min(0.1, lag_threshold)`` seconds runs;
     ``trellis.metrics`` exports it as ``trellis_event_loop_lag_seconds``), emits
-    ``loop.blocked`` (duration, task, stack of what blocked it; at most 10 a minute)
-    when the loop did not answer within ``lag_threshold`` seconds, logs the stack of
-    any task that blocks the event loop for ``blocked_warning`` seconds, and if a
+    ``loop.blocked`` (duration, task, stack of what blocked it, taken by a thread while
+    the loop is stuck; at most 10 a minute) when that timer runs ``lag_threshold``
+    seconds late (``None``: no lag monitor), logs the stack of any task that blocks
+    the event loop for ``blocked_warning`` seconds, and if a
     shutdown has not finished ``hard_exit_after`` seconds after the signal (or a
     second signal arrives) it exits the process with code 1 instead of hanging.
 
@@ -83,11 +84,13 @@ def run(
         sys.exit(trellis.run(lambda: trellis.Supervisor.start_link(children)))
     """
     factory = loop_factory(loop)
-    if isinstance(lag_threshold, bool) or not isinstance(lag_threshold, int | float):
-        raise TypeError(f"run(lag_threshold=...) must be seconds, not {lag_threshold!r}")
-    if not lag_threshold > 0:
-        raise ValueError(f"run(lag_threshold=...) must be > 0 seconds, not {lag_threshold!r}")
-    watchdog = _Watchdog(hard_exit_after, blocked_warning, float(lag_threshold))
+    if lag_threshold is not None:
+        if isinstance(lag_threshold, bool) or not isinstance(lag_threshold, int | float):
+            raise TypeError(f"run(lag_threshold=...) must be seconds, not {lag_threshold!r}")
+        if not lag_threshold > 0:
+            raise ValueError(f"run(lag_threshold=...) must be > 0 seconds, not {lag_threshold!r}")
+        lag_threshold = float(lag_threshold)
+    watchdog = _Watchdog(hard_exit_after, blocked_warning, lag_threshold)
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(
@@ -174,37 +177,51 @@ class _Watchdog:
     """A thread that measures the event loop's lag, reports what blocks it, and notices
     a shutdown that cannot finish.
 
-    Every ``lag_interval`` seconds it schedules a callback on the loop and times how
-    long the loop takes to run it (the lag). When the loop has not run it within
-    ``lag_threshold`` seconds, the thread takes the stack of the loop's thread (the task
-    or callback blocking it is running right then) and, once the loop answers, emits
-    ``loop.blocked`` with the duration (at least; the block may have begun up to
-    ``lag_interval`` before the callback was scheduled), the threshold, the task and
-    the stack (at most :data:`BLOCKED_PER_MINUTE` a minute). Past ``blocked_warning``
-    seconds it also logs the stack as an error, as before.
+    The loop measures its own lag: a timer every ``lag_interval`` seconds notes how late
+    it ran (:class:`LoopLag`) and when (the heartbeat). The thread looks at the
+    heartbeat every ``lag_interval / 2`` seconds: when it is ``lag_threshold`` seconds
+    overdue, the loop is blocked right now, and the thread takes the stack of the
+    loop's thread and the running task (the culprit is running then). When the loop
+    comes back, its timer emits ``loop.blocked`` with the duration (how late the timer
+    ran), the threshold, the task and that stack (at most :data:`BLOCKED_PER_MINUTE` a
+    minute). Past ``blocked_warning`` seconds the thread also logs the full stack as an
+    error. Nothing crosses threads while the loop is healthy: no wake-ups of the loop
+    from the thread, no locks.
     """
 
     def __init__(
-        self, hard_exit_after: float, blocked_warning: float, lag_threshold: float = 0.1
+        self, hard_exit_after: float, blocked_warning: float, lag_threshold: float | None = 0.1
     ) -> None:
         self.hard_exit_after = hard_exit_after
         self.blocked_warning = blocked_warning
-        self.lag_threshold = lag_threshold
-        self.lag_interval = min(0.1, lag_threshold / 2)
+        if lag_threshold is None:  # no lag monitor: only the blocked_warning check
+            self.lag_threshold = math.inf
+            self.lag_interval = max(0.05, blocked_warning / 2)
+        else:
+            self.lag_threshold = lag_threshold
+            self.lag_interval = min(0.1, lag_threshold)
         self.lag = LoopLag()
         self.stop_requested = threading.Event()
         self.closed = threading.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.main_ident = threading.get_ident()
         self.signals = 0
+        self.beat = 0.0  # when the loop's timer last ran (monotonic)
+        self.due = 0.0  # when it is due next
+        # what the thread caught during a block: (the heartbeat then, task, stack)
+        self.caught: tuple[float, str | None, str] | None = None
         self.reported: deque[float] = deque()  # when the last loop.blocked were emitted
         self.suppressed = 0
         self.thread = threading.Thread(target=self._watch, name="trellis-watchdog", daemon=True)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Called on the loop's thread."""
         self.loop = loop
         self.main_ident = threading.get_ident()  # the loop's thread
         _loop_lags[loop] = self.lag
+        self.beat = time.monotonic()
+        self.due = self.beat + self.lag_interval
+        loop.call_later(self.lag_interval, self._tick)
         self.thread.start()
 
     def close(self) -> None:
@@ -217,6 +234,55 @@ class _Watchdog:
             self._hard_exit("a second signal arrived during shutdown")
         self.stop_requested.set()
 
+    # -- on the loop ------------------------------------------------------------------
+    def _tick(self) -> None:
+        now = time.monotonic()
+        lag = max(0.0, now - self.due)
+        before = self.beat
+        self.beat = now
+        self.due = now + self.lag_interval
+        loop = self.loop
+        if loop is not None and not self.closed.is_set():
+            loop.call_later(self.lag_interval, self._tick)
+        self.lag.observe(lag)
+        if lag >= self.lag_threshold:
+            caught, self.caught = self.caught, None
+            if caught is not None and caught[0] == before:
+                self._blocked(lag, caught[1], caught[2])
+            else:
+                self._blocked(lag, None, None)
+
+    def _blocked(self, lag: float, task: str | None, stack: str | None) -> None:
+        """Report a block: a ``loop.blocked`` event, rate-limited."""
+        self.lag.blocked += 1
+        now = time.monotonic()
+        reported = self.reported
+        while reported and reported[0] <= now - 60.0:
+            reported.popleft()
+        if len(reported) >= BLOCKED_PER_MINUTE:
+            self.suppressed += 1
+            return
+        reported.append(now)
+        suppressed, self.suppressed = self.suppressed, 0
+        if stack is None:
+            stack = "(not caught: the loop came back before the watchdog looked)"
+        _log.warning(
+            "event loop blocked for %.3fs (threshold %ss) by %s:\n%s",
+            lag,
+            self.lag_threshold,
+            task or "a callback",
+            stack,
+        )
+        _telemetry.emit(
+            "loop.blocked",
+            duration=round(lag, 6),
+            threshold=self.lag_threshold,
+            task=task,
+            stack=stack,
+            suppressed=suppressed,
+        )
+
+    # -- on the watchdog's thread -------------------------------------------------------
     def _stack(self, limit: int | None = None) -> str:
         frame = sys._current_frames().get(self.main_ident)
         if frame is None:
@@ -243,107 +309,36 @@ class _Watchdog:
     def _watch(self) -> None:
         deadline: float | None = None
         clock = time.monotonic
+        warned_at = 0.0  # the heartbeat of the block already logged as an error
+        look = self.lag_interval / 2
         while not self.closed.is_set():
             if self.stop_requested.is_set() and deadline is None:
                 deadline = clock() + self.hard_exit_after
-            if self.closed.wait(self.lag_interval):
+            wait = look if deadline is None else max(0.0, min(look, deadline - clock()))
+            if self.closed.wait(wait):
                 return
             loop = self.loop
-            if loop is None or loop.is_closed():
-                continue
-            answered = threading.Event()
-            ran = [0.0]
-
-            def pong(ran: list[float] = ran, answered: threading.Event = answered) -> None:
-                ran[0] = clock()
-                answered.set()
-
-            sent = clock()
-            try:
-                loop.call_soon_threadsafe(pong)
-            except RuntimeError:  # loop closed meanwhile
-                continue
-            stack: str | None = None
-            task: str | None = None
-            warned = False
-            while True:
-                limit = (
-                    self.lag_threshold
-                    if stack is None
-                    else self.blocked_warning
-                    if not warned
-                    else math.inf
-                )
-                wait = min(max(0.0, limit - (clock() - sent)), 1.0)
-                if deadline is not None:
-                    wait = min(wait, max(0.0, deadline - clock()))
-                if answered.wait(wait):
-                    break
-                if self.closed.is_set():
-                    return
-                if self.stop_requested.is_set() and deadline is None:
-                    deadline = clock() + self.hard_exit_after
-                if deadline is not None and clock() >= deadline:
-                    self._hard_exit(f"shutdown did not finish within {self.hard_exit_after}s")
-                waited = clock() - sent
-                if stack is None and waited >= self.lag_threshold:
-                    task = self._task()
-                    stack = self._stack(_STACK_FRAMES)
-                if not warned and waited >= self.blocked_warning:
-                    warned = True
+            if loop is not None and loop.is_running():
+                beat, due = self.beat, self.due
+                late = clock() - due
+                if late >= self.lag_threshold:  # blocked right now
+                    caught = self.caught
+                    if caught is None or caught[0] != beat:
+                        self.caught = (beat, self._task(), self._stack(_STACK_FRAMES))
+                if late >= self.blocked_warning and warned_at != beat:
+                    warned_at = beat
                     _log.error(
                         "event loop blocked for over %ss by:\n%s",
                         self.blocked_warning,
                         self._stack(),
                     )
-            lag = ran[0] - sent
-            self.lag.observe(lag)
-            if lag >= self.lag_threshold:
-                self._blocked(loop, lag, task, stack)
             if deadline is not None and clock() >= deadline and not self.closed.is_set():
                 self._hard_exit(f"shutdown did not finish within {self.hard_exit_after}s")
-
-    def _blocked(
-        self, loop: asyncio.AbstractEventLoop, lag: float, task: str | None, stack: str | None
-    ) -> None:
-        """Report a block: a ``loop.blocked`` event (emitted on the loop), rate-limited."""
-        self.lag.blocked += 1
-        now = time.monotonic()
-        reported = self.reported
-        while reported and reported[0] <= now - 60.0:
-            reported.popleft()
-        if len(reported) >= BLOCKED_PER_MINUTE:
-            self.suppressed += 1
-            return
-        reported.append(now)
-        suppressed, self.suppressed = self.suppressed, 0
-        fields = {
-            "duration": round(lag, 6),
-            "threshold": self.lag_threshold,
-            "task": task,
-            "stack": stack if stack is not None else "(the loop answered as the stack was taken)",
-            "suppressed": suppressed,
-        }
-        _log.warning(
-            "event loop blocked for %.3fs (threshold %ss) by %s:\n%s",
-            lag,
-            self.lag_threshold,
-            task or "a callback",
-            fields["stack"],
-        )
-        try:
-            loop.call_soon_threadsafe(_emit_blocked, fields)
-        except RuntimeError:  # the loop closed meanwhile
-            pass
 
     def _hard_exit(self, why: str) -> None:
         _log.critical("%s; exiting now. Main thread stack:\n%s", why, self._stack())
         logging.shutdown()
         os._exit(1)
-
-
-def _emit_blocked(fields: dict[str, Any]) -> None:
-    _telemetry.emit("loop.blocked", **fields)
 
 
 async def _start_root(root: Any) -> Pid:

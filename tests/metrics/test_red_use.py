@@ -447,6 +447,39 @@ def test_loop_lag_and_a_deliberate_block(tmp_path: Any) -> None:
     assert all(u["rss_bytes"] > 0 and u["open_fds"] >= 3 for u in usage), usage
 
 
+NO_LAG_PROGRAM = r"""
+import asyncio, sys, time
+import trellis
+from trellis.testing import capture_telemetry
+
+async def blocker():
+    await asyncio.sleep(0.2)
+    time.sleep(1.0)  # well past blocked_warning (0.3 s)
+    await asyncio.sleep(0.1)
+
+with capture_telemetry(["loop.blocked"]) as cap:
+    code = trellis.run(
+        trellis.worker("w", blocker, restart="temporary"), lag_threshold=None, blocked_warning=0.3
+    )
+print("events", len(cap.events), "code", code)
+"""
+
+
+def test_no_lag_monitor_keeps_the_blocked_warning(tmp_path: Any) -> None:
+    """``lag_threshold=None``: no loop.blocked events (and the watchdog wakes rarely),
+    but a block past ``blocked_warning`` is still logged with its stack."""
+    import subprocess
+    import sys
+
+    prog = tmp_path / "nolag.py"
+    prog.write_text(NO_LAG_PROGRAM)
+    proc = subprocess.run([sys.executable, str(prog)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "events 0 code 0" in proc.stdout
+    assert "event loop blocked for over 0.3s" in proc.stderr
+    assert "time.sleep(1.0)" in proc.stderr
+
+
 def test_lag_threshold_is_checked() -> None:
     with pytest.raises(ValueError, match="lag_threshold"):
         trellis.run(trellis.worker("w", asyncio.sleep, 0), lag_threshold=0)

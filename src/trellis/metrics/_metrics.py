@@ -1082,8 +1082,8 @@ class Metrics:
         ]
         loop_lag_fam = HistogramMetricFamily(
             "trellis_event_loop_lag_seconds",
-            "How late the tree's event loop ran a callback the watchdog scheduled "
-            "(sampled every 50-100 ms).",
+            "How late the tree's event loop ran the watchdog's timer "
+            "(every 100 ms, or lag_threshold if shorter).",
             labels=["node"],
         )
         loop_blocked = CounterMetricFamily(
