@@ -300,7 +300,7 @@ class _Writer:
         data = {
             "run_id": self.run_id,
             "previous_run_id": previous,
-            "os_pid": os.getppid(),
+            "os_pid": _owner_pid(),
         }
         out.append((now, 0.0, self.node, None, "run.started", data_text(data)))
         return out
@@ -581,6 +581,14 @@ def _stand_in_packages() -> None:
     sub.__path__ = [here]
     sys.modules["trellis"] = top
     sys.modules["trellis.journal"] = sub
+
+
+def _owner_pid() -> int:
+    """The pid of the process that journals (given on our command line: by the time the
+    store is open, a parent killed with -9 has been replaced by init as our parent)."""
+    if len(sys.argv) > 1 and sys.argv[1].isdigit():
+        return int(sys.argv[1])
+    return os.getppid()
 
 
 def main() -> int:

@@ -688,7 +688,10 @@ class Journal:
             raise JournalError(f"cannot start the writer of {self.target.shown}: no sys.executable")
         try:
             proc = subprocess.Popen(
-                [exe, _PROC_FILE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
+                [exe, _PROC_FILE, str(os.getpid())],  # the run's pid, even if we die first
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                close_fds=True,
             )
         except OSError as e:
             raise JournalError(f"cannot start the writer of {self.target.shown}: {e}") from e
