@@ -584,6 +584,8 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     if opts.workdir is None:  # ours: removed at exit unless --keep
         temporary = tempfile.mkdtemp(prefix="market-data-chaos-")
         opts = replace(opts, workdir=temporary)
+        what = "kept at exit (--keep)" if opts.keep else "removed at exit (--keep keeps it)"
+        print(f"temporary work directory {temporary}: {what}", file=sys.stderr)
     try:
         with _quiet_logs(args.log_level):
             try:
