@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,7 @@ class Tree:
         )
 
     def journal(self, kind: str) -> list[dict[str, Any]]:
-        with sqlite3.connect(self.db) as db:
+        with closing(sqlite3.connect(self.db)) as db:
             rows = db.execute("SELECT data FROM journal WHERE kind = ? ORDER BY seq", (kind,))
             return [json.loads(r[0]) for r in rows]
 

@@ -10,6 +10,7 @@ import json
 import socket
 import sqlite3
 from collections import Counter
+from contextlib import closing
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ def url_of(path: Path) -> str:
 
 
 def rows(path: Path) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn:
         return conn.execute("SELECT * FROM journal ORDER BY seq").fetchall()
 
 
@@ -320,7 +321,7 @@ async def signed_journal(storm: Any, path: Path) -> list[tuple[Any, ...]]:
     await journaled_storm(
         storm, path, restarts=40, key=KEY, batch_size=10, max_batch=10, checkpoint_every=20
     )
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn:
         return conn.execute("SELECT * FROM journal_checkpoints ORDER BY seq").fetchall()
 
 
@@ -485,7 +486,7 @@ def test_readers_never_create_a_journal(tmp_path: Path) -> None:
         tail(url_of(missing))
     assert not missing.exists()
     other = tmp_path / "other.db"
-    with sqlite3.connect(other) as conn:
+    with closing(sqlite3.connect(other)) as conn, conn:
         conn.execute("CREATE TABLE journal (x)")
     with pytest.raises(NotAJournal, match="not a Trellis journal"):
         verify(url_of(other))

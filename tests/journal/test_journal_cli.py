@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,7 @@ def test_verify_ok(journal_url: str) -> None:
 
 def test_verify_broken_exits_1_naming_the_seq(journal_url: str) -> None:
     path = journal_url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("DROP TRIGGER journal_no_update")
         conn.execute("UPDATE journal SET data = '{}' WHERE seq = 17")
     r = run("verify", journal_url, env={"TRELLIS_JOURNAL_KEY": ""})

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def rows(path: Path) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn:
         return conn.execute("SELECT * FROM journal ORDER BY seq").fetchall()
 
 

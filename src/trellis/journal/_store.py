@@ -483,13 +483,20 @@ class _SQLiteReader(_Queries):
         uri = "file:" + _uri_path(os.path.abspath(target.path)) + "?mode=ro"
         try:
             self.conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        except sqlite3.DatabaseError as e:
+            raise NotAJournal(f"cannot read journal {target.shown}: {e}") from e
+        try:
             if not _sqlite_schema(self.conn, target):
                 raise NotAJournal(
                     f"{target.path!r} (from {target.shown}) is not a Trellis journal: "
                     "no table 'journal'"
                 )
         except sqlite3.DatabaseError as e:
+            self.conn.close()  # (Python 3.13 warns about a connection left to the GC)
             raise NotAJournal(f"cannot read journal {target.shown}: {e}") from e
+        except BaseException:
+            self.conn.close()
+            raise
 
     def snapshot(self) -> None:
         self.conn.execute("BEGIN")
