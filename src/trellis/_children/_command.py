@@ -51,7 +51,7 @@ from .._core._process import (
 from .._core._reasons import KILLED, NORMAL, Exit, is_clean
 from . import _guardian, _orphans
 from ._notify import NotifySocket
-from ._output import LineProtocol, RotatingFile, ring_for
+from ._output import LineProtocol, RotatingFile, open_logs_dir, ring_for
 from ._types import (
     ExitCode,
     Health,
@@ -410,11 +410,17 @@ class _Runner:
             env["NOTIFY_SOCKET"] = self.notify.address
             if cfg.watchdog is not None:
                 env["WATCHDOG_USEC"] = str(int(cfg.watchdog * 1_000_000))
+        logs = self._open_logs()  # before the spawn: a refused logs dir starts nothing
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         self._fds = [out_r, err_r]
         try:
             self.os_pid, self.popen = _spawn_os(cfg, cfg.argv, env, out_w, err_w)
+        except BaseException:
+            for log in logs:
+                if log is not None:
+                    log.close()
+            raise
         finally:
             os.close(out_w)
             os.close(err_w)
@@ -428,8 +434,8 @@ class _Runner:
         _orphans.claim(self.os_pid, self.tag)
         self.pidfd = os.pidfd_open(self.os_pid)
         self.loop.add_reader(self.pidfd, self._on_pidfd)
-        self._read_pipe("stdout", out_r)
-        self._read_pipe("stderr", err_r)
+        self._read_pipe("stdout", out_r, logs[0])
+        self._read_pipe("stderr", err_r, logs[1])
         _telemetry.emit(
             "process.spawned",
             path=self.path,
@@ -440,16 +446,26 @@ class _Runner:
         if cfg.watchdog is not None:
             self._arm_watchdog()
 
-    def _read_pipe(self, stream: str, fd: int) -> None:
-        log = None
+    def _open_logs(self) -> tuple[RotatingFile | None, RotatingFile | None]:
+        """The stdout and stderr log files (with ``logs``), in a logs dir that nobody
+        but us can write to, never opened through a symlink (see ``_output``)."""
         logs = self.cfg.logs
-        if logs is not None:
-            if not os.path.isdir(logs.dir):
-                os.makedirs(logs.dir, mode=0o700, exist_ok=True)  # the logs are ours only
-            suffix = "out" if stream == "stdout" else "err"
-            log = RotatingFile(
-                os.path.join(logs.dir, f"{self.cfg.id}.{suffix}.log"), logs.max_bytes, logs.backups
-            )
+        if logs is None:
+            return None, None
+        base = self.cfg.id
+        dir_fd = open_logs_dir(logs.dir)
+        try:
+            out = RotatingFile(dir_fd, f"{base}.out.log", logs.max_bytes, logs.backups)
+            try:
+                err = RotatingFile(dir_fd, f"{base}.err.log", logs.max_bytes, logs.backups)
+            except BaseException:
+                out.close()
+                raise
+        finally:
+            os.close(dir_fd)
+        return out, err
+
+    def _read_pipe(self, stream: str, fd: int, log: RotatingFile | None) -> None:
         closed: asyncio.Future[None] = self.loop.create_future()
         proto = LineProtocol(stream, self._on_line, log, closed)
         pipe = os.fdopen(fd, "rb", buffering=0)

@@ -4,13 +4,23 @@ log files with a timestamp per line."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import stat
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["LineProtocol", "OutputRing", "RotatingFile", "recent_output", "ring_for"]
+__all__ = [
+    "LineProtocol",
+    "OutputRing",
+    "RotatingFile",
+    "UnsafeLogsDir",
+    "open_logs_dir",
+    "recent_output",
+    "ring_for",
+]
 
 MAX_LINE = 64 * 1024  # longer lines are split
 RING_LINES = 1000  # recent output lines kept per child path (after it exits, too)
@@ -102,22 +112,89 @@ def _stamp() -> bytes:
     return b"%s.%03dZ " % (_stamp_prefix, int((now - sec) * 1000))
 
 
-def open_log(path: str) -> int:
-    """Open a log file for appending, mode 0640 (the umask may narrow it further)."""
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+class UnsafeLogsDir(PermissionError):
+    """A logs directory that another user could write to: Trellis refuses it, since a
+    symlink or file planted there would turn its writes against other files."""
+
+
+def unsafe_dir_reason(st: os.stat_result, path: str) -> str | None:
+    """Why the directory ``st`` (at ``path``) is not safe for log files, or ``None``:
+    it must belong to our effective uid and be writable by nobody else (no group or
+    other write bit)."""
+    me = os.geteuid()
+    if st.st_uid != me:
+        return (
+            f"logs dir {path!r} belongs to uid {st.st_uid}, not to uid {me} that runs "
+            f"Trellis: that user could plant a symlink there and have Trellis write through "
+            f"it (chown it to uid {me}, chmod go-w, or use a dir of its own)"
+        )
+    if st.st_mode & 0o022:
+        return (
+            f"logs dir {path!r} is writable by its group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): they could plant a symlink there and have "
+            f"Trellis write through it (chmod go-w {path})"
+        )
+    return None
+
+
+def open_logs_dir(path: str) -> int:
+    """Create ``path`` (0700) if missing, open it, and check it is safe for log files
+    (see :func:`unsafe_dir_reason`); returns a directory fd (close-on-exec). The log
+    files are then opened relative to that fd, so a later rename of the directory
+    changes nothing."""
+    if not os.path.isdir(path):
+        os.makedirs(path, mode=0o700, exist_ok=True)  # the logs are ours only
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        why = unsafe_dir_reason(os.fstat(fd), path)
+    except OSError:
+        os.close(fd)
+        raise
+    if why is not None:
+        os.close(fd)
+        raise UnsafeLogsDir(why)
+    return fd
+
+
+_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def open_log(name: str, dir_fd: int | None = None) -> int:
+    """Open a log file for appending, mode 0640 when created (the umask may narrow it).
+    Never through a symlink (``O_NOFOLLOW``), and only a regular file (a FIFO or device
+    planted under its name is refused, not blocked on)."""
+    try:
+        fd = os.open(name, _OPEN_FLAGS, 0o640, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeLogsDir(f"log file {name!r} is a symlink: refused") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafeLogsDir(f"log file {name!r} is not a regular file: refused")
+    return fd
 
 
 class RotatingFile:
     """Append-only file rotated at ``max_bytes`` into ``name.1`` ... ``name.<backups>``.
     Each line is written with a UTC timestamp prefix in one ``write`` (no buffering: a
     line is on disk, or in the page cache, as soon as it is read, even if Trellis is
-    then killed)."""
+    then killed).
 
-    def __init__(self, path: str, max_bytes: int, backups: int) -> None:
-        self.path = path
+    The file is named ``name`` inside the directory ``dir_fd`` (the file takes its own
+    duplicate of the fd). Rotation renames entries of that directory (``rename`` never
+    follows a symlink) and truncates only through our own descriptor."""
+
+    def __init__(self, dir_fd: int, name: str, max_bytes: int, backups: int) -> None:
+        self.name = name
         self.max_bytes = max_bytes
         self.backups = backups
-        self._fd = open_log(path)
+        self._dir = os.dup(dir_fd)  # non-inheritable, like every fd Python creates
+        try:
+            self._fd = open_log(name, self._dir)
+        except BaseException:
+            os.close(self._dir)
+            raise
         self._size = os.fstat(self._fd).st_size
 
     def write(self, data: bytes) -> None:
@@ -128,22 +205,29 @@ class RotatingFile:
         self._size += len(data)
 
     def _rotate(self) -> None:
+        d = self._dir
+        if self.backups == 0:
+            os.ftruncate(self._fd, 0)  # our own descriptor: no path is followed
+            self._size = 0
+            return
+        for i in range(self.backups - 1, 0, -1):
+            try:
+                os.rename(f"{self.name}.{i}", f"{self.name}.{i + 1}", src_dir_fd=d, dst_dir_fd=d)
+            except FileNotFoundError:
+                pass
+        os.rename(self.name, f"{self.name}.1", src_dir_fd=d, dst_dir_fd=d)
         os.close(self._fd)
-        if self.backups > 0:
-            for i in range(self.backups - 1, 0, -1):
-                src = f"{self.path}.{i}"
-                if os.path.exists(src):
-                    os.replace(src, f"{self.path}.{i + 1}")
-            os.replace(self.path, f"{self.path}.1")
-        else:
-            os.truncate(self.path, 0)
-        self._fd = open_log(self.path)
+        self._fd = -1
+        self._fd = open_log(self.name, d)
         self._size = 0
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._dir >= 0:
+            os.close(self._dir)
+            self._dir = -1
 
 
 class LineProtocol(asyncio.Protocol):

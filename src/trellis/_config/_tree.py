@@ -718,6 +718,12 @@ class _Walker:
                 self.error(path, f"logs dir is not a directory: {str(p)!r}")
             elif not os.access(p, os.W_OK | os.X_OK):
                 self.error(path, f"permission denied: cannot write to logs dir {str(p)!r}")
+            else:
+                from .._children._output import unsafe_dir_reason
+
+                why = unsafe_dir_reason(p.stat(), str(p))
+                if why is not None:
+                    self.error(path, why)
             return
         parent = p.parent
         while not parent.exists():

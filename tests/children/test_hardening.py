@@ -1,0 +1,208 @@
+"""The OS-process layer against a hostile child or local user: log files that cannot be
+turned against other files (symlinks, a logs dir another user can write), notify socket
+names nobody can squat, pidfiles that cannot name a sibling, one log file per child path,
+health checks that leave nothing behind, and escapees that clear their tag. Real
+processes; liveness read from /proc."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+import trellis
+from trellis import Supervisor
+from trellis.testing import capture_telemetry
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+NOBODY = 65534
+
+
+def _alive(pid: int) -> bool:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return data[data.rindex(")") + 2 :].split()[0] not in "ZXx"
+
+
+def _with_arg(arg: str) -> list[int]:
+    """Live processes with ``arg`` as one of their argv entries."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if arg.encode() in argv and _alive(int(entry)):
+            out.append(int(entry))
+    return out
+
+
+def _kill_all(pids: list[int]) -> None:
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+async def wait_until(cond: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                if value := cond():
+                    return value
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what or cond}") from None
+
+
+@asynccontextmanager
+async def supervised(children: list[Any], **flags: Any) -> AsyncIterator[Any]:
+    sup = await Supervisor.start_link(children, **flags)
+    try:
+        yield sup
+    finally:
+        if sup.alive:
+            await sup.stop()
+
+
+def _trellis(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trellis", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+        check=False,
+        cwd=cwd,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Log files: never through a symlink, never in a dir another user can write
+# ---------------------------------------------------------------------------
+
+
+def _logger(logs: Path, **kw: Any) -> trellis.ChildSpec:
+    return trellis.Command(
+        ["sh", "-c", "echo hello; sleep 30"],
+        id="web",
+        logs=trellis.Logs(dir=str(logs), **kw),
+        shutdown=0.5,
+    )
+
+
+async def test_a_logs_dir_writable_by_others_is_refused_before_spawning(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    logs.chmod(0o777)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (logs / "web.out.log").symlink_to(victim)
+    with capture_telemetry() as cap, pytest.raises(trellis.StartError) as exc:
+        await Supervisor.start_link([_logger(logs)])
+    assert "writable by its group or others" in f"{exc.value} {exc.value.reason}"
+    assert str(logs) in f"{exc.value} {exc.value.reason}"
+    assert not cap.named("process.spawned"), "nothing is started with a refused logs dir"
+    assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a logs dir owned by another user needs root")
+async def test_a_logs_dir_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    """The attack: a child running as ``nobody`` owns its logs dir and swaps its log file
+    for a symlink to a root-only file; root Trellis must not append to it."""
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o755)
+    os.chown(logs, NOBODY, NOBODY)
+    victim = tmp_path / "root_job.sh"
+    victim.write_text("#!/bin/sh\necho root job\n")
+    victim.chmod(0o700)
+    (logs / "web.out.log").symlink_to(victim)
+    with pytest.raises(trellis.StartError) as exc:
+        await Supervisor.start_link([_logger(logs)])
+    text = f"{exc.value} {exc.value.reason}"
+    assert f"belongs to uid {NOBODY}" in text
+    assert str(logs) in text
+    assert victim.read_text() == "#!/bin/sh\necho root job\n"
+
+
+async def test_a_log_file_that_is_a_symlink_is_never_followed(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (logs / "web.err.log").symlink_to(victim)
+    with pytest.raises(trellis.StartError) as exc:
+        await Supervisor.start_link([_logger(logs)])
+    assert "symlink" in f"{exc.value} {exc.value.reason}"
+    assert victim.read_text() == "precious\n"
+
+
+async def test_rotation_without_backups_truncates_our_file_not_a_symlink(tmp_path: Path) -> None:
+    """With ``backups=0`` a full file is emptied through our own descriptor: a symlink
+    put in its place meanwhile is neither followed nor truncated."""
+    logs = tmp_path / "logs"
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    go = tmp_path / "go"
+    script = f"while [ ! -e {go} ]; do sleep 0.01; done; i=0; "
+    script += "while [ $i -lt 50 ]; do echo line $i; i=$((i+1)); done"
+    spec = trellis.Command(
+        ["sh", "-c", script],
+        id="rot",
+        logs=trellis.Logs(dir=str(logs), max_bytes=200, backups=0),
+        restart="temporary",
+    )
+    with capture_telemetry() as cap:
+        async with supervised([spec]):
+            out = logs / "rot.out.log"
+            held = logs / "rot.held"
+            out.rename(held)  # we keep writing to the file we opened...
+            out.symlink_to(victim)  # ...and this must never be truncated
+            go.touch()
+            await cap.wait_for("child.exited", child_id="rot", timeout=10)
+            await asyncio.sleep(0.1)
+    assert victim.read_text() == "precious\n"
+    text = held.read_text()
+    assert "line 49" in text
+    assert len(text) <= 200 + 40
+
+
+def test_trellis_check_refuses_a_logs_dir_writable_by_others(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    logs.chmod(0o777)
+    tree = tmp_path / "tree.toml"
+    tree.write_text(
+        textwrap.dedent(
+            """
+            [supervisor]
+            name = "lg"
+            [[supervisor.children]]
+            id = "web"
+            command = ["sleep", "30"]
+            logs = { dir = "logs" }
+            """
+        )
+    )
+    r = _trellis("check", str(tree))
+    assert r.returncode != 0, r.stdout
+    assert "writable by its group or others" in r.stdout + r.stderr
+    logs.chmod(0o700)
+    r = _trellis("check", str(tree))
+    assert r.returncode == 0, r.stdout + r.stderr
