@@ -206,3 +206,42 @@ async def test_a_crafted_pickle_on_every_subject_creates_nothing(
     await asyncio.sleep(1.0)
     assert not os.path.exists(_Evil.marker)  # noqa: ASYNC240
     assert await trellis.call(g, "node", timeout=2.0) == "owner", "the owner still serves"
+
+
+async def test_every_nodes_events_can_be_replayed_from_a_time(
+    two_nodes: _Node, nats_server: NatsServer
+) -> None:
+    import time
+
+    from trellis.cluster import replay
+
+    since = time.time() - 60
+    g = trellis.Global("counter")
+
+    async def up() -> Any:
+        return await trellis.call(g, "node", timeout=2.0)
+
+    await _until(up, 20.0, "the counter")
+    with pytest.raises(trellis.Exited):
+        await trellis.call(g, "die_mid_call", timeout=5.0)
+
+    async def exited() -> list[dict[str, Any]]:
+        seen = [e async for e in replay(since)]
+        return [
+            e
+            for e in seen
+            if e["node"] == "owner" and e["event"] == "child.exited" and "counter" in e["path"]
+        ]
+
+    [event] = await _until(exited, 10.0, "the owner's child.exited in the stream")
+    assert "died mid-call" in event["reason"]
+    assert event["wall"] >= since
+    # and from the command line, by any machine that reaches NATS
+    out = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "trellis", "cluster", "events", "--url", nats_server.url,
+        "--name", "g", "--since", "5m", "--json",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    text, _ = await asyncio.wait_for(out.communicate(), 30)
+    assert out.returncode == 0
+    assert '"child.exited"' in text.decode()

@@ -158,3 +158,57 @@ def leases(tree_file: str | None, url: str | None, name: str | None, as_json: bo
     click.echo(f"{'LEASE':<30} {'NODE':<20} {'PID':>8} {'REVISION':>9}")
     for row in rows:
         click.echo(f"{row['lease']:<30} {row['node']!s:<20} {row['pid']!s:>8} {row['revision']:>9}")
+
+
+async def _replay(settings: Any, since: float, follow: bool, as_json: bool) -> None:
+    import nats
+
+    from ..cluster._events import replay
+
+    opts = settings.connect_options()
+    opts.update(allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=3)
+    nc = await nats.connect(**opts)
+    try:
+        js = nc.jetstream(timeout=3.0)
+        async for e in replay(since, follow=follow, js=js, cluster=settings.name):
+            if as_json:
+                click.echo(json.dumps(e))
+                continue
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(float(e.get("wall", 0))))
+            rest = " ".join(
+                f"{k}={v}"
+                for k, v in e.items()
+                if k not in ("event", "path", "node", "wall", "time") and v is not None
+            )
+            click.echo(f"{stamp}Z {e.get('node')} {e.get('event')} {e.get('path') or '-'} {rest}")
+    finally:
+        await nc.close()
+
+
+@cluster_group.command("events")
+@_options
+@click.option(
+    "--since", default="10m", show_default=True, help="10m, 2h, an ISO time or unix time."
+)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
+def events(
+    tree_file: str | None,
+    url: str | None,
+    name: str | None,
+    as_json: bool,
+    since: str,
+    follow: bool,
+) -> None:
+    """Every node's supervision events from the cluster's JetStream stream (kept 7 days,
+    256 MiB at most), oldest first, from --since on."""
+    from .logs import parse_since
+
+    settings = _settings(tree_file, url, name)
+    start = parse_since(since)
+    try:
+        asyncio.run(_replay(settings, start, follow, as_json))
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:
+        click.echo(f"trellis cluster events: {e!r}", err=True)
+        click.get_current_context().exit(1)

@@ -13,6 +13,14 @@ Example::
 """
 
 from . import pubsub
+from ._distributed import (
+    DistributedSupervisor,
+    owner_of,
+    start_child,
+    terminate_child,
+    which_children,
+)
+from ._events import replay
 from ._global import Global, RemoteExit
 from ._node import Cluster, Lease, current
 from ._settings import DEFAULT_LEASE_TTL, ClusterError, ClusterSettings
@@ -24,12 +32,18 @@ __all__ = [
     "Cluster",
     "ClusterError",
     "ClusterSettings",
+    "DistributedSupervisor",
     "Global",
     "Lease",
     "LeaseLost",
     "RemoteExit",
     "current",
     "fencing_token",
+    "owner_of",
     "pubsub",
+    "replay",
     "singleton",
+    "start_child",
+    "terminate_child",
+    "which_children",
 ]

@@ -275,9 +275,13 @@ class Cluster:
         #: how long the owner of a global name waits for its server's reply
         self.call_timeout = 60.0
         self._pubsub_sub: Any = None
+        #: the distributed supervisors this node takes part in (in its heartbeat)
+        self.dsups: set[str] = set()
+        from ._events import EventShipper
         from ._global import GlobalNames
 
         self.names = GlobalNames(self)
+        self.events = EventShipper(self)
 
     # -- the Extension protocol ----------------------------------------------------------
     async def start(self) -> None:
@@ -285,6 +289,7 @@ class Cluster:
         self.loop = asyncio.get_running_loop()
         _current = self
         self.names.start_registry()
+        self.events.attach()
         self._tasks.append(asyncio.ensure_future(self._connect_loop()))
         self._guard = threading.Thread(target=self._watch, name="trellis-lease-guard", daemon=True)
         self._guard.start()
@@ -297,6 +302,7 @@ class Cluster:
         for lease in list(self._leases):
             await lease.release()
         await self.names.stop()
+        await self.events.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -372,6 +378,8 @@ class Cluster:
                     self._pubsub_sub = await self.nc.subscribe(
                         f"trellis.{s.name}.pubsub.>", cb=self._on_pubsub
                     )
+                if self.events.task is None:
+                    await self.events.ensure_stream(self.js)
                 break
             except asyncio.CancelledError:
                 raise
@@ -397,6 +405,15 @@ class Cluster:
         from . import pubsub
 
         await pubsub.on_message(self, msg)
+
+    def participants(self, dsup: str) -> list[str]:
+        """The live nodes that take part in the distributed supervisor ``dsup``."""
+        out = [self.settings.node] if dsup in self.dsups else []
+        for node, peer in self._peers.items():
+            theirs = dsup in peer["value"].get("dsups", [])
+            if node != self.settings.node and theirs and self.alive(node):
+                out.append(node)
+        return sorted(out)
 
     def alive(self, node: str) -> bool:
         """Whether ``node`` heartbeats (as this node last saw it); this node always."""
@@ -446,6 +463,7 @@ class Cluster:
             "at": time.time(),
             "lease_ttl": self.settings.lease_ttl,
             "runs": sorted(lease.key for lease in self._leases if lease.token is not None),
+            "dsups": sorted(self.dsups),
         }
 
     async def _heartbeat_loop(self) -> None:
