@@ -3,6 +3,7 @@ chosen from the tree file's settings and the command line."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import socket
@@ -152,8 +153,9 @@ class _ControlOnceStarted:
         self.hid = _telemetry.attach(self.early.append)
 
     async def tree_started(self, root: Any, request_stop: Any) -> None:
-        from .control import ControlServer
-
+        # starlette and uvicorn take ~0.2 s to import: in a thread, so the tree's loop
+        # keeps serving meanwhile (the events of that time are still collected in early)
+        ControlServer = await asyncio.to_thread(_import_control_server)
         self._detach()
         server = ControlServer(**self.kwargs)
         server.reloader = self.reloader
@@ -174,6 +176,12 @@ class _ControlOnceStarted:
         self._detach()
         if self.server is not None:
             await self.server.stop()
+
+
+def _import_control_server() -> Any:
+    from .control import ControlServer
+
+    return ControlServer
 
 
 def parse_tokens(value: str, source: str) -> dict[str, str]:
