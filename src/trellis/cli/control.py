@@ -2,8 +2,8 @@
 command-line client.
 
 Exit codes: 0 done; 1 the tree refused (unknown path, action not possible, bad token:
-the server's message is printed); 2 bad command-line input; 3 no tree is listening
-(or it did not answer).
+the server's message is printed; or it closed the connection unanswered: busy); 2 bad
+command-line input; 3 no tree is listening (or it did not answer).
 
 Example::
 

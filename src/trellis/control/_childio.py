@@ -127,6 +127,10 @@ class _Follow(Response):
         self.stream = stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refused = self.ctl._claim_stream(scope)
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
         queue: asyncio.Queue[tuple[float, str, int | None, bytes]] = asyncio.Queue(
             MAX_FOLLOW_BUFFER
         )

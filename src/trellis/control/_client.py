@@ -312,6 +312,16 @@ class ControlClient:
                 f"permission denied on {self.where}: the tree runs as another user "
                 "(run this as that user or as root)"
             )
+        if code in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED) or isinstance(
+            exc, httpx.RemoteProtocolError
+        ):
+            # Something accepted the connection and closed it unanswered: a tree that is
+            # busy (every connection it allows is taken) or stopping, not an absent one.
+            return ControlClientError(
+                f"the Trellis tree on {self.where} closed the connection without answering: "
+                "it is busy (all the connections it allows are in use; see its log) or "
+                "stopping; try again"
+            )
         if isinstance(exc, httpx.TimeoutException | TimeoutError) and not isinstance(
             exc, httpx.ConnectTimeout
         ):

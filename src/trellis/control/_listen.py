@@ -31,7 +31,16 @@ from uvicorn.server import ServerState
 from ._errors import ControlError
 from ._paths import MAX_SOCKET_PATH, make_socket_dir, socket_dir
 
-__all__ = ["ControlError", "HttpServer", "Peer", "bind_tcp", "bind_unix", "parse_tcp"]
+__all__ = [
+    "CONNECTION",
+    "ControlError",
+    "HttpServer",
+    "Peer",
+    "bind_tcp",
+    "bind_unix",
+    "parse_tcp",
+    "stream_limits",
+]
 
 _log = logging.getLogger("trellis.control")
 
@@ -208,6 +217,9 @@ def _tcp_peer(transport: asyncio.BaseTransport) -> Peer:
 #: a connection whose last request carried it is "authenticated" (evicted last).
 AUTHENTICATED = "trellis.role"
 
+#: Scope key holding the connection (for :meth:`_Protocol.claim_stream`).
+CONNECTION = "trellis.connection"
+
 
 def default_max_connections() -> int:
     """Connections each listener (the Unix socket, TCP) keeps open at most, from the
@@ -231,6 +243,26 @@ def default_max_connections() -> int:
     return max(8, min(512, soft // 8))
 
 
+def stream_limits(max_connections: int) -> tuple[int, int]:
+    """How many streams (``/v1/events``, ``/v1/logs?follow=true``) one listener with a
+    budget of ``max_connections`` keeps open at most: ``(in all, per client)``.
+
+    In all: the budget less a quarter (at least one connection) kept for requests, so
+    streams never fill the listener. Per client (a token, or a uid on the Unix socket)
+    without the operator role: a quarter of the budget (at least 2). Operators are not
+    held to the per-client limit, and an operator's stream past the overall limit
+    closes the oldest stream of a client without the operator role.
+
+    Example::
+
+        assert stream_limits(128) == (96, 32)
+        assert stream_limits(16) == (12, 4)
+    """
+    reserve = max(1, max_connections // 4)
+    total = max(1, max_connections - reserve)
+    return total, min(total, max(2, max_connections // 4))
+
+
 class _Listener:
     """The open connections of one listening socket, oldest first, and its budget."""
 
@@ -239,22 +271,72 @@ class _Listener:
         self.source = source
         self.cap = cap
         self.conns: dict[_Protocol, None] = {}  # insertion order = connection order
+        self.streams: dict[_Protocol, None] = {}  # connections holding a stream, oldest first
+        self.max_streams, self.max_streams_per_client = stream_limits(cap)
         self.closed = False  # the server is closing: connections still arriving are dropped
         self._warned = 0.0
 
-    def admit(self, new: _Protocol) -> bool:
+    def admit(self, new: _Protocol, operator: bool) -> bool:
         """Make room for ``new``: when the budget is spent, close the idle connection
-        that has waited longest, preferring one that never made an authorised request.
-        False (``new`` is closed) when every connection is busy with a request."""
+        that has waited longest, preferring one that never made an authorised request;
+        if none is idle and ``new`` may be an operator's (a Unix-socket peer with the
+        operator role, or any TCP connection: its token is not known yet), close the
+        oldest stream held by a client without the operator role. False (``new`` is
+        closed) when every connection is busy with a request."""
         if len(self.conns) >= self.cap:
             victim = self._victim()
+            if victim is not None:
+                self._warn(f"{self.cap} connections open (the limit): closed the longest idle one")
+            elif operator:
+                victim = self._stream_victim()
+                if victim is not None:
+                    self._warn(
+                        f"{self.cap} connections open (the limit): closed the oldest stream of "
+                        f"{victim.stream_client} to let a new connection in"
+                    )
             if victim is None:
                 self._warn(f"all {self.cap} connections are busy: refused a new one")
                 return False
-            self._warn(f"{self.cap} connections open (the limit): closed the longest idle one")
             victim.evict()
         self.conns[new] = None
         return True
+
+    def claim_stream(self, conn: _Protocol, client: str, operator: bool) -> tuple[int, str] | None:
+        """Let ``conn`` hold a stream for ``client``: None, or ``(status, message)`` to
+        refuse it (429: the client holds its limit; 503: the listener holds its limit)."""
+        if conn in self.streams:
+            return None
+        if not operator:
+            held = sum(1 for c in self.streams if c.stream_client == client)
+            if held >= self.max_streams_per_client:
+                self._warn(f"{client} holds {held} streams (the limit per client): refused one")
+                return 429, (
+                    f"{client} already holds {held} streams on this listener, the limit per "
+                    "client without the operator role: close one first"
+                )
+        if len(self.streams) >= self.max_streams:
+            victim = self._stream_victim() if operator else None
+            if victim is None:
+                self._warn(f"{len(self.streams)} streams open (the limit): refused one")
+                return 503, (
+                    f"{len(self.streams)} streams are open on this listener (the limit): "
+                    "try again later"
+                )
+            self._warn(
+                f"{len(self.streams)} streams open (the limit): closed the oldest stream of "
+                f"{victim.stream_client} for an operator's"
+            )
+            victim.evict()
+        conn.stream_client = client
+        conn.stream_operator = operator
+        self.streams[conn] = None
+        return None
+
+    def _stream_victim(self) -> _Protocol | None:
+        for conn in self.streams:  # oldest first
+            if not conn.stream_operator:
+                return conn
+        return None
 
     def _victim(self) -> _Protocol | None:
         best: _Protocol | None = None
@@ -298,14 +380,18 @@ class _Protocol(H11Protocol):
         listener: _Listener,
         idle_timeout: float,
         loop: asyncio.AbstractEventLoop,
+        operator: Callable[[Peer], bool],
     ) -> None:
         super().__init__(config, server_state, {}, loop)
         self.access_log = False  # operator actions are journaled; requests are not logged
         self._app_for = app_for
         self._listener = listener
         self._idle_timeout = idle_timeout
+        self._operator = operator
         self._idle_timer: asyncio.TimerHandle | None = None
         self.idle_since: float | None = None  # monotonic; None while a request runs
+        self.stream_client: str | None = None  # who holds the stream on this connection
+        self.stream_operator = False
 
     @property
     def authenticated(self) -> bool:
@@ -316,16 +402,39 @@ class _Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         listener = self._listener
-        if listener.closed or not listener.admit(self):
-            transport.abort()
-            return
         unix = listener.kind == "unix"
         peer = _unix_peer(transport, listener.source) if unix else _tcp_peer(transport)
-        self.app = self._app_for(peer)
+        # A TCP caller's token comes with its request: any new connection may be an
+        # operator's. On the Unix socket the peer's uid tells now.
+        operator = not unix or self._operator(peer)
+        if listener.closed or not listener.admit(self, operator):
+            transport.abort()
+            return
+        inner = self._app_for(peer)
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            scope[CONNECTION] = self
+            await inner(scope, receive, send)
+
+        self.app = app
         self._sync()
+
+    def claim_stream(self, client: str, operator: bool) -> tuple[int, str] | None:
+        """Mark this connection's request as a stream held by ``client`` (a token's or
+        a uid's name; ``operator``: whether it has the operator role) until its response
+        completes: None, or ``(status, message)`` when the stream limits refuse it (see
+        :func:`stream_limits`)."""
+        return self._listener.claim_stream(self, client, operator)
+
+    def _release_stream(self) -> None:
+        if self.stream_client is not None:
+            self._listener.streams.pop(self, None)
+            self.stream_client = None
+            self.stream_operator = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._listener.conns.pop(self, None)
+        self._release_stream()
         self._disarm()
         self.idle_since = None
         super().connection_lost(exc)
@@ -339,8 +448,9 @@ class _Protocol(H11Protocol):
         self._sync()
 
     def evict(self) -> None:
-        """Close this idle connection to make room for a new one."""
+        """Close this connection (idle, or holding a stream) to make room for a new one."""
         self._listener.conns.pop(self, None)
+        self._release_stream()
         self._disarm()
         self.idle_since = None
         if self.transport is not None and not self.transport.is_closing():
@@ -357,7 +467,9 @@ class _Protocol(H11Protocol):
         if busy:
             self._disarm()
             self.idle_since = None
-        elif self.idle_since is None:
+            return
+        self._release_stream()  # the stream's response is complete
+        if self.idle_since is None:
             self.idle_since = time.monotonic()
             self._idle_timer = self.loop.call_later(self._idle_timeout, self._on_idle)
 
@@ -385,6 +497,8 @@ class HttpServer:
             by idle connections.
         idle_timeout: seconds a connection may take to send a request's headers, after
             connecting or after its last response; then it is closed.
+        operator: whether a Unix-socket peer has the operator role (it may then close
+            a stream of a client without it when the listener is full).
     """
 
     def __init__(
@@ -393,12 +507,14 @@ class HttpServer:
         *,
         max_connections: int | None = None,
         idle_timeout: float = 10.0,
+        operator: Callable[[Peer], bool] | None = None,
     ) -> None:
         if max_connections is not None and max_connections < 1:
             raise ControlError(f"max_connections must be at least 1, not {max_connections}")
         if not idle_timeout > 0:
             raise ControlError(f"idle_timeout must be more than 0 seconds, not {idle_timeout}")
         self._app_for = app_for
+        self._operator: Callable[[Peer], bool] = operator or (lambda peer: False)
         self.max_connections = (
             max_connections if max_connections is not None else default_max_connections()
         )
@@ -430,7 +546,13 @@ class HttpServer:
 
         def factory() -> asyncio.Protocol:
             return _Protocol(
-                self.config, self.state, self._app_for, listener, self.idle_timeout, loop
+                self.config,
+                self.state,
+                self._app_for,
+                listener,
+                self.idle_timeout,
+                loop,
+                self._operator,
             )
 
         # asyncio accepts up to `backlog` connections per wake-up before any of them is

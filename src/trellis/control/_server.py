@@ -44,6 +44,7 @@ from .._supervisor import DynamicSupervisorPid, _AdminPid
 from .._tree import Node, Tracker, jsonable, reason_text, walk
 from ._dashboard import PUBLIC_PATHS, dashboard_routes
 from ._listen import (
+    CONNECTION,
     ASGIApp,
     ControlError,
     HttpServer,
@@ -360,7 +361,10 @@ class ControlServer:
         if self._own_tracker:
             self.tracker.attach()
         http = HttpServer(
-            self._gate, max_connections=self._max_connections, idle_timeout=self._idle_timeout
+            self._gate,
+            max_connections=self._max_connections,
+            idle_timeout=self._idle_timeout,
+            operator=lambda peer: peer.uid in self._allowed_uids,
         )
         try:
             if self.socket_path is not None:
@@ -551,6 +555,20 @@ class ControlServer:
         scope["trellis.source"] = peer.source
         scope["trellis.role"] = role
         return None
+
+    def _claim_stream(self, scope: Scope) -> Response | None:
+        """None if the request in ``scope`` may hold a stream open (counted against its
+        listener's stream limits until it ends), else the 429/503 answer: a client
+        without the operator role cannot hold the listener's connections."""
+        conn = scope.get(CONNECTION)
+        if conn is None:  # served without HttpServer (tests calling the app directly)
+            return None
+        who = str(scope.get("trellis.who", "anonymous"))
+        refused = conn.claim_stream(who, scope.get("trellis.role") == "operator")
+        if refused is None:
+            return None
+        status, message = refused
+        return JSONResponse({"error": message}, status_code=status, headers={"Retry-After": "5"})
 
     def _needs_operator(self, scope: Scope) -> bool:
         """Whether the route ``scope`` asks for is missing from :data:`READ_ROUTES`
@@ -1172,6 +1190,10 @@ class _EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctl = self.ctl
+        refused = ctl._claim_stream(scope) if self.follow else None
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
         # The backlog and the live cursor are taken in one loop turn: no gap, no duplicate.
         cursor = ctl._seq
         if self.last_id is not None and self.last_id <= cursor:
