@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,12 +22,14 @@ import pytest
 
 import trellis
 from trellis import Supervisor
-from trellis.testing import capture_telemetry
+from trellis.testing import capture_telemetry, wait_restarted
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
 NOBODY = 65534
+# an interpreter another user may run (ours may sit under a private home)
+SYSTEM_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
 
 def _alive(pid: int) -> bool:
@@ -206,3 +209,81 @@ def test_trellis_check_refuses_a_logs_dir_writable_by_others(tmp_path: Path) -> 
     logs.chmod(0o700)
     r = _trellis("check", str(tree))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------
+# Notify sockets: names nobody can guess and hold
+# ---------------------------------------------------------------------------
+
+_SQUAT = """
+import os, socket, sys
+held = []
+for name in sys.argv[1:]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind("\\0" + name)
+    held.append(s)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def _predictable_names(n: int) -> list[str]:
+    """The next ``n`` names the notify sockets of this process used to take
+    (``trellis-notify-<pid>-<k>``), from the counter the old code kept."""
+    from trellis._children import _notify
+
+    counter = getattr(_notify, "_ids", None)
+    start = int(repr(counter)[6:-1]) if counter is not None else 1  # count(7) -> 7
+    return [f"trellis-notify-{os.getpid()}-{k}" for k in range(start, start + n)]
+
+
+async def test_another_user_holding_the_next_notify_names_does_not_stop_restarts() -> None:
+    """Another local user binds the names our next notify sockets would take: the notify
+    and watchdog children still start, and restart."""
+    demote: dict[str, Any] = {"user": NOBODY, "group": NOBODY} if os.geteuid() == 0 else {}
+    python = SYSTEM_PYTHON if demote else sys.executable
+    squatter = subprocess.Popen(  # noqa: ASYNC220 - started once, before the tree
+        [python, "-I", "-c", _SQUAT, *_predictable_names(40)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        extra_groups=[] if demote else None,
+        **demote,
+    )
+    try:
+        assert squatter.stdout is not None
+        assert squatter.stdout.readline() == "ready\n"
+        children = [
+            trellis.Command(["sleep", "30"], id=f"wd{i}", watchdog=30.0, shutdown=0.5)
+            for i in range(4)
+        ]
+        async with supervised(children, intensity=20) as sup:
+            for i in range(4):
+                pid = (await sup.which_child(f"wd{i}")).pid
+                os.kill(pid.os_pid, signal.SIGKILL)
+                await wait_restarted(sup, f"wd{i}", pid, timeout=10)
+            assert sup.alive
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
+async def test_a_taken_notify_name_is_replaced_by_a_fresh_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trellis._children import _notify
+
+    taken = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    taken.bind("\0trellis-notify-" + "00" * 16)
+    real = os.urandom
+    draws = iter([b"\0" * 16, b"\0" * 16])
+    monkeypatch.setattr(_notify.os, "urandom", lambda n: next(draws, None) or real(n))
+    try:
+        sock = _notify.NotifySocket(asyncio.get_running_loop(), lambda f: None)
+        try:
+            assert sock.address.startswith("@trellis-notify-")
+            assert sock.address != "@trellis-notify-" + "00" * 16
+        finally:
+            sock.close()
+    finally:
+        taken.close()

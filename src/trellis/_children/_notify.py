@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
+import errno
 import logging
 import os
 import socket
@@ -14,7 +14,7 @@ from collections.abc import Callable
 __all__ = ["NotifySocket"]
 
 _log = logging.getLogger("trellis")
-_ids = itertools.count(1)
+_BIND_TRIES = 16
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _CMSG_SPACE = socket.CMSG_SPACE(_UCRED.size)
 
@@ -35,10 +35,13 @@ class NotifySocket:
         on_message: Callable[[dict[str, str]], None],
         allowed: Callable[[int], bool] | None = None,
     ) -> None:
-        self.name = f"trellis-notify-{os.getpid()}-{next(_ids)}"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self._sock.bind("\0" + self.name)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self.name = self._bind()
+        except BaseException:
+            self._sock.close()
+            raise
         self._sock.setblocking(False)
         self._loop = loop
         self._on_message = on_message
@@ -46,6 +49,21 @@ class NotifySocket:
         self._refused_logged = 0.0
         self.refused = 0
         loop.add_reader(self._sock.fileno(), self._read)
+
+    def _bind(self) -> str:
+        """Bind a random abstract name (128 bits: nobody can guess the next one and hold
+        it to make our children's starts fail); a name taken anyway is replaced by a
+        fresh one."""
+        for _ in range(_BIND_TRIES):
+            name = f"trellis-notify-{os.urandom(16).hex()}"
+            try:
+                self._sock.bind("\0" + name)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            return name
+        raise OSError(errno.EADDRINUSE, f"no free notify socket name in {_BIND_TRIES} tries")
 
     @property
     def address(self) -> str:
