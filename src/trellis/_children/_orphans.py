@@ -61,7 +61,7 @@ def _children_supported() -> bool:
 def enable(loop: asyncio.AbstractEventLoop | None = None) -> bool:
     """Make this process a child subreaper (and, as PID 1 or with ``loop`` given from the
     main thread, reap strays on SIGCHLD). Returns whether adoption is active."""
-    global _active, _pid1, _sigchld_loop
+    global _active, _pid1, _sigchld_loop, _polling
     if not _active:
         if not _children_supported() or not _prctl_subreaper(True):
             _log.warning(
@@ -72,19 +72,40 @@ def enable(loop: asyncio.AbstractEventLoop | None = None) -> bool:
         _active = True
     _pid1 = os.getpid() == 1
     if loop is not None and _sigchld_loop is None:
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+        try:
             loop.add_signal_handler(signal.SIGCHLD, _on_sigchld)
+        except (ValueError, RuntimeError, NotImplementedError):
+            # uvloop keeps SIGCHLD for libuv: as PID 1, look for strays on a timer instead
+            if _pid1:
+                _sigchld_loop = loop
+                _polling = True
+                loop.call_later(_POLL, _poll_strays)
+        else:
             _sigchld_loop = loop
     return True
 
 
+_POLL = 0.5  # seconds between looks for strays when SIGCHLD cannot be had (uvloop)
+_polling = False
+
+
+def _poll_strays() -> None:
+    loop = _sigchld_loop
+    if not _polling or loop is None or loop.is_closed():
+        return
+    _on_sigchld()
+    loop.call_later(_POLL, _poll_strays)
+
+
 def disable() -> None:
     """Stop adopting (at the end of ``trellis.run``); kills what was adopted."""
-    global _active, _sigchld_loop, _stray_timer
+    global _active, _sigchld_loop, _stray_timer, _polling
     if _sigchld_loop is not None:
-        with contextlib.suppress(ValueError, RuntimeError):
-            if not _sigchld_loop.is_closed():
-                _sigchld_loop.remove_signal_handler(signal.SIGCHLD)
+        if not _polling:
+            with contextlib.suppress(ValueError, RuntimeError):
+                if not _sigchld_loop.is_closed():
+                    _sigchld_loop.remove_signal_handler(signal.SIGCHLD)
+        _polling = False
         _sigchld_loop = None
     if _stray_timer is not None:
         _stray_timer.cancel()
