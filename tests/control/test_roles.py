@@ -214,6 +214,7 @@ async def _as_user(uid: int, sock: Path, request: str) -> str:
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
 @pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="needs /usr/bin/python3")
+@pytest.mark.stdlib_loop  # create_subprocess_exec(user=...): uvloop has no user option
 async def test_read_uids_may_look_over_the_socket_but_not_act(short_dir: Path) -> None:
     os.chmod(short_dir, 0o755)
     sock = short_dir / "c.sock"
