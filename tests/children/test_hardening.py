@@ -287,3 +287,58 @@ async def test_a_taken_notify_name_is_replaced_by_a_fresh_one(
             sock.close()
     finally:
         taken.close()
+
+
+# ---------------------------------------------------------------------------
+# pidfile: only this child's own daemon
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["main", "grandchild"])
+async def test_a_pidfile_naming_a_siblings_process_is_never_followed(
+    tmp_path: Path, target: str
+) -> None:
+    """A pidfile child names its sibling's main process (or a process the sibling
+    started): it does not start (no live daemon of its own), and stopping it leaves the
+    sibling alone."""
+    mark = f"939{os.getpid() % 1000}"
+    victim = trellis.Command(
+        ["sh", "-c", f"setsid sleep {mark}1 & exec sleep {mark}0"], id="victim", shutdown=0.5
+    )
+    pidfile = tmp_path / "evil.pid"
+    async with supervised([victim]) as sup:
+        main = (await sup.which_child("victim")).pid.os_pid
+        grandchild = (await wait_until(lambda: _with_arg(f"{mark}1"), what="grandchild"))[0]
+        named = main if target == "main" else grandchild
+        evil = trellis.Command(
+            ["sh", "-c", f"echo {named} > {pidfile}; exit 0"],
+            id="evil",
+            pidfile=str(pidfile),
+            ready=trellis.Ready("started", None, 1.0),
+            shutdown=0.5,
+        )
+        with pytest.raises(trellis.StartError) as exc:
+            await sup.start_child(evil)
+        assert "pidfile" in f"{exc.value} {exc.value.reason}"
+        assert _alive(main)
+        assert _alive(grandchild)
+        info = await sup.which_child("victim")
+        assert info.pid.os_pid == main, "the sibling was not restarted"
+
+
+async def test_a_pidfile_daemon_is_still_followed(tmp_path: Path) -> None:
+    """The daemon the child's main process started (its tag) is followed."""
+    pidfile = tmp_path / "d.pid"
+    script = f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 9398' & sleep 0.05; exit 0"
+    spec = trellis.Command(
+        ["sh", "-c", script],
+        id="d",
+        pidfile=str(pidfile),
+        ready=trellis.Ready("started", None, 10.0),
+        shutdown=0.5,
+    )
+    async with supervised([spec]) as sup:
+        pid = (await sup.which_child("d")).pid
+        assert pid.os_pid == int(pidfile.read_text())
+        assert _alive(pid.os_pid)
+    await wait_until(lambda: not _alive(pid.os_pid), what="the daemon stopped")

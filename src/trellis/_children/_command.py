@@ -283,6 +283,7 @@ class _Runner:
         self.sid: int | None = None  # its session: who may talk on the notify socket
         self.tag = _guardian.new_tag()
         self.forking = cfg.pidfile is not None  # until the daemon's pid is known
+        self.main_start: int | None = None  # (pidfile) when the main process started
         self.signalled = False  # we signalled its group (a stop, a kill): not daemonizing
         self.popen: subprocess.Popen[bytes] | None = None
         self.pidfd: int | None = None
@@ -428,6 +429,8 @@ class _Runner:
         assert self.os_pid is not None
         self.pid.os_pid = self.os_pid
         self.pgid = self.sid = self.os_pid  # setsid: it leads its own session and group
+        if self.forking:  # its daemon starts after it (see _own_daemon)
+            self.main_start = _orphans.start_ticks(self.os_pid)
         # known to the guardian before spawn returns (and tagged before that, in case
         # Trellis dies in between); its owner reaps it, not the orphan sweep
         _guardian.register(self.os_pid)
@@ -572,9 +575,7 @@ class _Runner:
         delay = 0.002
         while True:
             daemon = _read_pidfile(cfg.pidfile)
-            if daemon is not None and (
-                _orphans.tag_of(daemon) == self.tag or daemon in _orphans.direct_children()
-            ):
+            if daemon is not None and self._own_daemon(daemon):
                 break
             if self.clock.now() >= deadline:
                 raise ReadyTimeout(f"pidfile {cfg.pidfile} naming a live daemon", timeout)
@@ -605,6 +606,32 @@ class _Runner:
             os_pid=daemon,
             pidfile=cfg.pidfile,
         )
+
+    def _own_daemon(self, pid: int) -> bool:
+        """Whether the pidfile's ``pid`` is this child's daemon: a live process carrying
+        this child's own tag. A process whose environment lost the tag (a daemon that
+        rewrites its environ area for its process title, as redis does) is accepted only
+        if it can be nothing else's: re-parented to us, in a session of its own, started
+        after our main process, and neither a child's process nor another's tagged one.
+        Never another child's main process, its descendants, or Trellis's own helpers."""
+        st = _orphans.stat(pid)
+        if st is None or st[0] in "ZX":
+            return False
+        tag = _orphans.tag_of(pid)
+        if tag is not None:
+            return tag == self.tag
+        if _orphans.is_spawned(pid) or pid == _guardian.guardian_pid():
+            return False
+        if pid not in _orphans.direct_children() or st[2] == os.getsid(0):
+            return False
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if _guardian.TAG_VAR.encode() + b"=" in f.read():
+                    return False  # some other Trellis's, or a forged tag
+        except OSError:
+            return False
+        started = _orphans.start_ticks(pid)
+        return started is not None and self.main_start is not None and started >= self.main_start
 
     def _on_line(self, stream: str, line: bytes) -> None:
         self.ring.append(stream, self.os_pid, line)
