@@ -389,3 +389,73 @@ def test_unclean_end_of_another_nodes_run_is_not_ours(tmp_path: Path) -> None:
     assert ents[("a", "child", "s/w")]["up_seconds"] == pytest.approx(100.0)
     assert ents[("b", "child", "s/w")]["up_seconds"] == pytest.approx(90.0)
     assert ents[("b", "child", "s/w")]["down_seconds"] == 0.0
+
+
+def test_a_child_removed_by_a_reload_leaves_its_subtree(tmp_path: Path) -> None:
+    """A reload removes p/b (child.terminated, child.deleted, tree.reloaded with the diff):
+    from then on p's subtree is up while the children still in it are up; b counts
+    neither as stopped (the subtree would be stopped for good) nor as down when the root
+    later gives up. Without the tree file, as `trellis slo report --journal J` runs."""
+    url = f"sqlite:///{tmp_path}/j.db"
+    write(
+        url,
+        "n7",
+        [
+            started(0, "p", "a", 2),
+            started(0, "p", "b", 3),
+            sup_started(0, "p"),
+            (100, "tree.reloading", {"file": "tree.toml"}),
+            terminated(100, "p", "b", 3),
+            (100, "child.deleted", {"supervisor": "p", "child_id": "b"}),
+            (
+                100,
+                "tree.reloaded",
+                {
+                    "file": "tree.toml",
+                    "result": "ok",
+                    "changes": [{"change": "removed", "path": "p/b"}],
+                    "errors": [],
+                },
+            ),
+            exited(200, "p", "a", 2, restart=False),
+            (200, "supervisor.gave_up", {"supervisor": "p", "child_id": "a"}),
+            sup_stopped(200, "p"),
+            # the next run, from the edited file: no b
+            started(250, "p", "a", 2),
+            sup_started(250, "p"),
+        ],
+    )
+    doc = report(read_records(url), since=T0, until=T0 + 300)
+    sub = _by_path(doc)[("n7", "subtree", "p")]
+    assert sub["members"] == ["p/a", "p/b"]
+    assert sub["up_seconds"] == pytest.approx(250.0)  # [0, 200] and [250, 300]
+    assert sub["down_seconds"] == pytest.approx(50.0)  # the root gave up: [200, 250]
+    assert sub["availability"] == pytest.approx(250 / 300)
+    b = _by_path(doc)[("n7", "child", "p/b")]
+    assert b["up_seconds"] == pytest.approx(100.0)
+    assert b["down_seconds"] == 0.0
+
+
+def test_default_slo_footnote_only_when_a_row_has_the_star(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from trellis.sre import postmortem_markdown as postmortem
+    from trellis.sre import rich_table
+
+    url = f"sqlite:///{tmp_path}/j.db"
+    write(url, "n1", N1)
+    every = {
+        p: {"slo": {"objective": 0.99, "window": 1000.0}}
+        for p in ("app", "app/a", "app/b", "app/sub", "app/sub/c")
+    }
+    for sre, star in ((every, False), (TREE.sre, True)):
+        tree = TreeInfo(root="app", permanent=TREE.permanent, sre=sre)
+        doc = report(read_records(url), since=T0, until=T0 + 1000, tree=tree)
+        console = Console(record=True, width=250)
+        console.print(rich_table(doc))
+        text = console.export_text()
+        assert ("*" in text) is star, text
+        assert ("default SLO" in text) is star, text
+        assert "burn 1x spends the budget" in text
+        assert ("default SLO" in html_page(doc)) is star
+        assert ("default SLO" in postmortem(doc)) is star

@@ -99,9 +99,12 @@ def postmortem_markdown(doc: dict[str, Any], tree: str | None = None) -> str:
         "availability in period |"
     )
     w("|---|---|---:|---:|---:|---:|---:|")
-    for e in ents:
-        if e["kind"] == "child" and e["down_seconds"] == 0 and e["slo"]["source"] != "tree":
-            continue
+    shown = [
+        e
+        for e in ents
+        if not (e["kind"] == "child" and e["down_seconds"] == 0 and e["slo"]["source"] != "tree")
+    ]
+    for e in shown:
         total = e["budget"]["total_seconds"]
         spent = e["down_seconds"]
         star = "" if e["slo"]["source"] == "tree" else "*"
@@ -113,9 +116,10 @@ def postmortem_markdown(doc: dict[str, Any], tree: str | None = None) -> str:
             f"{e['budget']['remaining_seconds'] / 60:.1f} min | {pct(e['availability'])} |"
         )
     w("")
+    star = any(e["slo"]["source"] != "tree" for e in shown)  # a row above carries *
     w(
-        "\\* default SLO (99.9% over 30d): none declared in the tree file. Budget left is over "
-        "the SLO window ending at the end of this period."
+        ("\\* default SLO (99.9% over 30d): none declared in the tree file. " if star else "")
+        + "Budget left is over the SLO window ending at the end of this period."
     )
     w("")
     w("_Prompt: who or what depended on these children (users, downstream jobs, data gaps)?_")

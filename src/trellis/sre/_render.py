@@ -47,6 +47,11 @@ def _name(e: dict[str, Any], nodes: int) -> str:
     return f"{prefix}{e['path']}{' (subtree)' if e['kind'] == 'subtree' else ''}"
 
 
+def _any_default(doc: dict[str, Any]) -> bool:
+    """Whether a row carries ``*`` (an SLO the tree file does not give)."""
+    return any(e["slo"]["source"] != "tree" for e in doc["entities"])
+
+
 def slo_rows(doc: dict[str, Any]) -> list[list[str]]:
     """One row of text per entity: the columns of :func:`rich_table`."""
     rows = []
@@ -106,7 +111,8 @@ def rich_table(doc: dict[str, Any], compact: bool = False) -> Any:
 
     table = Table(
         title=f"SLO report {doc['since']} .. {doc['until']}",
-        caption="* default SLO (none in the tree file); burn 1x spends the budget over its window",
+        caption=("* default SLO (none in the tree file); " if _any_default(doc) else "")
+        + "burn 1x spends the budget over its window",
     )
     cols = COMPACT if compact else tuple(range(len(HEADERS)))
     for i in cols:
@@ -272,6 +278,7 @@ def html_page(doc: dict[str, Any], restarts: dict[str, list[float]] | None = Non
         f"<td>{esc(r['end'] or 'running')}</td><td>{esc(r['end_how'])}</td></tr>"
         for r in doc.get("runs", [])
     )
+    star = "* default SLO (none in the tree file). " if _any_default(doc) else ""
     legend = "".join(f'<span style="background:{c}"></span>{s}' for s, c in _COLORS.items())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -283,7 +290,7 @@ def html_page(doc: dict[str, Any], restarts: dict[str, list[float]] | None = Non
 schema {esc(doc["schema"])}</p>
 <h2>Service levels</h2>
 <table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
-<p class="muted">* default SLO (none in the tree file). Availability is up time over up plus
+<p class="muted">{star}Availability is up time over up plus
 down time; stopped time (not started yet, stopped on purpose, between a clean stop and the
 next run) is left out.</p>
 <h2>Up/down timeline</h2>

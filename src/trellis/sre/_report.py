@@ -109,12 +109,40 @@ def segments(changes: list[tuple[float, str]], since: float, until: float) -> li
     return out
 
 
+#: A member's state while it is out of its subtree (deleted, e.g. removed by a reload).
+_GONE = "gone"
+
+
+def membership(
+    changes: list[tuple[float, str]], left: list[tuple[float, bool]]
+) -> list[tuple[float, str]]:
+    """A member's ``changes`` with the time it was out of its subtree (``left``:
+    ``(t, True)`` deleted, ``(t, False)`` started again) as the state ``gone``."""
+    if not left:
+        return changes
+    events = sorted([(t, 0, st) for t, st in changes] + [(t, 1, g) for t, g in left])
+    out: list[tuple[float, str]] = []
+    state, gone = STOPPED, False
+    for t, what, v in events:
+        if what:
+            gone = bool(v)
+        else:
+            state = str(v)
+        s = _GONE if gone else state
+        if out and out[-1][0] == t:
+            out[-1] = (t, s)
+        elif not out or out[-1][1] != s:
+            out.append((t, s))
+    return out
+
+
 def combine(members: list[list[tuple[float, str]]]) -> list[tuple[float, str]]:
     """The changes of a subtree: down while any member is down, up while every member
-    is up, stopped otherwise (one sweep over all members' changes, counting)."""
+    still in it is up (a member deleted from the tree is ``gone``: not counted),
+    stopped otherwise (one sweep over all members' changes, counting)."""
     merged = sorted((t, i, st) for i, ch in enumerate(members) for t, st in ch)
     cur = [STOPPED] * len(members)
-    count = {UP: 0, DOWN: 0, STOPPED: len(members)}
+    count = {UP: 0, DOWN: 0, STOPPED: len(members), _GONE: 0}
     out: list[tuple[float, str]] = []
     k = 0
     while k < len(merged):
@@ -127,7 +155,7 @@ def combine(members: list[list[tuple[float, str]]]) -> list[tuple[float, str]]:
             k += 1
         if count[DOWN]:
             s = DOWN
-        elif count[UP] == len(members):
+        elif count[UP] and count[UP] == len(members) - count[_GONE]:
             s = UP
         else:
             s = STOPPED
@@ -331,7 +359,12 @@ def report(
             members = _members(tl, node, s, paths, tree)
             if not members:
                 continue
-            changes = combine([tl.children.get((node, m), []) for m in members])
+            changes = combine(
+                [
+                    membership(tl.children.get((node, m), []), tl.left.get((node, m), []))
+                    for m in members
+                ]
+            )
             entities.append(
                 _entity(
                     "subtree",

@@ -67,6 +67,13 @@ class _Child:
     restarts: list[float] = field(default_factory=list)
     exits: list[tuple[float, str]] = field(default_factory=list)  # (t, reason_class)
     is_supervisor: bool = False
+    deleted: bool = False  # deleted from its supervisor (a reload removed it): not a member
+    membership: list[tuple[float, bool]] = field(default_factory=list)  # (t, left its subtree)
+
+    def leave(self, t: float, gone: bool) -> None:
+        if self.deleted != gone:
+            self.deleted = gone
+            self.membership.append((t, gone))
 
     def state(self) -> str:
         if self.pending or self.failed or self.held:
@@ -91,6 +98,8 @@ class Timelines:
     ``[(node, start, end, how)]`` and the records worth marking."""
 
     children: dict[tuple[str, str], list[tuple[float, str]]]
+    left: dict[tuple[str, str], list[tuple[float, bool]]]  # (t, True): deleted, out of
+    # its subtree from t on; (t, False): started again, a member again
     restarts: dict[tuple[str, str], list[float]]
     exits: dict[tuple[str, str], list[tuple[float, str]]]
     supervisors: set[tuple[str, str]]
@@ -149,6 +158,8 @@ def build(records: Iterable[dict[str, Any]]) -> Timelines:
         """End ``n``'s run at ``t``: clean -> every child stopped; otherwise whatever
         was not stopped is down until the next run."""
         for c in n.children.values():
+            if c.deleted:
+                continue
             if how == "clean":
                 c.running.clear()
                 c.pending = 0
@@ -265,6 +276,7 @@ def build(records: Iterable[dict[str, Any]]) -> Timelines:
             else:
                 c.pending = 0
             c.running[_pid(data)] = t
+            c.leave(t, False)
             n.pids.add(_pid_number(data))
             c.failed = c.held = c.terminated = c.by_operator = c.clean_exit = False
             c.set(t)
@@ -283,6 +295,8 @@ def build(records: Iterable[dict[str, Any]]) -> Timelines:
                 marks.append(Mark(t, name, path, "exit", f"exited: {data.get('reason')}", seq))
             c.set(t)
             for d in n.under(path):  # a supervisor child: its children went with it
+                if d.deleted:
+                    continue
                 d.running.clear()
                 d.pending = 0
                 d.held = c.state() == DOWN
@@ -307,6 +321,16 @@ def build(records: Iterable[dict[str, Any]]) -> Timelines:
                 d.pending = 0
                 d.failed = d.held = False
                 d.set(t)
+        elif kind == "child.deleted":
+            # gone from its supervisor (a reload removed it, or an operator deleted it):
+            # stopped, and no longer a member of its subtree, until it is started again
+            c = n.child(path)
+            c.running.clear()
+            c.pending = 0
+            c.failed = c.held = c.terminated = False
+            c.set(t)
+            for d in [c, *n.under(path)]:  # a deleted supervisor's children went with it
+                d.leave(t, True)
         elif kind == "supervisor.started":
             c = n.child(path)
             c.is_supervisor = True
@@ -321,6 +345,8 @@ def build(records: Iterable[dict[str, Any]]) -> Timelines:
             n.gave_up.add(path)
             marks.append(Mark(t, name, path, "gave_up", "supervisor gave up", seq))
             for d in n.under(path):
+                if d.deleted:
+                    continue
                 if d.state() != STOPPED or d.terminated:
                     d.held = True
                     d.running.clear()
@@ -330,6 +356,8 @@ def build(records: Iterable[dict[str, Any]]) -> Timelines:
             c.is_supervisor = True
             gave_up = path in n.gave_up
             for d in n.under(path):
+                if d.deleted:
+                    continue
                 d.running.clear()
                 d.pending = 0
                 d.failed = False
@@ -347,6 +375,7 @@ def build(records: Iterable[dict[str, Any]]) -> Timelines:
         if n.in_run:
             runs.append((n.name, n.run_start, None, "open"))
     out: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    left: dict[tuple[str, str], list[tuple[float, bool]]] = {}
     restarts: dict[tuple[str, str], list[float]] = {}
     exits: dict[tuple[str, str], list[tuple[float, str]]] = {}
     sups: set[tuple[str, str]] = set()
@@ -354,6 +383,7 @@ def build(records: Iterable[dict[str, Any]]) -> Timelines:
     for n in nodes.values():
         for p, c in n.children.items():
             out[(n.name, p)] = c.changes
+            left[(n.name, p)] = c.membership
             restarts[(n.name, p)] = c.restarts
             exits[(n.name, p)] = c.exits
             if c.is_supervisor:
@@ -363,6 +393,7 @@ def build(records: Iterable[dict[str, Any]]) -> Timelines:
     marks.sort(key=lambda m: (m.t, m.seq))
     return Timelines(
         out,
+        left,
         restarts,
         exits,
         sups,
