@@ -19,11 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import secrets
 import webbrowser
 from pathlib import Path
 
 import click
+
+from ..control._client import ControlClientError, Refused
+from .control import _client, _connection_options, _fail
 
 __all__ = ["Forwarder", "dashboard"]
 
@@ -118,39 +122,49 @@ async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
 
 
 @click.command("dashboard")
-@click.option(
-    "--socket",
-    "socket_path",
-    envvar="TRELLIS_SOCKET",
-    type=click.Path(dir_okay=False),
-    help="The tree's control socket [env TRELLIS_SOCKET; default: the only one running].",
-)
-@click.option(
-    "--url",
-    envvar="TRELLIS_URL",
-    help="A control API on TCP: print where its dashboard is (the page asks for the token).",
-)
+@_connection_options
 @click.option("--port", type=click.IntRange(0, 65535), default=0, help="Local port (default: any).")
 @click.option("--no-open", is_flag=True, help="Print the URL only; do not open a browser.")
-def dashboard(socket_path: str | None, url: str | None, port: int, no_open: bool) -> None:
-    """Open the live dashboard of a running tree in a browser."""
-    if url:
-        page = url.rstrip("/") + "/"
-        click.echo(f"dashboard: {page} (the page asks for the bearer token; it is not put in URLs)")
-        if not no_open:
-            webbrowser.open(page)
-        return
-    from ..control._client import find_socket
-
-    try:
-        path = Path(socket_path) if socket_path else find_socket()
-    except Exception as e:
-        raise click.ClickException(str(e)) from None
-    token = secrets.token_urlsafe(24)
+def dashboard(
+    socket_path: str | None,
+    url: str | None,
+    token: str | None,
+    as_json: bool,
+    port: int,
+    no_open: bool,
+) -> None:
+    """Open the live dashboard of a running tree in a browser (a tree on a Unix socket:
+    through a loopback port guarded by a one-time token; a TCP API (--url): print where
+    its dashboard is, after checking that a tree answers there). Exit 3 when no tree
+    listens, 2 for a usage error (several trees running and none chosen with --tree)."""
+    client = _client(socket_path, url, token)
+    with client:
+        if client.url is not None:
+            try:
+                client.get("/v1/tree")
+            except Refused:
+                pass  # a tree answers (the page asks for the token)
+            except ControlClientError as e:
+                _fail(str(e), e.exit_code)
+            page = client.url.rstrip("/") + "/"
+            if as_json:
+                click.echo(json.dumps({"url": page}))
+            else:
+                click.echo(
+                    f"dashboard: {page} (the page asks for the bearer token; it is not put in URLs)"
+                )
+            if not no_open:
+                webbrowser.open(page)
+            return
+        path = Path(client.where)
+    session = secrets.token_urlsafe(24)
 
     async def serve() -> None:
-        fwd = await Forwarder(path, token).start(port)
-        click.echo(f"dashboard of {path}: {fwd.url}")
+        fwd = await Forwarder(path, session).start(port)
+        if as_json:
+            click.echo(json.dumps({"url": fwd.url, "socket": str(path)}), nl=True)
+        else:
+            click.echo(f"dashboard of {path}: {fwd.url}")
         click.echo("(the #token part stays in the browser; Ctrl-C to stop)", err=True)
         if not no_open:
             webbrowser.open(fwd.url)
