@@ -304,21 +304,37 @@ async def test_use_of_an_os_child_matches_what_it_did(
 
 async def test_process_usage_events_while_the_tree_runs(tmp_path: Any) -> None:
     """As a ``trellis.run`` extension, Metrics emits ``process.usage`` for each OS
-    child every ``usage_interval`` seconds, with the same figures as /proc."""
+    child every ``usage_interval`` seconds, with the same figures as /proc, and
+    ``server.calls`` for each server that took calls since the last one (RED as
+    journaled telemetry: totals and the interval's share)."""
     import sys
 
     baseline = tmp_path / "baseline"
     hog = trellis.Command(
         [sys.executable, "-c", HOG, str(baseline)], id="hog", ready=trellis.Ready.log("^ready$")
     )
+    api = Echo.child_spec(id="api", name="api")
     m = Metrics(node="n", usage_interval=0.2)
-    with capture_telemetry(["process.usage"]) as cap:
+    with capture_telemetry(["process.usage", "server.calls"]) as cap:
         await m.start()
-        sup = await trellis.Supervisor.start_link([hog], name="use")
+        sup = await trellis.Supervisor.start_link([hog, api], name="use", intensity=10)
         try:
             await m.tree_started(sup, lambda: None)
+            for i in range(7):
+                await trellis.call("api", i)
+            old = trellis.whereis("api")
+            with pytest.raises(trellis.Exited):
+                await trellis.call("api", "boom")
+            await wait_restarted(sup, "api", old)
+            red = await cap.wait_for("server.calls", timeout=5.0, calls=8)
             first = await cap.wait_for("process.usage", timeout=5.0)
-            second = await cap.wait_for("process.usage", timeout=5.0, after=1)
+            i = next(k for k, e in enumerate(cap.events) if e is first)
+            second = await cap.wait_for("process.usage", timeout=5.0, after=i + 1)
+            quiet = len(cap.named("server.calls"))
+            await asyncio.sleep(0.5)  # no calls: no more server.calls
+            assert len(cap.named("server.calls")) == quiet
+            await trellis.call("api", "again")
+            again = await cap.wait_for("server.calls", timeout=5.0, calls=9)
         finally:
             await trellis.stop(sup)
             await m.stop()
@@ -330,9 +346,16 @@ async def test_process_usage_events_while_the_tree_runs(tmp_path: Any) -> None:
     assert first["threads"] == 4
     assert first["rss_bytes"] >= rss0 + 63 * 1024 * 1024
     assert second["cpu_seconds"] >= first["cpu_seconds"] >= 0.3
-    n = len(cap.named("process.usage"))
+    assert red["path"] == "use/api"
+    assert (red["supervisor"], red["child_id"]) == ("use", "api")
+    assert red["errors"] == 1
+    assert (again["interval_calls"], again["interval_errors"]) == (1, 0)
+    assert again["interval_mean_duration"] is not None
+    assert 0 <= again["interval_mean_duration"] < 1
+    assert all(e["child_id"] == "api" for e in cap.named("server.calls"))  # hog: no server
+    n = len(cap.events)
     await asyncio.sleep(0.5)  # stopped: no more samples
-    assert len(cap.named("process.usage")) == n
+    assert len(cap.events) == n
 
 
 def test_usage_interval_is_checked() -> None:

@@ -414,6 +414,7 @@ class Metrics:
         self.usage_interval = float(usage_interval)
         self._usage_targets: list[Target] = []  # the OS children at the last refresh
         self._sampler: UsageSampler | None = None
+        self._red_last: dict[tuple[str, str], tuple[int, int, float, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # whose lag is exported
         self._collector = _Collector(self)
         try:
@@ -480,7 +481,7 @@ class Metrics:
         ``process.usage`` sampler (every ``usage_interval`` seconds)."""
         self.track(root)
         if self.usage_interval > 0 and self._sampler is None:
-            self._sampler = UsageSampler(self.usage_interval, self._os_children)
+            self._sampler = UsageSampler(self.usage_interval, self._os_children, self._red_events)
             self._sampler.start()
 
     async def stop(self) -> None:
@@ -501,6 +502,35 @@ class Metrics:
             os_pid = getattr(pid, "os_pid", None) if pid is not None else None
             if os_pid is not None and pid is not None and pid.alive:
                 out.append(((_label(sup), _label(cid)), sup, cid, os_pid))
+        return out
+
+    def _red_events(self) -> list[tuple[str, dict[str, Any]]]:
+        """``server.calls`` events for the servers that took calls since the last ones
+        (called by the sampler in a worker thread): totals and the interval's share."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        last = self._red_last
+        for key, (calls, errors, h) in self._red_rows().items():
+            n = sum(h.counts)
+            c0, e0, s0, n0 = last.get(key, (0, 0, 0.0, 0))
+            if calls == c0:
+                continue
+            last[key] = (calls, errors, h.sum, n)
+            sup, child = key
+            out.append(
+                (
+                    "server.calls",
+                    {
+                        "path": f"{sup}/{child}",
+                        "supervisor": sup,
+                        "child_id": child,
+                        "calls": calls,
+                        "errors": errors,
+                        "interval_calls": max(0, calls - c0),
+                        "interval_errors": max(0, errors - e0),
+                        "interval_mean_duration": (h.sum - s0) / (n - n0) if n > n0 else None,
+                    },
+                )
+            )
         return out
 
     def _usage_rows(self) -> dict[tuple[str, str], Usage]:

@@ -77,11 +77,19 @@ class UsageSampler:
     ``targets()`` lists (in a worker thread) and emits one ``process.usage`` telemetry
     event per child (journaled like every event): ``path``, ``supervisor``,
     ``child_id``, ``os_pid``, ``cpu_seconds``, ``rss_bytes``, ``open_fds``, ``threads``.
+    ``extra()``, also called in the worker thread, returns more ``(event, fields)`` to
+    emit with them.
     """
 
-    def __init__(self, interval: float, targets: Callable[[], list[Target]]) -> None:
+    def __init__(
+        self,
+        interval: float,
+        targets: Callable[[], list[Target]],
+        extra: Callable[[], list[tuple[str, dict[str, Any]]]] | None = None,
+    ) -> None:
         self.interval = interval
         self.targets = targets
+        self.extra = extra
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -99,20 +107,20 @@ class UsageSampler:
             except asyncio.CancelledError:
                 pass
 
-    def _sample(self) -> list[tuple[Target, Usage]]:
+    def _sample(self) -> tuple[list[tuple[Target, Usage]], list[tuple[str, dict[str, Any]]]]:
         out = []
         for target in self.targets():
             u = read_usage(target[3])
             if u is not None:
                 out.append((target, u))
-        return out
+        return out, self.extra() if self.extra is not None else []
 
     async def _run(self) -> None:
         failures = 0
         while True:
             await asyncio.sleep(self.interval)
             try:
-                samples = await asyncio.to_thread(self._sample)
+                samples, extra = await asyncio.to_thread(self._sample)
             except Exception:
                 failures += 1
                 if failures == 1:
@@ -130,3 +138,5 @@ class UsageSampler:
                     open_fds=u.open_fds,
                     threads=u.threads,
                 )
+            for name, fields in extra:
+                _telemetry.emit(name, **fields)
