@@ -7,6 +7,7 @@ import asyncio
 import fcntl
 import os
 import socket
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -389,13 +390,20 @@ def lock_tree(ops: Operations) -> TreeLock:
     try:
         for path, what in lock_paths(ops):
             if what.startswith("control socket"):
-                _make_dir(path.parent)  # closed (0700); the control API checks it again
+                _socket_dir(path.parent)  # closed (0700), ours: else say whose it is
             fd = _open_lock(path)
             fds.append(fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
+                if holder is not None and not _ours(holder[0]):
+                    raise OperationsError(
+                        f"the lock file {path} is locked by a process that is not a "
+                        f"`trellis run` of uid {os.getuid()} (it names pid {holder[0]}); "
+                        f"find it with `fuser {path}`, or give this run another --socket "
+                        "and --journal"
+                    ) from None
                 pid = f"pid {holder[0]}" if holder is not None else "pid unknown"
                 name = holder[1] if holder is not None and holder[1] else ops.name
                 raise TreeLocked(
@@ -434,29 +442,78 @@ def lock_holder(path: Path) -> int | None:
         os.close(fd)
 
 
-def _make_dir(directory: Path) -> None:
-    """Create ``directory`` with mode 0700 (its parents with the default mode)."""
+def _socket_dir(directory: Path) -> None:
+    """Create the control socket's directory (mode 0700) if missing and check it as the
+    control API will (the default one ours and 0700; another not writable by others
+    unless sticky), so a squatted directory is named before its lock file is opened."""
+    from .control._errors import ControlError
+    from .control._paths import make_socket_dir, socket_dir
+
     try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        try:
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise OperationsError(f"cannot create {directory}: {e.strerror or e}") from None
-    except OSError as e:
-        raise OperationsError(f"cannot create {directory}: {e.strerror or e}") from None
+        make_socket_dir(directory, private=directory == socket_dir())
+    except ControlError as e:
+        raise OperationsError(str(e)) from None
+
+
+def _not_ours(path: Path, st: os.stat_result) -> OperationsError | None:
+    """Why the lock file ``path`` (stat ``st``) must not be used, if it must not: another
+    uid's file (in a shared directory such as /tmp anyone may plant it and hold its
+    lock), a link, or not a regular file."""
+    me = os.getuid()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        return OperationsError(
+            f"the lock file {path} is not a regular file (a symbolic link?): someone may "
+            "have planted it; remove it, or choose a socket path in a directory of yours"
+        )
+    if st.st_uid != me:
+        return OperationsError(
+            f"the lock file {path} is owned by uid {st.st_uid}, not by uid {me} who runs "
+            "this tree: another user created it (anyone can, in a shared directory such "
+            f"as /tmp) and may hold its lock; remove it (as uid {st.st_uid} or root), or "
+            "choose a socket path in a directory of yours"
+        )
+    if st.st_nlink != 1:
+        return OperationsError(
+            f"the lock file {path} has {st.st_nlink} links: someone may have linked it "
+            "elsewhere; remove it"
+        )
+    return None
 
 
 def _open_lock(path: Path) -> int:
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
     except OSError as e:
         raise OperationsError(f"cannot open the lock file {path}: {e.strerror or e}") from None
+    else:
+        why = _not_ours(path, st)
+        if why is not None:
+            raise why
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise OperationsError(f"cannot open the lock file {path}: {e.strerror or e}") from None
+    why = _not_ours(path, os.fstat(fd))  # what was opened: it may have been swapped
+    if why is not None:
+        os.close(fd)
+        raise why
+    return fd
+
+
+def _ours(pid: int) -> bool:
+    """Whether ``pid`` is a live process of our uid or root's (the lock file is ours
+    and 0600: only they can hold it; a pid written there by anyone else is a lie)."""
+    if pid <= 0:
+        return False
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # no /proc: cannot tell
+    return uid in (os.getuid(), 0)
 
 
 def _read_holder(fd: int) -> tuple[int, str] | None:

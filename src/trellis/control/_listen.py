@@ -134,6 +134,12 @@ def bind_unix(
             raise ControlError(
                 f"socket: {path} exists and is not a socket; remove it or pick another path"
             )
+        if st.st_uid != os.getuid():
+            raise ControlError(
+                f"socket: {path} is owned by uid {st.st_uid}, not by uid {os.getuid()} who "
+                "runs this tree: another user made it (anyone can, in a shared directory "
+                f"such as /tmp); remove it (as uid {st.st_uid} or root) or pick another path"
+            )
         if _is_live(path):
             raise ControlError(
                 f"socket: another process is already listening on {path} "

@@ -107,10 +107,17 @@ def check_socket_dir(directory: Path, *, private: bool) -> None:
     mode = stat.S_IMODE(st.st_mode)
     if private:
         if st.st_uid != me or mode & 0o077:
+            whose = (
+                f"another user (uid {st.st_uid}) may have created it first: remove it (as "
+                f"uid {st.st_uid} or root)"
+                if st.st_uid != me
+                else "fix its mode (chmod 0700) or remove it"
+            )
             raise ControlError(
-                f"socket: {directory} must be owned by uid {me} with mode 0700 "
-                f"(it is uid {st.st_uid}, mode {mode:04o}); someone else may have created "
-                "it: fix or remove it"
+                f"socket: the socket directory {directory} must be owned by uid {me} with "
+                f"mode 0700 (it is uid {st.st_uid}, mode {mode:04o}); {whose}, or choose "
+                "another place for the socket (--socket, [control] socket or "
+                "$XDG_RUNTIME_DIR)"
             )
         return
     if st.st_uid not in (me, 0):
