@@ -140,3 +140,38 @@ def test_operator_action_is_logged_once_as_text(short_tmp: Path) -> None:
     assert len(actions) == 1, text
     assert "via unix:" in actions[0]
     assert ": ok (reason: testing)" in actions[0]
+
+
+def test_signal_action_log_line_and_bad_signal_exit_2(short_tmp: Path) -> None:
+    """The log line of a signal action names the signal and the operator's reason (not
+    a Python dict); an unknown signal is a usage error (exit 2)."""
+    (short_tmp / "tree.toml").write_text(CRASH.replace("exit 3", "sleep 60"))
+    sock = short_tmp / "c.sock"
+    cmd = [sys.executable, "-m", "trellis", "run", "tree.toml", "--no-journal"]
+
+    def trellis(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "trellis", *args, "--socket", str(sock)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    with open(short_tmp / "err.log", "w") as err:
+        proc = subprocess.Popen([*cmd, "--socket", str(sock)], cwd=short_tmp, stderr=err)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = trellis("signal", "cr/ok", "HUP", "--reason", "rotate logs")
+        assert done.returncode == 0, done.stderr
+        bad = trellis("signal", "cr/ok", "BOGUS")
+        assert bad.returncode == 2, bad.stderr
+        assert "not a signal name or number: 'BOGUS'" in bad.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    text = (short_tmp / "err.log").read_text()
+    [action] = [ln for ln in text.splitlines() if "signal cr/ok: ok" in ln]
+    assert "(signal SIGHUP; reason: rotate logs)" in action, action
+    assert "{" not in action

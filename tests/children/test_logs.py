@@ -251,7 +251,7 @@ def test_signal_reaches_the_child_and_is_journaled(
         assert time.monotonic() < deadline, r.stdout[-500:]
         time.sleep(0.2)
     bad = _trellis("signal", "shop/web", "NOPE", "--socket", str(sock))
-    assert bad.returncode == 1
+    assert bad.returncode == 2  # bad input: a usage error
     assert "not a signal" in bad.stderr
     proc.send_signal(signal.SIGTERM)
     proc.wait(20)

@@ -77,6 +77,24 @@ def decode_wait_status(status: object) -> str:
     return f"wait status {status}"
 
 
+def _detail(detail: Any) -> str:
+    """An operator action's ``detail`` as ``" (signal SIGHUP; reason: rotate)"``: the
+    operator's reason text, and what a signal action sent."""
+    if not detail:
+        return ""
+    if not isinstance(detail, dict):
+        return f" (reason: {_safe(str(detail))})"
+    parts = []
+    if detail.get("signal") is not None:
+        group = " to the process group" if detail.get("group") else ""
+        parts.append(f"signal {_safe(str(detail['signal']))}{group}")
+    if detail.get("reason"):
+        parts.append(f"reason: {_safe(str(detail['reason']))}")
+    rest = {k: v for k, v in detail.items() if k not in ("signal", "group", "reason")}
+    parts += [f"{k}: {_safe(str(v))}" for k, v in rest.items()]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def _reason(reason: Any) -> str:
     from .._tree import reason_text
 
@@ -151,7 +169,7 @@ def describe(name: str, fields: dict[str, Any]) -> str:
         return f"{who} {f.get('stream')}: {_safe(str(f.get('line', '')))}"
     if name == "operator.action":
         target = f" {f['target']}" if f.get("target") else ""
-        why = f" (reason: {_safe(str(f['detail']))})" if f.get("detail") else ""
+        why = _detail(f.get("detail"))
         return (
             f"operator {f.get('who')} via {f.get('source')}: {f.get('action')}{target}: "
             f"{_safe(str(f.get('result')))}{why}"

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import click
 import httpx
 
-from ..control._client import ControlClient
+from ..control._client import ControlClient, Refused
 from .control import _client, _connection_options, _fail, _handle_errors, _safe
 
 __all__ = ["logs", "signal_command"]
@@ -263,7 +263,12 @@ def signal_command(
     if reason:
         body["reason"] = reason
     with _client(socket_path, url, token) as c:
-        data = c.post(ControlClient.child_url(path, "signal"), body)
+        try:
+            data = c.post(ControlClient.child_url(path, "signal"), body)
+        except Refused as e:
+            if e.status in (400, 422):  # bad input (an unknown signal): a usage error
+                _fail(str(e), 2)
+            raise
     if as_json:
         click.echo(json.dumps(data))
         return
