@@ -191,8 +191,10 @@ class Pipeline:
     def _exchange_said(self) -> str:
         """The exchange's last stderr lines, for a start error."""
         try:
-            text = (self.workdir / "logs" / "exchange.err.log").read_text("utf-8", "replace")
-        except OSError:
+            # log files are named by the child's path: <root>.exchange.err.log
+            [found] = (self.workdir / "logs").glob("*exchange.err.log")
+            text = found.read_text("utf-8", "replace")
+        except (OSError, ValueError):
             return ""
         lines = [line for line in text.splitlines() if line.strip()][-3:]
         return "; the exchange said: " + " / ".join(lines) if lines else ""

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -342,3 +343,81 @@ async def test_a_pidfile_daemon_is_still_followed(tmp_path: Path) -> None:
         assert pid.os_pid == int(pidfile.read_text())
         assert _alive(pid.os_pid)
     await wait_until(lambda: not _alive(pid.os_pid), what="the daemon stopped")
+
+
+# ---------------------------------------------------------------------------
+# Log files are named by the child's path
+# ---------------------------------------------------------------------------
+
+DUP_TREE = """
+[supervisor]
+name = "dup"
+[journal]
+enabled = false
+[control]
+enabled = false
+[[supervisor.children]]
+id = "payments"
+[[supervisor.children.children]]
+id = "web"
+command = ["/bin/sh", "-c", "echo I am payments/web; exec sleep 30"]
+logs = { dir = "logs" }
+[[supervisor.children]]
+id = "blog"
+[[supervisor.children.children]]
+id = "web"
+command = ["/bin/sh", "-c", "echo I am blog/web; exec sleep 30"]
+logs = { dir = "logs" }
+"""
+
+
+def test_two_children_with_one_id_write_their_own_log_files(tmp_path: Path) -> None:
+    (tmp_path / "t.toml").write_text(DUP_TREE)
+    logs = tmp_path / "logs"
+    pay, blog = logs / "dup.payments.web.out.log", logs / "dup.blog.web.out.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trellis", "run", "t.toml", "--log-level", "warning"],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not all(f.exists() and f.read_text().strip() for f in (pay, blog)):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, sorted(p.name for p in logs.glob("*"))
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert pay.read_text().endswith(" I am payments/web\n")
+    assert blog.read_text().endswith(" I am blog/web\n")
+    assert not (logs / "web.out.log").exists()
+    r = _trellis("logs", "dup/payments/web", "--dir", str(logs))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("I am payments/web")
+    assert "blog" not in r.stdout
+
+
+def test_trellis_logs_dir_still_reads_files_named_by_id(tmp_path: Path) -> None:
+    """Files written before they were named by path (``web.out.log``) are still read."""
+    (tmp_path / "web.out.log").write_text("2026-12-07T18:55:01.123Z old line\n")
+    r = _trellis("logs", "shop/web", "--dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "old line" in r.stdout
+
+
+def test_log_names() -> None:
+    from trellis._children._output import log_name
+
+    assert log_name("shop/payments/web") == "shop.payments.web"
+    assert log_name("<12>/web") == "web"  # a supervisor without a name: its id varies
+    long = "/".join(["x" * 200] * 3)
+    name = log_name(long)
+    assert len(name.encode()) + len(".err.log.10") <= 255
+    assert name.endswith("." + "x" * 200)
+    assert name != log_name("/".join(["y" * 200, "x" * 200, "x" * 200]))

@@ -92,7 +92,7 @@ def tree(tmp_path: Path, short_dir: Path) -> Iterator[tuple[subprocess.Popen[str
     )
     try:
         deadline = time.monotonic() + 30
-        while not (sock.exists() and (logs / "web.out.log").exists()):
+        while not (sock.exists() and (logs / "shop.web.out.log").exists()):
             assert proc.poll() is None, proc.communicate()[1]
             assert time.monotonic() < deadline, "the tree did not start"
             time.sleep(0.05)
@@ -184,7 +184,7 @@ def test_log_files_are_stamped_private_and_complete_after_kill_9(
 ) -> None:
     proc, sock, logs = tree
     assert stat.S_IMODE(os.stat(logs).st_mode) == 0o700
-    out = logs / "web.out.log"
+    out = logs / "shop.web.out.log"
     assert stat.S_IMODE(os.stat(out).st_mode) & 0o037 == 0  # at most 0640
     time.sleep(0.8)
     # what the ring has seen is already in the file: nothing waits in a buffer

@@ -51,7 +51,7 @@ from .._core._process import (
 from .._core._reasons import KILLED, NORMAL, Exit, is_clean
 from . import _guardian, _orphans
 from ._notify import NotifySocket
-from ._output import LineProtocol, RotatingFile, open_logs_dir, ring_for
+from ._output import LineProtocol, RotatingFile, log_name, open_logs_dir, ring_for
 from ._types import (
     ExitCode,
     Health,
@@ -455,7 +455,7 @@ class _Runner:
         logs = self.cfg.logs
         if logs is None:
             return None, None
-        base = self.cfg.id
+        base = log_name(self.path)  # by path: two children with one id differ
         dir_fd = open_logs_dir(logs.dir)
         try:
             out = RotatingFile(dir_fd, f"{base}.out.log", logs.max_bytes, logs.backups)

@@ -17,6 +17,7 @@ __all__ = [
     "OutputRing",
     "RotatingFile",
     "UnsafeLogsDir",
+    "log_name",
     "open_logs_dir",
     "recent_output",
     "ring_for",
@@ -110,6 +111,29 @@ def _stamp() -> bytes:
         _stamp_second = sec
         _stamp_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)).encode()
     return b"%s.%03dZ " % (_stamp_prefix, int((now - sec) * 1000))
+
+
+def log_name(path: str) -> str:
+    """The log files' base name of the child at tree ``path``: the path with ``/``
+    replaced by ``.`` (``shop/payments/web`` -> ``shop.payments.web``, so its files are
+    ``shop.payments.web.out.log`` / ``.err.log``), leaving out the ``<n>`` segments of
+    supervisors without a name (they change from run to run). A name too long for a
+    file becomes ``<16 hex digits of its sha256>.<child id>``."""
+    segments = [s for s in path.strip("/").split("/") if not _unnamed(s)]
+    name = ".".join(segments) or path.strip("/").rsplit("/", 1)[-1]
+    if len(name.encode("utf-8", "surrogatepass")) > _MAX_LOG_NAME:
+        import hashlib
+
+        digest = hashlib.sha256(path.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        name = f"{digest}.{segments[-1] if segments else name[-_MAX_LOG_NAME // 2 :]}"
+    return name
+
+
+_MAX_LOG_NAME = 230  # + ".err.log.NN" stays within a file name's 255 bytes
+
+
+def _unnamed(segment: str) -> bool:
+    return segment[:1] == "<" and segment[-1:] == ">" and segment[1:-1].isdigit()
 
 
 class UnsafeLogsDir(PermissionError):

@@ -288,8 +288,10 @@ def check_argv_env(argv: Sequence[str], env: Any) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Logs:
-    """Write the child's stdout/stderr to ``<dir>/<id>.out.log`` / ``<id>.err.log``,
-    rotated at ``max_bytes`` keeping ``backups`` old files."""
+    """Write the child's stdout/stderr to ``<dir>/<name>.out.log`` / ``<name>.err.log``
+    (``<name>``: the child's path with ``/`` as ``.``, e.g. ``shop.payments.web``),
+    rotated at ``max_bytes`` keeping ``backups`` old files. ``dir`` must belong to the
+    uid Trellis runs as and be writable by nobody else."""
 
     dir: str
     max_bytes: int = 10 * 2**20

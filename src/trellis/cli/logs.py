@@ -175,14 +175,25 @@ def _from_files(
     follow: bool,
     as_json: bool,
 ) -> None:
+    from .._children._output import log_name
+
+    # files are named by the child's path (shop.payments.web.out.log); before, by its id
     cid = path.strip("/").rsplit("/", 1)[-1]
-    files = {
-        s: os.path.join(log_dir, f"{cid}.{suffix}.log")
-        for s, suffix in (("stdout", "out"), ("stderr", "err"))
-        if stream in (None, s)
-    }
-    if not any(os.path.exists(f) or os.path.exists(f + ".1") for f in files.values()):
-        _fail(f"no log files for {cid!r} in {log_dir} ({', '.join(files.values())})", 1)
+    for base in dict.fromkeys((log_name(path), cid)):
+        files = {
+            s: os.path.join(log_dir, f"{base}.{suffix}.log")
+            for s, suffix in (("stdout", "out"), ("stderr", "err"))
+            if stream in (None, s)
+        }
+        if any(os.path.exists(f) or os.path.exists(f + ".1") for f in files.values()):
+            break
+    else:
+        files = {
+            s: os.path.join(log_dir, f"{log_name(path)}.{suffix}.log")
+            for s, suffix in (("stdout", "out"), ("stderr", "err"))
+            if stream in (None, s)
+        }
+        _fail(f"no log files for {path!r} in {log_dir} ({', '.join(files.values())})", 1)
     entries: list[dict[str, Any]] = []
     for s, fname in files.items():
         entries += _file_lines(fname + ".1", s) + _file_lines(fname, s)
