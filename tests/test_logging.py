@@ -175,3 +175,71 @@ def test_signal_action_log_line_and_bad_signal_exit_2(short_tmp: Path) -> None:
     [action] = [ln for ln in text.splitlines() if "signal cr/ok: ok" in ln]
     assert "(signal SIGHUP; reason: rotate logs)" in action, action
     assert "{" not in action
+
+
+def test_json_lines_of_plain_log_records_have_a_short_event_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A record that is no telemetry event (here the control API's refusal warning)
+    gets ``event: "log"``, its sentence in ``message`` and its logger in ``logger``."""
+    import logging
+
+    from trellis.cli._logging import configure_logging, log_event
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("json", "info")
+        logging.getLogger("trellis.control").warning(
+            "control API: refused %s %s from %s (%s): %s", "GET", "/v1/tree", "tcp", 401, "no"
+        )
+        log_event({"event": "child.started", "time": 1.0, "supervisor": "s", "child_id": "c"})
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    plain, event = (json.loads(ln) for ln in capsys.readouterr().err.splitlines())
+    assert plain["event"] == "log"
+    assert plain["logger"] == "trellis.control"
+    assert plain["message"] == "control API: refused GET /v1/tree from tcp (401): no"
+    assert plain["level"] == "warning"
+    assert event["event"] == "child.started"
+    assert event["message"] == "s/c started"
+
+
+def test_process_usage_is_logged_at_debug(capsys: pytest.CaptureFixture[str]) -> None:
+    """process.usage (one per OS child every 10 s) stays out of the info logs; at
+    debug it is a sentence, not raw key=value pairs."""
+    import logging
+
+    from trellis.cli._logging import configure_logging, log_event
+
+    usage = {
+        "event": "process.usage",
+        "time": 1.0,
+        "path": "shop/web",
+        "supervisor": "shop",
+        "child_id": "web",
+        "os_pid": 42,
+        "cpu_seconds": 1.234,
+        "rss_bytes": 10 * 1048576,
+        "open_fds": 7,
+        "threads": 3,
+    }
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("text", "info")
+        log_event(usage)
+        assert capsys.readouterr().err == ""
+        configure_logging("json", "debug")
+        log_event(usage)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    [line] = capsys.readouterr().err.splitlines()
+    record = json.loads(line)
+    assert record["level"] == "debug"
+    assert record["event"] == "process.usage"
+    assert record["message"] == (
+        "shop/web (os pid 42) usage: cpu 1.23s, rss 10.0 MiB, 7 fds, 3 threads"
+    )

@@ -48,7 +48,8 @@ _WARNING_EVENTS = frozenset(
         "guardian.restarted",
     }
 )
-_DEBUG_EVENTS = frozenset({"journal.batch", "supervisor.reordered"})
+# process.usage: one per OS child every 10 s (the metrics' USE sample), too many for info
+_DEBUG_EVENTS = frozenset({"journal.batch", "supervisor.reordered", "process.usage"})
 
 # the last exits per supervisor, for the give-up line (bounded)
 _last_exits: dict[str, deque[tuple[str, str]]] = {}
@@ -185,6 +186,15 @@ def describe(name: str, fields: dict[str, Any]) -> str:
         return f"tree stopped: exit code {f.get('exit_code')}"
     if name == "tree.start_failed":
         return f"the tree could not start: {f.get('child')} failed: {f.get('reason')}"
+    if name == "process.usage":
+        rss = f.get("rss_bytes")
+        cpu = f.get("cpu_seconds")
+        mib = f"{rss / 1048576:.1f} MiB" if isinstance(rss, int | float) else "?"
+        cpu_s = f"{cpu:.2f}s" if isinstance(cpu, int | float) else "?"
+        return (
+            f"{who} (os pid {f.get('os_pid')}) usage: cpu {cpu_s}, rss {mib}, "
+            f"{f.get('open_fds')} fds, {f.get('threads')} threads"
+        )
     if name == "journal.batch":
         return f"journal: wrote {f.get('events')} record(s) in {f.get('seconds', 0):.3f}s"
     rest = " ".join(f"{k}={v!r}" for k, v in f.items())
@@ -287,7 +297,10 @@ def _add_fields(_logger: Any, _method: str, event_dict: Any) -> Any:
         if name is None and " " not in text:  # the CLI's own events (tree.starting, ...)
             name, text = text, describe(text, fields)
     event_dict["message"] = text
-    event_dict["event"] = name if name is not None else text
+    # a record that is no telemetry event (a library's or Trellis's own warning, the
+    # loop-blocked stack, "control API: refused ..."): the fixed name ``log``; its
+    # sentence is in ``message`` and who wrote it in ``logger``
+    event_dict["event"] = name if name is not None else "log"
     return event_dict
 
 
