@@ -9,13 +9,32 @@ Example::
 
 from __future__ import annotations
 
-import importlib
+import os
+import signal
+import sys
 
-import click
 
-from .. import __version__
-from ._logging import configure_logging
-from .tree import check, demo, run
+def _hold_sighup_for_run(argv: list[str]) -> None:
+    """``trellis run``: ignore SIGHUP until the tree installs its reload handler (about
+    a second of imports and setup), so a SIGHUP sent right after launch (a config
+    manager reloading early) does not kill the run unjournaled. Nothing else changes:
+    other commands keep the default (a hangup ends them)."""
+    if argv[:1] == ["run"]:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+# First, before the imports below (most of `trellis run`'s start-up): only when this
+# process is the `trellis` command (or `python -m trellis`), never for an importer.
+if os.path.basename(sys.argv[0]) in ("trellis", "__main__.py"):
+    _hold_sighup_for_run(sys.argv[1:])
+
+import importlib  # noqa: E402
+
+import click  # noqa: E402
+
+from .. import __version__  # noqa: E402
+from ._logging import configure_logging  # noqa: E402
+from .tree import check, demo, run  # noqa: E402
 
 __all__ = ["cli", "configure_logging", "main"]
 
@@ -28,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
         code = main(["check", "tree.toml"])
     """
+    if argv is None:
+        _hold_sighup_for_run(sys.argv[1:])
     try:
         result = cli.main(args=argv, prog_name="trellis", standalone_mode=False)
     except click.ClickException as e:
