@@ -421,3 +421,35 @@ def test_log_names() -> None:
     assert len(name.encode()) + len(".err.log.10") <= 255
     assert name.endswith("." + "x" * 200)
     assert name != log_name("/".join(["y" * 200, "x" * 200, "x" * 200]))
+
+
+# ---------------------------------------------------------------------------
+# Health checks that time out leave nothing behind
+# ---------------------------------------------------------------------------
+
+
+async def test_a_timed_out_health_check_leaves_no_setsid_process_behind() -> None:
+    """Each check starts ``setsid sleep`` (its own session: not in the group that is
+    killed on timeout) and then hangs; after several timeouts at most the process of the
+    check still running is left."""
+    mark = f"88{os.getpid() % 10000}1"
+    spec = trellis.Command(
+        ["sleep", "30"],
+        id="w",
+        health=trellis.Health.command(
+            ["sh", "-c", f"setsid sleep {mark} & sleep 5"],
+            interval=0.1,
+            timeout=0.2,
+            failures=1000,
+        ),
+        shutdown=0.5,
+    )
+    try:
+        with capture_telemetry():
+            async with supervised([spec]):
+                await asyncio.sleep(2.5)  # about 8 checks, each timed out
+                left = _with_arg(mark)
+                assert len(left) <= 1, f"{len(left)} processes of timed-out checks left"
+        await wait_until(lambda: not _with_arg(mark), what="none left once the child stops")
+    finally:
+        _kill_all(_with_arg(mark))

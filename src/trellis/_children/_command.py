@@ -301,6 +301,7 @@ class _Runner:
         self.main_exit: asyncio.Future[int] = self.loop.create_future()
         self.hung: Hung | None = None
         self.health_task: asyncio.Task[None] | None = None
+        self.checks = 0  # health-check commands run (each gets a tag of its own)
         self._fds: list[int] = []
         self._cleaned = False
         parent = pid._parent
@@ -777,10 +778,13 @@ class _Runner:
     async def _run_check(self, health: Health) -> bool:
         """A health-check command: the child's environment (not Trellis's), its user and
         cwd, its own process group (killed whole on timeout), known to the guardian."""
+        self.checks += 1
+        tag = f"{self.tag}.h{self.checks}"  # its own: what it leaves is found by it
         devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         try:
             try:
                 env = self._environ()
+                env[_guardian.TAG_VAR] = tag
                 os_pid, popen = _spawn_os(self.cfg, health.target, env, devnull, devnull)
             except (OSError, LookupError) as e:
                 _log.warning("%s: health check %s cannot run: %s", self.path, health.target, e)
@@ -788,7 +792,7 @@ class _Runner:
         finally:
             os.close(devnull)
         _guardian.register(os_pid)
-        _orphans.claim(os_pid, None)
+        _orphans.claim(os_pid, tag)
         loop = self.loop
         fd = os.pidfd_open(os_pid)
         done: asyncio.Future[None] = loop.create_future()
@@ -796,6 +800,7 @@ class _Runner:
         expire: asyncio.Future[None] = loop.create_future()
         handle = self.clock.call_later(health.timeout, _set_done, expire)
         status: int | None = None
+        timed_out = True
         try:
             await asyncio.wait([done, expire], return_when=asyncio.FIRST_COMPLETED)
             timed_out = not done.done()
@@ -822,7 +827,15 @@ class _Runner:
             if popen is not None:
                 popen.returncode = os.waitstatus_to_exitcode(status) if status is not None else -9
             _guardian.unregister(os_pid)
-            _orphans.release(os_pid, None)
+            _orphans.release(os_pid, tag)
+            if timed_out:  # or cancelled
+                # it ran over: what it started in sessions of its own (setsid) carries
+                # its tag; kill that too, or one process per timeout would pile up
+                n = _orphans.kill_tagged(tag)
+                if n:
+                    _log.info("%s: killed %d process(es) its health check left", self.path, n)
+            else:
+                _orphans.sweep()  # what it left re-parented to us carries a dead tag
 
     # -- stopping and exit reasons ----------------------------------------------------
     def _kill_group(self, sig: int) -> None:

@@ -220,6 +220,47 @@ def left_behind(tag: str) -> list[int]:
     return out
 
 
+def kill_tagged(tag: str, rounds: int = 20) -> int:
+    """SIGKILL every process whose environment carries exactly ``TRELLIS_TAG=<tag>``
+    (with its group when it leads one), scanning ``/proc`` again until a scan finds no
+    new one; returns how many. Those that are our direct children are reaped. A whole
+    ``/proc`` scan: for rare events (a timed-out health check), not for restarts."""
+    mark = f"\0{_guardian.TAG_VAR}={tag}\0".encode()
+    me = os.getpid()
+    killed: set[int] = set()
+    for _ in range(rounds):
+        new = 0
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            if pid == me or pid in killed:
+                continue
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    env = b"\0" + f.read() + b"\0"
+            except OSError:
+                continue
+            if mark not in env:
+                continue
+            st = stat(pid)
+            if st is not None and st[1] == pid:
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+            new += 1
+        if not new:
+            break
+    if killed:
+        ours = set(direct_children())
+        for pid in killed & ours:
+            if pid not in _spawned and pid not in _adopted:
+                _track(pid)
+    return len(killed)
+
+
 def adopt(pid: int) -> None:
     """``pid`` (an adopted process) is followed by a ``Command`` now: leave it alone."""
     _spawned.add(pid)
