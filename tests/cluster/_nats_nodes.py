@@ -89,6 +89,63 @@ class NatsServer:
         self.proc = None
 
 
+class NatsCluster:
+    """Three ``nats-server -js`` routed into one NATS cluster (JetStream in Raft)."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.ports = [free_port() for _ in range(3)]
+        self.routes = [free_port() for _ in range(3)]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None, None, None]
+
+    @property
+    def url(self) -> str:
+        return ",".join(f"nats://127.0.0.1:{p}" for p in self.ports)
+
+    def start(self, i: int) -> None:
+        assert NATS is not None
+        routes = ",".join(f"nats://127.0.0.1:{r}" for j, r in enumerate(self.routes) if j != i)
+        args = [NATS, "-js", "-a", "127.0.0.1", "-p", str(self.ports[i])]
+        args += ["-sd", str(self.store / f"n{i}"), "--server_name", f"n{i}"]
+        args += ["--cluster_name", "tc", "--cluster", f"nats://127.0.0.1:{self.routes[i]}"]
+        args += ["--routes", routes]
+        self.procs[i] = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def start_all(self) -> None:
+        for i in range(3):
+            self.start(i)
+
+        def up() -> bool:
+            try:
+                for p in self.ports:
+                    socket.create_connection(("127.0.0.1", p), 0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(up, 10.0, "the three nats-servers to listen")
+
+    def kill(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie does not)."""
     try:
@@ -102,7 +159,7 @@ SINGLETON = 'echo "start $TRELLIS_TEST_NODE $TRELLIS_FENCING_TOKEN $$" >> {log};
 LOCAL = 'echo "local $TRELLIS_TEST_NODE $$" >> {log}; exec sleep 1000'
 
 
-def tree_file(tmp: Path, name: str = "demo") -> Path:
+def tree_file(tmp: Path, name: str = "demo", extra: str = "") -> Path:
     """A tree with one cluster singleton (``leader``) and one node-scope child (``local``)."""
     path = tmp / "tree.toml"
     path.write_text(
@@ -110,6 +167,7 @@ def tree_file(tmp: Path, name: str = "demo") -> Path:
 [cluster]
 name = "{name}"
 lease_ttl = {TTL}
+{extra}
 
 [supervisor]
 name = "demo"

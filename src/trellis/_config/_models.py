@@ -748,6 +748,7 @@ class ClusterModel(_Model):
     tls_ca: NonEmpty | None = None
     tls_cert: NonEmpty | None = None
     tls_key: NonEmpty | None = None
+    replicas: Annotated[int, Field(ge=1, le=5)] | None = None
 
 
 class Document(_Model):

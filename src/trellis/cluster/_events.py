@@ -70,6 +70,7 @@ class EventShipper:
             subjects=[subject(s.name)],
             max_age=MAX_AGE,
             max_bytes=MAX_BYTES,
+            num_replicas=s.replicas,
         )
         try:
             await js.stream_info(config.name)

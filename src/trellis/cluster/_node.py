@@ -439,7 +439,9 @@ class Cluster:
         except jse.BucketNotFoundError:
             pass
         try:
-            return await self.js.create_key_value(bucket=name, history=1, ttl=ttl)
+            return await self.js.create_key_value(
+                bucket=name, history=1, ttl=ttl, replicas=self.settings.replicas
+            )
         except jse.APIError:  # created by another node meanwhile
             return await self.js.key_value(name)
 

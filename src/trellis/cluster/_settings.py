@@ -33,7 +33,9 @@ class ClusterSettings:
     lasts without a renewal (a dead holder's singleton moves within ``lease_ttl +
     0.5`` s). Credentials: ``user``/``password``, ``token``, ``creds`` (a ``.creds``
     file), ``nkey`` (an nkey seed file); TLS: ``tls_ca``, ``tls_cert``, ``tls_key``
-    (a URL with ``tls://`` uses the system's trust store).
+    (a URL with ``tls://`` uses the system's trust store). ``replicas``: copies of the
+    cluster's buckets and event stream (3 on a three-server NATS cluster, so losing one
+    server loses no lease).
 
     Example::
 
@@ -52,6 +54,8 @@ class ClusterSettings:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: copies of each bucket and stream: 1 on one NATS server, 3 on a NATS cluster
+    replicas: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.strip():
@@ -74,6 +78,8 @@ class ClusterSettings:
         ttl = self.lease_ttl
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0.2 <= ttl <= 3600:
             raise ClusterError(f"cluster lease_ttl {ttl!r}: give seconds between 0.2 and 3600")
+        if isinstance(self.replicas, bool) or self.replicas not in (1, 2, 3, 4, 5):
+            raise ClusterError(f"cluster replicas {self.replicas!r}: give 1 to 5")
         if (self.user is None) != (self.password is None):
             raise ClusterError("cluster: give user and password together")
         if (self.tls_cert is None) != (self.tls_key is None):
