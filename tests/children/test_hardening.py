@@ -7,6 +7,7 @@ processes; liveness read from /proc."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -453,3 +454,48 @@ async def test_a_timed_out_health_check_leaves_no_setsid_process_behind() -> Non
         await wait_until(lambda: not _with_arg(mark), what="none left once the child stops")
     finally:
         _kill_all(_with_arg(mark))
+
+
+# ---------------------------------------------------------------------------
+# The guardian runs before the first child is spawned
+# ---------------------------------------------------------------------------
+
+_FIRST_SPAWN = """
+import asyncio, json, os, sys
+import trellis
+from trellis._children import _guardian
+
+seen = []
+real = os.posix_spawn
+
+def spy(path, argv, env, **kw):
+    if "-c" not in argv[:4]:  # not the guardian itself
+        seen.append(_guardian.guardian_pid())
+    return real(path, argv, env, **kw)
+
+os.posix_spawn = spy
+
+async def main():
+    sup = await trellis.Supervisor.start_link(
+        [trellis.Command(["sleep", "30"], id="first", shutdown=0.5)]
+    )
+    await sup.stop()
+
+asyncio.run(main())
+print(json.dumps(seen))
+"""
+
+
+def test_the_guardian_is_running_before_the_first_child_is_spawned() -> None:
+    r = subprocess.run(
+        [sys.executable, "-c", _FIRST_SPAWN],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)  # the guardian pid (or None) at each child spawn
+    assert seen, "the child was spawned"
+    assert seen[0] is not None, "the first child was spawned before the guardian ran"

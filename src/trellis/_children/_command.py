@@ -406,6 +406,7 @@ class _Runner:
     def spawn(self) -> None:
         """Start the OS process (synchronous: posix_spawn returns once it has exec'd)."""
         cfg = self.cfg
+        _guardian.ensure_started()  # before the first spawn, not on the first register
         env = self._environ()
         if cfg.ready.kind == "notify" or cfg.watchdog is not None:
             self.notify = NotifySocket(self.loop, self._on_notify, self._notify_allowed)

@@ -27,7 +27,15 @@ from typing import Any
 
 from .._core import _telemetry
 
-__all__ = ["TAG_VAR", "guardian_status", "new_tag", "register", "token", "unregister"]
+__all__ = [
+    "TAG_VAR",
+    "ensure_started",
+    "guardian_status",
+    "new_tag",
+    "register",
+    "token",
+    "unregister",
+]
 
 _log = logging.getLogger("trellis")
 
@@ -257,6 +265,16 @@ def _write(data: bytes) -> None:
         except OSError:
             _died("closed its pipe")
             _start()  # _start registers every group, this one included
+
+
+def ensure_started() -> None:
+    """Start the guardian now if it is not running, before anything is spawned: a
+    kill -9 of Trellis between a child's spawn and a lazy start would leave that child
+    unguarded. One check of a variable once it runs."""
+    if _pipe is None:
+        with _lock:
+            if _pipe is None:
+                _start()
 
 
 def register(pgid: int) -> None:
