@@ -8,6 +8,7 @@ import fcntl
 import os
 import socket
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,12 +147,16 @@ class _ControlOnceStarted:
         self.kwargs = kwargs
         self.reloader = reloader
         self.server: Any = None
-        self.early: list[dict[str, Any]] = []  # events of the start, for history replay
+        # events of the start with their wall time, for history replay
+        self.early: list[tuple[float, dict[str, Any]]] = []
         self.hid: object | None = None
         self.slo_source: Any = None  # (journal url, tree name, slo settings)
 
     async def start(self) -> None:
-        self.hid = _telemetry.attach(self.early.append)
+        self.hid = _telemetry.attach(self._early)
+
+    def _early(self, event: dict[str, Any]) -> None:
+        self.early.append((time.time(), event))  # when it happened, not when replayed
 
     async def tree_started(self, root: Any, request_stop: Any) -> None:
         # starlette and uvicorn take ~0.2 s to import: in a thread, so the tree's loop
@@ -161,8 +166,8 @@ class _ControlOnceStarted:
         server = ControlServer(**self.kwargs)
         server.reloader = self.reloader
         server.slo_source = self.slo_source  # GET /v1/slo (the dashboard)
-        for event in self.early:  # its history rings keep what fits (output apart)
-            server._remember(event)
+        for wall, event in self.early:  # its history rings keep what fits (output apart)
+            server._remember(event, wall)
         self.early.clear()
         await server.start()
         self.server = server

@@ -411,11 +411,12 @@ class ControlServer:
         if self._own_tracker and self.tracker is not None:
             self.tracker.detach()
 
-    def _remember(self, event: dict[str, Any]) -> None:
+    def _remember(self, event: dict[str, Any], wall: float | None = None) -> None:
         """Telemetry handler: keep recent events (converted lazily, once for every
-        client) for history replay and live streams, and wake the streams."""
+        client) for history replay and live streams, and wake the streams. ``wall``:
+        when an event handed over later (one of the tree's start) happened."""
         self._seq += 1
-        rec = _Rec(self._seq, time.time(), event)
+        rec = _Rec(self._seq, time.time() if wall is None else wall, event)
         (self._output if rec.name == "process.output" else self._history).append(rec)
         self._live.append(rec)
         w = self._wake
