@@ -245,3 +245,11 @@ async def test_every_nodes_events_can_be_replayed_from_a_time(
     text, _ = await asyncio.wait_for(out.communicate(), 30)
     assert out.returncode == 0
     assert '"child.exited"' in text.decode()
+    out = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "trellis", "events", "--cluster", nats_server.url,
+        "--cluster-name", "g", "--since", "5m",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    text, _ = await asyncio.wait_for(out.communicate(), 30)
+    assert out.returncode == 0
+    assert " owner child.exited " in text.decode()

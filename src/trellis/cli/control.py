@@ -255,6 +255,15 @@ def _event_line(name: str, data: dict[str, Any]) -> str:
 )
 @click.option("--filter", "filter_", metavar="GLOB", help="Only events named like this (child.*).")
 @click.option("--path", "path_glob", metavar="GLOB", help="Only events about these tree paths.")
+@click.option(
+    "--cluster",
+    "cluster_url",
+    metavar="NATS_URL",
+    help="Every node's events from the cluster's event stream instead (see trellis cluster "
+    "events: --cluster-name, --since).",
+)
+@click.option("--cluster-name", metavar="NAME", help="With --cluster: the cluster's name.")
+@click.option("--since", default="10m", show_default=True, help="With --cluster: from when.")
 @_connection_options
 @_handle_errors
 def events(
@@ -262,12 +271,23 @@ def events(
     history: int,
     filter_: str | None,
     path_glob: str | None,
+    cluster_url: str | None,
+    cluster_name: str | None,
+    since: str,
     socket_path: str | None,
     url: str | None,
     token: str | None,
     as_json: bool,
 ) -> None:
     """Print recent telemetry events; with -f, follow new ones."""
+    if cluster_url is not None:  # the cluster's stream, from NATS (trellis.cluster)
+        from .cluster import events as cluster_events
+
+        click.get_current_context().invoke(
+            cluster_events, tree_file=None, url=cluster_url, name=cluster_name,
+            as_json=as_json, since=since, follow=follow,
+        )  # fmt: skip
+        return
     with _client(socket_path, url, token) as c:
         stream = c.events(history=history, follow=follow, filter=filter_, path=path_glob)
         try:
