@@ -304,11 +304,11 @@ def test_bad_file_changes_nothing(tree: Tree) -> None:
     tree.file.write_text(CHANGED.replace('name = "rt"', 'name = "rt"\nstrategy = "one_for_all"'))
     r = tree.cli("reload")
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "supervisor.strategy: the root's strategy cannot change" in r.stderr
+    assert "tree.toml:4: supervisor.strategy: the root's strategy cannot change" in r.stderr
     assert tree.os_pids() == before
     assert tree.stop() == 0
     results = [e["result"] for e in tree.journal("tree.reloaded")]
-    assert results == ["invalid", "invalid"]
+    assert results == ["invalid", "refused"]
 
 
 def test_sighup_reloads_and_never_kills(tree: Tree) -> None:

@@ -168,6 +168,8 @@ async def test_root_strategy_change_is_refused_whole(running: Running) -> None:
     _edit(running, 'name = "t"', 'name = "t"\nstrategy = "rest_for_one"')
     _edit(running, 'id = "w1"', 'id = "w0"')
     result = await running.reloader.reload()
-    assert result.result == "invalid"
-    assert "supervisor.strategy" in result.errors[0]
+    assert result.result == "refused"  # as the docs say; "invalid" is a bad file
+    assert result.bad_input
+    # FILE:LINE: KEY: MESSAGE, as every error of a tree file
+    assert result.errors[0].startswith(f"{result.file}:4: supervisor.strategy: ")
     assert await running.pids() == before

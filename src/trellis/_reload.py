@@ -164,15 +164,20 @@ class Change:
 @dataclass(slots=True)
 class ReloadResult:
     """``result``: ``ok`` (applied; ``changes`` may be empty), ``invalid`` (the file is
-    invalid, or changes what cannot change while the tree runs: nothing changed),
-    ``refused`` (the tree is not running or is stopping: nothing changed) or ``failed``
-    (some changes could not be applied: see ``errors``; the others were)."""
+    invalid: nothing changed), ``refused`` (nothing changed: the file changes what
+    cannot change while the tree runs, the root's ``name``, ``strategy`` or
+    ``auto_shutdown``, and then ``bad_input`` is true; or the tree is not running or
+    is stopping) or ``failed`` (some changes could not be applied: see ``errors``; the
+    others were)."""
 
     file: str
     result: str = "ok"
     changes: list[Change] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: nothing changed because of what the file says (``invalid``, or ``refused`` for a
+    #: root key that cannot change while the tree runs): a usage error (422, exit 2)
+    bad_input: bool = False
 
     @property
     def ok(self) -> bool:
@@ -311,17 +316,22 @@ class Reloader:
             tree, raw = await asyncio.to_thread(_read_in, self.path, self.cwd)
         except ConfigError as e:
             result.result = "invalid"
+            result.bad_input = True
             result.errors.extend(issue.format(result.file) for issue in e.errors)
             return
         new = _view(tree, raw)
         old = self._view
         fixed = [k for k in ROOT_FIXED if old.root.get(k) != new.root.get(k)]
-        if fixed:
-            result.result = "invalid"
+        if fixed:  # a valid file this tree cannot take while it runs: refused whole
+            result.result = "refused"
+            result.bad_input = True
+            where = await asyncio.to_thread(_locate, self.path)
             for key in fixed:
+                line = where(("supervisor", key))
                 result.errors.append(
-                    f"supervisor.{key}: the root's {key} cannot change while the tree runs "
-                    f"({old.root.get(key)!r} -> {new.root.get(key)!r}); restart `trellis run`"
+                    f"{result.file}:{line}: supervisor.{key}: the root's {key} cannot change "
+                    f"while the tree runs ({old.root.get(key)!r} -> {new.root.get(key)!r}); "
+                    "restart `trellis run`"
                 )
             return
         for key in sorted(_changed_keys(old.settings, new.settings)):
@@ -342,6 +352,18 @@ class Reloader:
         old.children = await _Apply(result).supervisor(root, new.name, old.children, new.children)
         if result.errors:
             result.result = "failed"
+
+
+def _locate(path: str) -> Callable[[tuple[str, ...]], int]:
+    """The line of a key path in the tree file (of its nearest written ancestor; 1)."""
+    from ._config._locate import Locator
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            locator = Locator(f.read())
+    except (OSError, UnicodeDecodeError):
+        return lambda _path: 1
+    return lambda key: locator.line(key) or 1
 
 
 def _read_in(path: str, cwd: str) -> tuple[TreeSpec, dict[str, Any]]:

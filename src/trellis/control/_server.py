@@ -859,7 +859,7 @@ class ControlServer:
         data = result.as_dict()
         if result.ok:
             return JSONResponse(data)
-        status = 422 if result.result == "invalid" else 409
+        status = 422 if result.bad_input else 409
         head = "nothing changed" if result.result in ("invalid", "refused") else "reload failed"
         error = f"{result.file}: {head}:\n" + "\n".join(result.errors)
         return JSONResponse({"error": error, **data}, status_code=status)
