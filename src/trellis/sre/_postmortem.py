@@ -116,9 +116,9 @@ def postmortem_markdown(doc: dict[str, Any], tree: str | None = None) -> str:
             f"{e['budget']['remaining_seconds'] / 60:.1f} min | {pct(e['availability'])} |"
         )
     w("")
-    star = any(e["slo"]["source"] != "tree" for e in shown)  # a row above carries *
+    starred = any(e["slo"]["source"] != "tree" for e in shown)  # a row above carries *
     w(
-        ("\\* default SLO (99.9% over 30d): none declared in the tree file. " if star else "")
+        ("\\* default SLO (99.9% over 30d): none declared in the tree file. " if starred else "")
         + "Budget left is over the SLO window ending at the end of this period."
     )
     w("")
