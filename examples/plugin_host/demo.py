@@ -422,24 +422,53 @@ def render(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="plugin-host-demo", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="plugin-host-demo",
+        description=(__doc__ or "").replace("``", "`"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--seconds", type=float, default=60.0, help="seconds of load (default 60)")
     ap.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-    ap.add_argument("--workdir", type=Path, help="keep the work directory here")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        help="where the plugins, journal and key go; kept after the run (default: a new "
+        "temporary directory, removed at exit unless --keep)",
+    )
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary work directory (to run `trellis journal verify` afterwards)",
+    )
     ap.add_argument(
         "--verbose", action="store_true", help="show Trellis's crash reports as they happen"
     )
     args = ap.parse_args(argv)
     if not args.verbose:  # every containment event is in the report
         logging.getLogger("trellis").setLevel(logging.CRITICAL)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="plugin-host-"))
+    temporary = None
+    if args.workdir is None:  # ours: removed at exit unless --keep
+        temporary = Path(tempfile.mkdtemp(prefix="plugin-host-"))
+        what = "kept at exit (--keep)" if args.keep else "removed at exit (--keep keeps it)"
+        print(f"temporary work directory {temporary}: {what}", file=sys.stderr)
+    workdir = args.workdir or temporary
     workdir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TRELLIS_PLUGIN_CACHE", str(workdir / "cache"))
+    cache = "TRELLIS_PLUGIN_CACHE" not in os.environ
+    if cache:
+        os.environ["TRELLIS_PLUGIN_CACHE"] = str(workdir / "cache")
     try:
         report = asyncio.run(run(args.seconds, workdir))
     except DemoError as e:
         print(f"plugin-host-demo: {e}", file=sys.stderr)
         return 2
+    finally:
+        if cache:
+            os.environ.pop("TRELLIS_PLUGIN_CACHE", None)
+        if temporary is not None:
+            if args.keep:
+                print(f"work directory kept: {temporary}", file=sys.stderr)
+            else:
+                shutil.rmtree(temporary, ignore_errors=True)
     print(render(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
