@@ -133,9 +133,9 @@ async def test_red_counts_calls_errors_and_durations_across_restarts(
         assert s.types["trellis_server_call_duration_seconds"] == "histogram"
         bucket = "trellis_server_call_duration_seconds_bucket"
         lb = {"supervisor": "red", "child": "echo"}
-        # the 30 ms call and the 200 ms late one and the 5 s killed one are over 25 ms
+        # at least 25 ms each, however loaded the machine: the 30 ms call, the late
+        # 200 ms one and the call that waited behind it in the mailbox
         assert s.value(bucket, le="0.025", **lb) <= calls - 3
-        assert s.value(bucket, le="0.1", **lb) >= calls - 2  # the 30 ms one is under 100 ms
         assert s.value(bucket, le="+Inf", **lb) == calls
         assert s.value("trellis_server_call_duration_seconds_sum", **lb) >= 0.03 + 0.2
         # the supervisor's own calls (which_children) are not a child's
