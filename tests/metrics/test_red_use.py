@@ -376,7 +376,7 @@ from trellis.journal import Journal, tail
 from trellis.metrics import Metrics
 from trellis.testing import capture_telemetry
 
-trellis._run.BLOCKED_PER_MINUTE = 2  # so that the test sees the rate limit at work
+trellis._run.BLOCKED_PER_MINUTE = 3  # so that the test sees the rate limit at work
 metrics = Metrics(node="test-node", usage_interval=0.2)
 url = "sqlite:///" + sys.argv[2]
 out = {}
@@ -419,8 +419,10 @@ with open(sys.argv[1], "w") as f:
 def test_loop_lag_and_a_deliberate_block(tmp_path: Any) -> None:
     """A task that blocks the loop for 300 ms under trellis.run yields a loop.blocked
     event with its duration and a stack naming the blocking function; three more blocks
-    are counted by trellis_event_loop_blocked_total but rate-limited as events (here 2 a
-    minute); the lag histogram has seen samples over the threshold. loop.blocked and the
+    are counted by trellis_event_loop_blocked_total but rate-limited as events (here 3 a
+    minute); the lag histogram has seen samples over the threshold. (A machine so
+    loaded that the process itself stalls past the threshold adds blocks: the bounds
+    allow for it.) loop.blocked and the
     OS child's process.usage events are in the journal."""
     import json
     import subprocess
@@ -439,14 +441,14 @@ def test_loop_lag_and_a_deliberate_block(tmp_path: Any) -> None:
     out = json.loads(result.read_text())
     assert out["code"] == 0
     events = out["events"]
-    assert len(events) == 2, events  # 4 blocks, 2 a minute
-    first = events[0]
+    assert len(events) == 3, events  # 4 blocks (or more), 3 a minute
+    (first, *_) = [e for e in events if "in hold_the_loop" in e["stack"]]
     assert 0.1 <= first["duration"] < 10
     assert first["threshold"] == 0.1
     assert "in hold_the_loop" in first["stack"], first["stack"]
     assert "time.sleep(seconds)" in first["stack"]
     assert "in blocker" in first["stack"]
-    assert first["suppressed"] == 0
+    assert events[0]["suppressed"] == 0
     assert "<Pid" in first["task"]  # the Trellis process that blocked it
     assert "event loop blocked for" in proc.stderr  # and logged with its stack
     types = {}
@@ -458,12 +460,12 @@ def test_loop_lag_and_a_deliberate_block(tmp_path: Any) -> None:
                 assert x.labels.pop("node") == "test-node"
                 values[x.name, x.labels.get("le")] = x.value
     assert types["trellis_event_loop_lag_seconds"] == "histogram"
-    assert values["trellis_event_loop_blocked_total", None] == 4
+    assert values["trellis_event_loop_blocked_total", None] >= 4
     count = values["trellis_event_loop_lag_seconds_count", None]
     assert count >= 5  # sampled continuously, not only when blocked
     assert values["trellis_event_loop_lag_seconds_bucket", "0.1"] <= count - 4
     assert values["trellis_event_loop_lag_seconds_sum", None] >= 0.4
-    assert out["journal"].count("loop.blocked") == 2
+    assert out["journal"].count("loop.blocked") == 3
     usage = out["usage"]
     assert usage, out["journal"]
     assert all(u["path"] == "lag/sleeper" and u["threads"] == 1 for u in usage), usage
