@@ -26,6 +26,7 @@ __all__ = [
     "journal_figures",
     "metrics_summary",
     "render_report",
+    "render_slo",
     "slo_figures",
     "slo_summary",
 ]
@@ -249,6 +250,14 @@ def _slow_outages(
     return out
 
 
+def render_slo(doc: dict[str, Any], console: Console) -> None:
+    """The run's SLO table (a :func:`slo_figures` document), fitted to the console: at
+    narrow widths the least telling columns are left out and long names wrap; no figure
+    is cut."""
+    console.rule("service levels for the run (from the journal; trellis slo report)")
+    console.print(sre.rich_table(doc, compact=True, width=console.width))
+
+
 def render_report(report: dict[str, Any], creport: chaos.Report, console: Console) -> None:
     """Print ``report`` (from :func:`build_report`) and the chaos table to ``console``."""
     console.rule("chaos report")
@@ -345,5 +354,4 @@ def render_report(report: dict[str, Any], creport: chaos.Report, console: Consol
     else:
         console.print("RESULT: FAILED: " + "; ".join(report["failures"]))
     if report.get("slo") is not None:
-        console.rule("service levels for the run (from the journal; trellis slo report)")
-        console.print(sre.rich_table(report["slo"], compact=True))
+        render_slo(report["slo"], console)

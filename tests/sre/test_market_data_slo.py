@@ -59,3 +59,42 @@ async def test_main_job_report_ends_with_the_slo_table(tmp_path: Path) -> None:
     assert html.startswith("<!DOCTYPE html>")
     for path in hit:
         assert f'data-path="{path}"' in html
+
+
+def test_slo_table_is_readable_at_80_columns(tmp_path: Path) -> None:
+    """At 80 columns the job's SLO table keeps every figure whole (it cut every cell to
+    `10…`): the least telling columns are left out, long names wrap."""
+    from examples.market_data.job_report import render_slo
+
+    from sre._journal import T0, exited, restarted, started, sup_started, write
+    from trellis.sre import read_records, report
+
+    url = f"sqlite:///{tmp_path}/j.db"
+    root, coll = "market_data", "market_data/collectors"
+    write(
+        url,
+        "n1",
+        [
+            started(0, coll, "collector-3", 2),
+            started(0, coll, "collector-12", 3),
+            sup_started(0, coll),
+            started(0, root, "collectors", 4),
+            sup_started(0, root),
+            exited(100, coll, "collector-3", 2),
+            restarted(101.25, coll, "collector-3", 5),
+            exited(200, coll, "collector-12", 3),
+            restarted(200.5, coll, "collector-12", 6),
+        ],
+    )
+    doc = report(read_records(url), since=T0, until=T0 + 1000)
+    for width in (80, 100, 140):
+        out = io.StringIO()
+        render_slo(doc, Console(file=out, width=width, color_system=None))
+        text = out.getvalue()
+        assert all(len(line) <= width for line in text.splitlines()), text
+        assert "…" not in text, text
+        for figure in ("99.875%", "99.950%", "99.825%", "1.75x"):  # availability, burn 1h
+            assert figure in text, (width, figure, text)
+        # each name is whole once its wrapped pieces are joined
+        names = "".join(line.split("│")[1].strip() for line in text.splitlines() if "│" in line)
+        assert "market_data/collectors/collector-12" in names, text

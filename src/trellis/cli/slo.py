@@ -206,7 +206,8 @@ def report_cmd(
 
     width = 200 if not sys.stdout.isatty() else None
     console = Console(width=width)
-    console.print(rich_table(doc, compact=console.width < 160))  # narrow terminal: fewer columns
+    # narrow terminal: fewer columns, and at most its width (no figure cut)
+    console.print(rich_table(doc, compact=console.width < 160, width=console.width))
 
 
 def _need_tree(tree: str) -> Any:

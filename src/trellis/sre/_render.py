@@ -102,25 +102,50 @@ HEADERS = [
 
 #: The columns of the compact table (for 80-140 column terminals).
 COMPACT = (0, 2, 4, 5, 6, 7, 8, 9)
+#: The order columns are left out in when the table would not fit its width.
+_DROP_ORDER = (5, 4, 7, 1, 10, 3, 11, 6)
+#: The name column's narrowest width (longer names wrap).
+_NAME_MIN = 16
 
 
-def rich_table(doc: dict[str, Any], compact: bool = False) -> Any:
+def rich_table(doc: dict[str, Any], compact: bool = False, width: int | None = None) -> Any:
     """A ``rich.table.Table`` of the report (``compact``: availability, MTBF, MTTR,
-    restarts, incidents, budget left and the 1h burn rate only)."""
+    restarts, incidents, budget left and the 1h burn rate only). With ``width`` (the
+    console's columns), columns that would not fit are left out, least telling first
+    (MTTR, MTBF, incidents, ...; availability, restarts, budget left and the 1h burn
+    rate stay); a figure is never cut, a long name wraps."""
     from rich.table import Table
 
+    rows = slo_rows(doc)
+    if compact or width is not None:  # budget left as a ratio only: it is narrower
+        for e, row in zip(doc["entities"], rows, strict=True):
+            row[8] = pct(e["budget"]["remaining_ratio"], 1)
+    cols = list(COMPACT if compact else range(len(HEADERS)))
+
+    def need(i: int) -> int:
+        if i == 0:
+            return _NAME_MIN
+        head = max(len(word) for word in HEADERS[i].split())
+        return max([head, *(len(r[i]) for r in rows)])
+
+    if width is not None:
+        drop = [i for i in _DROP_ORDER if i in cols]
+        while drop and sum(need(i) + 3 for i in cols) + 1 > width:
+            cols.remove(drop.pop(0))
     table = Table(
         title=f"SLO report {doc['since']} .. {doc['until']}",
         caption=("* default SLO (none in the tree file); " if _any_default(doc) else "")
         + "burn 1x spends the budget over its window",
     )
-    cols = COMPACT if compact else tuple(range(len(HEADERS)))
     for i in cols:
-        table.add_column(HEADERS[i], justify="left" if i == 0 else "right", no_wrap=i == 0)
-    for e, full in zip(doc["entities"], slo_rows(doc), strict=True):
+        if i == 0:
+            table.add_column(HEADERS[i], justify="left", overflow="fold", min_width=_NAME_MIN)
+        elif width is None:
+            table.add_column(HEADERS[i], justify="right", no_wrap=True)
+        else:  # as wide as its widest figure (never cut); the header wraps between words
+            table.add_column(HEADERS[i], justify="right", overflow="fold", width=need(i))
+    for e, full in zip(doc["entities"], rows, strict=True):
         row = [full[i] for i in cols]
-        if compact:
-            row[cols.index(8)] = pct(e["budget"]["remaining_ratio"], 1)
         style = None
         if e["exhaustion"]["exhausted"]:
             style = "red"
