@@ -91,7 +91,7 @@ async def logs(ctl: ControlServer, request: Request) -> Response:
         snap = await ctl._snapshot()
         entry = ctl._find(snap, raw) if snap is not None else None
         if entry is None:
-            return _error(404, f"no child with output at {raw!r}", path=raw)
+            return _error(404, f"no such child: {raw!r} (see `trellis status`)", path=raw)
         path = entry.path
         if not follow:
             return JSONResponse({"path": path, "lines": []})

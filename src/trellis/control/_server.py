@@ -988,7 +988,7 @@ class ControlServer:
         if e.parent is None:
             raise _Refused(
                 f"{e.path} is the root: it has no supervisor to act on it "
-                "(POST /v1/stop stops the whole tree)"
+                "(`trellis stop`, or POST /v1/stop, stops the whole tree)"
             )
         return e.parent
 
