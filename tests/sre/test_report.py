@@ -392,10 +392,11 @@ def test_unclean_end_of_another_nodes_run_is_not_ours(tmp_path: Path) -> None:
 
 
 def test_a_child_removed_by_a_reload_leaves_its_subtree(tmp_path: Path) -> None:
-    """A reload removes p/b (child.terminated, child.deleted, tree.reloaded with the diff):
-    from then on p's subtree is up while the children still in it are up; b counts
-    neither as stopped (the subtree would be stopped for good) nor as down when the root
-    later gives up. Without the tree file, as `trellis slo report --journal J` runs."""
+    """Reloads remove p/c, owed a restart (child.deleted only), and p/b (child.terminated,
+    child.deleted; tree.reloaded with the diff): from then on p's subtree is up while the
+    children still in it are up; neither counts as down for good, b not as stopped (the
+    subtree would be stopped for good) nor as down when the root later gives up. Without
+    the tree file, as `trellis slo report --journal J` runs."""
     url = f"sqlite:///{tmp_path}/j.db"
     write(
         url,
@@ -403,7 +404,21 @@ def test_a_child_removed_by_a_reload_leaves_its_subtree(tmp_path: Path) -> None:
         [
             started(0, "p", "a", 2),
             started(0, "p", "b", 3),
+            started(0, "p", "c", 4),
             sup_started(0, "p"),
+            exited(50, "p", "c", 4),  # owed a restart (backing off) when the reload
+            (60, "tree.reloading", {"file": "tree.toml"}),  # removes it: no child.terminated
+            (60, "child.deleted", {"supervisor": "p", "child_id": "c"}),
+            (
+                60,
+                "tree.reloaded",
+                {
+                    "file": "tree.toml",
+                    "result": "ok",
+                    "changes": [{"change": "removed", "path": "p/c"}],
+                    "errors": [],
+                },
+            ),
             (100, "tree.reloading", {"file": "tree.toml"}),
             terminated(100, "p", "b", 3),
             (100, "child.deleted", {"supervisor": "p", "child_id": "b"}),
@@ -427,10 +442,13 @@ def test_a_child_removed_by_a_reload_leaves_its_subtree(tmp_path: Path) -> None:
     )
     doc = report(read_records(url), since=T0, until=T0 + 300)
     sub = _by_path(doc)[("n7", "subtree", "p")]
-    assert sub["members"] == ["p/a", "p/b"]
-    assert sub["up_seconds"] == pytest.approx(250.0)  # [0, 200] and [250, 300]
-    assert sub["down_seconds"] == pytest.approx(50.0)  # the root gave up: [200, 250]
-    assert sub["availability"] == pytest.approx(250 / 300)
+    assert sub["members"] == ["p/a", "p/b", "p/c"]
+    assert sub["up_seconds"] == pytest.approx(240.0)  # [0, 50], [60, 200], [250, 300]
+    # c backing off [50, 60], the root gave up [200, 250]
+    assert sub["down_seconds"] == pytest.approx(60.0)
+    assert sub["availability"] == pytest.approx(240 / 300)
+    c = _by_path(doc)[("n7", "child", "p/c")]
+    assert c["down_seconds"] == pytest.approx(10.0)  # not down for good
     b = _by_path(doc)[("n7", "child", "p/b")]
     assert b["up_seconds"] == pytest.approx(100.0)
     assert b["down_seconds"] == 0.0
