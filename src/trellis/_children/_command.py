@@ -559,6 +559,15 @@ class _Runner:
         cfg = self.cfg
         assert cfg.pidfile is not None
         _orphans.enable()  # the daemon is re-parented to us, so we can reap it
+        _orphans.begin_following()
+        try:
+            await self._await_daemon()
+        finally:
+            _orphans.end_following()
+
+    async def _await_daemon(self) -> None:
+        cfg = self.cfg
+        assert cfg.pidfile is not None
         timeout = cfg.ready.timeout
         deadline = self.clock.now() + timeout
         expire: asyncio.Future[None] = self.loop.create_future()

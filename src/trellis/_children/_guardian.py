@@ -2,11 +2,12 @@
 
 A small helper process (its own session) reads ``+pgid`` / ``-pgid`` lines on its stdin.
 When the pipe closes (Trellis exited, however it died, even by SIGKILL), it SIGKILLs every
-group still registered, then every process whose environment carries this Trellis
-process's tag (``TRELLIS_TAG=<token>.<n>``, set on every OS child by ``Command``), again
-and again until a scan finds none. The tag closes the two gaps a list of groups leaves:
-a child spawned but not yet registered when Trellis died, and descendants that left
-their group (``setsid``, daemons).
+group still registered with every descendant of their members (found by parent links, and
+stopped first so that none forks out of the walk), then every process whose environment
+carries this Trellis process's tag (``TRELLIS_TAG=<token>.<n>``, set on every OS child
+by ``Command``), again and again until a scan finds none. The tag closes the two gaps a
+list of groups leaves: a child spawned but not yet registered when Trellis died, and
+descendants that left their group (``setsid``, daemons).
 
 Registration is synchronous: ``register`` writes to the pipe before it returns, so a
 group is known to the guardian before ``spawn`` returns. The guardian is watched: if it
@@ -54,9 +55,55 @@ for line in sys.stdin.buffer:
         groups.add(int(line[1:]))
     elif line[:1] == b"-":
         groups.discard(int(line[1:]))
+def table():
+    parent, group = {}, {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/" + name + "/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2 :].split()
+        pid = int(name)
+        parent[pid] = int(fields[1])
+        group[pid] = int(fields[2])
+    return parent, group
+# Every descendant of a registered group's members, even one that left the group with
+# no tag (env -i, a process title): stopped first (no fork escapes the walk), then
+# killed, before the groups go and their orphans are re-parented out of reach.
+frozen = set()
+if groups:
+    for _ in range(50):
+        parent, group = table()
+        kids = {}
+        for pid, ppid in parent.items():
+            kids.setdefault(ppid, []).append(pid)
+        todo = [p for p, g in group.items() if g in groups]
+        found = set(todo)
+        while todo:
+            for c in kids.get(todo.pop(), ()):
+                if c not in found and c != me:
+                    found.add(c)
+                    todo.append(c)
+        new = found - frozen
+        if not new:
+            break
+        for pid in new:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except OSError:
+                pass
+        frozen |= new
 for pgid in groups:
     try:
         os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+for pid in frozen:
+    try:
+        os.kill(pid, signal.SIGKILL)
     except OSError:
         pass
 killed = set()

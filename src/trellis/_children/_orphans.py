@@ -42,6 +42,9 @@ _strays: dict[int, float] = {}  # PID 1: unknown zombie -> first seen
 _stray_timer: asyncio.TimerHandle | None = None
 _sigchld_loop: asyncio.AbstractEventLoop | None = None
 _on_reaped: list[Callable[[int, int], None]] = []
+_following = 0  # pidfile children waiting for their daemon
+_enabled_at = 0  # when we became a subreaper (clock ticks since boot)
+PARENT_VAR = "TRELLIS_PARENT"  # in our environment while adopting: what we start has it
 
 
 def _prctl_subreaper(on: bool) -> bool:
@@ -61,7 +64,7 @@ def _children_supported() -> bool:
 def enable(loop: asyncio.AbstractEventLoop | None = None) -> bool:
     """Make this process a child subreaper (and, as PID 1 or with ``loop`` given from the
     main thread, reap strays on SIGCHLD). Returns whether adoption is active."""
-    global _active, _pid1, _sigchld_loop, _polling
+    global _active, _pid1, _sigchld_loop, _polling, _enabled_at
     if not _active:
         if not _children_supported() or not _prctl_subreaper(True):
             _log.warning(
@@ -70,6 +73,8 @@ def enable(loop: asyncio.AbstractEventLoop | None = None) -> bool:
             )
             return False
         _active = True
+        _enabled_at = _now_ticks()
+        os.environ[PARENT_VAR] = _guardian.token()
     _pid1 = os.getpid() == 1
     if loop is not None and _sigchld_loop is None:
         try:
@@ -116,6 +121,7 @@ def disable() -> None:
             _reap_adopted(pid, block=True)
         _prctl_subreaper(False)
         _active = False
+        os.environ.pop(PARENT_VAR, None)
 
 
 def is_active() -> bool:
@@ -148,13 +154,22 @@ def direct_children() -> list[int]:
         return []
 
 
-def tag_of(pid: int) -> str | None:
-    """The ``TRELLIS_TAG`` in ``pid``'s environment, if it is one of ours."""
+def environ(pid: int) -> bytes | None:
+    """``pid``'s environment block (``KEY=VALUE\\0...``), or None if unreadable."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read()
+            return f.read()
     except OSError:
         return None
+
+
+def tag_of(pid: int) -> str | None:
+    """The ``TRELLIS_TAG`` in ``pid``'s environment, if it is one of ours."""
+    env = environ(pid)
+    return _tag_in(env) if env is not None else None
+
+
+def _tag_in(env: bytes) -> str | None:
     key = f"{_guardian.TAG_VAR}={_guardian.token()}.".encode()
     start = env.find(key)
     if start < 0 or (start > 0 and env[start - 1] != 0):
@@ -172,6 +187,16 @@ def stat(pid: int) -> tuple[str, int, int] | None:
         return None
     fields = data[data.rfind(b")") + 2 :].split()
     return fields[0].decode(), int(fields[2]), int(fields[3])
+
+
+def _now_ticks() -> int:
+    """Now, in the clock ticks since boot of ``/proc/PID/stat``'s start times."""
+    try:
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return int(uptime * os.sysconf("SC_CLK_TCK"))
 
 
 def start_ticks(pid: int) -> int | None:
@@ -208,16 +233,49 @@ def _candidates() -> list[int]:
     ]
 
 
+def _untagged_escapee(pid: int, pgid: int, env: bytes | None) -> bool:
+    """An untagged process re-parented to us that left our process group: a child's
+    descendant that cleared or overwrote its environment (``env -i``, ``sudo``,
+    ``su -``, a process title set in place), unless a pidfile child is still waiting
+    for its daemon (which may be it). Processes our own code started in-process carry
+    ``TRELLIS_PARENT`` (from our environment) or stay in our group: never these."""
+    if env is None or _following or pgid == os.getpgrp():
+        return False
+    if pid == _guardian.guardian_pid():
+        return False
+    if f"\0{PARENT_VAR}=".encode() in b"\0" + env:
+        return False
+    started = start_ticks(pid)  # before we adopted, no orphan could be re-parented to us
+    return started is not None and started >= _enabled_at
+
+
 def left_behind(tag: str) -> list[int]:
-    """Adopted processes (still running) that carry ``tag``: what a child left behind."""
+    """Adopted processes (still running) that carry ``tag``, or no tag at all (see
+    :func:`_untagged_escapee`): what a child left behind."""
     if not _active:
         return []
     out = []
     for pid in _candidates():
         st = stat(pid)
-        if st is not None and st[0] != "Z" and tag_of(pid) == tag:
+        if st is None or st[0] == "Z":
+            continue
+        env = environ(pid)
+        got = _tag_in(env) if env is not None else None
+        if got == tag or (got is None and _untagged_escapee(pid, st[1], env)):
             out.append(pid)
     return out
+
+
+def begin_following() -> None:
+    """A pidfile child waits for its daemon: untagged escapees are left alone meanwhile
+    (the daemon may have overwritten its environment)."""
+    global _following
+    _following += 1
+
+
+def end_following() -> None:
+    global _following
+    _following -= 1
 
 
 def kill_tagged(tag: str, rounds: int = 20) -> int:
@@ -279,9 +337,13 @@ def sweep(everything: bool = False) -> int:
         state, pgid, _sid = st
         if state == "Z":
             continue  # unknown now: a stray (reaped after a grace period, see below)
-        tag = tag_of(pid)
-        if tag is None or (tag in _live_tags and not everything):
-            continue  # not ours, or it belongs to a child that is still running
+        env = environ(pid)
+        tag = _tag_in(env) if env is not None else None
+        if tag is None:
+            if not _untagged_escapee(pid, pgid, env):
+                continue  # ours (in-process), or maybe a pidfile child's daemon
+        elif tag in _live_tags and not everything:
+            continue  # it belongs to a child that is still running
         if pgid == pid:  # it leads a group: its group goes with it
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
