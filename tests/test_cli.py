@@ -258,7 +258,7 @@ def test_run_json_logs_are_one_object_per_line() -> None:
     assert exits[0]["level"] == "error"
     [gave_up] = [r for r in records if r["event"] == "supervisor.gave_up"]
     assert (gave_up["intensity"], gave_up["period"]) == (2, 5.0)
-    crash = next(r for r in records if r["event"].startswith("crash_report"))
+    crash = next(r for r in records if r["event"] == "crash_report")
     assert "RuntimeError: flaky crashed" in crash["exception"]
     assert records[-1]["event"] == "tree.stopped"
     assert records[-1]["exit_code"] == 1
@@ -306,7 +306,9 @@ def test_run_start_failure_names_the_child(tmp_path: Path) -> None:
     assert failed["child"] == "sub"
     assert failed["reason"] == "RuntimeError: no database"
     # the core's own report names the innermost child
-    assert any("supervisor=root/sub child='db'" in r["event"] for r in records)
+    # the core's plain report: its kind in event, its sentence in message
+    reports = [r["message"] for r in records if r["event"] == "start_error"]
+    assert any("supervisor=root/sub child='db'" in m for m in reports)
 
 
 def test_run_os_process_child(tmp_path: Path) -> None:

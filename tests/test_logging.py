@@ -194,10 +194,13 @@ def test_json_lines_of_plain_log_records_have_a_short_event_name(
             "control API: refused %s %s from %s (%s): %s", "GET", "/v1/tree", "tcp", 401, "no"
         )
         log_event({"event": "child.started", "time": 1.0, "supervisor": "s", "child_id": "c"})
+        logging.getLogger("trellis.server").error("crash_report: Db %r exited", "<Pid 3>")
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
-    plain, event = (json.loads(ln) for ln in capsys.readouterr().err.splitlines())
+    plain, event, report = (json.loads(ln) for ln in capsys.readouterr().err.splitlines())
+    assert report["event"] == "crash_report"  # a core report names its kind first
+    assert report["message"] == "crash_report: Db '<Pid 3>' exited"
     assert plain["event"] == "log"
     assert plain["logger"] == "trellis.control"
     assert plain["message"] == "control API: refused GET /v1/tree from tcp (401): no"

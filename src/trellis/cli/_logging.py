@@ -297,11 +297,18 @@ def _add_fields(_logger: Any, _method: str, event_dict: Any) -> Any:
         if name is None and " " not in text:  # the CLI's own events (tree.starting, ...)
             name, text = text, describe(text, fields)
     event_dict["message"] = text
-    # a record that is no telemetry event (a library's or Trellis's own warning, the
-    # loop-blocked stack, "control API: refused ..."): the fixed name ``log``; its
-    # sentence is in ``message`` and who wrote it in ``logger``
-    event_dict["event"] = name if name is not None else "log"
+    if name is None:
+        # a record that is no telemetry event: the core's reports name their kind
+        # first (``crash_report: ...``); anything else (a library's or Trellis's own
+        # warning, the loop-blocked stack, "control API: refused ...") is ``log``. The
+        # sentence is in ``message``, who wrote it in ``logger``
+        kind = _REPORT_KIND.match(text)
+        name = kind.group(1) if kind else "log"
+    event_dict["event"] = name
     return event_dict
+
+
+_REPORT_KIND = re.compile(r"^([a-z][a-z0-9_]*): ")
 
 
 def _text_line(_logger: Any, _method: str, event_dict: Any) -> Any:
