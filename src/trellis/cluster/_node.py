@@ -162,11 +162,26 @@ class Lease:
                 )
         except (jse.KeyWrongLastSequenceError, jse.APIError):
             return  # someone else was first (or renewed)
+        # Confirm with a second compare-and-set on our own revision before running
+        # anything: NATS 2.9 in a clustered (replicated) stream was seen to accept two
+        # compare-and-sets against the same last revision when they raced; the loser's
+        # confirmation fails (the last revision is the winner's), so it never starts.
+        confirm_sent = _now()
+        try:
+            confirmed = await asyncio.wait_for(
+                kv.update(self.key, self._value(), last=int(rev)), self.cluster.settings.lease_ttl
+            )
+        except (jse.KeyWrongLastSequenceError, jse.APIError):
+            self.cluster._emit("contended", self.key, token=int(rev), previous=last)
+            return
         if self.closed:
             with contextlib.suppress(Exception):
-                await kv.delete(self.key, last=rev)
+                await kv.delete(self.key, last=int(confirmed))
             return
-        self.token = self.revision = int(rev)
+        if confirm_sent - sent > self.cluster.settings.renew_deadline:
+            return  # too slow: it will lapse; contend again
+        self.token = int(rev)
+        self.revision = int(confirmed)
         self.renewed_at = sent
         self.expired = False
         self.cluster._emit("acquired", self.key, token=self.token, previous=last)
