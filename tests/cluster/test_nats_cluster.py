@@ -1,5 +1,6 @@
 """On a three-server NATS cluster (buckets replicated 3 ways): the singleton survives
-the loss of a NATS server, and still fails over when its node dies."""
+the loss of a NATS server without ever running twice, and still fails over when its
+node dies."""
 
 from __future__ import annotations
 
@@ -35,21 +36,13 @@ def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
 
 
 def _fenced(tmp: Path, seconds: float) -> None:
-    """Sample the copies for ``seconds``: while NATS servers come and go, an old holder
-    that cannot run (its process starved of CPU past the 0.4 TTL margin, as on a loaded
-    test machine) may briefly overlap its successor; the guarantee is that the newer
-    copy then holds a strictly greater token and the older one is gone within a TTL."""
+    """Sample the copies for ``seconds``: never two at once. (Before new owners
+    confirmed their compare-and-set, two contenders both won a takeover on this
+    replicated stream now and then: see docs/design.md.)"""
     end = time.monotonic() + seconds
-    overlap_since: float | None = None
     while time.monotonic() < end:
         now = running(tmp)
-        assert len(now) <= 2, f"three copies run at once: {now}"
-        if len(now) == 2:
-            assert now[0][1] != now[1][1], f"two copies share a token: {now}"
-            overlap_since = overlap_since or time.monotonic()
-            assert time.monotonic() - overlap_since < TTL, f"an old copy lingers: {now}"
-        else:
-            overlap_since = None
+        assert len(now) <= 1, f"two copies run at once: {now}"
         time.sleep(0.02)
 
 
