@@ -141,3 +141,17 @@ def test_cluster_settings_refuse_bad_values_naming_them() -> None:
         ClusterSettings("nats://h:4222", node="a", name="a b")
     with pytest.raises(ClusterError, match="user and password"):
         ClusterSettings("nats://h:4222", node="a", user="u")
+
+
+def test_the_token_reaches_every_command_of_a_cluster_scoped_supervisor() -> None:
+    from trellis.cluster._singleton import with_token
+
+    inner = trellis.Supervisor.child_spec(
+        [trellis.Command(["true"], id="one"), trellis.Command(["true"], id="two")],
+        id="group",
+    )
+    outer = trellis.Supervisor.child_spec([inner], id="top")
+    spec = with_token(outer, 42)
+    [group] = spec.args[0]
+    assert [c.args[0].env["TRELLIS_FENCING_TOKEN"] for c in group.args[0]] == ["42", "42"]
+    assert outer.args[0][0].args[0][0].args[0].env == {}  # the original is untouched

@@ -297,3 +297,17 @@ def test_a_stopped_holder_hands_over_at_once_and_the_journals_say_so(
         "the new holder's journal to record its acquire with the new token",
         step=0.2,
     )
+
+
+def test_a_node_that_never_reaches_nats_runs_its_node_scope_children(
+    tmp_path: Path, nodes: list[Node]
+) -> None:
+    from _nats_nodes import free_port
+
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    [node] = _start(tmp_path, url, "a", nodes)
+    wait_for(lambda: "a" in locals_(tmp_path), 20.0, "the node-scope child to start")
+    time.sleep(3 * TTL)
+    assert alive(locals_(tmp_path)["a"])
+    assert starts(tmp_path) == [], "a singleton ran without a lease"
+    assert node.proc.poll() is None, "the node gave up for want of NATS"
