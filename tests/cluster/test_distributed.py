@@ -107,6 +107,12 @@ async def test_thirty_children_spread_and_move_after_a_node_loss_without_duplica
         assert all(spread[n] >= 3 for n in "abc"), spread
         listed = await which_children("workers")
         assert listed == placed
+        wanted = sorted(f"workers/{cid}" for cid in ids)
+
+        def heartbeats_name_them() -> bool:  # heartbeats come every TTL/3
+            return sorted(r for n in cluster.nodes() for r in n["runs"]) == wanted
+
+        await _wait(heartbeats_name_them, 5.0, "each node's heartbeat to name what it runs")
         # kill -9 one node: its children move to the two others, the rest stay put
         before = {cid: copies[0][2] for cid, copies in _running(tmp_path).items()}
         three["b"].send_signal(signal.SIGKILL)

@@ -144,8 +144,15 @@ def leases(tree_file: str | None, url: str | None, name: str | None, as_json: bo
     """The singleton leases: who holds each, and the revision of its last renewal
     (the holder's fencing token is the revision that acquired it)."""
     settings = _settings(tree_file, url, name)
+    from ..cluster._node import display_key
+
     rows = [
-        {"lease": key, "node": value.get("node"), "pid": value.get("pid"), "revision": rev}
+        {
+            "lease": display_key(key),
+            "node": value.get("node"),
+            "pid": value.get("pid"),
+            "revision": rev,
+        }
         for key, rev, value in _fetch(settings, "leases")
     ]
     if as_json:

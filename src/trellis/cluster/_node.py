@@ -479,7 +479,9 @@ class Cluster:
             "started": self.started_at,
             "at": time.time(),
             "lease_ttl": self.settings.lease_ttl,
-            "runs": sorted(lease.key for lease in self._leases if lease.token is not None),
+            "runs": sorted(
+                display_key(lease.key) for lease in self._leases if lease.token is not None
+            ),
             "dsups": sorted(self.dsups),
         }
 
@@ -553,7 +555,7 @@ class Cluster:
             "lease_ttl": s.lease_ttl,
             "nodes": self.nodes(),
             "leases": [
-                {"key": lease.key, "held": lease.valid(), "token": lease.token}
+                {"key": display_key(lease.key), "held": lease.valid(), "token": lease.token}
                 for lease in sorted(self._leases, key=lambda x: x.key)
             ],
         }
@@ -610,6 +612,17 @@ async def _close(nc: Any) -> None:
     for task in tasks:
         with contextlib.suppress(BaseException):
             await task
+
+
+def display_key(key: str) -> str:
+    """A lease key for people: ``dsup.<hex name>.<hex id>`` becomes ``name/id``."""
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "dsup":
+        try:
+            return f"{bytes.fromhex(parts[1]).decode()}/{bytes.fromhex(parts[2]).decode()}"
+        except ValueError:
+            pass
+    return key
 
 
 def _kv_key(key: str) -> str:
