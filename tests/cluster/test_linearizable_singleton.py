@@ -96,7 +96,7 @@ def pg_dsn() -> Iterator[str]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _tree(tmp: Path) -> Path:
+def _tree(tmp: Path, extra: str = "") -> Path:
     writer = tmp / "writer.py"
     writer.write_text(WRITER)
     path = tmp / "tree.toml"
@@ -106,6 +106,7 @@ def _tree(tmp: Path) -> Path:
             [cluster]
             name = "jepsen"
             lease_ttl = {TTL}
+            {extra}
 
             [supervisor]
             name = "jepsen"
@@ -126,6 +127,26 @@ def _tree(tmp: Path) -> Path:
 def test_no_accepted_write_carries_a_token_lower_than_an_earlier_one(
     tmp_path: Path, nats_server: NatsServer, pg_dsn: str
 ) -> None:
+    _jepsen(tmp_path, [nats_server.port] * 3, pg_dsn, "")
+
+
+@pytest.mark.skipif(
+    not os.environ.get("TRELLIS_CLUSTER_JEPSEN_NATS_CLUSTER"),
+    reason="set TRELLIS_CLUSTER_JEPSEN_NATS_CLUSTER=1 to run the check on a three-server "
+    "NATS cluster too (each node behind its own proxy to its own server; R3 buckets)",
+)
+def test_the_same_on_a_three_server_nats_cluster(tmp_path: Path, pg_dsn: str) -> None:
+    from _nats_nodes import NatsCluster
+
+    cluster = NatsCluster(tmp_path / "nats")
+    cluster.start_all()
+    try:
+        _jepsen(tmp_path, cluster.ports, pg_dsn, "replicas = 3")
+    finally:
+        cluster.stop()
+
+
+def _jepsen(tmp_path: Path, ports: list[int], pg_dsn: str, extra: str) -> None:
     import psycopg
 
     from trellis.chaos import ChaosProxy
@@ -142,7 +163,7 @@ def test_no_accepted_write_carries_a_token_lower_than_an_earlier_one(
                 f"CREATE TABLE {table} (id bigserial PRIMARY KEY, token bigint, node text, "
                 "seq int, at timestamptz DEFAULT clock_timestamp())"
             )
-    tree = _tree(tmp_path)
+    tree = _tree(tmp_path, extra)
     lt = LoopThread()
     proxies: dict[str, Any] = {}
     nodes: dict[str, Node] = {}
@@ -151,8 +172,8 @@ def test_no_accepted_write_carries_a_token_lower_than_an_earlier_one(
     env = {"TRELLIS_TEST_DSN": pg_dsn}
     actions: list[str] = []
     try:
-        for name in "abc":
-            proxies[name] = lt.run(ChaosProxy(("127.0.0.1", nats_server.port)).start())
+        for name, port in zip("abc", ports, strict=True):
+            proxies[name] = lt.run(ChaosProxy(("127.0.0.1", port)).start())
             url = f"nats://127.0.0.1:{proxies[name].port}"
             nodes[name] = Node(tmp_path, tree, url, name, env=env)
 
