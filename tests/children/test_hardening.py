@@ -268,6 +268,9 @@ async def test_another_user_holding_the_next_notify_names_does_not_stop_restarts
     finally:
         squatter.kill()
         squatter.wait()
+        for pipe in (squatter.stdin, squatter.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 async def test_a_taken_notify_name_is_replaced_by_a_fresh_one(

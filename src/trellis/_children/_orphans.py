@@ -44,6 +44,7 @@ _sigchld_loop: asyncio.AbstractEventLoop | None = None
 _on_reaped: list[Callable[[int, int], None]] = []
 _following = 0  # pidfile children waiting for their daemon
 _enabled_at = 0  # when we became a subreaper (clock ticks since boot)
+_preexisting: dict[int, int] = {}  # our direct children then: pid -> start ticks
 PARENT_VAR = "TRELLIS_PARENT"  # in our environment while adopting: what we start has it
 
 
@@ -74,6 +75,12 @@ def enable(loop: asyncio.AbstractEventLoop | None = None) -> bool:
             return False
         _active = True
         _enabled_at = _now_ticks()
+        # our own children from before: never re-parented orphans (pid -> start ticks)
+        _preexisting.clear()
+        for pid in direct_children():
+            started = start_ticks(pid)
+            if started is not None:
+                _preexisting[pid] = started
         os.environ[PARENT_VAR] = _guardian.token()
     _pid1 = os.getpid() == 1
     if loop is not None and _sigchld_loop is None:
@@ -245,8 +252,12 @@ def _untagged_escapee(pid: int, pgid: int, env: bytes | None) -> bool:
         return False
     if f"\0{PARENT_VAR}=".encode() in b"\0" + env:
         return False
-    started = start_ticks(pid)  # before we adopted, no orphan could be re-parented to us
-    return started is not None and started >= _enabled_at
+    # before we adopted, no orphan could be re-parented to us; one started in the same
+    # clock tick (10 ms) is told apart by whether it was already our child then
+    started = start_ticks(pid)
+    if started is None or started < _enabled_at:
+        return False
+    return _preexisting.get(pid) != started
 
 
 def left_behind(tag: str) -> list[int]:
