@@ -28,6 +28,8 @@ from .._children import CommandPid
 from .._children._output import OutputRing, entry_dict, find_ring, recent_output
 from .._children._types import signal_number
 from .._core._exceptions import InvalidChildSpec
+from ._body import error as _error
+from ._body import read_json_object
 
 if TYPE_CHECKING:
     from ._server import ControlServer
@@ -55,10 +57,6 @@ def _resolve(ctl: ControlServer, raw: str) -> str | None:
     if name and find_ring(f"{name}/{raw}") is not None:
         return f"{name}/{raw}"
     return None
-
-
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
 
 
 async def logs(ctl: ControlServer, request: Request) -> Response:
@@ -196,25 +194,7 @@ _SIGNAL_FIELDS = frozenset({"signal", "group", "reason"})
 
 async def _signal_body(ctl: ControlServer, request: Request) -> dict[str, Any] | Response:
     limit = int(getattr(ctl, "_max_body", 64 * 1024))
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            return _error(413, f"the body is over the limit of {limit} bytes")
-    try:
-        data = json.loads(bytes(raw)) if raw.strip() else {}
-    except (ValueError, UnicodeDecodeError) as e:
-        return _error(400, f"the body is not valid JSON: {e}")
-    if not isinstance(data, dict):
-        return _error(422, f"the body must be a JSON object, not {type(data).__name__}")
-    unknown = sorted(set(data) - _SIGNAL_FIELDS)
-    if unknown:
-        allowed = ", ".join(sorted(_SIGNAL_FIELDS))
-        return _error(422, f"unknown field(s) {', '.join(unknown)} (allowed: {allowed})")
-    reason = data.get("reason")
-    if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
-        return _error(422, "reason must be a string of at most 500 characters")
-    return data
+    return await read_json_object(request, _SIGNAL_FIELDS, limit)
 
 
 async def send_signal(ctl: ControlServer, request: Request) -> Response:

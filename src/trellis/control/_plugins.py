@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +36,8 @@ from starlette.responses import JSONResponse, Response
 from .._core._exceptions import ChildSpecError, NotFound, StartError, TrellisError
 from .._plugins import _hosts
 from .._plugins._errors import PluginError, PluginRejected
+from ._body import error as _error
+from ._body import read_json_object
 
 if TYPE_CHECKING:
     from ._server import ControlServer
@@ -54,33 +55,6 @@ _LOAD_FIELDS = frozenset(
 _CHECK_FIELDS = frozenset({"check_function", "check_data"})
 _CALL_FIELDS = frozenset({"function", "data", "data_b64", "timeout", "host", "reason"})
 _PLAIN_FIELDS = frozenset({"host", "reason"})
-
-
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
-
-
-async def _body(request: Request, allowed: frozenset[str], limit: int) -> dict[str, Any] | Response:
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            return _error(413, f"the body is over the limit of {limit} bytes")
-    try:
-        data = json.loads(bytes(raw)) if raw.strip() else {}
-    except (ValueError, UnicodeDecodeError) as e:
-        return _error(400, f"the body is not valid JSON: {e}")
-    if not isinstance(data, dict):
-        return _error(422, f"the body must be a JSON object, not {type(data).__name__}")
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        return _error(
-            422, f"unknown field(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})"
-        )
-    reason = data.get("reason")
-    if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
-        return _error(422, "reason must be a string of at most 500 characters")
-    return data
 
 
 def _host(body: dict[str, Any]) -> Any:
@@ -111,7 +85,7 @@ async def _act(
     ctl: ControlServer, request: Request, action: str, allowed: frozenset[str], limit: int
 ) -> tuple[dict[str, Any], Any, str] | Response:
     pid = request.path_params["id"]
-    body = await _body(request, allowed, limit)
+    body = await read_json_object(request, allowed, limit)
     if isinstance(body, Response):
         return body
     try:
@@ -236,7 +210,7 @@ async def release(ctl: ControlServer, request: Request) -> Response:
 
 async def call(ctl: ControlServer, request: Request) -> Response:
     pid = request.path_params["id"]
-    body = await _body(request, _CALL_FIELDS, MAX_MODULE_BODY)
+    body = await read_json_object(request, _CALL_FIELDS, MAX_MODULE_BODY)
     if isinstance(body, Response):
         return body
     try:

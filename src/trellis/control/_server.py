@@ -42,6 +42,8 @@ from .._core._exceptions import NotFound, TrellisError
 from .._core._process import Pid
 from .._supervisor import DynamicSupervisorPid, _AdminPid
 from .._tree import Node, Tracker, jsonable, reason_text, walk
+from ._body import error as _error
+from ._body import read_json_object
 from ._dashboard import PUBLIC_PATHS, dashboard_routes
 from ._listen import (
     CONNECTION,
@@ -169,10 +171,6 @@ def _view_json(n: dict[str, Any], root_since: float | None) -> dict[str, Any]:
         "children": [_view_json(c, None) for c in n["children"]],
     }
     return out
-
-
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
 
 
 def _sse(name: str, data: Mapping[str, Any], id: int | None = None) -> bytes:
@@ -904,27 +902,7 @@ class ControlServer:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body:
             return _error(413, f"the body is {length} bytes; the limit is {self._max_body}")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > self._max_body:
-                return _error(413, f"the body is over the limit of {self._max_body} bytes")
-        if not raw.strip():
-            return {}
-        try:
-            data = json.loads(bytes(raw))
-        except (ValueError, UnicodeDecodeError) as e:
-            return _error(400, f"the body is not valid JSON: {e}")
-        if not isinstance(data, dict):
-            return _error(422, f"the body must be a JSON object, not {type(data).__name__}")
-        unknown = sorted(set(data) - _BODY_FIELDS)
-        if unknown:
-            allowed = ", ".join(sorted(_BODY_FIELDS))
-            return _error(422, f"unknown field(s) {', '.join(unknown)} (allowed: {allowed})")
-        reason = data.get("reason")
-        if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
-            return _error(422, "reason must be a string of at most 500 characters")
-        return data
+        return await read_json_object(request, _BODY_FIELDS, self._max_body)
 
     def _operator(
         self, request: Request, action: str, target: str | None, result: str, detail: Any = None
