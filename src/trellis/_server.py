@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any, ClassVar
 
-from ._core import _clock, _stopping
+from ._core import _clock
 from ._core._exceptions import (
     AlreadyRegistered,
     AlreadyStarted,
@@ -369,19 +369,6 @@ async def _start(
     try:
         res = await ack
     except asyncio.CancelledError:
-        if (
-            ack.done()
-            and not ack.cancelled()
-            and ack.result() is _OK
-            and not pid._dead
-            and _stopping.cancelled_by_stop(pid._loop, asyncio.current_task())
-        ):
-            # init had returned when the tree's stop request cancelled the starting
-            # supervisor, before it resumed: the server is started, so it is handed over
-            # (the supervisor stops it in order, with terminate), not killed as a
-            # half-started one. The supervisor takes its cancellation back. Any other
-            # canceller keeps the usual meaning: the start is abandoned.
-            return pid
         # the starter gave up (e.g. wait_for): the half-started server must not live on
         _unlink_parent(pid)
         _kill(pid, KILLED)

@@ -15,7 +15,7 @@ import asyncio
 import weakref
 from typing import Any
 
-__all__ = ["TreeStop", "arm", "cancelled_by_stop", "disarm", "get"]
+__all__ = ["TreeStop", "arm", "disarm", "get"]
 
 # Module flags the restart path reads before anything else (a global and an attribute,
 # no call), so that a process with no tree stopping pays nothing for the check:
@@ -115,13 +115,6 @@ def disarm(loop: asyncio.AbstractEventLoop, stop: TreeStop) -> None:
     stops = list(_armed.values())
     armed = bool(stops)
     requested = any(s._requested for s in stops)
-
-
-def cancelled_by_stop(loop: asyncio.AbstractEventLoop | None, task: object) -> bool:
-    """Whether ``task`` (a supervisor awaiting a start) was cancelled by its tree's stop
-    request and has not yet taken the cancellation back."""
-    stop = get(loop)
-    return stop is not None and task in stop._cancelled
 
 
 def get(loop: asyncio.AbstractEventLoop | None) -> TreeStop | None:
