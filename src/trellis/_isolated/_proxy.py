@@ -328,10 +328,6 @@ class _Proxy(Server):
             if not exited.done():
                 exited.cancel()
 
-    @property
-    def os_pid(self) -> int | None:
-        return getattr(self.os_child, "os_pid", None)
-
     def relay(self, event: dict[str, Any]) -> None:
         name = event.pop("event", "event")
         event.pop("time", None)
