@@ -59,10 +59,17 @@ async def three(
         for p in procs.values():
             if p.poll() is None:
                 p.terminate()
-        for p in procs.values():
-            await asyncio.to_thread(p.wait, 20)
-        for log in logs:
-            log.close()
+        try:
+            for p in procs.values():
+                try:
+                    await asyncio.to_thread(p.wait, 20)
+                except subprocess.TimeoutExpired:
+                    p.kill()  # a node slow to stop must not outlive the test
+                    await asyncio.to_thread(p.wait, 20)
+                    raise
+        finally:
+            for log in logs:
+                log.close()
         for _, _, _, pid in _starts(tmp_path):
             assert not alive(pid), "a child outlived its node"
 
