@@ -1,0 +1,1 @@
+"""The clustered notification service: simulated push providers, intake, dispatchers, campaigns."""
