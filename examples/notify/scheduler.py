@@ -1,0 +1,123 @@
+"""Cluster singletons of the notification service: the campaign scheduler and the reaper.
+
+The scheduler (``scope = "cluster"``) expands each open campaign into notifications, a
+chunk at a time: it publishes the chunk (keys ``"<campaign>:<index>"``, so a chunk
+published twice, by a stale owner or after a failover, is stored once by JetStream's
+duplicate window) and then records its progress with its fencing token. PostgreSQL
+refuses progress from a token older than the last one written: a scheduler that lost its
+lease (paused, partitioned) cannot move a campaign back or forward, and stops.
+
+The reaper (``scope = "cluster"``) clears claims whose owner died mid-batch, so their
+pairs can be claimed at once when JetStream redelivers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from examples.notify import common
+
+__all__ = ["CHUNK", "StaleFence", "campaign_tokens", "reaper", "scheduler"]
+
+_log = logging.getLogger("notify.scheduler")
+CHUNK = 200
+
+
+class StaleFence(RuntimeError):
+    """A newer scheduler wrote progress: this one's lease is gone; it stops."""
+
+
+def campaign_tokens(campaign: str, index: int) -> list[str]:
+    """The device tokens of a campaign's ``index``-th notification (deterministic)."""
+    tokens = [f"apns:{campaign}-{index}"]
+    if index % 3 == 0:
+        tokens.append(f"fcm:{campaign}-{index}")
+    return tokens
+
+
+async def scheduler(interval: float = 0.2) -> None:
+    import nats
+    from examples.notify.store import Store
+
+    from trellis.cluster import fencing_token
+
+    settings = common.Settings.from_env()
+    nc = await nats.connect(
+        settings.nats,
+        name=f"notify-scheduler-{settings.node}",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+    )
+    store = await Store.open(settings.pg)
+    try:
+        js = nc.jetstream(timeout=5.0)
+        await common.ensure_stream(js, settings.partitions)
+        while True:
+            fence = fencing_token()  # raises LeaseLost once this node's lease lapsed
+            if fence is None:
+                raise RuntimeError("the scheduler must run with scope = 'cluster'")
+            for c in await store.campaigns_open():
+                await expand_chunk(js, store, c, fence, settings.partitions)
+            await asyncio.sleep(interval)
+    finally:
+        with contextlib.suppress(Exception):
+            await store.close()
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+async def expand_chunk(js: Any, store: Any, c: dict[str, Any], fence: int, partitions: int) -> int:
+    """Publish the next chunk of campaign ``c`` and record it under ``fence``; the new
+    next index. Raises :class:`StaleFence` if a newer owner wrote first."""
+    start, total = int(c["next_index"]), int(c["total"])
+    end = min(start + CHUNK, total)
+    docs = [
+        {
+            "key": f"{c['id']}:{i}",
+            "priority": c["priority"],
+            "tokens": campaign_tokens(c["id"], i),
+            "campaign": c["id"],
+            "payload": c.get("payload") or {},
+        }
+        for i in range(start, end)
+    ]
+    await asyncio.gather(
+        *(
+            js.publish(
+                common.subject(d["priority"], common.partition_of(d["key"], partitions)),
+                common.encode(d),
+                stream=common.STREAM,
+                headers={"Nats-Msg-Id": d["key"]},
+            )
+            for d in docs
+        )
+    )
+    if not await store.campaign_advance(c["id"], fence, end):
+        raise StaleFence(f"campaign {c['id']}: a newer scheduler owns it (my token {fence})")
+    return end
+
+
+async def reaper(interval: float = 1.0, beat: float = 0.25) -> None:
+    """Clear stale claims every ``interval``; write the primary's heartbeat (which the
+    read replica's lag is measured on) every ``beat`` seconds."""
+    from examples.notify.store import Store
+
+    settings = common.Settings.from_env()
+    store = await Store.open(settings.pg)
+    loop = asyncio.get_running_loop()
+    next_reap = loop.time()
+    try:
+        while True:
+            if loop.time() >= next_reap:
+                n = await store.reap(common.STALE_AFTER * 2)
+                if n:
+                    _log.info("reaper: cleared %d stale claims", n)
+                next_reap = loop.time() + interval
+            await store.beat()
+            await asyncio.sleep(beat)
+    finally:
+        with contextlib.suppress(Exception):
+            await store.close()
