@@ -117,8 +117,10 @@ def _nodes(raw: object, specs: Sequence[ChildSpec]) -> list[_Node]:
     out = []
     for data, spec in zip(tables, specs, strict=True):
         kids = None
-        if spec.type is ChildType.SUPERVISOR:
-            kids = _nodes(data.get("children"), spec.args[0] if spec.args else [])
+        sub = spec.args[0] if spec.args else []
+        # a server-backed supervisor (a DistributedSupervisor) has no child specs here
+        if spec.type is ChildType.SUPERVISOR and isinstance(sub, list | tuple):
+            kids = _nodes(data.get("children"), sub)
         out.append(_Node(str(spec.id), spec, _table(data), kids))
     return out
 
