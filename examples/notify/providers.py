@@ -327,6 +327,9 @@ class ProviderServer:
                     return
         except ConnectionError:
             return
+        except asyncio.CancelledError:
+            # stop(): end normally, or asyncio's stream callback logs the cancelled task
+            return
         finally:
             self._conns.discard(task)
             writer.close()
