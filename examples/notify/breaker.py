@@ -10,7 +10,8 @@ an HTTP client that goes through both.
   (weights 8, 3, 1 by default), so high goes first and bulk still progresses.
   :meth:`RateLimiter.pause` stops all grants for a ``Retry-After``.
 - :class:`ProviderClient`: ``POST /v1/send`` over a keep-alive ``httpx.AsyncClient``;
-  takes one limiter token per request, feeds the breaker, and raises
+  takes one limiter token per request (per message with ``cost="message"``, to
+  match a provider run with ``--rate-unit messages``), feeds the breaker, and raises
   :class:`ProviderUnavailable` when the breaker is open, on 5xx, 429 and
   connection errors or timeouts.
 
@@ -347,7 +348,11 @@ class ProviderClient:
         *,
         timeout: float = 5.0,
         max_connections: int = 16,
+        cost: str = "request",
     ) -> None:
+        if cost not in ("request", "message"):
+            raise ValueError(f"cost must be request or message, got {cost!r}")
+        self.cost = cost
         self.kind = kind
         self.base_url = base_url
         self.breaker = breaker
@@ -376,7 +381,7 @@ class ProviderClient:
             self.counts["rejected"] += 1
             raise ProviderUnavailable(breaker.retry_in(), "circuit open")
         if self.limiter is not None:
-            await self.limiter.acquire(1, priority)
+            await self.limiter.acquire(len(messages) if self.cost == "message" else 1, priority)
         if breaker is not None and not breaker.allow():
             self.counts["rejected"] += 1
             raise ProviderUnavailable(max(breaker.retry_in(), 0.05), "circuit open")

@@ -14,7 +14,9 @@ API (JSON bodies, keep-alive connections):
 - ``POST /v1/send`` ``{"messages": [{"id", "token", "payload"}]}`` -> 200
   ``{"results": [{"id", "status": "ok" | "invalid_token" | "duplicate"}]}``.
   The whole batch is refused with a 5xx during a burst, or with 429 and
-  ``Retry-After`` (seconds, a decimal) when over ``--rate-limit`` requests/s.
+  ``Retry-After`` (seconds, a decimal) when over ``--rate-limit`` requests/s
+  (messages/s with ``--rate-unit messages``; a batch bigger than the bucket
+  passes when it is full and leaves it in debt).
 - ``POST /v1/faults`` ``{"mode": "5xx" | "429" | "ok", "requests": N,
   "retry_after": 1.0}``: the next N send requests get that answer ("ok" means
   served, even during a burst or over the rate). Replaces earlier forced faults.
@@ -135,12 +137,15 @@ class ProviderConfig:
     burst_len: int = 0
     rate_limit: float = 0.0  # send requests per second; 0 = unlimited
     rate_burst: float = 0.0  # bucket size; 0 = max(1, rate_limit)
+    rate_unit: str = "requests"  # or "messages": what --rate-limit counts
 
 
 class ProviderSim:
     """The provider's rules and memory; :meth:`send` is one ``POST /v1/send``."""
 
     def __init__(self, config: ProviderConfig, clock: Any = time.monotonic) -> None:
+        if config.rate_unit not in ("requests", "messages"):
+            raise ValueError(f"rate_unit must be requests or messages, got {config.rate_unit!r}")
         if config.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {config.kind!r}")
         self.config = config
@@ -174,22 +179,24 @@ class ProviderSim:
         self._forced_mode, self._forced_left = mode, requests
         self._forced_retry_after = retry_after
 
-    def _over_rate(self) -> float | None:
-        """None when a send may pass now (taking a token), else seconds to wait."""
+    def _over_rate(self, n_messages: int) -> float | None:
+        """None when a send may pass now (taking its tokens), else seconds to wait."""
         rate = self.config.rate_limit
         if rate <= 0:
             return None
+        cost = float(n_messages) if self.config.rate_unit == "messages" else 1.0
         now = self.clock()
         self._tokens = min(self._capacity, self._tokens + (now - self._refilled) * rate)
         self._refilled = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        need = min(cost, self._capacity)
+        if self._tokens >= need:
+            self._tokens -= cost
             return None
-        return (1.0 - self._tokens) / rate
+        return (need - self._tokens) / rate
 
-    def admit(self) -> tuple[int, int, float]:
-        """Number the next send request and decide its fate: ``(seq, status,
-        retry_after)``; status 200 means serve it."""
+    def admit(self, n_messages: int = 1) -> tuple[int, int, float]:
+        """Number the next send request (of ``n_messages``) and decide its fate:
+        ``(seq, status, retry_after)``; status 200 means serve it."""
         self.seq += 1
         self.stats["requests"] += 1
         seq, cfg = self.seq, self.config
@@ -205,7 +212,7 @@ class ProviderSim:
             self.stats["5xx"] += 1
             return seq, (500, 502, 503)[int(_unit(cfg.seed, "code", seq) * 3)], 0.0
         if mode is None:
-            wait = self._over_rate()
+            wait = self._over_rate(n_messages)
             if wait is not None:
                 self.stats["429"] += 1
                 return seq, 429, wait
@@ -368,7 +375,7 @@ class ProviderServer:
                 messages = _parse_messages(body)
             except ValueError as exc:  # json.JSONDecodeError is a ValueError
                 return 400, {"error": str(exc)}, None
-            seq, status, retry_after = sim.admit()
+            seq, status, retry_after = sim.admit(len(messages))
             if status == 429:
                 return (
                     429,
@@ -418,6 +425,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--burst-len", type=int, default=0, help="requests refused per period")
     p.add_argument("--rate-limit", type=float, default=0.0, help="send requests/s (0 = none)")
     p.add_argument("--rate-burst", type=float, default=0.0, help="bucket size (default: rate)")
+    p.add_argument("--rate-unit", choices=("requests", "messages"), default="requests")
     p.add_argument("--record", type=Path, help="write the deliveries JSON here on exit")
     return p
 
@@ -433,6 +441,7 @@ async def _serve(args: argparse.Namespace) -> None:
             burst_len=args.burst_len,
             rate_limit=args.rate_limit,
             rate_burst=args.rate_burst,
+            rate_unit=args.rate_unit,
         )
     )
     server = ProviderServer(sim)

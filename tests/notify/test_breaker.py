@@ -306,6 +306,17 @@ async def test_breaker_rides_out_the_scheduled_bursts_and_nothing_is_lost() -> N
     assert ("half_open", "closed") in transitions
 
 
+async def test_client_can_take_one_limiter_token_per_message(apns: ProviderProcess) -> None:
+    clock = VClock()
+    limiter = RateLimiter(100, 10, clock=clock, sleep=clock.sleep)
+    async with ProviderClient("apns", apns.url, limiter=limiter, cost="message") as client:
+        await client.send(_msgs("k1", 10))
+        assert clock.now == 0.0  # the burst of 10
+        await client.send(_msgs("k2", 10))
+        assert clock.now == pytest.approx(0.1)  # 10 more at 100/s
+    assert limiter.granted["normal"] == 2
+
+
 async def test_429_pauses_the_limiter_for_retry_after(apns: ProviderProcess) -> None:
     clock = VClock()
     breaker = CircuitBreaker(clock=clock)

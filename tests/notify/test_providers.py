@@ -127,6 +127,19 @@ def test_over_the_rate_limit_answers_429_with_retry_after() -> None:
         p.close()
 
 
+def test_rate_limit_in_messages_counts_each_message() -> None:
+    argv = ["--rate-limit", "0.1", "--rate-burst", "10", "--rate-unit", "messages"]
+    p = _start("apns", 1, *argv, "--invalid-ratio", "0")
+    try:
+        tokens = [f"apns:{i}" for i in range(6)]
+        assert p.send(_msgs("a", tokens)).status_code == 200  # 4 of 10 left
+        assert p.send(_msgs("b", tokens)).status_code == 429  # 6 > 4
+        assert p.send(_msgs("c", tokens[:4])).status_code == 200  # 4 fit
+        assert p.stats()["shown"] == 10
+    finally:
+        p.close()
+
+
 def test_fault_hook_forces_5xx_429_and_ok(apns: Provider) -> None:
     apns.faults("5xx", 2)
     assert apns.send(_msgs("a", ["apns:1"])).status_code >= 500
