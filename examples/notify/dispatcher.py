@@ -56,7 +56,8 @@ def provider_clients(settings: common.Settings) -> dict[str, Any]:
                 kind,
                 url,
                 breaker=CircuitBreaker(failure_threshold=5, open_for=1.0),
-                limiter=RateLimiter(rate, burst=max(1.0, rate / 10)),
+                limiter=RateLimiter(rate, burst=max(float(SEND_CHUNK), rate / 10)),
+                cost="message",  # NOTIFY_PROVIDER_RATE is in messages/s
             )
     return _clients
 

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -117,33 +118,23 @@ class Provider:
     def __init__(self, kind: str, seed: int, log: Path, extra: list[str]) -> None:
         self.kind = kind
         self.log = log
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "examples.notify.providers",
-                "--kind",
-                kind,
-                "--port",
-                "0",
-                "--seed",
-                str(seed),
-                *extra,
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=log.open("wb"),
-            text=True,
-        )
+        argv = [sys.executable, "-m", "examples.notify.providers", "--kind", kind]
+        argv += ["--port", "0", "--seed", str(seed), *extra]
+        with log.open("wb") as err:
+            self.proc = subprocess.Popen(
+                argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True
+            )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().split()
         if len(line) != 2 or line[0] != "READY":
-            _stop(self.proc)
+            self.stop()
             raise RuntimeError(f"provider {kind} did not start; see {log}")
         self.url = f"http://127.0.0.1:{int(line[1])}"
 
     def stop(self) -> None:
         _stop(self.proc)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 class Node:
@@ -160,6 +151,9 @@ class Node:
         self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        #: in the load balancer's rotation: set once the intake listens, cleared before
+        #: a kill or a drain (a rolling deploy takes the node out of rotation first)
+        self.serving = False
 
     @property
     def socket(self) -> Path:
@@ -170,6 +164,7 @@ class Node:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        self.serving = False
         port_file = self.dir / "intake.port"
         port_file.unlink(missing_ok=True)
         env = {
@@ -202,6 +197,7 @@ class Node:
                 cmd, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True
             )
         self.port = int(_wait(lambda: self._port(port_file), 60.0, f"node {self.name}'s intake"))
+        self.serving = True
 
     def _port(self, path: Path) -> int | None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -219,6 +215,7 @@ class Node:
 
     def kill(self) -> None:
         """kill -9 of the node's trellis process (its guardian cleans up after it)."""
+        self.serving = False
         if self.alive:
             assert self.proc is not None
             os.kill(self.proc.pid, signal.SIGKILL)
@@ -226,10 +223,18 @@ class Node:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM and wait: the node drains (intake first, then dispatchers)."""
+        self.serving = False
         if self.proc is None:
             return None
         _stop(self.proc, timeout)
         return self.proc.returncode
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting (see :meth:`stop`)."""
+        self.serving = False
+        if self.alive:
+            assert self.proc is not None
+            self.proc.terminate()
 
 
 class Service:
@@ -259,6 +264,7 @@ class Service:
         self.pg: Any = None
         self.providers: dict[str, Provider] = {}
         self.nodes: dict[str, Node] = {}
+        self._pg_tmp: Path | None = None
 
     async def __aenter__(self) -> Service:
         await asyncio.to_thread(self.start)
@@ -274,7 +280,7 @@ class Service:
         try:
             self.nats = NatsServer(self.base / "nats")
             self.nats.start()
-            self.pg = PgCluster(self.base / "pg")
+            self.pg = PgCluster(self._pg_dir())
             self.pg.start(replica=self.replica)
             for kind in ("apns", "fcm"):
                 self.providers[kind] = Provider(
@@ -301,6 +307,16 @@ class Service:
             self.stop()
             raise
 
+    def _pg_dir(self) -> Path:
+        """``base/pg``, or a directory of its own under /tmp when the postgres user (the
+        servers run as it when we are root) cannot reach ``base`` (pytest's tmp_path)."""
+        base = self.base.absolute()
+        if os.geteuid() != 0 or all(os.stat(p).st_mode & 0o001 for p in [base, *base.parents]):
+            return self.base / "pg"
+        self._pg_tmp = Path(tempfile.mkdtemp(prefix="notify-pg-", dir="/tmp"))
+        os.chmod(self._pg_tmp, 0o755)
+        return self._pg_tmp / "pg"
+
     async def _schema(self) -> None:
         from examples.notify.store import Store
 
@@ -311,6 +327,9 @@ class Service:
             await store.close()
 
     def stop(self) -> None:
+        for node in self.nodes.values():  # all drain at once
+            with contextlib.suppress(Exception):
+                node.terminate()
         for node in self.nodes.values():
             with contextlib.suppress(Exception):
                 node.stop(timeout=20.0)
@@ -321,9 +340,12 @@ class Service:
                 self.pg.stop()
         if self.nats is not None:
             self.nats.stop()
+        if self._pg_tmp is not None:
+            shutil.rmtree(self._pg_tmp, ignore_errors=True)
+            self._pg_tmp = None
 
     def live_urls(self) -> list[str]:
-        return [n.url for n in self.nodes.values() if n.alive]
+        return [n.url for n in self.nodes.values() if n.alive and n.serving]
 
     def submitter(self, **kw: Any) -> Submitter:
         return Submitter(self, **kw)
@@ -350,7 +372,10 @@ class Service:
         from examples.notify.providers import token_invalid
 
         def ok(pid: str) -> bool:
-            token = pid.split(":", 1)[1] if ":" in pid else pid
+            # "<key>:<token>": a key may hold ':' (campaign keys do); a token starts with
+            # its provider's name
+            at = max(pid.rfind(f":{kind}:") for kind in ("apns", "fcm"))
+            token = pid[at + 1 :] if at >= 0 else pid
             kind = token.split(":", 1)[0]
             return not token_invalid(self.seed, token, self.invalid_ratio, kind)
 
@@ -379,6 +404,8 @@ class Submitter:
         self.accepted: dict[str, dict[str, Any]] = {}  # key -> notification (+ accepted_at)
         self.failed: dict[str, str] = {}  # key -> last error, never accepted
         self.attempts = 0
+        #: every request: (start, end, notifications in it, HTTP status or 0 on an error)
+        self.log: list[tuple[float, float, int, int]] = []
         self._rr = 0
 
     async def aclose(self) -> None:
@@ -394,10 +421,12 @@ class Submitter:
                 self._rr += 1
                 url = urls[self._rr % len(urls)]
                 self.attempts += 1
+                started = time.time()
                 try:
                     r = await self.http.post(
                         f"{url}/v1/notifications", json={"notifications": docs}
                     )
+                    self.log.append((started, time.time(), len(docs), r.status_code))
                     if r.status_code == 202:
                         now = time.time()
                         for doc in docs:
@@ -408,6 +437,7 @@ class Submitter:
                         raise ValueError(f"intake refused the batch: {r.text}")
                     last = f"HTTP {r.status_code}"
                 except httpx.HTTPError as e:
+                    self.log.append((started, time.time(), len(docs), 0))
                     last = f"{type(e).__name__}"
             await asyncio.sleep(0.05)
         for doc in docs:

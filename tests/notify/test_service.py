@@ -69,6 +69,7 @@ async def test_a_node_killed_mid_batch_loses_and_duplicates_nothing(tmp_path: Pa
     ) as svc:
         sub = svc.submitter()
         try:
+
             async def load() -> None:
                 for i in range(40):
                     await sub.submit(notes(f"n{i}", 25, ("high", "normal", "bulk")[i % 3], 2))
@@ -90,9 +91,7 @@ async def test_a_node_killed_mid_batch_loses_and_duplicates_nothing(tmp_path: Pa
 
 async def test_bulk_backlog_does_not_delay_high_priority(tmp_path: Path) -> None:
     # one node, provider throughput capped: a bulk backlog of several seconds
-    async with Service(
-        tmp_path / "svc", ["a"], env={"NOTIFY_PROVIDER_RATE": "800"}
-    ) as svc:
+    async with Service(tmp_path / "svc", ["a"], env={"NOTIFY_PROVIDER_RATE": "800"}) as svc:
         sub = svc.submitter()
         try:
             for i in range(20):
