@@ -1,18 +1,20 @@
 """The isolated server's own interpreter: ``python -m trellis._isolated._child``.
 
-Started by Trellis (see :func:`trellis.Isolated`) with the server to run in
-``TRELLIS_ISOLATED`` and the socket to talk over in ``TRELLIS_ISOLATED_SOCKET``. It
-connects, starts the server in a Trellis kernel of its own, says READY, then carries
-calls, casts and messages in and replies, telemetry and the server's exit out. While it
-runs it sends ``WATCHDOG=1`` from its event loop (sd_notify), so a blocked interpreter is
-detected as hung by its owner. Exit code: 0 when the server ended cleanly, 1 when it
-crashed, 3 when it could not start.
+Started by Trellis (see :func:`trellis.Isolated`) with the socket to talk over in
+``TRELLIS_ISOLATED_SOCKET`` and the serializer in ``TRELLIS_ISOLATED_SERIALIZER``. It
+imports what every isolated server needs, connects and says HELLO, then waits for GO,
+which names the server and its arguments: so an interpreter can be started ahead of
+time (a standby) and run ``init`` only when it is adopted. After GO it starts the server
+in a Trellis kernel of its own, says READY, then carries calls, casts and messages in and
+replies, telemetry and the server's exit out. While it runs (waiting included) it sends
+``WATCHDOG=1`` from its event loop (sd_notify), so a blocked interpreter is detected as
+hung by its owner. Exit code: 0 when the server ended cleanly (or was never started),
+1 when it crashed, 3 when it could not start.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import importlib
 import logging
 import os
@@ -31,6 +33,8 @@ from ._wire import (
     CAST,
     EXIT,
     FAIL,
+    GO,
+    HELLO,
     INFO,
     READY,
     REPLY,
@@ -43,7 +47,7 @@ from ._wire import (
     cast_transport,
 )
 
-SPEC_ENV = "TRELLIS_ISOLATED"
+SERIALIZER_ENV = "TRELLIS_ISOLATED_SERIALIZER"
 SOCKET_ENV = "TRELLIS_ISOLATED_SOCKET"
 PATH_ENV = "TRELLIS_ISOLATED_PATH"
 EXIT_CRASHED = 1
@@ -67,6 +71,8 @@ class _Link(asyncio.Protocol):
 
     def __init__(self, codec: Codec, done: asyncio.Future[None]) -> None:
         self.codec = codec
+        #: ``(target, args, kwargs)`` once GO arrived; None if stopped before it
+        self.go: asyncio.Future[Any] = done.get_loop().create_future()
         self.reader = FrameReader()
         self.transport: asyncio.Transport | None = None
         self.server: Any = None
@@ -109,6 +115,8 @@ class _Link(asyncio.Protocol):
                 server.send(frame[1])
             elif kind == STOP:
                 self.request_stop(decode_reason(frame[1]))
+            elif kind == GO and not self.go.done():
+                self.go.set_result(frame[1:])
 
     def _undecodable(self, body: bytes, why: str) -> None:
         """A frame whose payload this side cannot rebuild: a call gets the error back."""
@@ -132,6 +140,8 @@ class _Link(asyncio.Protocol):
         if self.stopping:
             return
         self.stopping = True
+        if not self.go.done():
+            self.go.set_result(None)  # stopped (or the parent went) before GO
         if server is None or server._dead:
             if not self.done.done():
                 self.done.set_result(None)
@@ -204,12 +214,17 @@ def _load(target: str) -> type[Server]:
     return obj
 
 
-async def _serve(codec: Codec, path: str, target: str, args: Any, kwargs: Any) -> int:
+async def _serve(codec: Codec, path: str) -> int:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     link = _Link(codec, done)
     await loop.create_unix_connection(lambda: link, path)
     _heartbeat(loop)
+    link.send([HELLO])
+    go = await link.go
+    if go is None:
+        return 0  # a standby that was never used
+    target, args, kwargs = go
     try:
         cls = _load(target)
         server = await cls.start(*args, **kwargs)
@@ -270,19 +285,16 @@ def _reason_text(reason: Any) -> str:
 
 def main() -> int:
     """Entry point of the isolated interpreter."""
-    spec = os.environ.pop(SPEC_ENV, None)
     path = os.environ.pop(SOCKET_ENV, None)
-    if spec is None or path is None:
+    serializer = os.environ.pop(SERIALIZER_ENV, "msgpack")
+    if path is None:
         print("trellis._isolated._child is started by trellis.Isolated", file=sys.stderr)
         return 2
     for entry in os.environ.pop(PATH_ENV, "").split(os.pathsep):
         if entry and entry not in sys.path:
             sys.path.append(entry)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    serializer, _, payload = spec.partition(":")
-    codec = Codec(serializer)
-    target, args, kwargs = codec.decode(base64.b64decode(payload))
-    return asyncio.run(_serve(codec, path, target, tuple(args), dict(kwargs)))
+    return asyncio.run(_serve(Codec(serializer), path))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,19 @@ process group, the guardian, limits, a watchdog), forwards each message over a U
 socket and replies when the answer comes back. When the interpreter ends, the stand-in
 ends with its reason, so the supervisor restarts it by its spec and every caller still
 waiting gets ``Exited`` at once.
+
+Each interpreter is held by a small ``_Holder`` process (the OS process's owner), so that
+one can be started ahead of time: once a stand-in is up, it starts a *standby* (Python
+started, Trellis and msgspec imported, connected, waiting for GO, no ``init`` run). The
+stand-in of the next restart adopts it and sends GO, so a restart after a crash does not
+pay for Python's start and imports. A standby is killed when its child is stopped, when
+the supervisor ends, or when no restart adopts it in time; like every OS child it is
+known to the guardian, so it does not outlive Trellis either.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import shutil
@@ -21,20 +28,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._children._command import Command
+from .._children._output import ring_for
 from .._children._types import ExitCode, Hung, LimitExceeded, Limits, Signaled
 from .._childspec import Backoff, ChildSpec
 from .._core import _telemetry
 from .._core._exceptions import InvalidChildSpec, TrellisError
+from .._core._process import Pid, kill_and_wait, link, monitor
 from .._core._process import exit as exit_process
 from .._core._process import self as self_pid
-from .._core._reasons import KILL, NORMAL, SHUTDOWN, Exit, Shutdown, is_clean
+from .._core._reasons import KILL, NORMAL, SHUTDOWN, Down, Exit, Shutdown, is_clean
 from .._server import Caller, NoReply, Server, Stop
-from ._child import EXIT_START_FAILED, PATH_ENV, SOCKET_ENV, SPEC_ENV
+from ._child import EXIT_START_FAILED, PATH_ENV, SERIALIZER_ENV, SOCKET_ENV
 from ._wire import (
     CALL,
     CAST,
     EXIT,
     FAIL,
+    GO,
+    HELLO,
     INFO,
     READY,
     REPLY,
@@ -74,7 +85,7 @@ class IsolatedExit(TrellisError):
 class _Config:
     id: str
     target: str
-    spec: str  # serializer:base64 of [target, args, kwargs]
+    go: bytes  # the GO frame: [GO, target, args, kwargs]
     serializer: str
     python: str
     env: dict[str, str] = field(default_factory=dict)
@@ -84,6 +95,8 @@ class _Config:
     heartbeat: float | None = 5.0
     start_timeout: float = 30.0
     stop_timeout: float = 5.0
+    standby: bool = True
+    adopt_within: float = 30.0  # an unused standby lives this long after its stand-in
 
 
 def Isolated(
@@ -99,6 +112,7 @@ def Isolated(
     inherit_env: bool | tuple[str, ...] = DEFAULT_INHERIT,
     cwd: str | os.PathLike[str] | None = None,
     start_timeout: float = 30.0,
+    standby: bool = True,
     restart: str = "permanent",
     shutdown: Any = 5.0,
     significant: bool = False,
@@ -120,6 +134,14 @@ def Isolated(
     ``oom``) and callers waiting get ``Exited`` at once. ``heartbeat`` (seconds, None
     for none): an interpreter whose event loop sends no heartbeat for that long is
     killed as ``hung``.
+
+    ``standby`` (default on for a restartable child): keep one more interpreter started
+    and waiting, so that a restart after a crash adopts it instead of starting Python
+    (a restart then costs the server's ``init``, not the interpreter's start and
+    imports). The standby has the same environment, limits and arguments; it runs
+    nothing of the server, not even the import of its module, until it is adopted, so a
+    restarted server starts from scratch as before. It costs one idle interpreter
+    (about 20 MB) per isolated child. A child stopped by its supervisor starts cold.
 
     Example::
 
@@ -148,7 +170,7 @@ def Isolated(
         raise InvalidChildSpec(id, "must be a non-empty str without '/'", field="id")
     codec = _codec(serializer)
     try:
-        payload = codec.encode([target, list(args), kwargs])[4:]
+        go = codec.encode([GO, target, list(args), kwargs])
     except UnsupportedMessage as e:
         raise InvalidChildSpec(
             args, f"the arguments cannot be sent to the new interpreter: {e}", field="args"
@@ -156,10 +178,13 @@ def Isolated(
     if heartbeat is not None and not (isinstance(heartbeat, int | float) and heartbeat > 0):
         raise InvalidChildSpec(heartbeat, "must be seconds > 0 or None", field="heartbeat")
     stop_timeout = float(shutdown) if isinstance(shutdown, int | float) else 5.0
+    wait = 0.0
+    if backoff is not None:  # a restart may come this much later: the standby waits
+        wait = float(backoff.max) * (1.0 + float(backoff.jitter))
     cfg = _Config(
         id=id,
         target=target,
-        spec=f"{serializer}:{base64.b64encode(payload).decode()}",
+        go=go,
         serializer=serializer,
         python=python or sys.executable,
         env=dict(env or {}),
@@ -169,6 +194,8 @@ def Isolated(
         heartbeat=float(heartbeat) if heartbeat is not None else None,
         start_timeout=float(start_timeout),
         stop_timeout=max(stop_timeout * 0.9, 0.0),
+        standby=bool(standby) and restart != "temporary",  # never restarted: no use
+        adopt_within=30.0 + wait,
     )
     return ChildSpec(
         id=id,
@@ -193,17 +220,9 @@ def _codec(serializer: str) -> Codec:
 class _Link(asyncio.Protocol):
     """The parent's end of the socket."""
 
-    def __init__(self, proxy: _Proxy) -> None:
+    def __init__(self, proxy: _Proxy, reader: FrameReader) -> None:
         self.proxy = proxy
-        self.reader = FrameReader()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        p = self.proxy
-        transport = cast_transport(transport)  # uvloop's transports are not subclasses
-        if p.transport is not None:  # one interpreter, one connection
-            transport.close()
-            return
-        p.transport = transport
+        self.reader = reader  # the holder's: whatever it had buffered stays
 
     def connection_lost(self, exc: BaseException | None) -> None:
         p = self.proxy
@@ -273,44 +292,53 @@ class _Proxy(Server):
         self.remote_exit: tuple[bool, str] | None = None
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[tuple[str, Any]] = loop.create_future()
-        self.dir = tempfile.mkdtemp(prefix="trellis-isolated-")  # 0700
-        path = os.path.join(self.dir, "s")
-        self.listener = await loop.create_unix_server(lambda: _Link(self), path)
-        parent = self_pid()._parent
+        me = self_pid()
+        parent = me._parent
         # `path` is what the OS child's owner reads to name itself: our supervisor's path
         self.path = getattr(getattr(parent, "_server", None), "path", None)
         self.child_path = f"{self.path}/{cfg.id}" if self.path else cfg.id
+        # where this child's standby waits: one per (supervisor, child id)
+        self.slot = (parent.id, cfg.id) if parent is not None and cfg.standby else None
+        self.spare: Pid | None = None  # the standby we started for the next restart
         self.os_child: Any = None
+        holder = _take_standby(self.slot, cfg)
         try:
-            await self._start(path)
+            if holder is None:  # cold: start an interpreter now
+                holder = (await _Holder.start(cfg, self.path, None, None, False))._server
+            link(holder.pid)  # not its parent: our crash is not its crash
+            self.holder: _Holder = holder
+            self.os_child = holder.cmd
+            link(holder.cmd)  # its exit (with the OS reason) reaches us as it does our holder
+            holder.adopted = True
+            await self._start(holder)
         except BaseException:
-            child = self.os_child
-            if child is not None and not child._dead:
-                exit_process(child, KILL)  # its owner SIGKILLs the group and reaps it
-                await child.join()
+            await _stop_holder(holder)
             self._close()
             raise
+        if self.slot is not None:
+            me.send(_SPARE)  # after the calls already waiting for us
 
-    async def _start(self, path: str) -> None:
+    async def _start(self, holder: _Holder) -> None:
         cfg = self.cfg
-        spec = Command(
-            [cfg.python, "-m", "trellis._isolated._child"],
-            id=cfg.id,
-            env={**cfg.env, SPEC_ENV: cfg.spec, SOCKET_ENV: path, PATH_ENV: _sys_path()},
-            inherit_env=cfg.inherit_env,
-            cwd=cfg.cwd,
-            limits=cfg.limits,
-            watchdog=cfg.heartbeat,
-            stop_signal="SIGKILL",  # a graceful stop goes over the socket first
-        )
-        self.os_child = await spec.start(*spec.args)
-        exited = asyncio.ensure_future(self.os_child.join())
+        exited = asyncio.ensure_future(holder.cmd.join())
         try:
-            done, _ = await asyncio.wait(
-                {self.ready, exited},
+            await asyncio.wait(
+                {holder.hello, exited},
                 timeout=cfg.start_timeout,
                 return_when=asyncio.FIRST_COMPLETED,
             )
+            transport = holder.hello.result() if holder.hello.done() else None
+            if transport is not None:
+                if holder.spare:  # a standby: from now on it is this child's interpreter
+                    _rename(holder, self.child_path)
+                transport.set_protocol(_Link(self, holder.reader))
+                self.transport = transport
+                transport.write(cfg.go)
+                await asyncio.wait(
+                    {self.ready, exited},
+                    timeout=cfg.start_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
             if self.ready.done():
                 what, detail = self.ready.result()
                 if what == "ready":
@@ -319,14 +347,35 @@ class _Proxy(Server):
                     raise IsolatedExit(f"init failed: {detail}")
                 reason = await asyncio.wait_for(asyncio.shield(exited), cfg.start_timeout)
                 raise _start_failure(reason)
-            if exited in done:
+            if exited.done():
                 raise _start_failure(exited.result())
+            if holder.hello.done() and transport is None:  # connection lost before HELLO
+                reason = await asyncio.wait_for(asyncio.shield(exited), cfg.start_timeout)
+                raise _start_failure(reason)
             raise TimeoutError(
                 f"isolated server {cfg.target} did not start within {cfg.start_timeout} s"
             )
         finally:
             if not exited.done():
                 exited.cancel()
+
+    async def _make_spare(self) -> None:
+        """Start the standby the next restart adopts (unlinked from us: it must outlive
+        our crash; it watches our supervisor and us instead)."""
+        slot = self.slot
+        if slot is None or self.spare is not None:
+            return
+        me = self_pid()
+        try:
+            hpid = await _Holder.start(self.cfg, self.path, me._parent, me, True)
+        except Exception as e:  # no standby: the next restart starts cold, as without
+            _log.warning("isolated server %s: no standby interpreter: %s", self.cfg.id, e)
+            return
+        self.spare = hpid
+        old = _standbys.get(slot)
+        _standbys[slot] = hpid._server
+        if old is not None:
+            exit_process(old.pid, SHUTDOWN)
 
     def relay(self, event: dict[str, Any]) -> None:
         name = event.pop("event", "event")
@@ -373,8 +422,14 @@ class _Proxy(Server):
             _log.error("cast to isolated server %s dropped: %s", self.cfg.id, e)
 
     async def handle_info(self, msg: Any) -> Any:
-        if type(msg) is Exit and msg.pid is self.os_child:
-            return Stop(self._reason(msg.reason))
+        if type(msg) is Exit:
+            if msg.pid is self.os_child:
+                return Stop(self._reason(msg.reason))
+            if msg.pid is self.holder.pid:  # it ends after the interpreter: seen above
+                return None if is_clean(msg.reason) else Stop(msg.reason)
+        elif msg is _SPARE:
+            await self._make_spare()
+            return None
         try:
             self._send([INFO, msg])
         except UnsupportedMessage as e:
@@ -406,15 +461,215 @@ class _Proxy(Server):
                 except TimeoutError:
                     pass
         self._close()
-        # our exit reaches the owner of the OS process through the link: it SIGKILLs
-        # whatever is left of the group
+        await _stop_holder(self.holder)  # SIGKILLs what is left of the interpreter's group
+        spare = self.spare
+        if spare is not None and (is_clean(reason) or reason is KILL):
+            # stopped, not crashed: no restart is coming to adopt it
+            if self.slot is not None and _standbys.get(self.slot) is spare._server:
+                del _standbys[self.slot]
+            await _stop_holder(spare._server)
 
     def _close(self) -> None:
         t = self.transport
         if t is not None:
             t.close()
-        self.listener.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_SPARE = object()  # a message to ourselves: start the standby
+
+#: The standby of each isolated child, by (supervisor pid id, child id).
+_standbys: dict[tuple[int, str], _Holder] = {}
+
+
+def _take_standby(slot: tuple[int, str] | None, cfg: _Config) -> _Holder | None:
+    """The standby waiting for this child, if it is alive and was started from the same
+    spec (same arguments, environment, limits, interpreter); a stale one is stopped."""
+    if slot is None:
+        return None
+    holder = _standbys.pop(slot, None)
+    if holder is None:
+        return None
+    if holder.pid._dead or holder.cmd._dead or holder.adopted or holder.cfg != cfg:
+        exit_process(holder.pid, SHUTDOWN)
+        return None
+    return holder
+
+
+async def _stop_holder(holder: Any) -> None:
+    """Stop a holder and wait until its interpreter is killed and reaped."""
+    if holder is None:
+        return
+    pid = holder.pid
+    if not pid._dead:
+        exit_process(pid, SHUTDOWN)
+        try:
+            await pid.join(10.0)
+        except TimeoutError:
+            await kill_and_wait(pid)
+    cmd = holder.cmd
+    if cmd is not None and not cmd._dead:
+        await kill_and_wait(cmd)
+
+
+def _rename(holder: _Holder, path: str) -> None:
+    """A standby's OS process becomes the child's: its output, hang and exit events now
+    carry the child's path, and the tree sees the child's new OS pid."""
+    runner = getattr(holder.cmd, "_runner", None)
+    if runner is not None:
+        runner.path = path
+        runner.ring = ring_for(path)
+    _telemetry.emit(
+        "process.spawned",
+        path=path,
+        child_id=holder.cfg.id,
+        os_pid=getattr(holder.cmd, "os_pid", None),
+        argv=[holder.cfg.python, "-m", "trellis._isolated._child"],
+    )
+
+
+class _Waiting(asyncio.Protocol):
+    """The holder's end of the socket until a stand-in takes it over: waits for HELLO."""
+
+    def __init__(self, holder: _Holder) -> None:
+        self.holder = holder
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        h = self.holder
+        transport = cast_transport(transport)  # uvloop's transports are not subclasses
+        if h.transport is not None:  # one interpreter, one connection
+            transport.close()
+            return
+        h.transport = transport
+        h.close_listener()  # nobody else may connect
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        h = self.holder
+        h.transport = None
+        if not h.hello.done():
+            h.hello.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        h = self.holder
+        try:
+            bodies = h.reader.feed(data)
+        except ValueError:
+            bodies = []
+        for body in bodies:
+            try:
+                frame = h.codec.decode(body)
+            except UnsupportedMessage:
+                continue
+            if frame and frame[0] == HELLO and not h.hello.done():
+                h.hello.set_result(h.transport)
+
+
+class _Holder(Server):
+    """Owns one isolated interpreter (its ``Command``) from its start until it ends.
+
+    For a standby, from before any stand-in adopts it: it watches the supervisor (gone:
+    the standby goes) and the stand-in that started it (gone: a restart has
+    ``adopt_within`` seconds to adopt it). Once adopted it is linked to the stand-in, and
+    the stand-in's end, however it ends, stops the interpreter."""
+
+    trap_exits = True
+
+    async def init(
+        self, cfg: _Config, path: str | None, sup: Pid | None, sponsor: Pid | None, spare: bool
+    ) -> None:
+        self.cfg = cfg
+        self.pid = self_pid()
+        self.adopted = False
+        self.cmd: Any = None
+        self.transport: asyncio.Transport | None = None
+        self.reader = FrameReader()
+        self.codec = Codec(cfg.serializer)
+        loop = asyncio.get_running_loop()
+        #: the connected transport once HELLO arrived (None: the connection was lost)
+        self.hello: asyncio.Future[asyncio.Transport | None] = loop.create_future()
+        self.expiry: asyncio.TimerHandle | None = None
+        self.spare = spare
+        # what the OS child's owner (us) reads to name itself "<path>/<id>": a standby's
+        # events go under a path no tree view knows, until its adoption renames it
+        self.path = (f"{path}~standby" if path else "~standby") if spare else path
+        self.dir: str | None = tempfile.mkdtemp(prefix="trellis-isolated-")  # 0700
+        sock = os.path.join(self.dir, "s")
+        self.listener: asyncio.AbstractServer | None = None
+        try:
+            self.listener = await loop.create_unix_server(lambda: _Waiting(self), sock)
+            spec = Command(
+                [cfg.python, "-m", "trellis._isolated._child"],
+                id=cfg.id,
+                env={
+                    **cfg.env,
+                    SOCKET_ENV: sock,
+                    SERIALIZER_ENV: cfg.serializer,
+                    PATH_ENV: _sys_path(),
+                },
+                inherit_env=cfg.inherit_env,
+                cwd=cfg.cwd,
+                limits=cfg.limits,
+                watchdog=cfg.heartbeat,
+                stop_signal="SIGKILL",  # a graceful stop goes over the socket first
+            )
+            self.cmd = await spec.start(*spec.args)
+        except BaseException:
+            self.close_listener()
+            raise
+        if spare:
+            if sup is not None:
+                monitor(sup)
+            if sponsor is not None:
+                self.sponsor = monitor(sponsor)
+
+    def close_listener(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    async def handle_info(self, msg: Any) -> Any:
+        t = type(msg)
+        if t is Exit:
+            if msg.pid is self.cmd and not self.adopted and not is_clean(msg.reason):
+                _log.warning(
+                    "standby interpreter of isolated server %s ended before it was used: %r",
+                    self.cfg.id,
+                    msg.reason,
+                )
+            return Stop(NORMAL)  # the interpreter ended, or the stand-in that adopted it
+        if t is Down:
+            if msg.ref is getattr(self, "sponsor", None):
+                if not self.adopted:  # a restart may come: wait that long for it
+                    me = self.pid
+                    loop = asyncio.get_running_loop()
+                    self.expiry = loop.call_later(self.cfg.adopt_within, me.send, _EXPIRED)
+                return None
+            return Stop(NORMAL)  # the supervisor ended
+        if msg is _EXPIRED and not self.adopted:
+            return Stop(NORMAL)
+        return None
+
+    async def terminate(self, reason: Any) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+        for slot, holder in list(_standbys.items()):
+            if holder is self:
+                del _standbys[slot]
+        self.close_listener()
+        if not self.adopted and self.transport is not None:
+            self.transport.close()
+        cmd = self.cmd
+        if cmd is not None and not cmd._dead:
+            exit_process(cmd, SHUTDOWN)  # its owner SIGKILLs the group, then reaps it
+            try:
+                await cmd.join(10.0)
+            except TimeoutError:
+                await kill_and_wait(cmd)
+
+
+_EXPIRED = object()
 
 
 def _encode_reason(reason: Any) -> str:

@@ -25,6 +25,8 @@ __all__ = [
     "CAST",
     "EXIT",
     "FAIL",
+    "GO",
+    "HELLO",
     "INFO",
     "READY",
     "REPLY",
@@ -37,10 +39,10 @@ __all__ = [
     "message_type",
 ]
 
-# parent -> child
-CALL, CAST, INFO, STOP = 0, 1, 2, 3
-# child -> parent
-REPLY, REPLY_ERROR, TELEMETRY, READY, FAIL, EXIT = 10, 11, 12, 13, 14, 15
+# parent -> child (GO: start the server, ``[GO, target, args, kwargs]``)
+CALL, CAST, INFO, STOP, GO = 0, 1, 2, 3, 4
+# child -> parent (HELLO: imports done, connected, waiting for GO)
+REPLY, REPLY_ERROR, TELEMETRY, READY, FAIL, EXIT, HELLO = 10, 11, 12, 13, 14, 15, 16
 
 HEADER = struct.Struct("!I")
 MAX_FRAME = 256 * 1024 * 1024  # a larger length is a broken stream, not a message

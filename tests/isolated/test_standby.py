@@ -1,0 +1,225 @@
+"""The standby interpreter of an isolated server: started after each start, adopted by
+the next restart (which then runs ``init``, with the spec's arguments, and nothing
+before), started with the same environment and limits, and never left behind: stopping
+the child, stopping the tree or SIGKILLing Trellis ends it. Real interpreters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import trellis
+from _isolated_servers import Counter
+from isolated._standby_servers import InitLog
+from trellis.testing import capture_telemetry
+
+pytestmark = pytest.mark.timeout(90)
+
+HERE = Path(__file__).resolve().parent
+MIB = 1024 * 1024
+
+
+def _stat(os_pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{os_pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _alive(os_pid: int) -> bool:
+    st = _stat(os_pid)
+    return st is not None and st[0] != "Z"  # a zombie nobody reaped yet is gone for us
+
+
+def _interpreters(parent: int | None = None) -> set[int]:
+    """The isolated interpreters that ``parent`` (default: this process) started."""
+    parent = os.getpid() if parent is None else parent
+    found = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        st = _stat(int(name))
+        if st is None or st[0] == "Z" or int(st[1]) != parent:
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"trellis._isolated._child" in cmd:
+            found.add(int(name))
+    return found
+
+
+def _environ(os_pid: int) -> dict[str, str]:
+    with open(f"/proc/{os_pid}/environ", "rb") as f:
+        pairs = [p.split(b"=", 1) for p in f.read().split(b"\0") if b"=" in p]
+    return {k.decode(): v.decode() for k, v in pairs}
+
+
+def _address_space_limit(os_pid: int) -> int:
+    soft, _hard = resource.prlimit(os_pid, resource.RLIMIT_AS)
+    return soft
+
+
+async def _until(check, what: str, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def _restarted(sup: trellis.SupervisorPid, old: trellis.Pid) -> trellis.Pid:
+    async def new_pid() -> trellis.Pid | None:
+        [info] = await sup.which_children()
+        return info.pid if isinstance(info.pid, trellis.Pid) and info.pid is not old else None
+
+    deadline = time.monotonic() + 20
+    while (pid := await new_pid()) is None:
+        assert time.monotonic() < deadline, "the isolated server was not restarted"
+        await asyncio.sleep(0.02)
+    return pid
+
+
+async def test_a_restart_adopts_the_standby_which_runs_init_only_then(tmp_path: Path) -> None:
+    limit = 700 * MIB
+    spec = trellis.Isolated(
+        InitLog,
+        str(tmp_path),
+        5,
+        id="s",
+        name="iso",
+        env={"MARK": "same-env"},
+        limits=trellis.Limits(memory=limit),
+    )
+    sup = await trellis.Supervisor.start_link([spec], intensity=5, period=10.0)
+    try:
+        active = await trellis.call("iso", "os_pid")
+        # the standby was spawned before this call was answered
+        [standby] = _interpreters() - {active}
+        # started like the child: its own group and session, the same environment and
+        # limits, the guardian's tag
+        assert os.getpgid(standby) == standby
+        assert os.getsid(standby) == standby
+        env_a, env_s = _environ(active), _environ(standby)
+        assert env_s["MARK"] == env_a["MARK"] == "same-env"
+        assert env_s["TRELLIS_TAG"]
+        assert env_s["TRELLIS_TAG"] != env_a["TRELLIS_TAG"]
+        assert _address_space_limit(standby) == _address_space_limit(active) == limit
+        # only the active interpreter ran init
+        assert os.listdir(tmp_path) == [str(active)]
+        assert await trellis.call("iso", ("add", 3)) == 8
+        old = (await sup.which_children())[0].pid
+        assert isinstance(old, trellis.Pid)
+        with capture_telemetry(["process.spawned"]) as cap:
+            with pytest.raises(trellis.Exited):
+                await trellis.call("iso", "segfault", timeout=10)
+            new = await _restarted(sup, old)
+        assert await trellis.call(new, "os_pid") == standby  # adopted
+        # the tree sees the adopted interpreter as the child's OS process
+        [adopted] = [e for e in cap.events if e["os_pid"] == standby]
+        assert adopted["path"].endswith("/s")
+        assert "~standby" not in adopted["path"]
+        assert await trellis.call(new, "get") == 5  # init ran again: state is the spec's
+        with open(tmp_path / str(standby)) as f:  # noqa: ASYNC230
+            assert json.load(f) == [str(tmp_path), 5]
+        assert not _alive(active)
+        # and the next restart has a standby of its own
+        [spare] = _interpreters() - {standby}
+        assert spare not in (active, standby)
+    finally:
+        await sup.stop()
+    assert _interpreters() == set()
+
+
+async def test_stopping_the_child_or_the_tree_leaves_no_standby() -> None:
+    sup = await trellis.Supervisor.start_link(
+        [trellis.Isolated(Counter, id="c", name="iso")], intensity=5, period=10.0
+    )
+    try:
+        await trellis.call("iso", "get")
+        assert len(_interpreters()) == 2
+        await sup.terminate_child("c")
+        assert _interpreters() == set()  # both gone by the time terminate_child returns
+        await sup.restart_child("c")
+        await trellis.call("iso", "get")
+        assert len(_interpreters()) == 2
+        with pytest.raises(trellis.Exited):  # a crash: the standby is adopted
+            await trellis.call("iso", "segfault", timeout=10)
+        await _until(lambda: len(_interpreters()) == 2, "the restarted child and its standby")
+    finally:
+        await sup.stop()
+    assert _interpreters() == set()
+
+
+async def test_no_standby_when_turned_off_or_never_restarted() -> None:
+    specs = [
+        trellis.Isolated(Counter, id="off", name="off", standby=False),
+        trellis.Isolated(Counter, id="tmp", name="tmp", restart="temporary"),
+    ]
+    sup = await trellis.Supervisor.start_link(specs)
+    try:
+        a = await trellis.call("off", "os_pid")
+        b = await trellis.call("tmp", "os_pid")
+        assert _interpreters() == {a, b}
+    finally:
+        await sup.stop()
+
+
+async def test_a_dead_standby_means_a_cold_restart() -> None:
+    sup = await trellis.Supervisor.start_link(
+        [trellis.Isolated(Counter, 4, id="c", name="iso")], intensity=5, period=10.0
+    )
+    try:
+        active = await trellis.call("iso", "os_pid")
+        [standby] = _interpreters() - {active}
+        os.kill(standby, signal.SIGKILL)
+        await _until(lambda: not _alive(standby), "the standby to die")
+        with pytest.raises(trellis.Exited):
+            await trellis.call("iso", "segfault", timeout=10)
+        got = await _until(lambda: _interpreters() - {active, standby}, "a new interpreter")
+        new = await trellis.call("iso", "os_pid", timeout=30)
+        assert new in got
+        assert await trellis.call("iso", "get") == 4
+    finally:
+        await sup.stop()
+    assert _interpreters() == set()
+
+
+def test_sigkill_of_trellis_leaves_no_standby() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "_standby_tree.py")],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"up\n"
+        pids = _interpreters(proc.pid)
+        assert len(pids) == 2  # the server's interpreter and its standby
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in pids):
+            assert time.monotonic() < deadline, f"left behind: {[p for p in pids if _alive(p)]}"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
