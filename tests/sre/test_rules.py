@@ -46,7 +46,7 @@ restart = "temporary"
 """
 
 PROMTOOL = shutil.which("promtool")
-RATE5M = 'trellis:slo_errors:ratio_rate5m{node="n1",slo="app/api"}'
+RATE5M = 'trellis:slo_errors:ratio_rate5m{node="n1",slo="app/api",slo_name="up"}'
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None,
     reason="promtool not found: apt-get install prometheus (.ci/run installs it)",
@@ -90,6 +90,7 @@ def test_rules_text_has_the_workbook_windows() -> None:
 
 def _alert(severity: str, owner: str) -> dict[str, Any]:
     labels = {"severity": severity, "slo": "app/api", "owner": owner, "node": "n1"}
+    labels["slo_name"] = "up"
     labels["runbook_url"] = "https://runbooks.example/api"
     how = (
         "14.4x over 1h and 5m spends 2% of the budget in 1h; "
@@ -148,6 +149,7 @@ def test_promtool_checks_and_fires_the_page_alert(tmp_path: Path) -> None:
                                 "exp_labels": {
                                     "severity": "page",
                                     "slo": "app",
+                                    "slo_name": "up",
                                     "owner": "team-core",
                                     "node": "n1",
                                 },
@@ -159,6 +161,7 @@ def test_promtool_checks_and_fires_the_page_alert(tmp_path: Path) -> None:
                                 "exp_labels": {
                                     "severity": "ticket",
                                     "slo": "app",
+                                    "slo_name": "up",
                                     "owner": "team-core",
                                     "node": "n1",
                                 },
@@ -178,6 +181,7 @@ def test_promtool_checks_and_fires_the_page_alert(tmp_path: Path) -> None:
                                 "exp_labels": {
                                     "severity": "ticket",
                                     "slo": "app",
+                                    "slo_name": "up",
                                     "owner": "team-core",
                                     "node": "n1",
                                 },
@@ -191,7 +195,10 @@ def test_promtool_checks_and_fires_the_page_alert(tmp_path: Path) -> None:
                         "expr": 'trellis:slo_up{slo="app/api"}',
                         "eval_time": "125m",
                         "exp_samples": [
-                            {"labels": 'trellis:slo_up{node="n1",slo="app/api"}', "value": 0}
+                            {
+                                "labels": 'trellis:slo_up{node="n1",slo="app/api",slo_name="up"}',
+                                "value": 0,
+                            }
                         ],
                     },
                     {
@@ -262,7 +269,7 @@ def test_grafana_dashboard_uses_the_recorded_series() -> None:
     dash = grafana_dashboard(loads(TREE))
     assert dash["title"] == "Trellis SLOs — app"
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-    assert 'trellis:slo_error_budget:remaining_ratio{slo="app/api"}' in exprs
+    assert 'trellis:slo_error_budget:remaining_ratio{slo="app/api",slo_name="up"}' in exprs
     assert any("trellis:slo_errors:ratio_rate1h" in e for e in exprs)
     assert any("trellis_child_restarts_total" in e for e in exprs)
     json.dumps(dash)  # plain JSON

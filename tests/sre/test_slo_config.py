@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from trellis.config import ConfigError, loads
@@ -40,15 +42,20 @@ runbook = "https://runbooks.example/tick"
 
 def test_slo_keys_reach_the_settings_by_tree_path() -> None:
     tree = loads(GOOD)
+
+    def slos(slo: dict[str, Any], name: str = "up") -> dict[str, Any]:
+        # "slo": what the journal report measures; "slos": every SLO, named
+        return {"slo": slo, "slos": [{"name": name, "sli": name, **slo}]}
+
     assert tree.settings["slo"] == {
-        "app": {"owner": "team-core", "slo": {"objective": 0.999, "window": 30 * 86400.0}},
+        "app": {"owner": "team-core", **slos({"objective": 0.999, "window": 30 * 86400.0})},
         "app/api": {
             "runbook": "https://runbooks.example/api",
             "owner": "team-a",
-            "slo": {"objective": 0.9995, "window": 7 * 86400.0, "sli": "calls"},
+            **slos({"objective": 0.9995, "window": 7 * 86400.0, "sli": "calls"}, "calls"),
         },
-        "app/job": {"owner": "team-ops", "slo": {"objective": 0.9}},
-        "app/sub": {"slo": {"objective": 0.99, "window": 3600.0}},
+        "app/job": {"owner": "team-ops", **slos({"objective": 0.9})},
+        "app/sub": slos({"objective": 0.99, "window": 3600.0}),
         "app/sub/tick": {"runbook": "https://runbooks.example/tick"},
     }
     assert tree.flags == {}  # the SRE keys are not supervisor flags

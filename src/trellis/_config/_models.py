@@ -50,6 +50,7 @@ from .._core._exceptions import (
 
 __all__ = [
     "CHILD_KINDS",
+    "SLI_KEYS",
     "SLI_KINDS",
     "BackoffModel",
     "ClusterModel",
@@ -61,9 +62,11 @@ __all__ = [
     "LimitsModel",
     "LogsModel",
     "MetricsModel",
+    "OneSlo",
     "ReadyModel",
     "RootSupervisor",
     "ServerChild",
+    "SloArray",
     "SloModel",
     "SupervisorChild",
     "WorkerChild",
@@ -495,29 +498,136 @@ def _check_objective(value: object) -> float:
     fail(f"objective is a fraction in (0, 1) such as 0.999, got {value!r}")
 
 
-SLI_KINDS = ("up", "calls")
+SLI_KINDS = ("up", "calls", "ratio", "latency")
+#: The keys each SLI kind takes besides ``objective``, ``window``, ``sli`` and ``name``.
+SLI_KEYS: dict[str, tuple[str, ...]] = {
+    "up": (),
+    "calls": (),
+    "ratio": ("good", "total"),
+    "latency": ("metric", "threshold"),
+}
 
 
 def _check_sli(value: object) -> str:
     if isinstance(value, str) and value in SLI_KINDS:
         return value
     hint = suggest(value, SLI_KINDS) if isinstance(value, str) else ""
-    fail(f"unknown sli {value!r}: use 'up' (the fraction of time up) or 'calls'{hint}")
+    fail(
+        f"unknown sli {value!r}: use 'up' (the fraction of time up), 'calls' (a server's "
+        f"calls), 'ratio' (good/total counters) or 'latency' (a histogram){hint}"
+    )
+
+
+_METRIC_NAME = r"[A-Za-z_:][A-Za-z0-9_:]*"
+_MATCHER = r'\s*[A-Za-z_][A-Za-z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*'
+_MATCHERS = rf"(?:{_MATCHER}(?:,{_MATCHER})*,?\s*)?"
+_SELECTOR = re.compile(rf"^\s*({_METRIC_NAME})?\s*(?:\{{({_MATCHERS})\}})?\s*$")
+
+
+def _selector_parts(value: str) -> tuple[str | None, str] | None:
+    """``'x_total{a="b"}'`` -> ``("x_total", 'a="b"')``; None if it is not a selector."""
+    m = _SELECTOR.match(value)
+    if m is None or (m.group(1) is None and not (m.group(2) or "").strip()):
+        return None
+    return m.group(1), (m.group(2) or "").strip().rstrip(",").strip()
+
+
+def _check_counter(value: object) -> str:
+    if isinstance(value, str) and _selector_parts(value) is not None:
+        return value.strip()
+    fail(
+        f"expected the selector of a counter such as 'app_requests_total{{code!~\"5..\"}}' "
+        f"(trellis takes its rate itself), got {value!r}"
+    )
+
+
+def _check_histogram(value: object) -> str:
+    parts = _selector_parts(value) if isinstance(value, str) else None
+    if parts is None or parts[0] is None:
+        fail(
+            "metric is a histogram's base name, optionally with labels, such as "
+            f"'app_request_seconds' or 'app_request_seconds{{route=\"/send\"}}', got {value!r}"
+        )
+    for suffix in ("_bucket", "_count", "_sum"):
+        if parts[0].endswith(suffix):
+            base = parts[0].removesuffix(suffix)
+            fail(
+                f"metric is the histogram's base name: write {base!r}, not {parts[0]!r} "
+                "(trellis reads its _bucket and _count series)"
+            )
+    assert isinstance(value, str)
+    return value.strip()
+
+
+def _check_threshold(value: object) -> float:
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and 0 < value < math.inf
+        and value <= MAX_SECONDS
+    ):
+        return float(value)
+    fail(
+        f"threshold is a number of seconds > 0, one of the histogram's bucket bounds "
+        f"(le), such as 0.5, got {value!r}"
+    )
+
+
+def _check_slo_name(value: object) -> str:
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        return value
+    fail(
+        f"an slo name is letters, digits, '-', '_' or '.' (such as 'delivery' or "
+        f"'time-to-send'), got {value!r}"
+    )
 
 
 class SloModel(_Model):
-    """``slo = { objective = 0.999, window = "30d", sli = "up" }`` on a child or supervisor."""
+    """``slo = { objective = 0.999, window = "30d", sli = "up" }`` on a child or
+    supervisor; ``sli = "ratio"`` takes ``good`` and ``total`` (counter selectors),
+    ``sli = "latency"`` takes ``metric`` (a histogram) and ``threshold`` (seconds).
+    Which keys go with which kind is checked by the tree walker (it names the key)."""
 
     what = "slo"
     objective: Annotated[float, PlainValidator(_check_objective)]
     window: Annotated[float, PlainValidator(parse_duration)] | None = None
     sli: Annotated[str, PlainValidator(_check_sli)] | None = None
+    name: Annotated[str, PlainValidator(_check_slo_name)] | None = None
+    good: Annotated[str, PlainValidator(_check_counter)] | None = None
+    total: Annotated[str, PlainValidator(_check_counter)] | None = None
+    metric: Annotated[str, PlainValidator(_check_histogram)] | None = None
+    threshold: Annotated[float, PlainValidator(_check_threshold)] | None = None
+
+
+class OneSlo(_Model):
+    """``slo = { ... }`` (validated on its own by the tree walker)."""
+
+    slo: SloModel
+
+
+class SloArray(_Model):
+    """``slo = [{ ... }, { ... }]`` or ``[[...slo]]`` (validated by the tree walker)."""
+
+    slo: list[SloModel]
+
+
+def _check_slo_shape(value: object) -> dict[str, Any] | list[dict[str, Any]]:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return value
+    fail(
+        'slo is a table such as { objective = 0.999, window = "30d" } or a non-empty '
+        f"array of them (several SLOs), got {value!r}"
+    )
 
 
 class _Sre(_Model):
-    """The SRE keys every child and supervisor takes (read by ``trellis slo``)."""
+    """The SRE keys every child and supervisor takes (read by ``trellis slo``). ``slo``
+    is kept as the file gave it (a table or an array of tables); the tree walker
+    validates each with :class:`SloModel`, so errors name the table's own keys."""
 
-    slo: SloModel | None = None
+    slo: Annotated[Any, PlainValidator(_check_slo_shape)] | None = None
     runbook: Url | None = None
     owner: NonEmpty | None = None
 

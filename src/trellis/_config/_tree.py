@@ -31,6 +31,7 @@ from ._locate import KeyPath, format_path
 from ._models import (
     _SRE_KEYS,
     CHILD_KINDS,
+    SLI_KEYS,
     BackoffModel,
     CommandChild,
     Document,
@@ -40,6 +41,8 @@ from ._models import (
     ReadyModel,
     RootSupervisor,
     ServerChild,
+    SloArray,
+    SloModel,
     SupervisorChild,
     WorkerChild,
     _Child,
@@ -179,6 +182,8 @@ class _Walker:
         if root is not None:
             self.note_sre(root, path)
             self.register_name(root.name or "root", (*path, "name"))  # the root's own
+        else:
+            self.slo_errors(doc.supervisor, path, False)
         raw_children = doc.supervisor.get("children")
         auto = (root.auto_shutdown or "never") if root is not None else None
         built = self.children(raw_children, (*path, "children"), auto)
@@ -199,20 +204,92 @@ class _Walker:
         )
 
     def note_sre(self, model: _Sre, path: KeyPath) -> None:
-        """Remember a child's or supervisor's ``slo``, ``runbook`` and ``owner``."""
+        """Remember a child's or supervisor's ``slo``, ``runbook`` and ``owner``.
+
+        ``slo`` is a table or an array of tables: each is validated here (so errors
+        name the key in the table), then checked for the keys of its SLI kind, and the
+        names (default: the kind) must differ on one child."""
         given = model.given("id")
         entry: dict[str, Any] = {k: given[k] for k in ("runbook", "owner") if k in given}
         if model.slo is not None:
-            slo = model.slo.given()
-            if slo.get("sli") == "calls" and not isinstance(model, ServerChild):
+            slos = self.slo_tables(model.slo, path, isinstance(model, ServerChild))
+            if slos:
+                journal = [s for s in slos if s.get("sli", "up") in ("up", "calls")]
+                if journal:  # what `trellis slo report` measures from the journal
+                    entry["slo"] = {k: v for k, v in journal[0].items() if k != "name"}
+                entry["slos"] = [
+                    {"name": s.get("name", s.get("sli", "up")), "sli": s.get("sli", "up"), **s}
+                    for s in slos
+                ]
+        if entry:
+            self.sre[path] = entry
+
+    def slo_errors(self, data: dict[str, Any], path: KeyPath, server: bool) -> None:
+        """The ``slo`` tables' errors of a child whose other keys are broken."""
+        raw = data.get("slo")
+        if isinstance(raw, dict) or (isinstance(raw, list) and raw):
+            self.slo_tables(raw, path, server)
+
+    def slo_tables(self, raw: Any, path: KeyPath, server: bool) -> list[dict[str, Any]]:
+        """The ``slo`` tables of one child, validated (``[]`` after any error)."""
+        array = isinstance(raw, list)
+        before = self.failed
+        self.failed = False
+        models: list[SloModel | None] = []
+        for i, table in enumerate(raw if array else [raw]):
+            try:  # one table at a time: a broken one does not hide its siblings' errors
+                models.append(SloArray.model_validate({"slo": [table]}).slo[0])
+            except ValidationError as e:
+                models.append(None)
+                for err in e.errors(include_url=False):
+                    loc = ("slo", i, *err["loc"][2:]) if array else ("slo", *err["loc"][2:])
+                    self._pydantic_error(SloArray, path, {**err, "loc": loc})
+        names: dict[str, KeyPath] = {}
+        out = []
+        for i, m in enumerate(models):
+            if m is None:
+                continue
+            where: KeyPath = (*path, "slo", i) if array else (*path, "slo")
+            given = m.given()
+            kind = m.sli or "up"
+            if kind == "calls" and not server:
                 self.error(
-                    (*path, "slo", "sli"),
+                    (*where, "sli"),
                     "sli = 'calls' needs a server child (calls are what a server answers); "
                     "use sli = 'up'",
                 )
-            entry["slo"] = slo
-        if entry:
-            self.sre[path] = entry
+            takes = SLI_KEYS[kind]
+            for key in (k for keys in SLI_KEYS.values() for k in keys):
+                if key in given and key not in takes:
+                    default = "" if m.sli else " (the default)"
+                    fits = [k for k, keys in SLI_KEYS.items() if key in keys]
+                    self.error(
+                        (*where, key),
+                        f"key {key!r} does not belong to sli = {kind!r}{default}: it is for "
+                        f"sli = {fits[0]!r}"
+                        + (f"; sli = {kind!r} takes {' and '.join(takes)}" if takes else ""),
+                    )
+            for key in takes:
+                if key not in given:
+                    self.error(
+                        where,
+                        f"missing key {key!r} (sli = {kind!r} needs {' and '.join(takes)})",
+                    )
+            name = m.name or kind
+            name_at: KeyPath = (*where, "name") if m.name else where
+            if name in names:
+                first = format_path(names[name])
+                how = "" if m.name else f" (the default name is the sli kind, {kind!r})"
+                self.error(
+                    name_at,
+                    f"duplicate slo name {name!r} on this child (also {first}){how}: "
+                    "give each slo its own name",
+                )
+            else:
+                names[name] = where
+            out.append(given)
+        failed, self.failed = self.failed, before or self.failed
+        return [] if failed else out
 
     def sre_settings(self, root: str) -> dict[str, dict[str, Any]]:
         """``{tree path: {"slo": {...}, "runbook": ..., "owner": ...}}``."""
@@ -325,6 +402,8 @@ class _Walker:
         model = self.validate(CHILD_KINDS[kind], data, path)
         if model is not None:
             self.note_sre(model, path)
+        else:
+            self.slo_errors(data, path, kind == "server")
         if kind == "supervisor":
             auto = (model.auto_shutdown or "never") if isinstance(model, SupervisorChild) else None
             built = self.children(data.get("children"), (*path, "children"), auto)

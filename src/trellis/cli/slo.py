@@ -208,6 +208,13 @@ def report_cmd(
     console = Console(width=width)
     # narrow terminal: fewer columns, and at most its width (no figure cut)
     console.print(rich_table(doc, compact=console.width < 160, width=console.width))
+    from ..sre._render import PROMETHEUS_NOTE, prometheus_lines
+
+    lines = prometheus_lines(doc)
+    if lines:
+        console.print(PROMETHEUS_NOTE, markup=False, highlight=False)
+        for line in lines:
+            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _need_tree(tree: str) -> Any:
@@ -245,7 +252,8 @@ def _emit(text: str, output: str | None) -> None:
 def rules_cmd(tree: str, output: str | None) -> None:
     """Prometheus recording rules and multi-window multi-burn-rate alerts (page:
     14.4x over 1h and 5m, 6x over 6h and 30m; ticket: 3x over 1d and 2h, 1x over 3d and
-    6h) for every SLO in TREE, on the trellis_child_up series."""
+    6h) for every SLO in TREE: up and calls SLIs on the series Trellis exports, ratio
+    and latency SLIs on the application's own counters and histograms."""
     from ..sre import prometheus_rules
 
     _emit(prometheus_rules(_need_tree(tree)), output)

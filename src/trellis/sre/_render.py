@@ -8,7 +8,15 @@ from typing import Any
 
 from ._math import BURN_WINDOWS
 
-__all__ = ["duration", "html_page", "pct", "rich_table", "slo_rows"]
+__all__ = [
+    "PROMETHEUS_NOTE",
+    "duration",
+    "html_page",
+    "pct",
+    "prometheus_lines",
+    "rich_table",
+    "slo_rows",
+]
 
 
 def duration(seconds: float | None) -> str:
@@ -82,6 +90,27 @@ def slo_rows(doc: dict[str, Any]) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def prometheus_lines(doc: dict[str, Any]) -> list[str]:
+    """One line per SLO on application metrics (``sli = "ratio"``/``"latency"``):
+    the journal does not measure them, Prometheus does (``trellis slo rules``)."""
+    out = []
+    for p in doc.get("prometheus_slos", ()):
+        what = (
+            f"good {p['good']} / total {p['total']}"
+            if p["sli"] == "ratio"
+            else f"{p['metric']} within {p['threshold']!r}s"
+        )
+        out.append(
+            f"{p['path']} {p['name']}: {pct(p['objective'], 2)}/{p['window']} ({p['sli']}: {what})"
+        )
+    return out
+
+
+PROMETHEUS_NOTE = (
+    "Measured by Prometheus, not in the journal (`trellis slo rules TREE` records them):"
+)
 
 
 HEADERS = [
@@ -304,6 +333,14 @@ def html_page(doc: dict[str, Any], restarts: dict[str, list[float]] | None = Non
         for r in doc.get("runs", [])
     )
     star = "* default SLO (none in the tree file). " if _any_default(doc) else ""
+    prom = prometheus_lines(doc)
+    prom_html = (
+        f"<p>{esc(PROMETHEUS_NOTE)}</p><ul>"
+        + "".join(f"<li>{esc(line)}</li>" for line in prom)
+        + "</ul>"
+        if prom
+        else ""
+    )
     legend = "".join(f'<span style="background:{c}"></span>{s}' for s, c in _COLORS.items())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -318,6 +355,7 @@ schema {esc(doc["schema"])}</p>
 <p class="muted">{star}Availability is up time over up plus
 down time; stopped time (not started yet, stopped on purpose, between a clean stop and the
 next run) is left out.</p>
+{prom_html}
 <h2>Up/down timeline</h2>
 <p class="legend">{legend}</p>
 {_timeline_svg(doc)}

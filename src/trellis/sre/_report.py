@@ -23,9 +23,11 @@ __all__ = [
     "DEFAULT_MERGE",
     "DEFAULT_OBJECTIVE",
     "DEFAULT_WINDOW",
+    "PROMETHEUS_SLIS",
     "SCHEMA",
     "TreeInfo",
     "iso",
+    "prometheus_slos",
     "read_records",
     "report",
     "tree_info",
@@ -396,7 +398,40 @@ def report(
         ],
         "entities": entities,
         "marks": [_mark(m) for m in tl.marks if since <= m.t <= until],
+        "prometheus_slos": prometheus_slos(sre_of),
     }
+
+
+#: The SLI kinds the journal cannot measure: they come from the application's metrics.
+PROMETHEUS_SLIS = ("ratio", "latency")
+
+
+def prometheus_slos(sre: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The tree file's SLOs on application metrics (``sli = "ratio"`` or
+    ``"latency"``): listed in the report as measured by Prometheus (``trellis slo
+    rules`` records them), with no figures, since the journal does not see them."""
+    out = []
+    for path, entry in sorted(sre.items()):
+        for slo in entry.get("slos", ()):
+            sli = slo.get("sli", "up")
+            if sli not in PROMETHEUS_SLIS:
+                continue
+            window = slo.get("window", DEFAULT_WINDOW)
+            item: dict[str, Any] = {
+                "path": path,
+                "name": slo.get("name", sli),
+                "sli": sli,
+                "objective": slo["objective"],
+                "window": window_text(window),
+                "window_seconds": window,
+                "measured_by": "prometheus",
+                "owner": entry.get("owner"),
+                "runbook": entry.get("runbook"),
+            }
+            keys = ("good", "total") if sli == "ratio" else ("metric", "threshold")
+            item.update({k: slo.get(k) for k in keys})
+            out.append(item)
+    return out
 
 
 def _mark(m: Mark) -> dict[str, Any]:
