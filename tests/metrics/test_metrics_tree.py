@@ -621,6 +621,7 @@ async def test_the_fast_exposition_says_what_prometheus_client_says(
             for s in fam.samples
         )
 
+    metrics.app_registry = None  # Trellis's series only (not the default registry's)
     backoff = trellis.Backoff(min=5.0, max=5.0)
     with capture_telemetry() as cap:
         sup = await trellis.Supervisor.start_link(

@@ -19,7 +19,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -349,6 +349,26 @@ class Metrics:
             child (CPU, RSS, open files, threads), emitted while the tree runs as an
             extension (from :meth:`tree_started` to :meth:`stop`); 0 for none. The
             ``trellis_process_*`` gauges are read at each scrape regardless.
+        app_registry: A registry of the application's own metrics, exposed after
+            Trellis's series on every :meth:`render` (so on ``trellis run``'s
+            ``/metrics``). By default prometheus_client's default ``REGISTRY``: a
+            ``Counter``/``Histogram``/``Gauge`` a server or worker creates the usual
+            way (no ``registry=`` argument) is scraped with the tree. ``None`` for
+            Trellis's series only. Its collectors run in the render worker thread,
+            never on the tree's loop.
+
+    Application metrics (what ``sli = "ratio"``/``"latency"`` SLOs read)::
+
+        from prometheus_client import Counter, Histogram
+
+        DELIVERIES = Counter("notify_deliveries_total", "Deliveries", ["outcome"])
+        TIME_TO_SEND = Histogram("notify_time_to_send_seconds", "Accepted to sent")
+
+        class Dispatcher(trellis.Server):
+            async def handle_cast(self, msg):
+                ...
+                DELIVERIES.labels(outcome="sent").inc()
+                TIME_TO_SEND.observe(elapsed)
 
     Example::
 
@@ -366,6 +386,7 @@ class Metrics:
         walk_timeout: float = 2.0,
         tracker: Tracker | None = None,
         usage_interval: float = 10.0,
+        app_registry: CollectorRegistry | None = REGISTRY,
     ) -> None:
         if node is None:
             node = socket.gethostname()
@@ -382,9 +403,16 @@ class Metrics:
             or not walk_timeout > 0
         ):
             raise ValueError(f"Metrics(walk_timeout=...) must be > 0 seconds, not {walk_timeout!r}")
+        if app_registry is not None and not isinstance(app_registry, CollectorRegistry):
+            raise TypeError(
+                f"Metrics(app_registry=...) must be a prometheus_client CollectorRegistry "
+                f"or None, not {type(app_registry).__name__}"
+            )
         self.node = node
         self.walk_timeout = float(walk_timeout)
         self.registry = CollectorRegistry() if registry is None else registry
+        #: the application's registry rendered after :attr:`registry` (None: none)
+        self.app_registry = app_registry if app_registry is not self.registry else None
         self._children: dict[tuple[str, Any], _ChildStats] = {}
         self._sups: dict[str, _SupStats] = {}
         self._sup_last: dict[str, str] = {}  # class of each supervisor's last restarting exit
@@ -595,10 +623,12 @@ class Metrics:
             others = encoder(self.registry).decode()
         finally:
             self._collector.skip.on = False
+        app = encoder(self.app_registry).decode() if self.app_registry is not None else ""
         if om:
             others = others.removesuffix("# EOF\n")
-            return b"".join([others.encode(), *ours, b"# EOF\n"]), content_type
-        return b"".join([others.encode(), *ours]), content_type
+            app = app.removesuffix("# EOF\n")
+            return b"".join([others.encode(), *ours, app.encode(), b"# EOF\n"]), content_type
+        return b"".join([others.encode(), *ours, app.encode()]), content_type
 
     async def refresh(self) -> None:
         """Update the ``up``/``state``/``mailbox_length`` gauges from the tracker and
