@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from examples.notify.harness import Service, missing
 
 pytestmark = [
@@ -58,6 +57,19 @@ async def test_accepted_notifications_are_each_shown_once_and_queryable(tmp_path
                 )
                 assert r.status_code == 400
                 assert r.json()["field"] == "priority"
+                # the replica stops replaying: status reads fall back to the primary
+                await asyncio.to_thread(svc.pg.pause_replay)
+                try:
+                    sources = set()
+                    for _ in range(40):
+                        r = await http.get(f"{svc.live_urls()[1]}/v1/notifications/high0-3")
+                        sources.add(r.json()["source"])
+                        if "primary" in sources:
+                            break
+                        await asyncio.sleep(0.25)
+                    assert "primary" in sources
+                finally:
+                    await asyncio.to_thread(svc.pg.resume_replay)
         finally:
             await sub.aclose()
 
@@ -80,7 +92,8 @@ async def test_a_node_killed_mid_batch_loses_and_duplicates_nothing(tmp_path: Pa
             svc.nodes["b"].kill()
             await task
             expected = svc.deliverable(sub.expected_ids())
-            assert len(sub.accepted) == 1000 and not sub.failed
+            assert len(sub.accepted) == 1000
+            assert not sub.failed
             shown = await svc.settled(expected, timeout=90)
             lost = expected - set(shown)
             assert not lost, f"{len(lost)} accepted deliveries never shown: {sorted(lost)[:5]}"
@@ -107,3 +120,28 @@ async def test_bulk_backlog_does_not_delay_high_priority(tmp_path: Path) -> None
             assert bulk_shown < 3000, (bulk_shown, high_done)
         finally:
             await sub.aclose()
+
+
+async def test_a_campaign_is_expanded_once_and_survives_a_5xx_burst(tmp_path: Path) -> None:
+    from examples.notify.scheduler import campaign_tokens
+
+    async with Service(tmp_path / "svc", ["a", "b"]) as svc:
+        async with httpx.AsyncClient(timeout=10) as http:
+            # the APNS provider fails its next 12 requests: breakers open, nothing is lost
+            r = await http.post(
+                f"{svc.providers['apns'].url}/v1/faults", json={"mode": "5xx", "requests": 12}
+            )
+            assert r.status_code == 200, r.text
+            r = await http.post(
+                f"{svc.live_urls()[0]}/v1/campaigns",
+                json={"id": "spring", "total": 500, "priority": "bulk", "payload": {"t": 1}},
+            )
+            assert r.status_code == 202, r.text
+            expected = svc.deliverable(
+                {f"spring:{i}:{t}" for i in range(500) for t in campaign_tokens("spring", i)}
+            )
+            shown = await svc.settled(expected, timeout=90)
+            assert expected <= set(shown), sorted(expected - set(shown))[:5]
+            assert {k: c for k, c in shown.items() if c != 1} == {}
+            stats = (await http.get(f"{svc.providers['apns'].url}/v1/stats")).json()
+            assert stats["5xx"] >= 1  # the burst happened and was ridden out
