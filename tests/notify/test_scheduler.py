@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from examples.notify import common
 from examples.notify.harness import NATS_BIN, NatsServer
 from examples.notify.scheduler import CHUNK, StaleFence, expand_chunk

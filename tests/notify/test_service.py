@@ -125,23 +125,25 @@ async def test_bulk_backlog_does_not_delay_high_priority(tmp_path: Path) -> None
 async def test_a_campaign_is_expanded_once_and_survives_a_5xx_burst(tmp_path: Path) -> None:
     from examples.notify.scheduler import campaign_tokens
 
-    async with Service(tmp_path / "svc", ["a", "b"]) as svc:
-        async with httpx.AsyncClient(timeout=10) as http:
-            # the APNS provider fails its next 12 requests: breakers open, nothing is lost
-            r = await http.post(
-                f"{svc.providers['apns'].url}/v1/faults", json={"mode": "5xx", "requests": 12}
-            )
-            assert r.status_code == 200, r.text
-            r = await http.post(
-                f"{svc.live_urls()[0]}/v1/campaigns",
-                json={"id": "spring", "total": 500, "priority": "bulk", "payload": {"t": 1}},
-            )
-            assert r.status_code == 202, r.text
-            expected = svc.deliverable(
-                {f"spring:{i}:{t}" for i in range(500) for t in campaign_tokens("spring", i)}
-            )
-            shown = await svc.settled(expected, timeout=90)
-            assert expected <= set(shown), sorted(expected - set(shown))[:5]
-            assert {k: c for k, c in shown.items() if c != 1} == {}
-            stats = (await http.get(f"{svc.providers['apns'].url}/v1/stats")).json()
-            assert stats["5xx"] >= 1  # the burst happened and was ridden out
+    async with (
+        Service(tmp_path / "svc", ["a", "b"]) as svc,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        # the APNS provider fails its next 12 requests: breakers open, nothing is lost
+        r = await http.post(
+            f"{svc.providers['apns'].url}/v1/faults", json={"mode": "5xx", "requests": 12}
+        )
+        assert r.status_code == 200, r.text
+        r = await http.post(
+            f"{svc.live_urls()[0]}/v1/campaigns",
+            json={"id": "spring", "total": 500, "priority": "bulk", "payload": {"t": 1}},
+        )
+        assert r.status_code == 202, r.text
+        expected = svc.deliverable(
+            {f"spring:{i}:{t}" for i in range(500) for t in campaign_tokens("spring", i)}
+        )
+        shown = await svc.settled(expected, timeout=90)
+        assert expected <= set(shown), sorted(expected - set(shown))[:5]
+        assert {k: c for k, c in shown.items() if c != 1} == {}
+        stats = (await http.get(f"{svc.providers['apns'].url}/v1/stats")).json()
+        assert stats["5xx"] >= 1  # the burst happened and was ridden out
