@@ -109,6 +109,7 @@ async def isolated_rate(n: int, concurrency: int) -> float:
     try:
         [info] = await sup.which_children()
         pid = info.pid
+        await asyncio.sleep(0.3)  # steady state: the standby has done its imports
         for _ in range(200):
             await trellis.call(pid, ("warm", 1))
 
