@@ -138,6 +138,15 @@ class _Batch:
                 await m.term()
         if not docs:
             return
+        answered: set[int] = set()  # messages acked or nak'd
+        try:
+            await self._run(docs, answered)
+        except BaseException:  # cancelled (a drain) or failed: hand the rest back now
+            rest = [(m, d) for m, d in docs if id(m) not in answered]
+            await asyncio.shield(self._nak_all(rest, 0.0))
+            raise
+
+    async def _run(self, docs: list[tuple[Any, dict[str, Any]]], answered: set[int]) -> None:
         items = [
             (doc["key"], tok, common.provider_of(tok)) for _, doc in docs for tok in doc["tokens"]
         ]
@@ -145,19 +154,24 @@ class _Batch:
             claims = await self.store.claim(items, self.owner, common.STALE_AFTER)
         except _db_errors() as e:
             _log.warning("database unavailable, batch of %d put back: %s", len(docs), e)
-            await self._nak_all(docs, 1.0)
+            await self._nak_all(docs, 1.0, answered)
             await asyncio.sleep(0.5)
             return
         claimed = [it for it in items if claims.get((it[0], it[1])) == "claimed"]
         outcome: dict[tuple[str, str], str] = {}
         retry_after = 0.0
+        all_recorded = True
         try:
             outcome, retry_after = await self._send(claimed, {d["key"]: d for _, d in docs})
             if outcome:
-                await self.store.finish([(k, t, s) for (k, t), s in outcome.items()], self.owner)
+                rows = [(k, t, s) for (k, t), s in outcome.items()]
+                # fewer rows than sent: a pair was taken over (this owner was too slow);
+                # its message is nak'd, not acked, so it stays in the stream until the
+                # owner that holds the pair now has recorded it
+                all_recorded = await self.store.finish(rows, self.owner) == len(rows)
         except _db_errors() as e:
             _log.warning("database unavailable, batch of %d put back: %s", len(docs), e)
-            await self._nak_all(docs, 1.0)
+            await self._nak_all(docs, 1.0, answered)
             return
         finally:  # pairs claimed but not finished go back (also when cancelled mid-batch)
             unsent = [(k, t) for k, t, _ in claimed if (k, t) not in outcome]
@@ -166,11 +180,15 @@ class _Batch:
                     await asyncio.shield(self.store.release(unsent, self.owner))
         now = time.time()
         for m, doc in docs:
+            mine = [outcome.get((doc["key"], t)) for t in doc["tokens"]]
             states = [
-                "done" if claims.get((doc["key"], t)) == "done" else outcome.get((doc["key"], t))
-                for t in doc["tokens"]
+                "done" if claims.get((doc["key"], t)) == "done" else s
+                for t, s in zip(doc["tokens"], mine, strict=True)
             ]
-            if all(s is not None for s in states):
+            answered.add(id(m))
+            if all(s is not None for s in states) and (
+                all_recorded or not any(s is not None for s in mine)
+            ):
                 for s in states:
                     if s in ("sent", "invalid"):
                         DELIVERIES.labels(
@@ -179,6 +197,8 @@ class _Batch:
                 if "sent" in states:
                     TIME_TO_SEND.labels(self.priority).observe(max(0.0, now - doc["accepted_at"]))
                 await m.ack()
+            elif all(s is not None for s in states):  # sent, but not all recorded by me
+                await m.nak(delay=0.5)
             elif any(claims.get((doc["key"], t)) == "busy" for t in doc["tokens"]):
                 await m.nak(delay=common.STALE_AFTER / 2)
             else:
@@ -225,10 +245,17 @@ class _Batch:
         await asyncio.gather(*(one(p, pairs) for p, pairs in by_provider.items()))
         return outcome, retry_after
 
-    async def _nak_all(self, docs: list[tuple[Any, dict[str, Any]]], delay: float) -> None:
+    async def _nak_all(
+        self,
+        docs: list[tuple[Any, dict[str, Any]]],
+        delay: float,
+        answered: set[int] | None = None,
+    ) -> None:
         for m, _ in docs:
+            if answered is not None:
+                answered.add(id(m))
             with contextlib.suppress(Exception):
-                await m.nak(delay=delay)
+                await m.nak(delay=delay or None)
 
 
 def _seq(m: Any) -> Any:
