@@ -57,6 +57,15 @@ async def test_accepted_notifications_are_each_shown_once_and_queryable(tmp_path
                 )
                 assert r.status_code == 400
                 assert r.json()["field"] == "priority"
+                # the service's own metrics are on the node's /metrics, next to trellis's
+                sock = str(svc.nodes["a"].socket)
+                async with httpx.AsyncClient(
+                    transport=httpx.AsyncHTTPTransport(uds=sock), base_url="http://n"
+                ) as ctl:
+                    text = (await ctl.get("/metrics")).text
+                assert 'notify_send_attempts_total{priority="high",result="ok"}' in text
+                assert "notify_time_to_send_seconds_bucket" in text
+                assert "trellis_child_up" in text
                 # the replica stops replaying: status reads fall back to the primary
                 await asyncio.to_thread(svc.pg.pause_replay)
                 try:
