@@ -18,6 +18,8 @@ Example::
         await sup.stop()
 """
 
+import typing as _typing
+
 from . import telemetry as telemetry
 from . import testing as testing
 from ._children import Command as Command
@@ -137,6 +139,18 @@ from ._tasks import TaskSupervisorPid as TaskSupervisorPid
 from ._worker import worker as worker
 
 __version__ = "0.1.0.dev0"
+
+if _typing.TYPE_CHECKING:  # the lazy names below, for type checkers (not imported at run time)
+    from ._isolated import Isolated as Isolated
+    from ._isolated import IsolatedExit as IsolatedExit
+    from ._isolated import UnsupportedMessage as UnsupportedMessage
+    from ._isolated import message_type as message_type
+    from ._plugins import Plugin as Plugin
+    from ._plugins import PluginHost as PluginHost
+    from ._plugins import plugin_call as plugin_call
+    from ._plugins import plugin_info as plugin_info
+    from .cluster import pubsub as pubsub
+    from .cluster._global import Global as Global
 
 #: Exported names whose modules are imported on first use (they pull in heavy
 #: dependencies that `trellis run` does not need before the root is up).
