@@ -128,12 +128,15 @@ def measure_rto(
     the deliveries accepted in it (never shown = infinite) is at most ``slo_p99``.
 
     RTO = the larger of
-      * the start of the first of ``consecutive`` good buckets in a row (0 if the
-        failure never showed), and
+      * the start of the first bucket after the last bad one (0 if none was bad),
+        provided at least ``consecutive`` good buckets follow until ``end``: from
+        then on, every bucket is good; and
       * the time the last delivery that missed the SLO, of those accepted from
-        ``since`` until that first good bucket, was shown (the work the failure
-        stranded or delayed is out),
-    both counted from ``fault``. A delivery of that span never shown: None.
+        ``since`` until that bucket, was shown (the work the failure stranded or
+        delayed is out),
+    both counted from ``fault``. None (not recovered by ``end``) when fewer than
+    ``consecutive`` good buckets end the window or a delivery of that span was never
+    shown.
     """
     attempts = list(attempts)
     deliveries = list(deliveries)
@@ -155,13 +158,11 @@ def measure_rto(
             and (p99 is None or p99 <= slo_p99)
         )
         buckets.append(Bucket(k * width, len(tried), accepted, len(tts), p99, good))
-    back: float | None = None
-    for k in range(n - consecutive + 1):
-        if all(b.good for b in buckets[k : k + consecutive]):
-            back = buckets[k].start
-            break
-    if back is None:
+    bad = [k for k, b in enumerate(buckets) if not b.good]
+    first_good = bad[-1] + 1 if bad else 0
+    if n - first_good < consecutive:
         return None, buckets
+    back = first_good * width
     lo = -math.inf if since is None else since
     hi = fault + back
     for acc, shown in deliveries:
@@ -196,7 +197,7 @@ class Options:
     campaign: int = 400  # notifications per drill's campaign (0: none)
     window: float = 20.0  # seconds observed after each fault
     warmup: float = 3.0
-    slo_p99: float = 2.0  # time-to-send p99 objective, seconds
+    slo_p99: float = 1.0  # time-to-send p99 objective, seconds (node.toml: 1 s)
     keep: bool = False
     json: Path | None = None
     settle: float = 90.0  # seconds to wait for every accepted notification at the end
@@ -372,6 +373,14 @@ async def run(opts: Options, base: Path) -> dict[str, Any]:
         load = Load(sub, opts.rate, opts.seed)
         phases: list[Phase] = []
         try:
+            # the cluster settles first (the later nodes take their share of the
+            # dispatchers), then the baseline is measured under the steady load
+            probe = [{"key": f"probe-{opts.seed}", "priority": "high", "tokens": ["apns:p"]}]
+            await sub.submit(probe)
+            await svc.settled(sub.expected_ids(), timeout=30.0)
+            await asyncio.sleep(2.0)
+            sub.accepted.clear()
+            sub.log.clear()
             warm = Phase("baseline", time.time())
             phases.append(warm)
             load.start()
@@ -684,9 +693,10 @@ def render(report: dict[str, Any], window: float | None = None) -> str:
         f"requests {t['requests']}, accepted {t['requests_accepted']}; "
         f"refused after retries: {t['refused_notifications']} notifications"
     )
-    out.append("RTO: failure -> first of 3 good 1-s buckets (>= 99 % of requests accepted,")
-    out.append("time-to-send p99 <= SLO) and all work accepted before it sent. RPO: accepted")
-    out.append("notifications never shown (count/time span). twice: shown twice (must be 0).")
+    out.append("RTO: failure -> the SLO holds in every 1-s bucket from then on (>= 99 % of")
+    out.append("requests accepted, time to send p99 <= SLO; 3 buckets at least) and all work")
+    out.append("accepted before then is sent. RPO: accepted notifications never shown")
+    out.append("(count/time span). twice: ids a device showed twice (must be 0).")
     out.append(
         "PASS: nothing accepted was lost, nothing shown twice"
         if report["ok"]
@@ -726,7 +736,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--rate", type=float, default=100.0, help="notifications/s (default 100)")
     p.add_argument("--campaign", type=int, default=400, help="notifications per drill campaign")
     p.add_argument("--window", type=float, default=20.0, help="seconds observed after a fault")
-    p.add_argument("--slo-p99", type=float, default=2.0, help="time-to-send p99 SLO, seconds")
+    p.add_argument("--slo-p99", type=float, default=1.0, help="time-to-send p99 SLO, seconds")
     p.add_argument(
         "--promote-after", type=float, default=0.0, help="database drill: seconds before promote"
     )

@@ -61,7 +61,7 @@ def test_rto_is_the_first_of_three_good_buckets_and_waits_for_stranded_work() ->
     assert rto == pytest.approx(1.0)
 
 
-def test_rto_needs_three_consecutive_good_buckets_and_99_percent_acceptance() -> None:
+def test_rto_waits_for_the_last_bad_bucket_and_99_percent_acceptance() -> None:
     fault = 0.0
     times = steady(0.0, 20.0, 0.01)  # 100 requests per bucket
     # bucket 3 alone is bad: one good pair (1, 2) then a bad one, then good from 4 on;
@@ -72,6 +72,14 @@ def test_rto_needs_three_consecutive_good_buckets_and_99_percent_acceptance() ->
     rto, buckets = measure_rto(fault, 20.0, attempts, deliveries, slo_p99=SLO)
     assert [b.good for b in buckets[:7]] == [False, True, True, False, True, True, True]
     assert rto == pytest.approx(4.0)
+    # a relapse later in the window (the restarted node taking its share back) counts:
+    # the service is back when every bucket from then on is good
+    relapse = [(t, ok and not 11.0 <= t < 11.5) for t, ok in attempts]
+    rto, _ = measure_rto(fault, 20.0, relapse, deliveries, slo_p99=SLO)
+    assert rto == pytest.approx(12.0)
+    # ... and needs three good buckets after it before the window ends
+    rto, _ = measure_rto(fault, 14.0, relapse, deliveries, slo_p99=SLO)
+    assert rto is None
 
 
 def test_rto_is_zero_when_nothing_showed_and_none_when_work_was_lost() -> None:
