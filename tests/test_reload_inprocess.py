@@ -173,3 +173,36 @@ async def test_root_strategy_change_is_refused_whole(running: Running) -> None:
     # FILE:LINE: KEY: MESSAGE, as every error of a tree file
     assert result.errors[0].startswith(f"{result.file}:4: supervisor.strategy: ")
     assert await running.pids() == before
+
+
+SUP_SERVER = """
+import trellis
+
+class Pool(trellis.Server):
+    '''A supervisor made of a server (as trellis.cluster.DistributedSupervisor is).'''
+
+    @classmethod
+    def child_spec(cls, *, id=None, **_):
+        return trellis.ChildSpec(
+            id=id, start=cls.start_link, args=("pool", {"kind": None}), type="supervisor",
+            shutdown="infinity",
+        )
+
+    async def init(self, name="pool", kinds=None):
+        self.name = name
+"""
+
+
+def test_a_server_backed_supervisor_in_a_tree_file_can_be_reloaded(tmp_path: Path) -> None:
+    mod = "reload_sup_server_parts"
+    (tmp_path / f"{mod}.py").write_text(SUP_SERVER)
+    path = tmp_path / "tree.toml"
+    path.write_text(
+        f'[supervisor]\nname = "s"\n\n[[supervisor.children]]\nid = "pool"\nserver = "{mod}:Pool"\n'
+    )
+    try:
+        tree, raw = read_tree(path)
+        assert tree.children[0].type.value == "supervisor"
+        Reloader(path, tree, raw)  # pairs the file's children with the specs: no error
+    finally:
+        sys.modules.pop(mod, None)
