@@ -1,8 +1,10 @@
 """A small HTTP/1.1 server on asyncio streams for the notification service's APIs.
 
 Keep-alive, ``Content-Length`` bodies only (no chunked requests), JSON in and out,
-bounded headers and bodies, an idle timeout and a connection cap, so a flood of idle
-connections cannot take the intake down. Handlers are ``async (Request) -> Response``.
+bounded headers and bodies, a short wait for a new connection's first request, an idle
+timeout, and a connection cap at which the longest-idle connection is closed to make
+room, so a flood of idle connections cannot lock clients out. Handlers are
+``async (Request) -> Response``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,16 +71,19 @@ class HttpServer:
         max_body: int = 1 << 20,
         max_header: int = 16 << 10,
         idle_timeout: float = 30.0,
+        first_timeout: float = 5.0,
         max_connections: int = 512,
     ) -> None:
         self.handler = handler
         self.max_body = max_body
         self.max_header = max_header
         self.idle_timeout = idle_timeout
+        self.first_timeout = first_timeout
         self.max_connections = max_connections
         self.port = 0
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._idle: dict[asyncio.Task[None], float] = {}  # waiting for a request, since
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(
@@ -99,15 +105,19 @@ class HttpServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._conns) >= self.max_connections:  # the oldest idle ones time out
-            writer.close()
+        if len(self._conns) >= self.max_connections and not self._evict_idle():
+            writer.close()  # every connection is busy with a request: refuse the newcomer
             return
         self._conns.add(task)
+        first = True
         try:
             while True:
-                request = await self._read(reader, writer)
+                self._idle[task] = time.monotonic()
+                request = await self._read(reader, writer, first)
+                self._idle.pop(task, None)
                 if request is None:
                     return
+                first = False
                 try:
                     response = await self.handler(request)
                 except Exception as e:  # a handler bug answers 500 and keeps serving
@@ -116,17 +126,32 @@ class HttpServer:
                 await self._write(writer, response)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
+        except asyncio.CancelledError:  # evicted, or the server is closing
+            pass
         finally:
+            self._idle.pop(task, None)
             self._conns.discard(task)
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
 
+    def _evict_idle(self) -> bool:
+        """At the cap, make room by closing the connection idle the longest (one waiting
+        for a request): a flood of idle connections cannot lock clients out."""
+        if not self._idle:
+            return False
+        oldest = min(self._idle, key=self._idle.__getitem__)
+        del self._idle[oldest]
+        oldest.cancel()
+        self._conns.discard(oldest)
+        return True
+
     async def _read(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bool
     ) -> Request | None:
         try:
-            async with asyncio.timeout(self.idle_timeout):
+            # a new connection gets a short time to send its first request
+            async with asyncio.timeout(self.first_timeout if first else self.idle_timeout):
                 head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
             await self._write(writer, json_response(431, {"error": "request headers too large"}))

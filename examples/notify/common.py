@@ -35,6 +35,9 @@ __all__ = [
 ]
 
 STREAM = "NOTIFY"
+#: accepted messages that can never be sent (undecodable) are kept here, not dropped
+DEAD = "NOTIFY_DEAD"
+DEAD_SUBJECT = "notify_dead"
 PRIORITIES = ("high", "normal", "bulk")
 #: JetStream redelivers an unacknowledged message after this long (a dead dispatcher's
 #: batch comes back this soon)
@@ -78,6 +81,16 @@ class Settings:
                 f"notify: set {' and '.join(missing)} (see examples/notify/README.md)"
             )
         providers = {p: e[f"NOTIFY_{p.upper()}"] for p in PROVIDERS if e.get(f"NOTIFY_{p.upper()}")}
+        if not providers:  # accepting notifications nothing can deliver helps no one
+            raise RuntimeError("notify: set NOTIFY_APNS and/or NOTIFY_FCM (provider base URLs)")
+
+        def number(name: str, default: str) -> int:
+            raw = e.get(name, default)
+            try:
+                return int(raw)
+            except ValueError:
+                raise RuntimeError(f"notify: {name}={raw!r} is not a whole number") from None
+
         return cls(
             node=e.get("NOTIFY_NODE") or e.get("TRELLIS_NODE") or os.uname().nodename,
             nats=e["NOTIFY_NATS"],
@@ -85,8 +98,8 @@ class Settings:
             pg_replica=e.get("NOTIFY_PG_REPLICA") or None,
             providers=providers,
             http_host=e.get("NOTIFY_HTTP_HOST", "127.0.0.1"),
-            http_port=int(e.get("NOTIFY_HTTP_PORT", "0")),
-            partitions=max(1, int(e.get("NOTIFY_PARTITIONS", "2"))),
+            http_port=number("NOTIFY_HTTP_PORT", "0"),
+            partitions=max(1, number("NOTIFY_PARTITIONS", "2")),
             port_file=e.get("NOTIFY_PORT_FILE") or None,
         )
 
@@ -160,17 +173,31 @@ async def ensure_stream(js: Any, partitions: int) -> None:
     import nats.js.api as api
     import nats.js.errors as jse
 
-    config = api.StreamConfig(
-        name=STREAM,
-        subjects=["notify.>"],
-        retention=api.RetentionPolicy.WORK_QUEUE,
-        storage=api.StorageType.FILE,
-        duplicate_window=DUPLICATE_WINDOW,
-    )
-    try:
-        await js.stream_info(STREAM)
-    except jse.NotFoundError:
+    # full: new publishes are refused (the intake answers 503), never old messages dropped
+    max_bytes = int(os.environ.get("NOTIFY_STREAM_MAX_BYTES", str(1 << 30)))
+    configs = [
+        api.StreamConfig(
+            name=STREAM,
+            subjects=["notify.>"],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW,
+            max_bytes=max_bytes,
+            discard=api.DiscardPolicy.NEW,
+        ),
+        api.StreamConfig(
+            name=DEAD,
+            subjects=[f"{DEAD_SUBJECT}.>"],
+            storage=api.StorageType.FILE,
+            max_age=14 * 86400.0,
+            discard=api.DiscardPolicy.NEW,
+        ),
+    ]
+    for config in configs:
         try:
-            await js.add_stream(config)
-        except jse.BadRequestError:  # another node created it first
-            await js.stream_info(STREAM)
+            await js.stream_info(config.name)
+        except jse.NotFoundError:
+            try:
+                await js.add_stream(config)
+            except jse.BadRequestError:  # another node created it first
+                await js.stream_info(config.name)

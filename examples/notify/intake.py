@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ import trellis
 __all__ = ["Intake"]
 
 _log = logging.getLogger("notify.intake")
+_CAMPAIGN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class Intake(trellis.Server):
@@ -111,7 +113,7 @@ class Intake(trellis.Server):
         now = time.time()
         try:
             acks = await asyncio.gather(*(self._publish(doc, now) for doc in checked))
-        except Exception as e:  # nothing in this request is known stored: retry is safe
+        except Exception as e:  # some may be stored: a retry with the same keys stores each once
             REJECTED.labels("unavailable").inc()
             return json_response(
                 503,
@@ -150,23 +152,55 @@ class Intake(trellis.Server):
         except Exception as e:
             return json_response(503, {"error": f"database unavailable: {type(e).__name__}"})
         if not status.get("deliveries"):
-            return json_response(404, {**status, "error": f"no deliveries recorded for {key!r}"})
+            return json_response(
+                404,
+                {**status, "error": f"no delivery of {key!r} recorded (still queued, or unknown)"},
+            )
         return json_response(200, status)
 
     async def _campaign(self, req: Request) -> Response:
+        """Register a campaign: checked here as the scheduler will expand it (its last
+        notification must pass the same checks as one posted here), so a 202 is never
+        followed by notifications that cannot be sent."""
+        from examples.notify.scheduler import campaign_tokens
+
         try:
             doc = req.json()
-            cid, total = doc["id"], int(doc["total"])
-            priority = doc.get("priority", "bulk")
-            if (
-                not isinstance(cid, str)
-                or not cid
-                or total <= 0
-                or priority not in common.PRIORITIES
-            ):
-                raise ValueError("id: a non-empty string, total > 0, priority high|normal|bulk")
-        except (ValueError, KeyError, TypeError) as e:
-            return json_response(400, {"error": f"bad campaign: {e}"})
-        async with self.store_lock:
-            await (await self._db()).add_campaign(cid, total, priority, doc.get("payload", {}))
-        return json_response(202, {"campaign": cid, "total": total})
+        except ValueError as e:
+            return json_response(400, {"error": f"body is not JSON: {e}"})
+        if not isinstance(doc, dict):
+            return json_response(400, {"error": "a campaign is a JSON object", "field": "body"})
+        unknown = sorted(set(doc) - {"id", "total", "priority", "payload"})
+        cid, total = doc.get("id"), doc.get("total")
+        priority, payload = doc.get("priority", "bulk"), doc.get("payload", {})
+        problem = (
+            (unknown[0], "unknown key")
+            if unknown
+            else ("id", "1-64 of A-Z a-z 0-9 _ . -")
+            if not (isinstance(cid, str) and _CAMPAIGN_ID.fullmatch(cid))
+            else ("total", "a whole number from 1 to 10,000,000")
+            if not (isinstance(total, int) and not isinstance(total, bool) and 0 < total <= 10**7)
+            else None
+        )
+        if problem is None:
+            cid, total = str(cid), int(str(total))  # checked above
+            last = {
+                "key": f"{cid}:{total - 1}",
+                "priority": priority,
+                "tokens": campaign_tokens(cid, total - 1),
+                "campaign": cid,
+                "payload": payload,
+            }
+            try:
+                common.validate(last)
+            except common.BadNotification as e:
+                problem = (e.field, e.message)
+        if problem is not None:
+            REJECTED.labels("invalid").inc()
+            return json_response(400, {"error": problem[1], "field": problem[0]})
+        try:
+            async with self.store_lock:
+                new = await (await self._db()).add_campaign(cid, total, priority, payload)
+        except Exception as e:
+            return json_response(503, {"error": f"database unavailable: {type(e).__name__}"})
+        return json_response(202 if new else 200, {"campaign": cid, "total": total, "new": new})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-__all__ = ["ACCEPTED", "ATTEMPTS", "DELIVERIES", "REJECTED", "TIME_TO_SEND"]
+__all__ = ["ACCEPTED", "ATTEMPTS", "DEAD_LETTERS", "DELIVERIES", "REJECTED", "TIME_TO_SEND"]
 
 ACCEPTED = Counter("notify_accepted", "Notifications accepted by the intake (202)", ["priority"])
 REJECTED = Counter("notify_rejected", "Notifications the intake refused", ["reason"])
@@ -15,9 +15,13 @@ DELIVERIES = Counter(
     "notify_deliveries", "Deliveries that reached a final state", ["priority", "outcome"]
 )
 #: each (notification, token) pair put to a provider: result ok (the provider took it:
-#: shown, repeat or invalid token) or unavailable (5xx, 429, timeout, breaker open); the
-#: delivery success SLI is ok / all
+#: shown, repeat or invalid token), unavailable (5xx, 429, timeout, breaker open) or
+#: error (an answer the client does not understand); the delivery success SLI is ok / all
 ATTEMPTS = Counter("notify_send_attempts", "Deliveries put to a provider", ["priority", "result"])
+#: accepted messages that can never be sent (undecodable), set aside in NOTIFY_DEAD
+DEAD_LETTERS = Counter(
+    "notify_dead_letters", "Accepted messages set aside as undecodable", ["priority"]
+)
 #: accepted by the intake -> accepted by the provider
 TIME_TO_SEND = Histogram(
     "notify_time_to_send_seconds",
