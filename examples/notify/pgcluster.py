@@ -118,8 +118,17 @@ class PgCluster:
     asyncio code call them with ``asyncio.to_thread``.
     """
 
-    def __init__(self, base_dir: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str],
+        *,
+        listen: tuple[str, ...] = (),
+        allow: tuple[str, ...] = (),
+    ) -> None:
         self.base_dir = Path(base_dir).absolute()
+        #: addresses to listen on besides 127.0.0.1, networks (CIDR) trusted besides it
+        self.listen = tuple(listen)
+        self.allow = tuple(allow)
         bindir = _pg_bin_dir()
         if bindir is None:
             raise PgClusterError(skip_reason() or "PostgreSQL binaries not found")
@@ -187,7 +196,7 @@ class PgCluster:
             self._append_conf(
                 self.primary_dir / "postgresql.conf",
                 {
-                    "listen_addresses": "127.0.0.1",
+                    "listen_addresses": ",".join(["127.0.0.1", *self.listen]),
                     "port": self.primary_port,
                     "unix_socket_directories": "",
                     "fsync": "off",
@@ -205,6 +214,10 @@ class PgCluster:
                     "log_min_messages": "warning",
                 },
             )
+            if self.allow:
+                with open(self.primary_dir / "pg_hba.conf", "a") as f:
+                    for net in self.allow:
+                        f.write(f"host all all {net} trust\nhost replication all {net} trust\n")
             self._pg_ctl_start(self.primary_dir)
             self.primary_running = True
             if replica:
@@ -288,6 +301,18 @@ class PgCluster:
             "the promoted replica to accept writes",
         )
         self.promoted = True
+
+    def stop_replica(self) -> None:
+        """Stop the replica at once (``pg_ctl stop -m immediate``)."""
+        if self.replica_running:
+            self._run_pg("pg_ctl", "-D", str(self.replica_dir), "-m", "immediate", "-w", "stop")
+            self.replica_running = False
+
+    def start_replica_again(self) -> None:
+        """Start a replica stopped by :meth:`stop_replica`; it reconnects to the primary."""
+        if not self.replica_running:
+            self._pg_ctl_start(self.replica_dir)
+            self.replica_running = True
 
     def pause_replay(self) -> None:
         """Pause WAL replay on the replica: it keeps receiving but its data stops moving."""
