@@ -3,7 +3,10 @@
 ``POST /v1/notifications`` takes one notification or ``{"notifications": [...]}`` and
 answers ``202`` only once JetStream has stored each one (``Nats-Msg-Id`` is the
 idempotency key, so a retried request within the duplicate window is accepted once and
-answered ``"duplicate": true``). Bad input is ``400`` naming the key that is wrong; NATS
+answered ``"duplicate": true``). A key names one notification: reusing it with other
+tokens or another payload is answered ``duplicate`` within the window (10 min) and never
+delivers the new content; after the window, its (key, token) pairs already delivered
+are not delivered again. Bad input is ``400`` naming the key that is wrong; NATS
 unreachable is ``503`` (nothing was accepted: retry, here or on another node).
 
 ``GET /v1/notifications/KEY`` is its delivery status, read from the read replica unless

@@ -5,7 +5,9 @@ chunk at a time: it publishes the chunk (keys ``"<campaign>:<index>"``, so a chu
 published twice, by a stale owner or after a failover, is stored once by JetStream's
 duplicate window) and then records its progress with its fencing token. PostgreSQL
 refuses progress from a token older than the last one written: a scheduler that lost its
-lease (paused, partitioned) cannot move a campaign back or forward, and stops.
+lease (paused, partitioned) cannot move a campaign once a newer owner has written, and
+stops. (The owner of the newest token may move progress back, say from a stale read;
+that re-publishes notifications JetStream or the delivery claims already hold.)
 
 The reaper (``scope = "cluster"``) clears claims whose owner died mid-batch, so their
 pairs can be claimed at once when JetStream redelivers them.
