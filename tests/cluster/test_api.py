@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+from typing import Any
 
 import pytest
 from _nats_nodes import NatsServer
@@ -155,3 +156,53 @@ def test_the_token_reaches_every_command_of_a_cluster_scoped_supervisor() -> Non
     [group] = spec.args[0]
     assert [c.args[0].env["TRELLIS_FENCING_TOKEN"] for c in group.args[0]] == ["42", "42"]
     assert outer.args[0][0].args[0][0].args[0].env == {}  # the original is untouched
+
+
+TWIN = """
+import asyncio, sys
+from trellis.cluster import Cluster, ClusterSettings
+
+async def main():
+    settings = ClusterSettings(sys.argv[1], node="twin", name="api", lease_ttl=0.5)
+    c = Cluster(settings, run_id="run-two")
+    await c.start()
+    print("up", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_two_processes_with_one_node_name_are_reported(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    import subprocess
+    import sys
+
+    events: list[dict[str, Any]] = []
+
+    def seen(event: dict[str, Any]) -> None:
+        if event.get("action") == "duplicate_name":
+            events.append(dict(event))
+
+    settings = ClusterSettings(nats_server.url, node="twin", name="api", lease_ttl=0.5)
+    one = Cluster(settings, run_id="run-one")
+    handle = trellis.telemetry.attach(seen, ["cluster.node"])
+    await one.start()
+    twin = subprocess.Popen(  # noqa: ASYNC220 - started once; nothing waits on it here
+        [sys.executable, "-c", TWIN, nats_server.url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for _ in range(400):
+            if events:
+                break
+            await asyncio.sleep(0.05)
+        assert [e.get("other_run") for e in events] == ["run-two"]  # once, not per beat
+        assert "two nodes share a name" in caplog.text
+    finally:
+        twin.kill()
+        twin.wait()
+        assert twin.stdout is not None
+        twin.stdout.close()
+        trellis.telemetry.detach(handle)
+        await one.stop()

@@ -285,6 +285,8 @@ class Cluster:
         self._tasks: list[asyncio.Task[Any]] = []
         self._leases: set[Lease] = set()
         self._peers: dict[str, dict[str, Any]] = {}  # node -> last heartbeat + seen_at
+        self._same_name_seen: set[tuple[Any, Any]] = set()  # (run, pid) under our name
+        self._beat_revision: int | None = None  # of this node's last heartbeat
         self._guard: threading.Thread | None = None
         self._guard_stop = threading.Event()
         #: how long the owner of a global name waits for its server's reply
@@ -489,10 +491,7 @@ class Cluster:
         s = self.settings
         while True:
             try:
-                await asyncio.wait_for(
-                    self.nodes_kv.put(s.node, json.dumps(self.heartbeat_value()).encode()),
-                    s.lease_ttl,
-                )
+                await asyncio.wait_for(self._beat(), s.lease_ttl)
                 await self._look_at_peers()
             except asyncio.CancelledError:
                 raise
@@ -523,6 +522,43 @@ class Cluster:
         for key in list(self._peers):
             if key not in keys:
                 self._peers.pop(key)
+
+    async def _beat(self) -> None:
+        """Write this node's heartbeat on top of its previous one (compare-and-set): if
+        another process wrote in between under the same name, say so (``_same_name``)."""
+        import nats.js.errors as jse
+
+        value = json.dumps(self.heartbeat_value()).encode()
+        if self._beat_revision is not None:
+            try:
+                self._beat_revision = await self.nodes_kv.update(
+                    self.settings.node, value, last=self._beat_revision
+                )
+                return
+            except jse.KeyWrongLastSequenceError:
+                try:
+                    entry = await self.nodes_kv.get(self.settings.node)
+                    self._same_name(json.loads(entry.value or b"{}"))
+                except (jse.KeyNotFoundError, jse.KeyDeletedError, ValueError):
+                    pass
+        self._beat_revision = await self.nodes_kv.put(self.settings.node, value)
+
+    def _same_name(self, value: Any) -> None:
+        """Another process heartbeats under this node's name: say so, once per process."""
+        if not isinstance(value, dict):
+            return
+        other = (value.get("run"), value.get("pid"))
+        if other == (self.run_id, os.getpid()) or other in self._same_name_seen:
+            return
+        self._same_name_seen.add(other)
+        _log.error(
+            "cluster: another process (pid %s, run %s) heartbeats as node %r: two nodes "
+            "share a name and take turns in its heartbeat; give each its own --node",
+            value.get("pid"),
+            value.get("run"),
+            self.settings.node,
+        )
+        self._emit("duplicate_name", None, other_pid=value.get("pid"), other_run=value.get("run"))
 
     def nodes(self) -> list[dict[str, Any]]:
         """This node's view of the cluster: every node that heartbeated lately, with
