@@ -1,7 +1,7 @@
 """The notification service's disaster-recovery drills, under load, with a report.
 
     scripts/notify-demo [--drill node|region|database|all] [--rolling] [--seed N]
-                        [--rate R] [--keep] [--json FILE]
+                        [--rate R] [--no-netns] [--partition S] [--keep] [--json FILE]
 
 Starts the whole service on this machine (examples/notify/harness.py: a throwaway NATS
 with JetStream, a PostgreSQL primary and synchronous streaming replica, simulated APNS
@@ -12,7 +12,11 @@ idempotency key) plus a bulk campaign per drill, and runs the drills one after t
 other, each under that load, with recovery in between:
 
 - ``node``: ``kill -9`` one node (drawn from the seed), restart it 5 s later;
-- ``region``: ``kill -9`` both west nodes at once, restart them 8 s later;
+- ``region``: as root with iproute2, a network partition: the west nodes run in a
+  network namespace, its veth goes down for 8 s with them running (they fence
+  themselves, node ``a`` takes over), then up (they rejoin); otherwise (or with
+  ``--no-netns``) ``kill -9`` both west nodes at once, restart them 8 s later. The
+  report names the mode;
 - ``database``: stop the PostgreSQL primary (``pg_ctl stop -m immediate``) and promote
   the replica (``pg_ctl promote``);
 - ``rolling``: SIGTERM each node in turn (taken out of the client's rotation first),
@@ -202,6 +206,10 @@ class Options:
     json: Path | None = None
     settle: float = 90.0  # seconds to wait for every accepted notification at the end
     promote_after: float = 0.0  # database drill: seconds between the stop and the promote
+    #: region drill: partition region west in a network namespace when possible (root,
+    #: iproute2); False, or when namespaces cannot be made: kill -9 its processes
+    netns: bool = True
+    partition: float = 8.0  # region drill: seconds the region is cut off (or down)
 
 
 @dataclass
@@ -212,6 +220,7 @@ class Phase:
     end: float = 0.0
     events: list[tuple[float, str]] = field(default_factory=list)
     campaign: tuple[str, int, float] | None = None  # (id, total, registered at)
+    facts: dict[str, Any] = field(default_factory=dict)  # drill specifics for the report
 
     def note(self, what: str) -> None:
         self.events.append((time.time(), what))
@@ -312,12 +321,160 @@ async def drill_node(svc: Any, phase: Phase, opts: Options, rng: random.Random) 
 
 async def drill_region(svc: Any, phase: Phase, opts: Options, rng: random.Random) -> None:
     west = sorted(n for n, node in svc.nodes.items() if node.region == "west")
+    if svc.netns is not None:
+        await _partition_region(svc, phase, opts, "west", west)
+        return
+    phase.facts = {"mode": KILLED, "why": svc.netns_reason}
     phase.fault = time.time()
     for n in west:
         svc.nodes[n].kill()
-    phase.note(f"kill -9 region west (nodes {', '.join(west)})")
-    await asyncio.sleep(8.0)
+    phase.note(
+        f"kill -9 region west (nodes {', '.join(west)}; no network namespace: {svc.netns_reason})"
+    )
+    await asyncio.sleep(opts.partition)
     await _restart(svc, west, phase)
+
+
+PARTITION = "network namespace partition"
+KILLED = "processes killed"
+SINGLETONS = ("scheduler", "reaper")
+
+
+def _lease_name(key: str) -> str:
+    """``root.scheduler`` -> ``scheduler``; ``dsup.<hex>.<hex>`` -> ``dispatchers/high-0``."""
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "dsup":
+        with contextlib.suppress(ValueError):
+            return f"{bytes.fromhex(parts[1]).decode()}/{bytes.fromhex(parts[2]).decode()}"
+    return key.removeprefix("root.")
+
+
+async def _singletons_into(svc: Any, phase: Phase, nodes: list[str]) -> dict[str, str]:
+    """Move the cluster singletons onto ``nodes`` (stop each where it runs, wait until
+    one of ``nodes`` took its lease, start it again there as a standby), so that the
+    partition shows them fenced and taken over. Who holds them afterwards."""
+    holders = {_lease_name(k): n for k, n in (await svc.lease_holders()).items()}
+    moved = []
+    for name in SINGLETONS:
+        holder = holders.get(name)
+        if holder is None or holder in nodes:
+            continue
+        await svc.control(holder, "stop", name, "--reason", "region drill: move into west")
+        for _ in range(50):
+            await asyncio.sleep(0.2)
+            holders = {_lease_name(k): n for k, n in (await svc.lease_holders()).items()}
+            if holders.get(name) in nodes:
+                break
+        await svc.control(holder, "start", name)
+        moved.append(f"{name} {holder} -> {holders.get(name)}")
+    if moved:
+        phase.note(f"singletons moved into the region first: {', '.join(moved)}")
+    return {name: holders.get(name, "?") for name in SINGLETONS}
+
+
+async def _partition_region(
+    svc: Any, phase: Phase, opts: Options, region: str, names: list[str]
+) -> None:
+    """Cut ``region`` off (its veth down) for ``opts.partition`` seconds with its nodes
+    running, heal it and let them rejoin; record what fenced them (their journals and
+    their own view of their leases) and who took over."""
+    others = sorted(n for n in svc.nodes if n not in names)
+    singletons = await _singletons_into(svc, phase, names)
+    before = await svc.lease_holders()
+    phase.fault = time.time()
+    svc.cut(region)
+    link = svc.netns.host_link(region)
+    phase.note(
+        f"network partition: region {region} (nodes {', '.join(names)}) cut off "
+        f"(ip link set {link} down); its processes keep running (scheduler on "
+        f"{singletons['scheduler']}, reaper on {singletons['reaper']})"
+    )
+    alive = True
+    held_late: dict[str, int] = dict.fromkeys(names, 0)  # leases a node still counted held
+    views = 0
+    heal_at = phase.fault + opts.partition
+    while time.time() < heal_at:
+        await asyncio.sleep(min(0.5, max(0.0, heal_at - time.time())))
+        alive = alive and all(svc.nodes[n].alive for n in names)
+        if time.time() - phase.fault < 2.0:  # lease_ttl 1 s: fenced by then
+            continue
+        for n in names:
+            view = await svc.cluster_view(n)
+            if view is not None:
+                views += 1
+                held = sum(1 for lease in view.get("leases", []) if lease.get("held"))
+                held_late[n] = max(held_late[n], held)
+    svc.heal(region)
+    healed = time.time()
+    phase.note(f"healed (ip link set {link} up)")
+    back = await svc.rejoin(names, timeout=30.0)
+    phase.note(
+        f"node{'s' if len(back) > 1 else ''} {', '.join(back) or 'none'} rejoined "
+        "(intake connected to NATS, back in rotation)"
+    )
+    fenced: dict[str, dict[str, Any]] = {}
+    for n in names:
+        lost = [
+            r
+            for r in svc.journal(n, "cluster.lease")
+            if r["data"].get("action") == "lost" and phase.fault <= r["time"] <= healed
+        ]
+        fenced[n] = {
+            "leases": sorted({_lease_name(str(r["data"].get("lease"))) for r in lost}),
+            "first_s": round(min(r["time"] for r in lost) - phase.fault, 2) if lost else None,
+            "last_s": round(max(r["time"] for r in lost) - phase.fault, 2) if lost else None,
+            "why": sorted({str(r["data"].get("why")) for r in lost}),
+            "held_after_2s": held_late[n],
+        }
+        if lost:
+            singles = ", ".join(x for x in fenced[n]["leases"] if "/" not in x)
+            phase.events.append(
+                (
+                    max(r["time"] for r in lost),
+                    f"node {n}: fenced by its own clock, process alive: "
+                    f"{len(fenced[n]['leases'])} leases lost "
+                    f"({singles + ' and ' if singles else ''}dispatchers), their children stopped",
+                )
+            )
+    taken: dict[str, dict[str, Any]] = {}
+    for n in others:
+        got = [
+            r
+            for r in svc.journal(n, "cluster.lease")
+            if r["data"].get("action") == "acquired" and phase.fault <= r["time"] <= healed
+        ]
+        if got:
+            taken[n] = {
+                "leases": sorted({_lease_name(str(r["data"].get("lease"))) for r in got}),
+                "first_s": round(min(r["time"] for r in got) - phase.fault, 2),
+                "last_s": round(max(r["time"] for r in got) - phase.fault, 2),
+            }
+            phase.events.append(
+                (
+                    max(r["time"] for r in got),
+                    f"node {n} took over {len(taken[n]['leases'])} leases "
+                    f"(from +{taken[n]['first_s']:.1f} s)",
+                )
+            )
+    phase.events.sort()
+    phase.facts = {
+        "mode": PARTITION,
+        "region": region,
+        "nodes": names,
+        "namespace": svc.netns.ns(region),
+        "link": link,
+        "subnet": svc.netns.subnet,
+        "singletons_at_cut": singletons,
+        "held_at_cut": {
+            n: sorted(_lease_name(k) for k, h in before.items() if h == n) for n in names
+        },
+        "alive_during_partition": alive,
+        "views_during_partition": views,
+        "fenced": fenced,
+        "taken_over": taken,
+        "healed_at_s": round(healed - phase.fault, 2),
+        "rejoined": back,
+    }
 
 
 async def drill_database(svc: Any, phase: Phase, opts: Options, rng: random.Random) -> None:
@@ -364,11 +521,19 @@ async def run(opts: Options, base: Path) -> dict[str, Any]:
     names = [*opts.drills, *(["rolling"] if opts.rolling else [])]
     t0 = time.time()
     print(f"starting NATS, PostgreSQL (primary + replica), providers, nodes in {base}")
-    svc = Service(base, dict(REGIONS), seed=opts.seed)
+    svc = Service(base, dict(REGIONS), seed=opts.seed, netns=opts.netns and "region" in opts.drills)
     try:
         await asyncio.to_thread(svc.start)
         started = time.time()
         print(f"service up in {started - t0:.1f} s: nodes {', '.join(svc.live_urls())}")
+        if svc.netns is not None:
+            spaces = ", ".join(svc.netns.ns(r) for r in svc.netns.regions)
+            print(
+                f"regions in network namespaces ({spaces}; {svc.netns.subnet}); "
+                f"NATS, PostgreSQL and providers on {svc.netns.core}"
+            )
+        elif "region" in opts.drills:
+            print(f"no network namespaces ({svc.netns_reason}): the region drill kills processes")
         sub = svc.submitter()
         load = Load(sub, opts.rate, opts.seed)
         phases: list[Phase] = []
@@ -401,6 +566,11 @@ async def run(opts: Options, base: Path) -> dict[str, Any]:
             expected = sub.expected_ids() | _campaign_ids(phases)
             shown_counts = await svc.settled(expected, timeout=opts.settle)
             report = await _report(svc, sub, phases, opts, expected)
+            report["network"] = (
+                {"mode": "network namespaces", "subnet": svc.netns.subnet}
+                if svc.netns is not None
+                else {"mode": "loopback", "why": svc.netns_reason}
+            )
             report["service_start_s"] = round(started - t0, 2)
             report["run_s"] = round(time.time() - t0, 1)
             if opts.keep:
@@ -566,6 +736,9 @@ async def _report(
             entry["objective_rto_s"], entry["objective_rpo_s"] = obj
             entry["rto_met"] = rto is not None and rto <= obj[0]
             entry["rpo_met"] = n_lost == 0 or (obj[1] > 0 and rpo_s <= obj[1])
+        if ph.facts:
+            entry["mode"] = ph.facts.get("mode")
+            entry["facts"] = ph.facts
         if ph.name == "database":
             entry["records_missing_after_promote"] = len(missing_records)
             entry["records_sent_never_shown"] = len(phantom_records)
@@ -665,6 +838,8 @@ def render(report: dict[str, Any], window: float | None = None) -> str:
         acc = d["min_acceptance"]
         p99 = d["max_p99_s"]
         line = f"{d['drill']}: "
+        if d.get("mode"):
+            line += f"[{d['mode']}] "
         line += "; ".join(f"{at:+.1f} s {what}" for at, what in d["events"] if at >= -0.5)
         out.extend(_wrap(line, 80, "    "))
         worst = f"    worst second: {100 * acc:.1f} % accepted" if acc is not None else "   "
@@ -740,6 +915,15 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     p.add_argument(
         "--promote-after", type=float, default=0.0, help="database drill: seconds before promote"
     )
+    p.add_argument(
+        "--no-netns",
+        action="store_true",
+        help="region drill: kill -9 the region's processes instead of partitioning its "
+        "network namespace",
+    )
+    p.add_argument(
+        "--partition", type=float, default=8.0, help="region drill: seconds cut off (or down)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the service up and its directory")
     p.add_argument("--json", type=Path, help="write the report as JSON here")
     a = p.parse_args(argv)
@@ -759,6 +943,8 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         window=a.window,
         slo_p99=a.slo_p99,
         promote_after=a.promote_after,
+        netns=not a.no_netns,
+        partition=a.partition,
         keep=a.keep,
         json=a.json,
     )
