@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
@@ -16,6 +17,7 @@ import weakref
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Any, Protocol
 
 from ._children import _orphans
@@ -62,13 +64,15 @@ def run(
     async callable returning a pid. A signal stops the tree in reverse start
     order and gives 0; a root that gave up (or crashed) gives 1.
 
-    A watchdog guards what asyncio cannot: it measures the event loop's lag
-    continuously (how late a timer every ``min(0.1, lag_threshold)`` seconds runs;
+    A watchdog thread guards what asyncio cannot: it measures the event loop's lag
+    (while the loop is busy, how late a callback it sends every
+    ``min(0.1, lag_threshold)`` seconds runs; while the loop waits for I/O or a timer
+    the lag is 0 and the thread sleeps with it, so an idle tree costs nothing;
     ``trellis.metrics`` exports it as ``trellis_event_loop_lag_seconds``), emits
-    ``loop.blocked`` (duration, task, stack of what blocked it, taken by a thread while
-    the loop is stuck; at most 10 a minute) when that timer runs ``lag_threshold``
-    seconds late (``None``: no lag monitor), logs the stack of any task that blocks
-    the event loop for ``blocked_warning`` seconds, and if a
+    ``loop.blocked`` (duration, task, stack of what blocked it, taken by the thread
+    while the loop is stuck; at most 10 a minute) when that callback runs
+    ``lag_threshold`` seconds late (``None``: no lag monitor), logs the stack of any
+    task that blocks the event loop for ``blocked_warning`` seconds, and if a
     shutdown has not finished ``hard_exit_after`` seconds after the signal (or a
     second signal arrives) it exits the process with code 1 instead of hanging.
 
@@ -134,24 +138,45 @@ class LoopLag:
     """How late one event loop runs callbacks, as the watchdog of :func:`run` measures it
     (plain numbers; observers such as ``trellis.metrics`` read them at scrape time).
 
-    ``counts``/``sum``: a histogram of every lag sample (bucket bounds
-    :data:`LAG_BUCKETS`, then +Inf; not cumulative); ``last``: the last sample;
+    ``counts``/``sum``: a histogram of lag samples, one per ``interval`` seconds (bucket
+    bounds :data:`LAG_BUCKETS`, then +Inf; not cumulative): while the loop waits for I/O
+    or a timer a sample is 0 (a callback would run at once), while it is busy it is how
+    late a callback the watchdog sent it ran; ``last``: the last timed sample;
     ``blocked``: how many times the loop was blocked past the threshold (reported or
     rate-limited).
     """
 
-    __slots__ = ("blocked", "counts", "last", "sum")
+    __slots__ = ("_counts", "_idle", "_idle_since", "blocked", "interval", "last", "sum")
 
-    def __init__(self) -> None:
-        self.counts = [0] * len(_LAG_BOUNDS)
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self._counts = [0] * len(_LAG_BOUNDS)  # written on the loop's thread only
+        self._idle = 0.0  # idle samples (0 s) so far, written by the watchdog's thread only
+        self._idle_since: float | None = None  # the loop has waited since then (monotonic)
         self.sum = 0.0
         self.last = 0.0
         self.blocked = 0
 
+    @property
+    def counts(self) -> list[int]:
+        counts = list(self._counts)
+        idle, since = self._idle, self._idle_since
+        if since is not None:
+            idle += (time.monotonic() - since) / self.interval
+        counts[0] += int(idle)
+        return counts
+
     def observe(self, lag: float) -> None:
-        self.counts[bisect_left(_LAG_BOUNDS, lag)] += 1
+        self._counts[bisect_left(_LAG_BOUNDS, lag)] += 1
         self.sum += lag
         self.last = lag
+
+    def _waiting(self, since: float | None, now: float) -> None:
+        """The watchdog's thread: the loop waits since ``since`` (None: it stopped at ``now``)."""
+        before = self._idle_since
+        if before is not None:
+            self._idle += (now - before) / self.interval
+        self._idle_since = since
 
 
 #: Upper bounds (seconds) of the loop-lag histogram buckets (then +Inf).
@@ -171,22 +196,53 @@ def loop_lag(loop: asyncio.AbstractEventLoop) -> LoopLag | None:
 #: were left out (``suppressed``).
 BLOCKED_PER_MINUTE = 10
 _STACK_FRAMES = 25  # the innermost frames kept in a loop.blocked stack
+#: The longest the watchdog sleeps while the loop waits (it wakes with the loop); then
+#: it looks whether the loop still waits. uvloop wakes the watchdog through a copy of
+#: its epoll set, which can miss a wake-up when the loop reads the data first (the
+#: watchdog's thread was not scheduled in time): this bounds how late it looks then.
+_PARK_MAX = 5.0
+_PARK_MAX_EPOLL = 1.0
+#: Linux system calls an event loop waits in: epoll_wait, epoll_pwait (timeout in ms,
+#: the 4th argument); and epoll_pwait2, whose timeout is a pointer (not read here).
+_EPOLL_WAITS = {"x86_64": (232, 281), "aarch64": (22,)}.get(os.uname().machine, ())
+_EPOLL_PWAIT2 = 441
+_ASYNC_CODE = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _driver_frame(frame: FrameType | None) -> FrameType | None:
+    """The frame that runs the event loop, seen from a coroutine running in it: the first
+    frame outside coroutines (with uvloop, whose loop is C, the caller of
+    ``run_until_complete``)."""
+    while frame is not None and not frame.f_code.co_flags & _ASYNC_CODE:
+        frame = frame.f_back
+    while frame is not None and frame.f_code.co_flags & _ASYNC_CODE:
+        frame = frame.f_back
+    return frame
 
 
 class _Watchdog:
     """A thread that measures the event loop's lag, reports what blocks it, and notices
-    a shutdown that cannot finish.
+    a shutdown that cannot finish; it costs an idle loop nothing.
 
-    The loop measures its own lag: a timer every ``lag_interval`` seconds notes how late
-    it ran (:class:`LoopLag`) and when (the heartbeat). The thread looks at the
-    heartbeat every ``lag_interval / 2`` seconds: when it is ``lag_threshold`` seconds
-    overdue, the loop is blocked right now, and the thread takes the stack of the
-    loop's thread and the running task (the culprit is running then). When the loop
-    comes back, its timer emits ``loop.blocked`` with the duration (how late the timer
-    ran), the threshold, the task and that stack (at most :data:`BLOCKED_PER_MINUTE` a
-    minute). Past ``blocked_warning`` seconds the thread also logs the full stack as an
-    error. Nothing crosses threads while the loop is healthy: no wake-ups of the loop
-    from the thread, no locks.
+    While the loop is busy, the thread looks every ``lag_interval`` seconds and times a
+    callback it sends the loop (``call_soon_threadsafe``): when that callback is
+    ``lag_threshold`` seconds late, the loop is blocked right now, and the thread takes
+    the stack of the loop's thread and the running task (the culprit is running then).
+    When the loop comes back, the callback emits ``loop.blocked`` with the duration (how
+    late it ran), the threshold, the task and that stack (at most
+    :data:`BLOCKED_PER_MINUTE` a minute). Past ``blocked_warning`` seconds the thread
+    also logs the full stack as an error.
+
+    When it sees the loop wait (the loop thread's Python stack shows nothing but the
+    loop's own wait for I/O or a timer), the thread sleeps too, and wakes with the loop,
+    which it then times at once; the time waited counts in :class:`LoopLag` as
+    zero-lag samples. With asyncio the loop wakes it: the loop's ``_process_events``,
+    the first thing it does after its wait, is swapped for :meth:`_hook` while the
+    thread sleeps. uvloop waits in C: the thread reads from ``/proc`` the epoll fd and
+    timeout its thread waits with, and waits on a copy of that epoll set (and the
+    epoll fd) until the timeout, then looks every :data:`_PARK_MAX_EPOLL` seconds in
+    case it missed the wake (the loop read the data before the thread ran). Without
+    ``/proc`` it looks every interval instead, without waking the loop.
     """
 
     def __init__(
@@ -200,32 +256,55 @@ class _Watchdog:
         else:
             self.lag_threshold = lag_threshold
             self.lag_interval = min(0.1, lag_threshold)
-        self.lag = LoopLag()
+        self.lag = LoopLag(self.lag_interval)
         self.stop_requested = threading.Event()
         self.closed = threading.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.main_ident = threading.get_ident()
+        self.main_tid = 0  # the loop thread's kernel id
         self.signals = 0
-        self.beat = 0.0  # when the loop's timer last ran (monotonic)
-        self.due = 0.0  # when it is due next
-        # what the thread caught during a block: (the heartbeat then, task, stack)
-        self.caught: tuple[float, str | None, str] | None = None
+        self.sent = 0  # the last callback the thread sent the loop (a count)
+        self.sent_at = 0.0  # when (monotonic)
+        self.answered = 0  # the last one the loop ran
+        self.answered_at = 0.0  # when
+        # what the thread caught during a block: (the callback then, task, stack)
+        self.caught: tuple[int, str | None, str] | None = None
         self.reported: deque[float] = deque()  # when the last loop.blocked were emitted
         self.suppressed = 0
+        self.driver: FrameType | None = None  # uvloop: the frame on top while it waits
+        self.wake_fds: tuple[int, int] | None = None  # a pipe that wakes the thread
+        self.can_park = bool(_EPOLL_WAITS)  # False: the thread looks every interval
+        self.hookable = False  # asyncio: the loop wakes the thread (see _hook)
+        self.hooked = False  # the hook is in place
+        self.woke = False  # the hook ran
         self.thread = threading.Thread(target=self._watch, name="trellis-watchdog", daemon=True)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Called on the loop's thread."""
+        """Called on the loop's thread, from a coroutine the loop runs."""
         self.loop = loop
         self.main_ident = threading.get_ident()  # the loop's thread
+        self.main_tid = threading.get_native_id()
         _loop_lags[loop] = self.lag
-        self.beat = time.monotonic()
-        self.due = self.beat + self.lag_interval
-        loop.call_later(self.lag_interval, self._tick)
+        if isinstance(loop, asyncio.BaseEventLoop):
+            # asyncio's selector loop says itself when it wakes (see _hook). (Never
+            # touch the loop's __dict__ here: a materialized instance dict slows every
+            # attribute access of the loop by about a tenth.)
+            self.hookable = hasattr(type(loop), "_process_events")
+            self.can_park = self.hookable
+        else:  # uvloop: waits in C
+            self.driver = _driver_frame(sys._getframe(1))
+        self.wake_fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.thread.start()
 
     def close(self) -> None:
         self.closed.set()
+        self._wake()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(5.0)
+        fds, self.wake_fds = self.wake_fds, None
+        if fds is not None and not self.thread.is_alive():
+            for fd in fds:
+                os.close(fd)
 
     def on_signal(self) -> None:
         """Called from the signal handler in the main thread."""
@@ -233,21 +312,25 @@ class _Watchdog:
         if self.signals > 1:
             self._hard_exit("a second signal arrived during shutdown")
         self.stop_requested.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        fds = self.wake_fds
+        if fds is not None:
+            with contextlib.suppress(OSError):
+                os.write(fds[1], b"x")
 
     # -- on the loop ------------------------------------------------------------------
-    def _tick(self) -> None:
+    def _answer(self, n: int, sent_at: float) -> None:
+        """The callback the thread sent: how late it ran is a lag sample."""
         now = time.monotonic()
-        lag = max(0.0, now - self.due)
-        before = self.beat
-        self.beat = now
-        self.due = now + self.lag_interval
-        loop = self.loop
-        if loop is not None and not self.closed.is_set():
-            loop.call_later(self.lag_interval, self._tick)
+        lag = now - sent_at
+        self.answered_at = now
+        self.answered = n
         self.lag.observe(lag)
         if lag >= self.lag_threshold:
             caught, self.caught = self.caught, None
-            if caught is not None and caught[0] == before:
+            if caught is not None and caught[0] == n:
                 self._blocked(lag, caught[1], caught[2])
             else:
                 self._blocked(lag, None, None)
@@ -282,6 +365,25 @@ class _Watchdog:
             suppressed=suppressed,
         )
 
+    def _hook(self, event_list: Any) -> Any:
+        """asyncio: in place of the loop's ``_process_events`` while the thread sleeps,
+        so the loop's first step after its wait (I/O or a timer) wakes the thread."""
+        loop = self.loop
+        if self.hooked:
+            self.hooked = False
+            self.woke = True
+            with contextlib.suppress(AttributeError):
+                del loop._process_events  # type: ignore[union-attr]
+            self._wake()
+        process: Callable[[Any, Any], Any] = type(loop)._process_events  # type: ignore[union-attr]
+        return process(loop, event_list)
+
+    def _unhook(self) -> None:
+        if self.hooked:
+            self.hooked = False
+            with contextlib.suppress(AttributeError):
+                del self.loop._process_events  # type: ignore[union-attr]
+
     # -- on the watchdog's thread -------------------------------------------------------
     def _stack(self, limit: int | None = None) -> str:
         frame = sys._current_frames().get(self.main_ident)
@@ -306,39 +408,220 @@ class _Watchdog:
             pid = None
         return f"{task.get_name()} ({name}){'' if pid is None else f' of {pid!r}'}"
 
+    def _looks_idle(self) -> bool:
+        """Whether no Python code runs on the loop's thread but the loop's own wait."""
+        top = sys._current_frames().get(self.main_ident)
+        if top is None:
+            return False
+        if self.driver is not None:  # uvloop: nothing above the caller of the loop
+            return top is self.driver
+        back = top.f_back  # asyncio: selectors' select(), called by _run_once()
+        return back is not None and back.f_code is _RUN_ONCE and top.f_code.co_name == "select"
+
+    def _waiting_in(self) -> tuple[int, float | None] | None:
+        """(epoll fd, timeout in s or None for none) the loop's thread waits in, from
+        ``/proc/self/task/TID/syscall``; None when it is not waiting in an epoll wait (or
+        it cannot be told: then ``can_park`` becomes False)."""
+        try:
+            fd = os.open(f"/proc/self/task/{self.main_tid}/syscall", os.O_RDONLY)
+            try:
+                fields = os.read(fd, 256).split()
+            finally:
+                os.close(fd)
+            nr = int(fields[0])
+            if nr == _EPOLL_PWAIT2:  # its timeout is a pointer: look every interval instead
+                self.can_park = False
+                return None
+            if nr not in _EPOLL_WAITS:
+                return None
+            timeout = int(fields[4], 16) & 0xFFFFFFFF
+        except OSError:  # no /proc here: the thread looks every interval instead
+            self.can_park = False
+            return None
+        except (ValueError, IndexError):  # "running", or blocked outside a system call
+            return None
+        return int(fields[1], 16), None if timeout >= 0x80000000 else timeout / 1000
+
+    def _ping(self, now: float) -> None:
+        loop = self.loop
+        if loop is None:
+            return
+        self.sent += 1
+        self.sent_at = now
+        try:
+            loop.call_soon_threadsafe(self._answer, self.sent, now)
+        except RuntimeError:  # the loop closed meanwhile
+            self.answered = self.sent
+
     def _watch(self) -> None:
-        deadline: float | None = None
+        import select
+
+        fds = self.wake_fds
+        assert fds is not None
+        wake_r = fds[0]
+        awake = select.poll()  # the loop is busy: the thread looks every interval
+        awake.register(wake_r, select.POLLIN)
+        # uvloop waits: so does the thread, on the same file descriptors (a copy of its
+        # epoll set, and the epoll fd itself) and until the loop's next timer.
+        mirror = select.epoll()
+        try:
+            mirror.register(wake_r, select.EPOLLIN)
+            self._loop_watch(awake, mirror, wake_r)
+        finally:
+            mirror.close()
+
+    def _loop_watch(self, awake: Any, mirror: Any, wake_r: int) -> None:
+        mirrored = _Mirror(mirror)
         clock = time.monotonic
-        warned_at = 0.0  # the heartbeat of the block already logged as an error
-        look = self.lag_interval / 2
+        interval = self.lag_interval
+        park_max = _PARK_MAX if self.hookable else _PARK_MAX_EPOLL
+        deadline: float | None = None
+        warned = 0  # the callback whose block was logged as an error
+        park_until: float | None = None  # parked: until then at most (inf: no timer)
+        lag = self.lag
         while not self.closed.is_set():
             if self.stop_requested.is_set() and deadline is None:
                 deadline = clock() + self.hard_exit_after
-            wait = look if deadline is None else max(0.0, min(look, deadline - clock()))
-            if self.closed.wait(wait):
+            now = clock()
+            wait = interval if park_until is None else min(park_until - now, park_max)
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            if park_until is None or self.hookable:
+                events = awake.poll(max(0, math.ceil(wait * 1000)))
+            else:
+                events = mirror.poll(max(0.0, wait))
+            if any(fd == wake_r for fd, _ in events):
+                with contextlib.suppress(OSError):
+                    os.read(wake_r, 512)
+            if self.closed.is_set():
+                self._unhook()
                 return
+            now = clock()
+            if deadline is not None and now >= deadline:
+                self._hard_exit(f"shutdown did not finish within {self.hard_exit_after}s")
             loop = self.loop
-            if loop is not None and loop.is_running():
-                beat, due = self.beat, self.due
-                late = clock() - due
+            if loop is None or not loop.is_running():
+                if park_until is not None:
+                    park_until = None
+                    self._unhook()
+                    lag._waiting(None, now)
+                continue
+            if park_until is not None:
+                woke = self.woke or any(fd != wake_r for fd, _ in events) or now >= park_until
+                if not woke and not self.stop_requested.is_set() and self._looks_idle():
+                    continue  # the longest sleep, or a spurious wake: still waiting
+                park_until = None  # the loop has woken (or may have): time it
+                self._unhook()
+                lag._waiting(None, now)
+                self._ping(now)
+                continue
+            if self.answered != self.sent:  # the loop has not run the last callback yet
+                late = now - self.sent_at
                 if late >= self.lag_threshold:  # blocked right now
                     caught = self.caught
-                    if caught is None or caught[0] != beat:
-                        self.caught = (beat, self._task(), self._stack(_STACK_FRAMES))
-                if late >= self.blocked_warning and warned_at != beat:
-                    warned_at = beat
+                    if caught is None or caught[0] != self.sent:
+                        self.caught = (self.sent, self._task(), self._stack(_STACK_FRAMES))
+                if late >= self.blocked_warning and warned != self.sent:
+                    warned = self.sent
                     _log.error(
                         "event loop blocked for over %ss by:\n%s",
                         self.blocked_warning,
                         self._stack(),
                     )
-            if deadline is not None and clock() >= deadline and not self.closed.is_set():
-                self._hard_exit(f"shutdown did not finish within {self.hard_exit_after}s")
+                continue
+            if not self._looks_idle():
+                self._ping(now)  # busy: time a callback
+                continue
+            if not self.can_park:  # the loop waits (a zero-lag sample); look again later
+                lag._idle += 1
+                continue
+            if self.hookable:  # asyncio: the loop will wake the thread
+                self.woke = False
+                self.hooked = True
+                try:
+                    loop._process_events = self._hook  # type: ignore[attr-defined]
+                except AttributeError:  # a loop with __slots__: look every interval
+                    self.hooked = self.hookable = self.can_park = False
+                    continue
+                if not self._looks_idle():  # it moved on meanwhile
+                    self._unhook()
+                    self._ping(now)
+                    continue
+                park_until = math.inf
+                lag._waiting(now, now)
+                continue
+            # uvloop: park once the loop has run a callback sent at the previous look:
+            # its wait began just after that (with the timeout the system call shows),
+            # so the thread wakes with its next timer.
+            if now - self.sent_at >= 1.5 * interval:
+                self._ping(now)
+                continue
+            waiting = self._waiting_in()
+            if waiting is None:  # not in an epoll wait after all: busy in C
+                self._ping(now)
+                continue
+            epfd, timeout = waiting
+            if not mirrored.sync(epfd):
+                self.can_park = False
+                continue
+            park_until = math.inf if timeout is None else self.answered_at + timeout + 0.002
+            lag._waiting(now, now)
 
     def _hard_exit(self, why: str) -> None:
         _log.critical("%s; exiting now. Main thread stack:\n%s", why, self._stack())
         logging.shutdown()
         os._exit(1)
+
+
+_RUN_ONCE = asyncio.BaseEventLoop._run_once.__code__  # type: ignore[attr-defined]
+_EPOLL_EVENTS = 0x2000 | 0x4 | 0x2 | 0x1  # EPOLLRDHUP, EPOLLOUT, EPOLLPRI, EPOLLIN
+
+
+class _Mirror:
+    """The watchdog's copy of an epoll set: the file descriptors (and the events) the
+    loop's epoll waits for, read from ``/proc/self/fdinfo/EPFD``, registered in the
+    watchdog's own epoll."""
+
+    def __init__(self, epoll: Any) -> None:
+        self.epoll = epoll
+        self.text = b""  # the fdinfo last copied
+        self.fds: dict[int, tuple[int, bytes]] = {}  # fd -> (events, inode)
+
+    def sync(self, epfd: int) -> bool:
+        """Copy the loop's set (False: it cannot be read)."""
+        try:
+            fd = os.open(f"/proc/self/fdinfo/{epfd}", os.O_RDONLY)
+            try:
+                chunks = []
+                while chunk := os.read(fd, 65536):
+                    chunks.append(chunk)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        text = b"".join(chunks)
+        if text == self.text:
+            return True
+        want: dict[int, tuple[int, bytes]] = {}
+        for line in text.splitlines():
+            if line.startswith(b"tfd:"):  # tfd: 5 events: 19 data: 5 pos:0 ino:3 sdev:9
+                f = line.split()
+                events = int(f[3], 16) & _EPOLL_EVENTS
+                if events:
+                    want[int(f[1])] = (events, f[7])
+        want[epfd] = (0x1, b"")  # and the loop's epoll fd itself: a second chance
+        have, epoll = self.fds, self.epoll
+        for tfd in [t for t in have if want.get(t) != have[t]]:
+            del have[tfd]
+            with contextlib.suppress(OSError):  # closed since: the kernel dropped it
+                epoll.unregister(tfd)
+        for tfd, spec in want.items():
+            if tfd not in have:
+                with contextlib.suppress(OSError):  # closed meanwhile
+                    epoll.register(tfd, spec[0])
+                    have[tfd] = spec
+        self.text = text
+        return True
 
 
 async def _start_root(root: Any) -> Pid:

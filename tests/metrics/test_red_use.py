@@ -6,6 +6,7 @@ opened, the loop blocked)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -385,7 +386,7 @@ def hold_the_loop(seconds):
     time.sleep(seconds)  # blocks the event loop on purpose
 
 async def blocker():
-    await asyncio.sleep(0.3)  # the watchdog is pinging by now
+    await asyncio.sleep(0.3)
     hold_the_loop(0.3)
     for _ in range(3):
         await asyncio.sleep(0.15)
@@ -404,6 +405,7 @@ with capture_telemetry(["loop.blocked"]) as cap:
         lambda: trellis.Supervisor.start_link(children, name="lag"),
         extensions=[metrics, Journal(url, node="test-node")],
         lag_threshold=0.1,
+        loop=sys.argv[3],
     )
 out["events"] = cap.named("loop.blocked")
 out["code"] = code
@@ -415,15 +417,26 @@ with open(sys.argv[1], "w") as f:
     json.dump(out, f)
 """
 
+LOOPS = [
+    "asyncio",
+    pytest.param(
+        "uvloop",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("uvloop") is None, reason="needs uvloop: pip install uvloop"
+        ),
+    ),
+]
 
-def test_loop_lag_and_a_deliberate_block(tmp_path: Any) -> None:
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_loop_lag_and_a_deliberate_block(tmp_path: Any, loop: str) -> None:
     """A task that blocks the loop for 300 ms under trellis.run yields a loop.blocked
     event with its duration and a stack naming the blocking function; three more blocks
     are counted by trellis_event_loop_blocked_total but rate-limited as events (here 3 a
     minute); the lag histogram has seen samples over the threshold. (A machine so
     loaded that the process itself stalls past the threshold adds blocks: the bounds
-    allow for it.) loop.blocked and the
-    OS child's process.usage events are in the journal."""
+    allow for it.) loop.blocked and the OS child's process.usage events are in the
+    journal. On both event loops."""
     import json
     import subprocess
     import sys
@@ -432,7 +445,7 @@ def test_loop_lag_and_a_deliberate_block(tmp_path: Any) -> None:
     prog.write_text(LAG_PROGRAM)
     result = tmp_path / "out.json"
     proc = subprocess.run(
-        [sys.executable, str(prog), str(result), str(tmp_path / "j.db")],
+        [sys.executable, str(prog), str(result), str(tmp_path / "j.db"), loop],
         capture_output=True,
         text=True,
         timeout=60,
@@ -488,6 +501,106 @@ with capture_telemetry(["loop.blocked"]) as cap:
     )
 print("events", len(cap.events), "code", code)
 """
+
+
+IDLE_PROGRAM = r"""
+import asyncio, socket, sys, threading, time
+import trellis, trellis._run
+from trellis.testing import capture_telemetry
+
+def hold_the_loop(seconds):
+    time.sleep(seconds)  # blocks the event loop on purpose
+
+async def read_then_block(a, b):
+    # no timer is due: only the I/O wakes the loop (and must wake the watchdog)
+    threading.Timer(0.5, b.send, (b"x",)).start()
+    await asyncio.get_running_loop().sock_recv(a, 1)
+    hold_the_loop(float(sys.argv[3]))
+
+async def idle():
+    print("up", flush=True)
+    await asyncio.sleep(float(sys.argv[2]))
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    with a, b:
+        await read_then_block(a, b)
+    await asyncio.sleep(0)  # the ping that was late runs: loop.blocked
+    lag = trellis._run.loop_lag(asyncio.get_running_loop())
+    print("samples", sum(lag.counts), "blocked", lag.blocked, flush=True)
+
+with capture_telemetry(["loop.blocked"]) as cap:
+    code = trellis.run(trellis.worker("w", idle, restart="temporary"), loop=sys.argv[1])
+for e in cap.named("loop.blocked"):
+    print("stack", "in read_then_block" in e["stack"] and "in hold_the_loop" in e["stack"])
+sys.exit(code)
+"""
+
+
+def _wakeups(pid: int) -> tuple[int, int]:
+    """How many times the process's main thread and its other threads were scheduled."""
+    import os
+
+    main = others = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            count = int(f.read().split()[2])
+        if int(tid) == pid:
+            main += count
+        else:
+            others += count
+    return main, others
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_the_lag_monitor_lets_an_idle_loop_sleep(tmp_path: Any, loop: str) -> None:
+    """While the tree is idle the monitor neither wakes the loop nor itself (it waits with
+    the loop): over 2 s the loop's thread and the watchdog's are scheduled a few times at
+    most (a timer every 100 ms, as the monitor once had, makes it 20 and 40), and the lag
+    histogram still counts samples (zero lag) for the time the loop waited. When I/O
+    then wakes the loop (no timer due) and a callback blocks it, the watchdog wakes too
+    and reports the block with its stack."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    # asyncio wakes the watchdog itself, so a block of 0.3 s is always caught. The
+    # watchdog wakes with uvloop through a copy of its epoll set, which misses the wake
+    # now and then on a loaded machine (uvloop read the data before the thread ran):
+    # then it looks within 1 s, which a block of 1.3 s outlasts.
+    block = 0.3 if loop == "asyncio" else 1.3
+    if not os.path.exists(f"/proc/self/task/{os.getpid()}/schedstat"):
+        pytest.skip("needs /proc/PID/task/TID/schedstat (Linux with schedstats)")
+    prog = tmp_path / "idle.py"
+    prog.write_text(IDLE_PROGRAM)
+    proc = subprocess.Popen(
+        [sys.executable, str(prog), loop, "4", str(block)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "up"
+        time.sleep(1.0)  # the start is over, and the watchdog has seen the loop wait
+        main0, others0 = _wakeups(proc.pid)
+        time.sleep(2.0)
+        main1, others1 = _wakeups(proc.pid)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+    assert proc.returncode == 0, err
+    assert main1 - main0 <= 4, (main1 - main0, others1 - others0)
+    assert others1 - others0 <= 4, (main1 - main0, others1 - others0)
+    words = out.split()
+    samples, blocked = int(words[1]), int(words[3])
+    assert samples >= 10, out  # about 40: one per 100 ms
+    assert blocked == 1, err  # then woke with the loop, which I/O woke, and caught the block
+    assert words[4:] == ["stack", "True"], err
 
 
 def test_no_lag_monitor_keeps_the_blocked_warning(tmp_path: Any) -> None:

@@ -1142,8 +1142,8 @@ class Metrics:
         ]
         loop_lag_fam = HistogramMetricFamily(
             "trellis_event_loop_lag_seconds",
-            "How late the tree's event loop ran the watchdog's timer "
-            "(every 100 ms, or lag_threshold if shorter).",
+            "How late the tree's event loop ran the watchdog's callback, sampled "
+            "every 100 ms (or lag_threshold if shorter); 0 while the loop waits.",
             labels=["node"],
         )
         loop_blocked = CounterMetricFamily(
