@@ -102,10 +102,18 @@ async def dispatch(child_id: str) -> None:
         worker = _Batch(store, provider_clients(settings), owner, priority, js)
         _log.info("dispatcher %s started as %s", child_id, owner)
         while True:
+            fetch = asyncio.ensure_future(sub.fetch(BATCH[priority], timeout=1.0))
             try:
-                msgs = await sub.fetch(BATCH[priority], timeout=1.0)
+                msgs = await asyncio.shield(fetch)
             except TimeoutError:  # nats' own TimeoutError, and the built-in one it also raises
                 continue
+            except asyncio.CancelledError:
+                # stopping while a pull is open: the server may be delivering to it; take
+                # what comes and hand it straight back, or it waits out the ack wait
+                with contextlib.suppress(Exception):
+                    for m in await fetch:
+                        await m.nak()
+                raise
             batch = asyncio.ensure_future(worker.run(msgs))
             try:
                 await asyncio.shield(batch)
