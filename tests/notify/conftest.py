@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -63,3 +64,16 @@ async def pg_store(pg_cluster: PgCluster) -> AsyncIterator[Any]:
         yield store
     finally:
         await store.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On CI's uvloop pass (TRELLIS_TEST_LOOP=uvloop, which also puts every node the
+    tests start on uvloop), run the end-to-end service tests only: the rest exercise
+    the example's own code (PostgreSQL, providers, HTTP, the demo's arithmetic), which
+    does not depend on the loop and is covered by the asyncio pass."""
+    if os.environ.get("TRELLIS_TEST_LOOP") != "uvloop":
+        return
+    skip = pytest.mark.skip(reason="loop-independent example code: the asyncio pass covers it")
+    for item in items:
+        if item.path.parent == Path(__file__).parent and item.path.name != "test_service.py":
+            item.add_marker(skip)

@@ -4,7 +4,6 @@ provider processes and ``trellis run`` nodes (examples/notify/harness.py)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,6 @@ from examples.notify.harness import Service, missing
 
 pytestmark = [
     pytest.mark.skipif(missing() is not None, reason=str(missing())),
-    pytest.mark.skipif(
-        os.environ.get("TRELLIS_TEST_LOOP") == "uvloop",
-        reason="the service runs in processes of its own; the asyncio pass covers it",
-    ),
     pytest.mark.timeout(240),
 ]
 
