@@ -246,3 +246,39 @@ def test_process_usage_is_logged_at_debug(capsys: pytest.CaptureFixture[str]) ->
     assert record["message"] == (
         "shop/web (os pid 42) usage: cpu 1.23s, rss 10.0 MiB, 7 fds, 3 threads"
     )
+
+
+_LAZY = """
+import logging, sys
+from trellis.cli._logging import configure_logging
+configure_logging(sys.argv[1], "warning")
+logging.getLogger("trellis.x").info("not shown")
+print("structlog before a record:", "structlog" in sys.modules, flush=True)
+logging.getLogger("trellis.x").warning("disk nearly full")
+print("structlog after a record:", "structlog" in sys.modules, flush=True)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_structlog_is_imported_at_the_first_record_shown(fmt: str) -> None:
+    """`trellis run` does not pay structlog's import (and rich's) before its root starts
+    unless a record is logged; the first one is formatted as always."""
+    out = subprocess.run(
+        [sys.executable, "-c", _LAZY, fmt], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "structlog before a record: False",
+        "structlog after a record: True",
+    ]
+    (line,) = out.stderr.splitlines()
+    if fmt == "json":
+        rec = json.loads(line)
+        assert rec["message"] == "disk nearly full"
+        assert rec["level"] == "warning"
+        assert rec["logger"] == "trellis.x"
+        assert rec["event"] == "log"
+    else:
+        assert "disk nearly full" in line
+        assert "warning" in line
+        assert "not shown" not in out.stderr

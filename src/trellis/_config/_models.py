@@ -374,7 +374,10 @@ Bounded = Annotated[float, Field(le=MAX_SECONDS, allow_inf_nan=False)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # defer_build: each model's validator is built when a file first uses it, so a tree
+    # of command children does not build the plugin, isolated, SLO, ... validators
+    # before its root starts (the checks themselves are the same)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, defer_build=True)
 
     what: ClassVar[str] = "table"
 

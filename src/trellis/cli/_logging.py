@@ -19,8 +19,6 @@ import sys
 from collections import deque
 from typing import Any
 
-import structlog
-
 from .._core._reasons import is_clean
 
 __all__ = ["configure_logging", "decode_wait_status", "describe", "log_event"]
@@ -325,6 +323,53 @@ def _text_line(_logger: Any, _method: str, event_dict: Any) -> Any:
     return event_dict
 
 
+class _Formatter(logging.Formatter):
+    """structlog's formatter, built for the first record that is logged: importing
+    structlog (and rich, which it imports) takes tens of milliseconds that ``trellis
+    run`` would otherwise spend before its root starts. Records are formatted under
+    the handler's lock, so it is built once."""
+
+    def __init__(self, log_format: str, colors: bool) -> None:
+        super().__init__()
+        self.log_format = log_format
+        self.colors = colors
+        self.inner: logging.Formatter | None = None
+
+    def format(self, record: logging.LogRecord) -> str:
+        inner = self.inner
+        if inner is None:
+            inner = self.inner = _structlog_formatter(self.log_format, self.colors)
+        return inner.format(record)
+
+
+def _structlog_formatter(log_format: str, colors: bool) -> logging.Formatter:
+    import structlog
+
+    renderer: list[Any]
+    if log_format == "json":
+        renderer = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    else:
+        renderer = [
+            _text_line,
+            structlog.dev.ConsoleRenderer(
+                colors=colors, exception_formatter=structlog.dev.plain_traceback
+            ),
+        ]
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            _add_fields,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[
+            *renderer[:-1],
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *renderer[-1:],
+        ],
+    )
+
+
 class _DropDuplicates(logging.Filter):
     """Drops the core's plain-text reports that a telemetry event already logs."""
 
@@ -347,31 +392,8 @@ def configure_logging(
     """
     global _stderr_level
     _stderr_level = logging.getLevelName(child_stderr_level.upper())
-    renderer: list[Any]
-    if log_format == "json":
-        renderer = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
-    else:
-        renderer = [
-            _text_line,
-            structlog.dev.ConsoleRenderer(
-                colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
-            ),
-        ]
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[
-            structlog.stdlib.add_log_level,
-            structlog.stdlib.add_logger_name,
-            _add_fields,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-        ],
-        processors=[
-            *renderer[:-1],
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            *renderer[-1:],
-        ],
-    )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter)
+    handler.setFormatter(_Formatter(log_format, colors=sys.stderr.isatty()))
     handler.addFilter(_DropDuplicates())
     root = logging.getLogger()
     root.handlers[:] = [handler]
