@@ -977,6 +977,9 @@ class Live:
     started: dict[str, int] = field(default_factory=dict)  # ns, CLOCK_MONOTONIC
     runner: dict[str, int] = field(default_factory=dict)  # Trellis runner phases
     starts: int = 0
+    #: CPU time (s, threads' schedstat) of the launched process when the last program was
+    #: seen up: the start's cost on a shared machine, where wall time includes waiting
+    cpu_at_up_s: float | None = None
 
     def add(self, batch: list[tuple[str, int, int]]) -> None:
         for name, pid, ns in batch:
@@ -1052,8 +1055,26 @@ def start_and_wait(peer: Peer, notes: Notifications, timeout: float) -> tuple[Li
         if left <= 0:
             raise Failure(f"only {len(live.pid)}/{ctx.n} programs started within {timeout} s")
         live.add(notes.read(left))
+    if peer.proc is not None:
+        snap = cpu_snapshot([peer.proc.pid]).get(peer.proc.pid)
+        live.cpu_at_up_s = snap[1] / 1e9 if snap is not None else None
     cold = (max(live.started.values()) - peer.t_launch) / 1e9
     return live, cold
+
+
+def python_startup(ctx: Ctx, runs: int = 15) -> dict[str, float]:
+    """``python -c pass`` in the environment of the Python supervisors: medians of wall
+    time and CPU time (user+sys, from the rusage of the exited process), the reference
+    for what any Python supervisor pays before its first line."""
+    walls, cpus = [], []
+    for _ in range(runs):
+        t0 = now_ns()
+        proc = subprocess.Popen([sys.executable, "-c", "pass"], env=python_env(ctx))
+        _, _, ru = os.wait4(proc.pid, 0)
+        walls.append((now_ns() - t0) / 1e9)
+        cpus.append(ru.ru_utime + ru.ru_stime)
+        proc.returncode = 0  # reaped above
+    return {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "n": runs}
 
 
 def stop_peer(peer: Peer, notes: Notifications) -> dict[str, Any]:
@@ -1171,6 +1192,7 @@ def cold_only(peer: Peer, ctx: Ctx, notes: Notifications, run_dir: Path, cfg) ->
         live, cold = start_and_wait(peer, notes, cfg.start_timeout)
         rec: dict[str, Any] = {
             "cold_start_s": cold,
+            "cpu_at_up_s": live.cpu_at_up_s,
             "first_up_s": (min(live.started.values()) - peer.t_launch) / 1e9,
             "runner": phases(peer, live),
         }
@@ -1201,6 +1223,7 @@ def full_run(peer: Peer, ctx: Ctx, notes: Notifications, run_dir: Path, cfg) -> 
     try:
         live, cold = start_and_wait(peer, notes, cfg.start_timeout)
         rec["cold_start_s"] = cold
+        rec["cpu_at_up_s"] = live.cpu_at_up_s
         rec["first_up_s"] = (min(live.started.values()) - peer.t_launch) / 1e9
         rec["runner"] = phases(peer, live)
         time.sleep(cfg.settle)
@@ -1293,6 +1316,8 @@ def render(results: dict[str, dict], labels: dict[str, str], idle_s: float) -> s
             notes.append(f"{r['killed_after_stop']} processes left after stop (killed)")
         if r.get("run_to_all_up") is not None:
             notes.append(f"trellis.run() → 50 up {r['run_to_all_up']:.3f} s")
+        if r.get("cold_cpu", {}).get("n"):
+            notes.append(f"CPU of the launched process at 50 up {r['cold_cpu']['median']:.3f} s")
         idle_txt = (
             f"{idle['cpu_s_per_60s']:.2f} / {idle['cpu_s_per_60s_schedstat']:.3f}" if idle else "—"
         )
@@ -1488,6 +1513,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"      {what}: {how}")
         for k, why in skipped.items():
             print(f"  {k}: SKIPPED ({why})")
+        pystart = python_startup(ctx)
+        print(
+            f"reference: python -c pass {pystart['wall_s'] * 1000:.1f} ms wall, "
+            f"{pystart['cpu_s'] * 1000:.1f} ms CPU (medians of {pystart['n']})",
+            flush=True,
+        )
         print(flush=True)
         results: dict[str, dict[str, Any]] = {p.key: {"cold_samples": []} for p in peers}
         # Phase 1: extra cold starts, interleaved (order alternates per round)
@@ -1504,7 +1535,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[p.key]["cold_samples"].append(rec["cold_start_s"])
                 print(
                     f"cold round {rnd + 1}/{cfg.cold_repeats} {p.label}: "
-                    f"{fmt(rec.get('cold_start_s'), '.3f')} s {rec.get('error', '')}",
+                    f"{fmt(rec.get('cold_start_s'), '.3f')} s (CPU "
+                    f"{fmt(rec.get('cpu_at_up_s'), '.3f')} s) {rec.get('error', '')}",
                     flush=True,
                 )
         # Phase 2: per peer, start (one more cold sample), idle window, kills; order reversed
@@ -1528,6 +1560,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         for r in results.values():
             r["cold"] = summarize(r["cold_samples"])
+            cpus = [c["cpu_at_up_s"] for c in r.get("cold_runs", []) if c.get("cpu_at_up_s")]
+            if r.get("cpu_at_up_s"):
+                cpus.append(r["cpu_at_up_s"])
+            r["cold_cpu"] = summarize(cpus)
             runs = [c for c in r.get("cold_runs", []) if c.get("runner")]
             if r.get("runner"):
                 runs.append({"runner": r["runner"]})
@@ -1558,6 +1594,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{labels[key]} vs targets:")
             for what, value, verdict in verdicts(r, cfg.idle_seconds):
                 print(f"  {verdict:4}  {what}: {value}")
+            cc = r.get("cold_cpu", {})
+            if cc.get("n"):
+                print(
+                    f"  cold start CPU (launched process, at 50 up): median {cc['median']:.3f} s "
+                    f"({cc['min']:.3f}-{cc['max']:.3f}, {cc['n']}); python -c pass: "
+                    f"{pystart['cpu_s']:.3f} s CPU, {pystart['wall_s']:.3f} s wall"
+                )
             if r.get("run_to_all_up") is not None:
                 print(
                     f"  cold start split (medians, s since launch): interpreter up "
@@ -1589,6 +1632,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings,
         "skipped": skipped,
         "results": results,
+        "python_startup": pystart,
         "leftovers": leftovers,
         "trellis_src_digests": sorted(SRC_DIGESTS),
     }
