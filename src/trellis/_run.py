@@ -196,16 +196,9 @@ def loop_lag(loop: asyncio.AbstractEventLoop) -> LoopLag | None:
 #: were left out (``suppressed``).
 BLOCKED_PER_MINUTE = 10
 _STACK_FRAMES = 25  # the innermost frames kept in a loop.blocked stack
-#: The longest the watchdog sleeps while the loop waits (it wakes with the loop); then
-#: it looks whether the loop still waits. uvloop wakes the watchdog through a copy of
-#: its epoll set, which can miss a wake-up when the loop reads the data first (the
-#: watchdog's thread was not scheduled in time): this bounds how late it looks then.
+#: The longest the watchdog sleeps while an asyncio loop waits (the loop wakes it);
+#: then it looks whether the loop still waits.
 _PARK_MAX = 5.0
-_PARK_MAX_EPOLL = 1.0
-#: Linux system calls an event loop waits in: epoll_wait, epoll_pwait (timeout in ms,
-#: the 4th argument); and epoll_pwait2, whose timeout is a pointer (not read here).
-_EPOLL_WAITS = {"x86_64": (232, 281), "aarch64": (22,)}.get(os.uname().machine, ())
-_EPOLL_PWAIT2 = 441
 _ASYNC_CODE = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
@@ -238,11 +231,9 @@ class _Watchdog:
     which it then times at once; the time waited counts in :class:`LoopLag` as
     zero-lag samples. With asyncio the loop wakes it: the loop's ``_process_events``,
     the first thing it does after its wait, is swapped for :meth:`_hook` while the
-    thread sleeps. uvloop waits in C: the thread reads from ``/proc`` the epoll fd and
-    timeout its thread waits with, and waits on a copy of that epoll set (and the
-    epoll fd) until the timeout, then looks every :data:`_PARK_MAX_EPOLL` seconds in
-    case it missed the wake (the loop read the data before the thread ran). Without
-    ``/proc`` it looks every interval instead, without waking the loop.
+    thread sleeps. uvloop waits in C and has no such step: there the thread looks
+    every interval, without waking the loop while it waits (a wake-up it could miss
+    would delay the report of a block, and the report is the point).
     """
 
     def __init__(
@@ -261,7 +252,6 @@ class _Watchdog:
         self.closed = threading.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.main_ident = threading.get_ident()
-        self.main_tid = 0  # the loop thread's kernel id
         self.signals = 0
         self.sent = 0  # the last callback the thread sent the loop (a count)
         self.sent_at = 0.0  # when (monotonic)
@@ -273,7 +263,7 @@ class _Watchdog:
         self.suppressed = 0
         self.driver: FrameType | None = None  # uvloop: the frame on top while it waits
         self.wake_fds: tuple[int, int] | None = None  # a pipe that wakes the thread
-        self.can_park = bool(_EPOLL_WAITS)  # False: the thread looks every interval
+        self.can_park = False  # True: the loop wakes the thread (asyncio, see _hook)
         self.hookable = False  # asyncio: the loop wakes the thread (see _hook)
         self.hooked = False  # the hook is in place
         self.woke = False  # the hook ran
@@ -283,7 +273,6 @@ class _Watchdog:
         """Called on the loop's thread, from a coroutine the loop runs."""
         self.loop = loop
         self.main_ident = threading.get_ident()  # the loop's thread
-        self.main_tid = threading.get_native_id()
         _loop_lags[loop] = self.lag
         if isinstance(loop, asyncio.BaseEventLoop):
             # asyncio's selector loop says itself when it wakes (see _hook). (Never
@@ -418,30 +407,6 @@ class _Watchdog:
         back = top.f_back  # asyncio: selectors' select(), called by _run_once()
         return back is not None and back.f_code is _RUN_ONCE and top.f_code.co_name == "select"
 
-    def _waiting_in(self) -> tuple[int, float | None] | None:
-        """(epoll fd, timeout in s or None for none) the loop's thread waits in, from
-        ``/proc/self/task/TID/syscall``; None when it is not waiting in an epoll wait (or
-        it cannot be told: then ``can_park`` becomes False)."""
-        try:
-            fd = os.open(f"/proc/self/task/{self.main_tid}/syscall", os.O_RDONLY)
-            try:
-                fields = os.read(fd, 256).split()
-            finally:
-                os.close(fd)
-            nr = int(fields[0])
-            if nr == _EPOLL_PWAIT2:  # its timeout is a pointer: look every interval instead
-                self.can_park = False
-                return None
-            if nr not in _EPOLL_WAITS:
-                return None
-            timeout = int(fields[4], 16) & 0xFFFFFFFF
-        except OSError:  # no /proc here: the thread looks every interval instead
-            self.can_park = False
-            return None
-        except (ValueError, IndexError):  # "running", or blocked outside a system call
-            return None
-        return int(fields[1], 16), None if timeout >= 0x80000000 else timeout / 1000
-
     def _ping(self, now: float) -> None:
         loop = self.loop
         if loop is None:
@@ -459,22 +424,14 @@ class _Watchdog:
         fds = self.wake_fds
         assert fds is not None
         wake_r = fds[0]
-        awake = select.poll()  # the loop is busy: the thread looks every interval
+        awake = select.poll()  # the thread looks every interval, or sleeps until woken
         awake.register(wake_r, select.POLLIN)
-        # uvloop waits: so does the thread, on the same file descriptors (a copy of its
-        # epoll set, and the epoll fd itself) and until the loop's next timer.
-        mirror = select.epoll()
-        try:
-            mirror.register(wake_r, select.EPOLLIN)
-            self._loop_watch(awake, mirror, wake_r)
-        finally:
-            mirror.close()
+        self._loop_watch(awake, wake_r)
 
-    def _loop_watch(self, awake: Any, mirror: Any, wake_r: int) -> None:
-        mirrored = _Mirror(mirror)
+    def _loop_watch(self, awake: Any, wake_r: int) -> None:
         clock = time.monotonic
         interval = self.lag_interval
-        park_max = _PARK_MAX if self.hookable else _PARK_MAX_EPOLL
+        park_max = _PARK_MAX
         deadline: float | None = None
         warned = 0  # the callback whose block was logged as an error
         park_until: float | None = None  # parked: until then at most (inf: no timer)
@@ -486,10 +443,7 @@ class _Watchdog:
             wait = interval if park_until is None else min(park_until - now, park_max)
             if deadline is not None:
                 wait = min(wait, deadline - now)
-            if park_until is None or self.hookable:
-                events = awake.poll(max(0, math.ceil(wait * 1000)))
-            else:
-                events = mirror.poll(max(0.0, wait))
+            events = awake.poll(max(0, math.ceil(wait * 1000)))
             if any(fd == wake_r for fd, _ in events):
                 with contextlib.suppress(OSError):
                     os.read(wake_r, 512)
@@ -550,22 +504,6 @@ class _Watchdog:
                 park_until = math.inf
                 lag._waiting(now, now)
                 continue
-            # uvloop: park once the loop has run a callback sent at the previous look:
-            # its wait began just after that (with the timeout the system call shows),
-            # so the thread wakes with its next timer.
-            if now - self.sent_at >= 1.5 * interval:
-                self._ping(now)
-                continue
-            waiting = self._waiting_in()
-            if waiting is None:  # not in an epoll wait after all: busy in C
-                self._ping(now)
-                continue
-            epfd, timeout = waiting
-            if not mirrored.sync(epfd):
-                self.can_park = False
-                continue
-            park_until = math.inf if timeout is None else self.answered_at + timeout + 0.002
-            lag._waiting(now, now)
 
     def _hard_exit(self, why: str) -> None:
         _log.critical("%s; exiting now. Main thread stack:\n%s", why, self._stack())
@@ -574,54 +512,6 @@ class _Watchdog:
 
 
 _RUN_ONCE = asyncio.BaseEventLoop._run_once.__code__  # type: ignore[attr-defined]
-_EPOLL_EVENTS = 0x2000 | 0x4 | 0x2 | 0x1  # EPOLLRDHUP, EPOLLOUT, EPOLLPRI, EPOLLIN
-
-
-class _Mirror:
-    """The watchdog's copy of an epoll set: the file descriptors (and the events) the
-    loop's epoll waits for, read from ``/proc/self/fdinfo/EPFD``, registered in the
-    watchdog's own epoll."""
-
-    def __init__(self, epoll: Any) -> None:
-        self.epoll = epoll
-        self.text = b""  # the fdinfo last copied
-        self.fds: dict[int, tuple[int, bytes]] = {}  # fd -> (events, inode)
-
-    def sync(self, epfd: int) -> bool:
-        """Copy the loop's set (False: it cannot be read)."""
-        try:
-            fd = os.open(f"/proc/self/fdinfo/{epfd}", os.O_RDONLY)
-            try:
-                chunks = []
-                while chunk := os.read(fd, 65536):
-                    chunks.append(chunk)
-            finally:
-                os.close(fd)
-        except OSError:
-            return False
-        text = b"".join(chunks)
-        if text == self.text:
-            return True
-        want: dict[int, tuple[int, bytes]] = {}
-        for line in text.splitlines():
-            if line.startswith(b"tfd:"):  # tfd: 5 events: 19 data: 5 pos:0 ino:3 sdev:9
-                f = line.split()
-                events = int(f[3], 16) & _EPOLL_EVENTS
-                if events:
-                    want[int(f[1])] = (events, f[7])
-        want[epfd] = (0x1, b"")  # and the loop's epoll fd itself: a second chance
-        have, epoll = self.fds, self.epoll
-        for tfd in [t for t in have if want.get(t) != have[t]]:
-            del have[tfd]
-            with contextlib.suppress(OSError):  # closed since: the kernel dropped it
-                epoll.unregister(tfd)
-        for tfd, spec in want.items():
-            if tfd not in have:
-                with contextlib.suppress(OSError):  # closed meanwhile
-                    epoll.register(tfd, spec[0])
-                    have[tfd] = spec
-        self.text = text
-        return True
 
 
 async def _start_root(root: Any) -> Pid:
