@@ -267,10 +267,12 @@ def test_tree_file_isolated_child(tmp_path: Path) -> None:
         name = "iso-counter"
         heartbeat = 2.0
         limits = { memory = "512MiB" }
+        standby = false
         """
     )
     spec = good.child_spec()
     assert "isolated" in good.describe()
+    assert good.children[0].args[0].standby is False
 
     async def run() -> None:
         sup = await trellis.Supervisor.start_link(*spec.args, **spec.kwargs)
@@ -296,6 +298,7 @@ def test_tree_file_isolated_child(tmp_path: Path) -> None:
         id = "c"
         isolated = "_isolated_servers:Counter"
         serializer = "json"
+        standby = "yes"
         [[supervisor.children]]
         id = "d"
         isolated = "no_such_module_xyz:Thing"
@@ -306,4 +309,5 @@ def test_tree_file_isolated_child(tmp_path: Path) -> None:
     assert ":6: supervisor.children[0].isolated: '_isolated_servers:Plain' is not a" in text
     assert "supervisor.children[1].args: arguments do not match Counter.init" in text
     assert "supervisor.children[2].serializer" in text
+    assert "supervisor.children[2].standby" in text
     assert "supervisor.children[3].isolated: cannot import" in text

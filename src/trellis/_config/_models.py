@@ -685,6 +685,7 @@ class IsolatedChild(_Child):
     heartbeat: Seconds | None = None
     env: dict[EnvVarName, EnvValue] | None = None
     cwd: NonEmpty | None = None
+    standby: bool | None = None
 
 
 class WorkerChild(_Child):

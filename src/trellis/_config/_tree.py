@@ -623,7 +623,7 @@ class _Walker:
             return _Built(None, cid, None)
         extra: dict[str, Any] = {
             key: getattr(model, key)
-            for key in ("name", "python", "serializer", "heartbeat", "env")
+            for key in ("name", "python", "serializer", "heartbeat", "env", "standby")
             if getattr(model, key) is not None
         }
         if model.limits is not None:
