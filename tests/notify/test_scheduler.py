@@ -4,6 +4,7 @@ campaign, and the notifications it published twice are stored once."""
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -87,3 +88,18 @@ def test_the_committed_slo_rules_are_what_the_tree_file_generates() -> None:
     assert out == committed, "regenerate: trellis slo rules examples/notify/node.toml"
     assert 'slo_name: "delivery"' in out
     assert 'slo_name: "time-to-send"' in out
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="needs promtool (Debian: apt-get install prometheus)",
+)
+def test_the_committed_slo_rules_pass_promtool() -> None:
+    import subprocess
+
+    rules = Path(__file__).resolve().parents[2] / "examples/notify/slo-rules.yml"
+    out = subprocess.run(
+        ["promtool", "check", "rules", str(rules)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout
