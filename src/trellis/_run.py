@@ -199,6 +199,8 @@ _STACK_FRAMES = 25  # the innermost frames kept in a loop.blocked stack
 #: The longest the watchdog sleeps while an asyncio loop waits (the loop wakes it);
 #: then it looks whether the loop still waits.
 _PARK_MAX = 5.0
+#: epoll_wait, epoll_pwait and epoll_pwait2 (Linux), by machine: uvloop waits in one
+_EPOLL_WAITS = {"x86_64": (232, 281, 441), "aarch64": (22, 441)}.get(os.uname().machine, ())
 _ASYNC_CODE = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
@@ -267,12 +269,15 @@ class _Watchdog:
         self.hookable = False  # asyncio: the loop wakes the thread (see _hook)
         self.hooked = False  # the hook is in place
         self.woke = False  # the hook ran
+        self.prev_events: Callable[[Any], Any] | None = None  # a wrapper the hook keeps
+        self.main_tid = 0  # the loop thread's kernel id (uvloop: /proc tells its wait)
         self.thread = threading.Thread(target=self._watch, name="trellis-watchdog", daemon=True)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Called on the loop's thread, from a coroutine the loop runs."""
         self.loop = loop
         self.main_ident = threading.get_ident()  # the loop's thread
+        self.main_tid = threading.get_native_id()
         _loop_lags[loop] = self.lag
         if isinstance(loop, asyncio.BaseEventLoop):
             # asyncio's selector loop says itself when it wakes (see _hook). (Never
@@ -358,20 +363,46 @@ class _Watchdog:
         """asyncio: in place of the loop's ``_process_events`` while the thread sleeps,
         so the loop's first step after its wait (I/O or a timer) wakes the thread."""
         loop = self.loop
+        prev = self.prev_events
         if self.hooked:
             self.hooked = False
             self.woke = True
-            with contextlib.suppress(AttributeError):
-                del loop._process_events  # type: ignore[union-attr]
+            self._restore()
             self._wake()
+        if prev is not None:  # someone else's wrapper was there: it still runs
+            return prev(event_list)
         process: Callable[[Any, Any], Any] = type(loop)._process_events  # type: ignore[union-attr]
         return process(loop, event_list)
+
+    def _install_hook(self) -> bool:
+        """Put :meth:`_hook` in place of the loop's ``_process_events``, keeping a wrapper
+        another library set on the loop (called by the hook, put back after it)."""
+        loop = self.loop
+        current = getattr(loop, "_process_events", None)
+        own = getattr(current, "__func__", None) is type(loop)._process_events  # type: ignore[union-attr]
+        self.prev_events = None if own or current is None or current == self._hook else current
+        self.woke = False
+        self.hooked = True
+        try:
+            loop._process_events = self._hook  # type: ignore[union-attr]
+        except AttributeError:  # a loop with __slots__: the thread looks every interval
+            self.hooked = False
+            return False
+        return True
+
+    def _restore(self) -> None:
+        loop = self.loop
+        prev, self.prev_events = self.prev_events, None
+        with contextlib.suppress(AttributeError):
+            if prev is not None:
+                loop._process_events = prev  # type: ignore[union-attr]
+            else:
+                del loop._process_events  # type: ignore[union-attr]
 
     def _unhook(self) -> None:
         if self.hooked:
             self.hooked = False
-            with contextlib.suppress(AttributeError):
-                del self.loop._process_events  # type: ignore[union-attr]
+            self._restore()
 
     # -- on the watchdog's thread -------------------------------------------------------
     def _stack(self, limit: int | None = None) -> str:
@@ -402,10 +433,26 @@ class _Watchdog:
         top = sys._current_frames().get(self.main_ident)
         if top is None:
             return False
-        if self.driver is not None:  # uvloop: nothing above the caller of the loop
-            return top is self.driver
+        if self.driver is not None:  # uvloop: nothing above the caller of the loop, and
+            # the thread in epoll_wait (a C callback that blocks has no frame of its own)
+            return top is self.driver and self._in_epoll_wait()
         back = top.f_back  # asyncio: selectors' select(), called by _run_once()
         return back is not None and back.f_code is _RUN_ONCE and top.f_code.co_name == "select"
+
+    def _in_epoll_wait(self) -> bool:
+        """Whether the loop's thread waits in epoll (``/proc/self/task/TID/syscall``);
+        False when it cannot be told, so the loop is then timed as if busy."""
+        if not _EPOLL_WAITS:
+            return False
+        try:
+            fd = os.open(f"/proc/self/task/{self.main_tid}/syscall", os.O_RDONLY)
+            try:
+                first = os.read(fd, 64).split(b" ", 1)[0]
+            finally:
+                os.close(fd)
+            return int(first) in _EPOLL_WAITS
+        except (OSError, ValueError):  # no /proc, or "running"
+            return False
 
     def _ping(self, now: float) -> None:
         loop = self.loop
@@ -490,12 +537,8 @@ class _Watchdog:
                 lag._idle += 1
                 continue
             if self.hookable:  # asyncio: the loop will wake the thread
-                self.woke = False
-                self.hooked = True
-                try:
-                    loop._process_events = self._hook  # type: ignore[attr-defined]
-                except AttributeError:  # a loop with __slots__: look every interval
-                    self.hooked = self.hookable = self.can_park = False
+                if not self._install_hook():
+                    self.hookable = self.can_park = False
                     continue
                 if not self._looks_idle():  # it moved on meanwhile
                     self._unhook()

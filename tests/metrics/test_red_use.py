@@ -620,3 +620,57 @@ def test_lag_threshold_is_checked() -> None:
         trellis.run(trellis.worker("w", asyncio.sleep, 0), lag_threshold=0)
     with pytest.raises(TypeError, match="lag_threshold"):
         trellis.run(trellis.worker("w", asyncio.sleep, 0), lag_threshold="1")  # type: ignore[arg-type]
+
+
+C_BLOCK_PROGRAM = r"""
+import asyncio, sys, time
+import trellis
+from trellis.testing import capture_telemetry
+
+calls = 0
+
+async def job():
+    loop = asyncio.get_running_loop()
+    if sys.argv[1] == "asyncio":  # another library's wrapper on the loop instance
+        orig = loop._process_events
+        def counting(event_list):
+            global calls
+            calls += 1
+            return orig(event_list)
+        loop._process_events = counting
+    await asyncio.sleep(1.0)  # idle: the watchdog sleeps with the loop
+    loop.call_later(0.2, time.sleep, 0.4)  # a blocking callback with no Python frame
+    await asyncio.sleep(1.5)
+    if sys.argv[1] == "asyncio":
+        mid = calls
+        await asyncio.sleep(0.5)
+        kept = loop._process_events is counting and calls > mid
+        print("wrapper", kept, flush=True)
+
+with capture_telemetry(["loop.blocked"]) as cap:
+    code = trellis.run(trellis.worker("w", job, restart="temporary"), loop=sys.argv[1])
+print("blocked", len(cap.named("loop.blocked")), "code", code, flush=True)
+"""
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_block_in_a_c_callback_is_reported_and_a_loop_wrapper_is_kept(
+    tmp_path: Any, loop: str
+) -> None:
+    """A callback with no Python frame of its own (``call_later(0.2, time.sleep, 0.4)``)
+    blocks the loop after it has been idle: it is reported on both loops (on uvloop the
+    driver frame alone on top is not taken for a wait unless the thread is in epoll).
+    On asyncio a wrapper another library put on the loop's ``_process_events`` keeps
+    running after the watchdog has slept with the loop."""
+    import subprocess
+    import sys
+
+    prog = tmp_path / "cblock.py"
+    prog.write_text(C_BLOCK_PROGRAM)
+    proc = subprocess.run(
+        [sys.executable, str(prog), loop], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "blocked 1 code 0" in proc.stdout, proc.stdout + proc.stderr
+    if loop == "asyncio":
+        assert "wrapper True" in proc.stdout, proc.stdout
