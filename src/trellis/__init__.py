@@ -151,6 +151,7 @@ if _typing.TYPE_CHECKING:  # the lazy names below, for type checkers (not import
     from ._plugins import plugin_info as plugin_info
     from .cluster import pubsub as pubsub
     from .cluster._global import Global as Global
+del _typing
 
 #: Exported names whose modules are imported on first use (they pull in heavy
 #: dependencies that `trellis run` does not need before the root is up).

@@ -119,7 +119,11 @@ def _nodes(raw: object, specs: Sequence[ChildSpec]) -> list[_Node]:
         kids = None
         sub = spec.args[0] if spec.args else []
         # a server-backed supervisor (a DistributedSupervisor) has no child specs here
-        if spec.type is ChildType.SUPERVISOR and isinstance(sub, list | tuple):
+        if (
+            spec.type is ChildType.SUPERVISOR
+            and isinstance(sub, list | tuple)
+            and all(isinstance(c, ChildSpec) for c in sub)
+        ):
             kids = _nodes(data.get("children"), sub)
         out.append(_Node(str(spec.id), spec, _table(data), kids))
     return out

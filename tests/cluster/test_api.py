@@ -206,3 +206,14 @@ async def test_two_processes_with_one_node_name_are_reported(
         twin.stdout.close()
         trellis.telemetry.detach(handle)
         await one.stop()
+
+
+def test_a_cluster_built_in_code_gets_a_run_id_of_its_own() -> None:
+    """Two processes of one node name are told apart by their run ids (the pid alone
+    does not do it: two containers both run trellis as pid 1)."""
+    settings = ClusterSettings("nats://127.0.0.1:4222", node="n", name="api")
+    a, b = Cluster(settings), Cluster(settings)
+    assert a.run_id
+    assert b.run_id
+    assert a.run_id != b.run_id
+    assert Cluster(settings, run_id="given").run_id == "given"

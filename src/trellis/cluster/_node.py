@@ -34,6 +34,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -274,7 +275,7 @@ class Cluster:
 
     def __init__(self, settings: ClusterSettings, *, run_id: str | None = None) -> None:
         self.settings = settings
-        self.run_id = run_id or ""
+        self.run_id = run_id or uuid.uuid4().hex  # tells two processes of one name apart
         self.nc: Any = None
         self.js: Any = None
         self.nodes_kv: Any = None
