@@ -11,9 +11,11 @@ Each interpreter is held by a small ``_Holder`` process (the OS process's owner)
 one can be started ahead of time: once a stand-in is up, it starts a *standby* (Python
 started, Trellis and msgspec imported, connected, waiting for GO, no ``init`` run). The
 stand-in of the next restart adopts it and sends GO, so a restart after a crash does not
-pay for Python's start and imports. A standby is killed when its child is stopped, when
-the supervisor ends, or when no restart adopts it in time; like every OS child it is
-known to the guardian, so it does not outlive Trellis either.
+pay for Python's start and imports. Only a restart adopts a standby (one whose sponsor,
+the stand-in that started it, has ended): never a running sibling's. A standby is
+killed when its child is stopped, when the supervisor ends, or when its supervisor no
+longer has a restart of the child coming; like every OS child it is known to the
+guardian, so it does not outlive Trellis either.
 """
 
 from __future__ import annotations
@@ -36,7 +38,16 @@ from .._core._exceptions import InvalidChildSpec, TrellisError
 from .._core._process import Pid, kill_and_wait, link, monitor
 from .._core._process import exit as exit_process
 from .._core._process import self as self_pid
-from .._core._reasons import KILL, NORMAL, SHUTDOWN, Down, Exit, Shutdown, is_clean
+from .._core._reasons import (
+    KILL,
+    NORMAL,
+    RESTARTING,
+    SHUTDOWN,
+    Down,
+    Exit,
+    Shutdown,
+    is_clean,
+)
 from .._server import Caller, NoReply, Server, Stop
 from ._child import EXIT_START_FAILED, PATH_ENV, SERIALIZER_ENV, SOCKET_ENV
 from ._wire import (
@@ -226,12 +237,16 @@ class _Link(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         p = self.proxy
+        if p.link is not self:  # a standby given up for a cold start: not ours any more
+            return
         p.transport = None
         if not p.ready.done():
             p.ready.set_result(("lost", None))
 
     def data_received(self, data: bytes) -> None:
         p = self.proxy
+        if p.link is not self:
+            return
         try:
             bodies = self.reader.feed(data)
         except ValueError:
@@ -288,10 +303,6 @@ class _Proxy(Server):
         self.codec = Codec(cfg.serializer)
         self.pending: dict[int, Caller] = {}
         self.next_ref = 0
-        self.transport: asyncio.Transport | None = None
-        self.remote_exit: tuple[bool, str] | None = None
-        loop = asyncio.get_running_loop()
-        self.ready: asyncio.Future[tuple[str, Any]] = loop.create_future()
         me = self_pid()
         parent = me._parent
         # `path` is what the OS child's owner reads to name itself: our supervisor's path
@@ -301,22 +312,45 @@ class _Proxy(Server):
         self.slot = (parent.id, cfg.id) if parent is not None and cfg.standby else None
         self.spare: Pid | None = None  # the standby we started for the next restart
         self.os_child: Any = None
+        self.given_up: list[Pid] = []  # a dead standby's holder and OS child: their exits
         holder = _take_standby(self.slot, cfg)
+        if holder is not None:
+            try:
+                await self._run(holder)
+            except _StandbyLost:
+                # it died (or lost its connection) before READY, e.g. killed with the
+                # interpreter it stood by for: this restart starts cold, as without it
+                self.given_up += [holder.pid, holder.cmd]
+                self._close()
+                await _stop_holder(holder)
+                holder = None
+        if holder is None:
+            holder = (await _Holder.start(cfg, self.path, None, None, False))._server
+            await self._run(holder)
+        if self.slot is not None:
+            me.send(_SPARE)  # after the calls already waiting for us
+
+    async def _run(self, holder: _Holder) -> None:
+        """Make ``holder``'s interpreter ours and send it GO; on any failure it is
+        stopped (a standby that died before READY raises ``_StandbyLost``)."""
+        self.transport: asyncio.Transport | None = None
+        self.link: _Link | None = None
+        self.remote_exit: tuple[bool, str] | None = None
+        self.ready: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
+        self.lost = False
         try:
-            if holder is None:  # cold: start an interpreter now
-                holder = (await _Holder.start(cfg, self.path, None, None, False))._server
             link(holder.pid)  # not its parent: our crash is not its crash
             self.holder: _Holder = holder
             self.os_child = holder.cmd
             link(holder.cmd)  # its exit (with the OS reason) reaches us as it does our holder
             holder.adopted = True
             await self._start(holder)
-        except BaseException:
+        except BaseException as e:
+            if holder.spare and self.lost and isinstance(e, Exception):
+                raise _StandbyLost() from e
             await _stop_holder(holder)
             self._close()
             raise
-        if self.slot is not None:
-            me.send(_SPARE)  # after the calls already waiting for us
 
     async def _start(self, holder: _Holder) -> None:
         cfg = self.cfg
@@ -331,7 +365,8 @@ class _Proxy(Server):
             if transport is not None:
                 if holder.spare:  # a standby: from now on it is this child's interpreter
                     _rename(holder, self.child_path)
-                transport.set_protocol(_Link(self, holder.reader))
+                self.link = _Link(self, holder.reader)
+                transport.set_protocol(self.link)
                 self.transport = transport
                 transport.write(cfg.go)
                 await asyncio.wait(
@@ -345,11 +380,14 @@ class _Proxy(Server):
                     return
                 if what == "failed":
                     raise IsolatedExit(f"init failed: {detail}")
+                self.lost = True  # the connection was lost before READY
                 reason = await asyncio.wait_for(asyncio.shield(exited), cfg.start_timeout)
                 raise _start_failure(reason)
             if exited.done():
+                self.lost = True
                 raise _start_failure(exited.result())
             if holder.hello.done() and transport is None:  # connection lost before HELLO
+                self.lost = True
                 reason = await asyncio.wait_for(asyncio.shield(exited), cfg.start_timeout)
                 raise _start_failure(reason)
             raise TimeoutError(
@@ -372,10 +410,7 @@ class _Proxy(Server):
             _log.warning("isolated server %s: no standby interpreter: %s", self.cfg.id, e)
             return
         self.spare = hpid
-        old = _standbys.get(slot)
-        _standbys[slot] = hpid._server
-        if old is not None:
-            exit_process(old.pid, SHUTDOWN)
+        _standbys.setdefault(slot, []).append(hpid._server)
 
     def relay(self, event: dict[str, Any]) -> None:
         name = event.pop("event", "event")
@@ -427,6 +462,8 @@ class _Proxy(Server):
                 return Stop(self._reason(msg.reason))
             if msg.pid is self.holder.pid:  # it ends after the interpreter: seen above
                 return None if is_clean(msg.reason) else Stop(msg.reason)
+            if msg.pid in self.given_up:  # the standby this restart did not use
+                return None
         elif msg is _SPARE:
             await self._make_spare()
             return None
@@ -464,10 +501,12 @@ class _Proxy(Server):
         await _stop_holder(self.holder)  # SIGKILLs what is left of the interpreter's group
         spare = self.spare
         if spare is not None and (is_clean(reason) or reason is KILL):
-            # stopped, not crashed: no restart is coming to adopt it
-            if self.slot is not None and _standbys.get(self.slot) is spare._server:
-                del _standbys[self.slot]
-            await _stop_holder(spare._server)
+            # stopped, not crashed: no restart is coming to adopt it. Only while it is
+            # still unadopted and ours (then nobody else can take it: see _take_standby)
+            standby = spare._server
+            if not standby.adopted and standby.sponsor_pid is self_pid():
+                _unlist(standby)
+                await _stop_holder(standby)
 
     def _close(self) -> None:
         t = self.transport
@@ -477,22 +516,50 @@ class _Proxy(Server):
 
 _SPARE = object()  # a message to ourselves: start the standby
 
-#: The standby of each isolated child, by (supervisor pid id, child id).
-_standbys: dict[tuple[int, str], _Holder] = {}
+
+class _StandbyLost(Exception):
+    """The adopted standby died before READY: start cold instead."""
+
+
+#: The unadopted standbys by (supervisor pid id, child id). One per child, but children
+#: of a dynamic supervisor started from one spec share the id, hence the slot.
+_standbys: dict[tuple[int, str], list[_Holder]] = {}
 
 
 def _take_standby(slot: tuple[int, str] | None, cfg: _Config) -> _Holder | None:
-    """The standby waiting for this child, if it is alive and was started from the same
-    spec (same arguments, environment, limits, interpreter); a stale one is stopped."""
+    """A standby for this starting child: one whose sponsor (the stand-in that started
+    it) has ended, so that this is (as far as we can tell) its restart; never a live
+    sibling's. It must be alive and started from the same spec (same arguments,
+    environment, limits, interpreter); a dead one is stopped, another spec's is left
+    to its own restart (it ends when none comes)."""
     if slot is None:
         return None
-    holder = _standbys.pop(slot, None)
-    if holder is None:
+    waiting = _standbys.get(slot)
+    if not waiting:
         return None
-    if holder.pid._dead or holder.cmd._dead or holder.adopted or holder.cfg != cfg:
-        exit_process(holder.pid, SHUTDOWN)
-        return None
-    return holder
+    found = None
+    for holder in list(waiting):
+        sponsor = holder.sponsor_pid
+        if sponsor is not None and not sponsor._dead:
+            continue  # the spare of a child that runs
+        if holder.pid._dead or holder.cmd._dead or holder.adopted:
+            waiting.remove(holder)
+            exit_process(holder.pid, SHUTDOWN)
+        elif holder.cfg == cfg:
+            waiting.remove(holder)
+            found = holder
+            break
+    if not waiting:
+        del _standbys[slot]
+    return found
+
+
+def _unlist(holder: _Holder) -> None:
+    for slot, waiting in list(_standbys.items()):
+        if holder in waiting:
+            waiting.remove(holder)
+            if not waiting:
+                del _standbys[slot]
 
 
 async def _stop_holder(holder: Any) -> None:
@@ -567,9 +634,10 @@ class _Holder(Server):
     """Owns one isolated interpreter (its ``Command``) from its start until it ends.
 
     For a standby, from before any stand-in adopts it: it watches the supervisor (gone:
-    the standby goes) and the stand-in that started it (gone: a restart has
-    ``adopt_within`` seconds to adopt it). Once adopted it is linked to the stand-in, and
-    the stand-in's end, however it ends, stops the interpreter."""
+    the standby goes) and the stand-in that started it (gone: it waits while the
+    supervisor has a restart of the child coming, at most ``adopt_within`` seconds).
+    Once adopted it is linked to the stand-in, and the stand-in's end, however it ends,
+    stops the interpreter."""
 
     trap_exits = True
 
@@ -588,6 +656,11 @@ class _Holder(Server):
         self.hello: asyncio.Future[asyncio.Transport | None] = loop.create_future()
         self.expiry: asyncio.TimerHandle | None = None
         self.spare = spare
+        self.sup = sup
+        self.sponsor_pid = sponsor
+        self.sponsor: Any = None  # the monitor of the sponsor
+        self.checking: asyncio.TimerHandle | None = None
+        self.asking: asyncio.Future[None] | None = None
         # what the OS child's owner (us) reads to name itself "<path>/<id>": a standby's
         # events go under a path no tree view knows, until its adoption renames it
         self.path = (f"{path}~standby" if path else "~standby") if spare else path
@@ -640,23 +713,50 @@ class _Holder(Server):
                 )
             return Stop(NORMAL)  # the interpreter ended, or the stand-in that adopted it
         if t is Down:
-            if msg.ref is getattr(self, "sponsor", None):
+            if msg.ref is self.sponsor:
                 if not self.adopted:  # a restart may come: wait that long for it
                     me = self.pid
                     loop = asyncio.get_running_loop()
                     self.expiry = loop.call_later(self.cfg.adopt_within, me.send, _EXPIRED)
+                    self._check()
                 return None
             return Stop(NORMAL)  # the supervisor ended
-        if msg is _EXPIRED and not self.adopted:
+        if self.adopted:
+            return None
+        if msg is _EXPIRED:
             return Stop(NORMAL)
+        if msg is _CHECK:
+            self.checking = None
+            self._check()
+        elif t is _Checked:
+            self.asking = None
+            if msg.pending is False:
+                return Stop(NORMAL)
+            self.checking = asyncio.get_running_loop().call_later(1.0, self.pid.send, _CHECK)
         return None
+
+    def _check(self) -> None:
+        """After the sponsor's end: ask its supervisor whether it may still restart
+        the child; stop if not. Asked first when the supervisor has handled the
+        sponsor's exit (the question waits behind it, and behind an immediate restart),
+        then every second, until a restart adopts us or ``adopt_within`` has passed.
+        Asked from a task: meanwhile we answer an exit signal (from a restart that
+        gives us up) at once, while the supervisor may be waiting for that."""
+        me = self.pid
+
+        async def ask() -> None:
+            me.send(_Checked(await _restart_pending(self.sup, self.cfg.id)))
+
+        self.asking = asyncio.ensure_future(ask())
 
     async def terminate(self, reason: Any) -> None:
         if self.expiry is not None:
             self.expiry.cancel()
-        for slot, holder in list(_standbys.items()):
-            if holder is self:
-                del _standbys[slot]
+        if self.checking is not None:
+            self.checking.cancel()
+        if self.asking is not None:
+            self.asking.cancel()
+        _unlist(self)
         self.close_listener()
         if not self.adopted and self.transport is not None:
             self.transport.close()
@@ -670,6 +770,36 @@ class _Holder(Server):
 
 
 _EXPIRED = object()
+_CHECK = object()
+
+
+class _Checked:
+    __slots__ = ("pending",)
+
+    def __init__(self, pending: bool | None) -> None:
+        self.pending = pending
+
+
+async def _restart_pending(sup: Pid | None, child_id: str) -> bool | None:
+    """Whether the supervisor ``sup`` has a child ``child_id`` that is not running but
+    may start again (in its backoff, a retry due); None when it cannot tell (not a
+    Trellis supervisor, or it does not answer soon): the standby then waits out
+    ``adopt_within``."""
+    which = getattr(sup, "which_children", None)
+    if sup is None or which is None:
+        return None
+    if sup._dead:
+        return False
+    try:
+        children = await asyncio.wait_for(which(), 10.0)
+    except Exception:
+        return False if sup._dead else None
+    for info in children:
+        if info.id != child_id:
+            continue
+        if info.pid is RESTARTING or (isinstance(info.pid, Pid) and info.pid._dead):
+            return True
+    return False
 
 
 def _encode_reason(reason: Any) -> str:
