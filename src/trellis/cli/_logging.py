@@ -263,6 +263,10 @@ def log_event(event: dict[str, Any]) -> None:
         level = logging.WARNING
     elif name in _DEBUG_EVENTS:
         level = logging.DEBUG
+    elif name in ("process.spawned", "process.exited") and "~standby/" in str(event.get("path")):
+        # an isolated child's standby interpreter, started and killed with each (re)start
+        # and stop; one that dies unused is reported by a warning of its own
+        level = logging.DEBUG
     elif name == "child.exited" and not is_clean(event.get("reason")):
         level = logging.ERROR
         sup = str(event.get("supervisor"))
