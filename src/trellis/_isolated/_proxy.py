@@ -322,6 +322,7 @@ class _Proxy(Server):
                 # interpreter it stood by for: this restart starts cold, as without it
                 self.given_up += [holder.pid, holder.cmd]
                 self._close()
+                holder.adopted = False  # given up: it closes a connection it still holds
                 await _stop_holder(holder)
                 holder = None
         if holder is None:
@@ -348,8 +349,9 @@ class _Proxy(Server):
         except BaseException as e:
             if holder.spare and self.lost and isinstance(e, Exception):
                 raise _StandbyLost() from e
-            await _stop_holder(holder)
             self._close()
+            holder.adopted = False  # failed: it closes a connection that came too late
+            await _stop_holder(holder)
             raise
 
     async def _start(self, holder: _Holder) -> None:
@@ -603,8 +605,8 @@ class _Waiting(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         h = self.holder
         transport = cast_transport(transport)  # uvloop's transports are not subclasses
-        if h.transport is not None:  # one interpreter, one connection
-            transport.close()
+        if h.transport is not None or h.ended:  # one interpreter, one connection; or
+            transport.close()  # accepted just before the listener closed, as it stopped
             return
         h.transport = transport
         h.close_listener()  # nobody else may connect
@@ -647,6 +649,7 @@ class _Holder(Server):
         self.cfg = cfg
         self.pid = self_pid()
         self.adopted = False
+        self.ended = False  # terminate ran: a connection accepted since is closed at once
         self.cmd: Any = None
         self.transport: asyncio.Transport | None = None
         self.reader = FrameReader()
@@ -750,6 +753,7 @@ class _Holder(Server):
         self.asking = asyncio.ensure_future(ask())
 
     async def terminate(self, reason: Any) -> None:
+        self.ended = True
         if self.expiry is not None:
             self.expiry.cancel()
         if self.checking is not None:
