@@ -345,6 +345,7 @@ class _Proxy(Server):
             self.os_child = holder.cmd
             link(holder.cmd)  # its exit (with the OS reason) reaches us as it does our holder
             holder.adopted = True
+            holder.adopter = self_pid()
             await self._start(holder)
         except BaseException as e:
             if holder.spare and self.lost and isinstance(e, Exception):
@@ -514,6 +515,9 @@ class _Proxy(Server):
         t = self.transport
         if t is not None:
             t.close()
+        holder = getattr(self, "holder", None)  # the same connection, or one never taken
+        if holder is not None and holder.transport is not None and holder.adopter is self_pid():
+            holder.transport.close()
 
 
 _SPARE = object()  # a message to ourselves: start the standby
@@ -649,6 +653,7 @@ class _Holder(Server):
         self.cfg = cfg
         self.pid = self_pid()
         self.adopted = False
+        self.adopter: Pid | None = None  # the stand-in that adopted us
         self.ended = False  # terminate ran: a connection accepted since is closed at once
         self.cmd: Any = None
         self.transport: asyncio.Transport | None = None
@@ -762,7 +767,10 @@ class _Holder(Server):
             self.asking.cancel()
         _unlist(self)
         self.close_listener()
-        if not self.adopted and self.transport is not None:
+        # the connection is the stand-in's once adopted; it closes it, unless it is gone
+        # (killed without its terminate): then nobody else will
+        adopter = self.adopter
+        if self.transport is not None and (not self.adopted or adopter is None or adopter._dead):
             self.transport.close()
         cmd = self.cmd
         if cmd is not None and not cmd._dead:
