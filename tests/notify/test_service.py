@@ -40,9 +40,7 @@ async def test_accepted_notifications_are_each_shown_once_and_queryable(tmp_path
             assert expected <= set(shown), sorted(expected - set(shown))[:5]
             assert {k: c for k, c in shown.items() if c != 1} == {}
             # with nothing failing, no provider received anything twice
-            repeats = {
-                kind: d["repeats"] for kind, d in (await svc.provider_deliveries()).items()
-            }
+            repeats = {kind: d["repeats"] for kind, d in (await svc.provider_deliveries()).items()}
             assert repeats == {"apns": {}, "fcm": {}}
             # status from the read replica (or the primary, saying so)
             async with httpx.AsyncClient() as http:
