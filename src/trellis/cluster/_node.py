@@ -324,6 +324,11 @@ class Cluster:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
+            # nats-py can turn a cancellation into another error, which the loop then
+            # logs and goes on from: cancel again until the task has ended
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.5)
+                task.cancel()
             with contextlib.suppress(BaseException):
                 await task
         self._guard_stop.set()
