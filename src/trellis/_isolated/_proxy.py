@@ -613,6 +613,7 @@ class _Waiting(asyncio.Protocol):
             transport.close()  # accepted just before the listener closed, as it stopped
             return
         h.transport = transport
+        h.conn = transport  # kept until the holder ends (transport is reset when lost)
         h.close_listener()  # nobody else may connect
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -655,6 +656,7 @@ class _Holder(Server):
         self.adopted = False
         self.adopter: Pid | None = None  # the stand-in that adopted us
         self.ended = False  # terminate ran: a connection accepted since is closed at once
+        self.conn: asyncio.Transport | None = None  # the interpreter's connection
         self.cmd: Any = None
         self.transport: asyncio.Transport | None = None
         self.reader = FrameReader()
@@ -779,6 +781,10 @@ class _Holder(Server):
                 await cmd.join(10.0)
             except TimeoutError:
                 await kill_and_wait(cmd)
+        # the interpreter is gone: its connection, whoever used it, is closed now (the
+        # stand-in has read what it sent meanwhile; closing twice is harmless)
+        if self.conn is not None:
+            self.conn.close()
 
 
 _EXPIRED = object()
