@@ -657,6 +657,10 @@ class _Holder(Server):
         self.adopter: Pid | None = None  # the stand-in that adopted us
         self.ended = False  # terminate ran: a connection accepted since is closed at once
         self.conn: asyncio.Transport | None = None  # the interpreter's connection
+        # however this holder ends (a kill skips terminate), its socket is closed
+        task = getattr(self.pid, "_task", None)
+        if task is not None:
+            task.add_done_callback(lambda _t: self._close_all())
         self.cmd: Any = None
         self.transport: asyncio.Transport | None = None
         self.reader = FrameReader()
@@ -703,6 +707,12 @@ class _Holder(Server):
                 monitor(sup)
             if sponsor is not None:
                 self.sponsor = monitor(sponsor)
+
+    def _close_all(self) -> None:
+        self.close_listener()
+        for t in (self.conn, self.transport):
+            if t is not None:
+                t.close()
 
     def close_listener(self) -> None:
         if self.listener is not None:
