@@ -311,3 +311,42 @@ def test_tree_file_isolated_child(tmp_path: Path) -> None:
     assert "supervisor.children[2].serializer" in text
     assert "supervisor.children[2].standby" in text
     assert "supervisor.children[3].isolated: cannot import" in text
+
+
+async def test_a_holder_ending_as_its_interpreter_connects_leaves_no_open_socket() -> None:
+    # The holder of an interpreter can end (a standby stopped, a kill) just as the
+    # interpreter connects. asyncio's own unix server leaked such a connection: accepted,
+    # then unable to attach to the closed server, its socket was never closed (seen as
+    # "unclosed transport" at garbage collection). Here a connection arrives in the loop
+    # iteration in which the holder is killed.
+    import gc
+    import socket
+    import warnings
+
+    from trellis._isolated._proxy import _Holder, _stop_holder
+
+    cfg = trellis.Isolated(Counter, id="h", standby=False).args[0]
+    hpid = await _Holder.start(cfg, None, None, None, False)
+    holder = hpid._server
+    assert holder.dir is not None
+    path = os.path.join(holder.dir, "s")
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(path)  # queued on the listener; accepted in the next iteration
+        trellis.exit(hpid, trellis.KILL)  # the holder ends in that same iteration
+        await hpid.join(10)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        await _stop_holder(holder)  # reaps the interpreter it started
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", ResourceWarning)
+            gc.collect()
+        leaks = [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)]
+        assert leaks == []
+        client.settimeout(5)
+        try:  # the holder's end of it is closed, not left open
+            assert client.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    finally:
+        client.close()

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -609,8 +610,8 @@ class _Waiting(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         h = self.holder
         transport = cast_transport(transport)  # uvloop's transports are not subclasses
-        if h.transport is not None or h.ended:  # one interpreter, one connection; or
-            transport.close()  # accepted just before the listener closed, as it stopped
+        if h.transport is not None or h.ended or h.pid._dead:  # one interpreter, one
+            transport.close()  # connection; or made after the holder ended
             return
         h.transport = transport
         h.conn = transport  # kept until the holder ends (transport is reset when lost)
@@ -657,10 +658,6 @@ class _Holder(Server):
         self.adopter: Pid | None = None  # the stand-in that adopted us
         self.ended = False  # terminate ran: a connection accepted since is closed at once
         self.conn: asyncio.Transport | None = None  # the interpreter's connection
-        # however this holder ends (a kill skips terminate), its socket is closed
-        task = getattr(self.pid, "_task", None)
-        if task is not None:
-            task.add_done_callback(lambda _t: self._close_all())
         self.cmd: Any = None
         self.transport: asyncio.Transport | None = None
         self.reader = FrameReader()
@@ -680,9 +677,20 @@ class _Holder(Server):
         self.path = (f"{path}~standby" if path else "~standby") if spare else path
         self.dir: str | None = tempfile.mkdtemp(prefix="trellis-isolated-")  # 0700
         sock = os.path.join(self.dir, "s")
-        self.listener: asyncio.AbstractServer | None = None
+        # accepted by hand, not with loop.create_unix_server: asyncio's server leaks a
+        # connection accepted just before it is closed (its transport fails to attach to
+        # the closed server, and nothing closes its socket); a holder can end just as its
+        # interpreter connects, and must close whatever it accepted
+        self.listener: socket.socket | None = None
+        self.accepted: socket.socket | None = None  # the connection, until wrapped
+        self.accepting: asyncio.Future[Any] | None = None
+        # however this holder ends (a kill skips terminate), its sockets are closed
+        task = getattr(self.pid, "_task", None)
+        if task is not None:
+            task.add_done_callback(lambda _t: self._close_all())
         try:
-            self.listener = await loop.create_unix_server(lambda: _Waiting(self), sock)
+            self.listener = _listen(sock)
+            loop.add_reader(self.listener.fileno(), self._accept)
             spec = Command(
                 [cfg.python, "-m", "trellis._isolated._child"],
                 id=cfg.id,
@@ -708,16 +716,58 @@ class _Holder(Server):
             if sponsor is not None:
                 self.sponsor = monitor(sponsor)
 
+    def _accept(self) -> None:
+        """The listener is readable: take the interpreter's connection (the only one),
+        stop listening, and wrap it in a transport, unless the holder has ended."""
+        if self.listener is None:
+            return
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # out of descriptors, say: the start fails as if never connected
+            _log.warning("isolated server %s: cannot accept its interpreter: %s", self.cfg.id, e)
+            self.close_listener()
+            return
+        self.close_listener()  # nobody else may connect
+        if self.ended or self.pid._dead:
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.accepted = conn
+        loop = asyncio.get_running_loop()
+        self.accepting = fut = asyncio.ensure_future(
+            loop.connect_accepted_socket(lambda: _Waiting(self), conn)
+        )
+        fut.add_done_callback(self._wrapped)
+
+    def _wrapped(self, fut: asyncio.Future[Any]) -> None:
+        self.accepting = None
+        if fut.cancelled() or fut.exception() is not None:
+            # never wrapped (or wrapping failed): the socket is still ours to close
+            if self.accepted is not None:
+                self.accepted.close()
+            if not self.hello.done():
+                self.hello.set_result(None)
+        self.accepted = None
+
     def _close_all(self) -> None:
+        self.ended = True  # a connection made after this is closed at once
         self.close_listener()
+        if self.accepting is not None:
+            self.accepting.cancel()  # its done-callback closes the socket
         for t in (self.conn, self.transport):
             if t is not None:
                 t.close()
 
     def close_listener(self) -> None:
         if self.listener is not None:
-            self.listener.close()
-            self.listener = None
+            listener, self.listener = self.listener, None
+            try:
+                asyncio.get_running_loop().remove_reader(listener.fileno())
+            except RuntimeError:  # no running loop (a done-callback at its close)
+                pass
+            listener.close()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
@@ -791,10 +841,20 @@ class _Holder(Server):
                 await cmd.join(10.0)
             except TimeoutError:
                 await kill_and_wait(cmd)
-        # the interpreter is gone: its connection, whoever used it, is closed now (the
-        # stand-in has read what it sent meanwhile; closing twice is harmless)
-        if self.conn is not None:
-            self.conn.close()
+        # the interpreter is gone: its connection, whoever used it, is closed by
+        # _close_all as this holder's task ends (the stand-in has read what it sent)
+
+
+def _listen(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.bind(path)
+        sock.listen(1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 _EXPIRED = object()
