@@ -313,36 +313,49 @@ def test_tree_file_isolated_child(tmp_path: Path) -> None:
     assert "supervisor.children[3].isolated: cannot import" in text
 
 
-async def test_a_holder_ending_as_its_interpreter_connects_leaves_no_open_socket() -> None:
+@pytest.mark.parametrize("when", ["as_it_is_accepted", "while_it_is_wrapped"])
+async def test_a_holder_ending_as_its_interpreter_connects_leaves_no_open_socket(
+    when: str, tmp_path: Path
+) -> None:
     # The holder of an interpreter can end (a standby stopped, a kill) just as the
     # interpreter connects. asyncio's own unix server leaked such a connection: accepted,
     # then unable to attach to the closed server, its socket was never closed (seen as
     # "unclosed transport" at garbage collection). Here a connection arrives in the loop
-    # iteration in which the holder is killed.
+    # iteration in which the holder is killed, or while it is being made a transport.
+    import dataclasses
     import gc
     import socket
     import warnings
 
     from trellis._isolated._proxy import _Holder, _stop_holder
 
-    cfg = trellis.Isolated(Counter, id="h", standby=False).args[0]
+    stub = tmp_path / "python"  # an "interpreter" that never connects: we do, instead
+    stub.write_text("#!/bin/sh\nexec sleep 60\n")
+    stub.chmod(0o755)
+    cfg = dataclasses.replace(
+        trellis.Isolated(Counter, id="h", standby=False).args[0], python=str(stub)
+    )
     hpid = await _Holder.start(cfg, None, None, None, False)
     holder = hpid._server
     assert holder.dir is not None
-    path = os.path.join(holder.dir, "s")
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        client.connect(path)  # queued on the listener; accepted in the next iteration
-        trellis.exit(hpid, trellis.KILL)  # the holder ends in that same iteration
+        client.connect(os.path.join(holder.dir, "s"))  # accepted in the next iteration
+        if when == "while_it_is_wrapped":  # it ends between the accept and the wrap
+            holder._accept()
+            assert holder.accepting is not None
+            holder._close_all()  # what the end of its task runs
+        trellis.exit(hpid, trellis.KILL)
         await hpid.join(10)
         for _ in range(20):
             await asyncio.sleep(0)
-        await _stop_holder(holder)  # reaps the interpreter it started
+        await _stop_holder(holder)  # reaps the stub it started
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always", ResourceWarning)
             gc.collect()
         leaks = [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)]
         assert leaks == []
+        assert holder.accepting is None
         client.settimeout(5)
         try:  # the holder's end of it is closed, not left open
             assert client.recv(1) == b""

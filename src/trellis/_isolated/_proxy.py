@@ -662,7 +662,7 @@ class _Holder(Server):
         self.transport: asyncio.Transport | None = None
         self.reader = FrameReader()
         self.codec = Codec(cfg.serializer)
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         #: the connected transport once HELLO arrived (None: the connection was lost)
         self.hello: asyncio.Future[asyncio.Transport | None] = loop.create_future()
         self.expiry: asyncio.TimerHandle | None = None
@@ -725,9 +725,11 @@ class _Holder(Server):
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as e:  # out of descriptors, say: the start fails as if never connected
+        except OSError as e:  # out of descriptors, say: the start fails, and says why
             _log.warning("isolated server %s: cannot accept its interpreter: %s", self.cfg.id, e)
             self.close_listener()
+            if not self.hello.done():
+                self.hello.set_result(None)
             return
         self.close_listener()  # nobody else may connect
         if self.ended or self.pid._dead:
@@ -735,9 +737,8 @@ class _Holder(Server):
             return
         conn.setblocking(False)
         self.accepted = conn
-        loop = asyncio.get_running_loop()
         self.accepting = fut = asyncio.ensure_future(
-            loop.connect_accepted_socket(lambda: _Waiting(self), conn)
+            self.loop.connect_accepted_socket(lambda: _Waiting(self), conn)
         )
         fut.add_done_callback(self._wrapped)
 
@@ -763,10 +764,8 @@ class _Holder(Server):
     def close_listener(self) -> None:
         if self.listener is not None:
             listener, self.listener = self.listener, None
-            try:
-                asyncio.get_running_loop().remove_reader(listener.fileno())
-            except RuntimeError:  # no running loop (a done-callback at its close)
-                pass
+            if not self.loop.is_closed():
+                self.loop.remove_reader(listener.fileno())
             listener.close()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
