@@ -163,6 +163,9 @@ def test_tail_follow_prints_new_records_until_interrupted(tmp_path: Path) -> Non
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+            # as from a terminal, even when the suite runs in the background (a shell's
+            # `&` ignores SIGINT for what it starts, and Python keeps that)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         lines: queue.Queue[str] = queue.Queue()
         assert proc.stdout is not None
