@@ -44,7 +44,10 @@ def _alive(os_pid: int) -> bool:
 
 
 def _interpreters(parent: int | None = None) -> set[int]:
-    """The isolated interpreters that ``parent`` (default: this process) started."""
+    """The isolated interpreters that ``parent`` (default: this process) started.
+
+    An interpreter spawned a moment ago can show an empty command line while its exec
+    completes (the spawn has returned by then): wait for a count, never assert it at once."""
     parent = os.getpid() if parent is None else parent
     found = set()
     for name in os.listdir("/proc"):
@@ -111,7 +114,7 @@ async def test_a_restart_adopts_the_standby_which_runs_init_only_then(tmp_path: 
     try:
         active = await trellis.call("iso", "os_pid")
         # the standby was spawned before this call was answered
-        [standby] = _interpreters() - {active}
+        [standby] = await _until(lambda: _interpreters() - {active}, "the standby")
         # started like the child: its own group and session, the same environment and
         # limits, the guardian's tag
         assert os.getpgid(standby) == standby
@@ -153,12 +156,12 @@ async def test_stopping_the_child_or_the_tree_leaves_no_standby() -> None:
     )
     try:
         await trellis.call("iso", "get")
-        assert len(_interpreters()) == 2
+        await _until(lambda: len(_interpreters()) == 2, "the child and its standby")
         await sup.terminate_child("c")
         assert _interpreters() == set()  # both gone by the time terminate_child returns
         await sup.restart_child("c")
         await trellis.call("iso", "get")
-        assert len(_interpreters()) == 2
+        await _until(lambda: len(_interpreters()) == 2, "the child and its standby")
         with pytest.raises(trellis.Exited):  # a crash: the standby is adopted
             await trellis.call("iso", "segfault", timeout=10)
         await _until(lambda: len(_interpreters()) == 2, "the restarted child and its standby")
@@ -187,7 +190,7 @@ async def test_a_dead_standby_means_a_cold_restart() -> None:
     )
     try:
         active = await trellis.call("iso", "os_pid")
-        [standby] = _interpreters() - {active}
+        [standby] = await _until(lambda: _interpreters() - {active}, "the standby")
         os.kill(standby, signal.SIGKILL)
         await _until(lambda: not _alive(standby), "the standby to die")
         with pytest.raises(trellis.Exited):
@@ -211,8 +214,10 @@ def test_sigkill_of_trellis_leaves_no_standby() -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"up\n"
-        pids = _interpreters(proc.pid)
-        assert len(pids) == 2  # the server's interpreter and its standby
+        deadline = time.monotonic() + 20
+        while len(pids := _interpreters(proc.pid)) != 2:  # its interpreter and standby
+            assert time.monotonic() < deadline, f"interpreters: {pids}"
+            time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         deadline = time.monotonic() + 20
