@@ -346,7 +346,6 @@ class _Proxy(Server):
             self.os_child = holder.cmd
             link(holder.cmd)  # its exit (with the OS reason) reaches us as it does our holder
             holder.adopted = True
-            holder.adopter = self_pid()
             await self._start(holder)
         except BaseException as e:
             if holder.spare and self.lost and isinstance(e, Exception):
@@ -516,9 +515,6 @@ class _Proxy(Server):
         t = self.transport
         if t is not None:
             t.close()
-        holder = getattr(self, "holder", None)  # the same connection, or one never taken
-        if holder is not None and holder.transport is not None and holder.adopter is self_pid():
-            holder.transport.close()
 
 
 _SPARE = object()  # a message to ourselves: start the standby
@@ -614,7 +610,6 @@ class _Waiting(asyncio.Protocol):
             transport.close()  # connection; or made after the holder ended
             return
         h.transport = transport
-        h.conn = transport  # kept until the holder ends (transport is reset when lost)
         h.close_listener()  # nobody else may connect
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -655,9 +650,7 @@ class _Holder(Server):
         self.cfg = cfg
         self.pid = self_pid()
         self.adopted = False
-        self.adopter: Pid | None = None  # the stand-in that adopted us
         self.ended = False  # terminate ran: a connection accepted since is closed at once
-        self.conn: asyncio.Transport | None = None  # the interpreter's connection
         self.cmd: Any = None
         self.transport: asyncio.Transport | None = None
         self.reader = FrameReader()
@@ -757,9 +750,8 @@ class _Holder(Server):
         self.close_listener()
         if self.accepting is not None:
             self.accepting.cancel()  # its done-callback closes the socket
-        for t in (self.conn, self.transport):
-            if t is not None:
-                t.close()
+        if self.transport is not None:  # the interpreter's connection, whoever used it
+            self.transport.close()
 
     def close_listener(self) -> None:
         if self.listener is not None:
@@ -828,10 +820,7 @@ class _Holder(Server):
             self.asking.cancel()
         _unlist(self)
         self.close_listener()
-        # the connection is the stand-in's once adopted; it closes it, unless it is gone
-        # (killed without its terminate): then nobody else will
-        adopter = self.adopter
-        if self.transport is not None and (not self.adopted or adopter is None or adopter._dead):
+        if not self.adopted and self.transport is not None:
             self.transport.close()
         cmd = self.cmd
         if cmd is not None and not cmd._dead:
@@ -841,7 +830,7 @@ class _Holder(Server):
             except TimeoutError:
                 await kill_and_wait(cmd)
         # the interpreter is gone: its connection, whoever used it, is closed by
-        # _close_all as this holder's task ends (the stand-in has read what it sent)
+        # _close_all as this holder's task ends
 
 
 def _listen(path: str) -> socket.socket:
